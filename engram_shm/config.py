@@ -1,0 +1,91 @@
+"""The one list of engine options.
+
+`EngineConfig` is frozen; every field has a help text and an `ENGRAM_<FIELD>`
+environment variable, and the CLI derives its flags from these fields
+(tests/test_config.py pins the two together).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgument
+
+DTYPES = ("f32", "f16")
+METRICS = ("cosine", "ip", "l2")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,47}$")
+
+
+def _opt(default, help: str, **bounds):
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str = _opt("", "engine name; shared memory blocks are named engram_<name>_*; "
+                         "empty picks a unique one")
+    workers: int = _opt(0, "index workers; 0 means one per core", lo=0, hi=256)
+    dtype: str = _opt("f16", "default vector storage of new spaces: " + ", ".join(DTYPES))
+    metric: str = _opt("cosine", "default metric of new spaces: " + ", ".join(METRICS))
+    M: int = _opt(16, "default HNSW links per node per layer (2M on layer 0)", lo=2, hi=64)
+    ef_construction: int = _opt(100, "default HNSW beam width while inserting", lo=1, hi=4096)
+    ef_search: int = _opt(64, "HNSW beam width of recall (raised to k when k is larger)",
+                          lo=1, hi=4096)
+    segment_capacity: int = _opt(131072, "observations per shared-memory segment",
+                                 lo=64, hi=1 << 26)
+    ring_capacity: int = _opt(65536, "bound of a space's accepted-but-unindexed window; "
+                                     "observe waits (embedded) or refuses credit (server) beyond it",
+                              lo=64, hi=1 << 30)
+    text_bytes_per_observation: int = _opt(256, "average id+text bytes a segment's text arena "
+                                                "reserves per observation", lo=16, hi=1 << 20)
+    max_text_bytes: int = _opt(65536, "largest text of one observation, in UTF-8 bytes",
+                               lo=0, hi=1 << 24)
+    max_id_bytes: int = _opt(256, "longest id, in UTF-8 bytes", lo=1, hi=4096)
+    seed: int = _opt(0x5EED, "seed of HNSW level draws; builds are reproducible for a seed",
+                     lo=0, hi=(1 << 63) - 1)
+    observe_timeout_s: float = _opt(300.0, "how long an embedded observe waits for a full "
+                                           "unindexed window to drain before raising",
+                                    lo=0.0, hi=1e9)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+            if lo is not None and not (lo <= value <= hi):
+                raise InvalidArgument(f"{f.name}={value!r} is outside [{lo}, {hi}]")
+        if self.name and not NAME_PATTERN.match(self.name):
+            raise InvalidArgument(f"engine name {self.name!r} must match {NAME_PATTERN.pattern}")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.metric not in METRICS:
+            raise InvalidArgument(f"metric {self.metric!r} is not one of {METRICS}")
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+    @classmethod
+    def from_env(cls, environ=os.environ, **overrides) -> "EngineConfig":
+        """Defaults, then ENGRAM_* variables, then explicit overrides."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(env_var(f.name))
+            if raw is not None:
+                values[f.name] = parse_value(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def env_var(field_name: str) -> str:
+    return "ENGRAM_" + field_name.upper()
+
+
+def parse_value(f: dataclasses.Field, raw: str):
+    kind = type(f.default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise InvalidArgument(f"{env_var(f.name)}={raw!r} is not a valid {kind.__name__}") from None

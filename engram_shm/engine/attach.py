@@ -1,0 +1,58 @@
+"""Readers attached to a running engine from another local process.
+
+`attach(name)` maps the engine's catalog and segments through read-only views
+and recalls with the same kernels and the same Reader as the engine itself,
+with no IPC: at the same generation it returns what the engine returns.
+"""
+
+from __future__ import annotations
+
+from ..errors import EngineClosed
+from ..store.catalog import Catalog, segment_name
+from ..store.segment import Segment
+from .reader import Reader, Recalls
+
+
+class AttachedEngine(Recalls):
+    def __init__(self, name: str, ef_search: int = 64):
+        self.name = name
+        self.ef_search = ef_search
+        self.catalog = Catalog.attach(name)
+        self._segments: list[Segment] = []
+        self.reader = Reader(self.catalog, self._open_segment)
+
+    def _open_segment(self, index: int) -> Segment:
+        seg = Segment.attach(segment_name(self.name, index), writable=False)
+        self._segments.append(seg)
+        return seg
+
+    def _check_open(self) -> None:
+        if self.catalog is None:
+            raise EngineClosed(f"reader of engine {self.name!r} is closed")
+        if not self.catalog.owner_alive():
+            raise EngineClosed(f"engine {self.name!r} has stopped")
+
+    def spaces(self) -> list[str]:
+        return [self.catalog.space(i).name for i in range(self.catalog.n_spaces)]
+
+    def close(self) -> None:
+        """Unmap everything; the engine's memory stays."""
+        if self.catalog is None:
+            return
+        self.reader.close()
+        for seg in self._segments:
+            seg.close()
+        self._segments.clear()
+        self.catalog.close()
+        self.catalog = None
+
+    def __enter__(self) -> "AttachedEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def attach(name: str, ef_search: int = 64) -> AttachedEngine:
+    """Map a running engine's shared memory read-only, for recall without IPC."""
+    return AttachedEngine(name, ef_search)

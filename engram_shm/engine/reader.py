@@ -1,0 +1,185 @@
+"""Recall over a space, in any process that maps the engine's shared memory.
+
+A recall reads the committed generation G, then for each segment its indexed
+count n_i and accepted count n_a (in that order; both only grow). It searches
+the graph over [0, n_i) and scans [n_i, n_a) exactly, keeping generations <= G,
+and merges the segments' top-k. Everything committed before the recall started
+is therefore found, indexed or not; readers take no locks.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InvalidArgument, UnknownSpace
+from ..kernels import hnsw
+from ..observations import prepare_cue
+from ..store.catalog import Catalog, SpaceParams
+from ..store.layout import MIN_GEN
+from ..store.segment import Segment
+
+CONSISTENCIES = ("strong", "indexed")
+MAX_K = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """One recalled observation. `similarity` is higher for closer: the cosine
+    (or inner product) for those metrics, 1 / (1 + euclidean distance) for l2."""
+    id: str
+    similarity: float
+    confidence: float
+    what: str
+    when: float
+    generation: int
+
+
+def similarity(distance: np.ndarray, metric: str) -> np.ndarray:
+    if metric == "l2":
+        return 1.0 / (1.0 + np.sqrt(np.maximum(distance, 0.0)))
+    if metric == "cosine":  # f16 rounding can carry a unit vector's dot past 1
+        return np.clip(1.0 - distance, -1.0, 1.0)
+    return 1.0 - distance
+
+
+class Reader:
+    """Recall over an engine's catalog. `open_segment(index)` maps the catalog's
+    segment `index` (the engine hands out its own; attached readers attach)."""
+
+    def __init__(self, catalog: Catalog, open_segment: Callable[[int], Segment]):
+        self.catalog = catalog
+        self.open_segment = open_segment
+        self._spaces: dict[str, tuple[int, SpaceParams]] = {}
+        self._segments: dict[int, list[Segment]] = {}
+        self._seen_segments = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def space(self, name: str) -> tuple[int, SpaceParams]:
+        found = self._spaces.get(name)
+        if found is None:
+            with self._lock:
+                for index in range(len(self._spaces), self.catalog.n_spaces):
+                    params = self.catalog.space(index)
+                    self._spaces[params.name] = (index, params)
+            found = self._spaces.get(name)
+            if found is None:
+                raise UnknownSpace(f"no space named {name!r}", space=name)
+        return found
+
+    def segments(self, space: int) -> list[Segment]:
+        """The space's segments published so far, in creation order."""
+        n = self.catalog.n_segments
+        if n > self._seen_segments:
+            with self._lock:
+                for index in range(self._seen_segments, n):
+                    seg = self.open_segment(index)
+                    self._segments.setdefault(self.catalog.segment_space(index), []).append(seg)
+                self._seen_segments = max(self._seen_segments, n)
+        return self._segments.get(space, [])
+
+    def _scratch(self, seg: Segment, ef: int) -> hnsw.Scratch:
+        cache = getattr(self._local, "scratch", None)
+        if cache is None:
+            cache = self._local.scratch = {}
+        layout = seg.layout
+        key = (layout.capacity, layout.dim, layout.M)
+        sc = cache.get(key)
+        if sc is None or sc.res_k.shape[0] <= ef:
+            sc = cache[key] = hnsw.new_scratch(layout.capacity, layout.dim, layout.M, max(ef, 256))
+        return sc
+
+    def resolve_generation(self, consistency) -> tuple[int, bool]:
+        """(generation bound, whether to scan unindexed windows)."""
+        committed = self.catalog.committed_generation
+        if isinstance(consistency, (int, np.integer)) and not isinstance(consistency, bool):
+            if not 0 <= consistency <= committed:
+                raise InvalidArgument(f"snapshot generation {consistency} is not committed "
+                                      f"(committed: {committed})")
+            return int(consistency), True
+        if consistency not in CONSISTENCIES:
+            raise InvalidArgument(f"consistency must be one of {CONSISTENCIES} or a generation, "
+                                  f"got {consistency!r}")
+        return committed, consistency == "strong"
+
+    def recall(self, space: str, cue, k: int = 10, consistency="strong",
+               threshold: float | None = None, ef: int = 64) -> tuple[list[Memory], int]:
+        """The k most similar observations, best first, and the generation the
+        answer is a snapshot of."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+            raise InvalidArgument(f"k must be an integer in [1, {MAX_K}], got {k!r}")
+        if isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or not 1 <= ef <= 65536:
+            raise InvalidArgument(f"ef must be an integer in [1, 65536], got {ef!r}")
+        index, params = self.space(space)
+        q = prepare_cue(cue, params.dim, params.metric)
+        generation, scan = self.resolve_generation(consistency)
+        found_d, found_seg, found_slot = [], [], []
+        segments = self.segments(index)
+        for number, seg in enumerate(segments):
+            n_indexed = seg.indexed
+            n_accepted = seg.accepted
+            if n_accepted == 0 or seg.header[MIN_GEN] > generation:
+                continue
+            lo, hi = (n_indexed, n_accepted) if scan else (0, 0)
+            d, slots = hnsw.search(seg.r.vectors, seg.r.generation, seg.graph_r, q, int(k),
+                                   max(int(ef), int(k)), n_indexed, lo, hi, generation,
+                                   params.metric, self._scratch(seg, max(ef, k)))
+            found_d.append(d)
+            found_slot.append(slots)
+            found_seg.append(np.full(len(slots), number, np.int32))
+        if not found_d:
+            return [], generation
+        d = np.concatenate(found_d)
+        order = np.argsort(d, kind="stable")[:k]
+        sims = similarity(d[order], params.metric)
+        if threshold is not None:
+            keep = sims >= threshold
+            order, sims = order[keep], sims[keep]
+        seg_of = np.concatenate(found_seg)[order]
+        slot_of = np.concatenate(found_slot)[order]
+        return [self._memory(segments[s], int(slot), float(sim))
+                for s, slot, sim in zip(seg_of, slot_of, sims)], generation
+
+    @staticmethod
+    def _memory(seg: Segment, slot: int, sim: float) -> Memory:
+        ident, what = seg.record(slot)
+        r = seg.r
+        return Memory(ident, sim, float(r.confidence[slot]), what, float(r.when[slot]),
+                      int(r.generation[slot]))
+
+    def close(self) -> None:
+        self._segments.clear()
+        self._spaces.clear()
+
+
+class Recalls:
+    """Recall for engines that hold a `reader` (the embedded engine and attached
+    readers share it)."""
+
+    reader: Reader
+    ef_search: int = 64
+
+    def _check_open(self) -> None:
+        raise NotImplementedError
+
+    def recall(self, space: str, cue, k: int = 10, consistency="strong",
+               threshold: float | None = None, ef: int | None = None) -> list[Memory]:
+        """The k observations most similar to `cue`, best first.
+
+        consistency: "strong" (default) sees every observation stored before the
+        call, indexed or not; "indexed" searches the graph only (fastest; may
+        miss the newest); an int generation reads the snapshot at that
+        generation. `threshold` drops results below that similarity; `ef` widens
+        the graph search (default: the engine's ef_search)."""
+        self._check_open()
+        memories, _ = self.reader.recall(space, cue, k, consistency, threshold, ef or self.ef_search)
+        return memories
+
+    @property
+    def generation(self) -> int:
+        """The committed generation: every observation up to it is visible."""
+        return self.reader.catalog.committed_generation

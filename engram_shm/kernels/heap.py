@@ -1,0 +1,99 @@
+"""Fixed-capacity binary min-heaps on parallel key/value arrays.
+
+A max-heap of distances is a min-heap of negated distances: one implementation
+serves both the candidate queue and the bounded result set. Callers own the
+arrays and track the size; every function returns the new size.
+"""
+
+import numpy as np
+
+from .policy import kernel
+
+
+@kernel
+def _sift_down(keys, vals, i, size):
+    key = keys[i]
+    val = vals[i]
+    while True:
+        child = 2 * i + 1
+        if child >= size:
+            break
+        right = child + 1
+        if right < size and keys[right] < keys[child]:
+            child = right
+        if keys[child] >= key:
+            break
+        keys[i] = keys[child]
+        vals[i] = vals[child]
+        i = child
+    keys[i] = key
+    vals[i] = val
+
+
+@kernel
+def heap_push(keys, vals, size, key, val):
+    i = size
+    while i > 0:
+        parent = (i - 1) >> 1
+        if keys[parent] <= key:
+            break
+        keys[i] = keys[parent]
+        vals[i] = vals[parent]
+        i = parent
+    keys[i] = key
+    vals[i] = val
+    return size + 1
+
+
+@kernel
+def heap_pop(keys, vals, size):
+    """Drop the root (read keys[0], vals[0] first)."""
+    size -= 1
+    if size > 0:
+        keys[0] = keys[size]
+        vals[0] = vals[size]
+        _sift_down(keys, vals, 0, size)
+    return size
+
+
+@kernel
+def heap_replace_top(keys, vals, size, key, val):
+    keys[0] = key
+    vals[0] = val
+    _sift_down(keys, vals, 0, size)
+
+
+@kernel
+def heap_sort_descending(keys, vals, size):
+    """Sort a heap in place into descending key order (ascending distance for
+    a heap of negated distances)."""
+    for end in range(size - 1, 0, -1):
+        k = keys[0]
+        v = vals[0]
+        keys[0] = keys[end]
+        vals[0] = vals[end]
+        keys[end] = k
+        vals[end] = v
+        _sift_down(keys, vals, 0, end)
+
+
+@kernel
+def topk_push(neg_keys, vals, size, k, dist, val):
+    """Offer (dist, val) to a bounded top-k (smallest distances) kept as a heap of
+    negated distances; returns the new size."""
+    if size < k:
+        return heap_push(neg_keys, vals, size, -dist, val)
+    if dist < -neg_keys[0]:
+        heap_replace_top(neg_keys, vals, size, -dist, val)
+    return size
+
+
+@kernel
+def topk_finish(neg_keys, vals, size):
+    """Turn a top-k heap into distances in ascending order, in place."""
+    heap_sort_descending(neg_keys, vals, size)
+    for i in range(size):
+        neg_keys[i] = -neg_keys[i]
+
+
+INF = np.float32(np.inf)

@@ -1,0 +1,450 @@
+"""HNSW insert and search on flat arrays (one graph per segment).
+
+Graph arrays (layout and writers: see engram_shm/store/layout.py):
+
+| field     | dtype | shape                       | meaning                                   |
+|-----------|-------|-----------------------------|-------------------------------------------|
+| links0    | int32 | [cap, 2M+1]                 | layer-0 list: [0] count, [1..] node ids   |
+| upper     | int32 | [upper_cap, max_level, M+1] | layer l>=1 list of a node, row upper_row  |
+| level     | int32 | [cap]                       | top layer of the node (drawn by the front)|
+| upper_row | int32 | [cap]                       | row in `upper`, -1 for layer-0-only nodes |
+| parent    | int32 | [cap]                       | pinned tree parent on layer 0, -1 = none  |
+| entry     | int64 | [1]                         | (top level << 32) | entry node, -1 empty  |
+
+Reachability: besides the usual neighbour heuristic, every node but the first
+keeps one *pinned* edge pair with an earlier node (its parent): parent->child and
+child->parent are never pruned. The pinned edges form a tree in both directions,
+so every inserted node is reachable on layer 0 from any other, duplicates
+included (plain HNSW loses nodes to pruning).
+
+Concurrency: one writer per graph; readers traverse while it writes. Every id a
+writer stores is a node whose vector is complete, counts are clamped on read, and
+results are filtered by `n_admit` (published indexed count) and generation, so a
+reader sees a valid, if momentarily partial, graph. Re-inserting a node after a
+crash keeps its pinned edges and never duplicates a link.
+"""
+
+from collections import namedtuple
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from .distance import check_query, check_store, dist
+from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
+from .policy import METRIC_CODES, kernel
+from .scalar import as_f32, prefetch_row
+
+Graph = namedtuple("Graph", "links0 upper level upper_row parent entry")
+# Caller-owned scratch of one thread: visit marks and heaps sized by capacity,
+# small buffers sized by M and ef.
+Scratch = namedtuple(
+    "Scratch", "visited tag cand_k cand_v res_k res_v qbuf sel_k sel_v keep_k keep_v tmp_k tmp_v")
+
+GEN_ANY = np.uint64(np.iinfo(np.uint64).max)
+_EMPTY = np.int64(-1)
+_LOW32 = np.int64(0xFFFFFFFF)
+
+
+@kernel
+def _row(g, node, layer):
+    """The link list of `node` on `layer`, or an empty slice if it has none."""
+    if layer == 0:
+        return g.links0[node]
+    r = g.upper_row[node]
+    if r < 0 or r >= g.upper.shape[0] or layer > g.level[node] or layer > g.upper.shape[1]:
+        return g.links0[node, :1][:0]
+    return g.upper[r, layer - 1]
+
+
+@kernel
+def _count(row):
+    if row.shape[0] == 0:
+        return 0
+    return min(max(row[0], 0), row.shape[0] - 1)
+
+
+@kernel
+def _next_tag(sc):
+    tag = sc.tag[0] + 1
+    if tag >= 2147483647:
+        sc.visited[:] = 0
+        tag = 1
+    sc.tag[0] = tag
+    return tag
+
+
+@kernel
+def _admit(node, exclude, n_admit, gens, gen_max):
+    return node != exclude and node < n_admit and gens[node] <= gen_max
+
+
+@kernel
+def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_max, exclude, sc):
+    """Beam search of width `ef` on one layer from `ep`. Leaves the admitted
+    results in sc.res_k (negated distances) / sc.res_v as a heap; returns its size."""
+    cap = store.shape[0]
+    tag = _next_tag(sc)
+    sc.visited[ep] = tag
+    n_cand = heap_push(sc.cand_k, sc.cand_v, 0, ep_d, np.int32(ep))
+    n_res = 0
+    if _admit(ep, exclude, n_admit, gens, gen_max):
+        n_res = heap_push(sc.res_k, sc.res_v, 0, -ep_d, np.int32(ep))
+    while n_cand > 0:
+        c_d = sc.cand_k[0]
+        c = sc.cand_v[0]
+        if n_res >= ef and c_d > -sc.res_k[0]:
+            break
+        n_cand = heap_pop(sc.cand_k, sc.cand_v, n_cand)
+        row = _row(g, c, layer)
+        cnt = _count(row)
+        for t in range(1, cnt + 1):
+            nb = row[t]
+            if nb >= 0 and nb < cap and sc.visited[nb] != tag:
+                prefetch_row(store, nb)
+        for t in range(1, cnt + 1):
+            nb = row[t]
+            if nb < 0 or nb >= cap or sc.visited[nb] == tag:
+                continue
+            sc.visited[nb] = tag
+            d = dist(store, nb, q, 0, metric)
+            if n_res < ef or d < -sc.res_k[0]:
+                n_cand = heap_push(sc.cand_k, sc.cand_v, n_cand, d, nb)
+                if _admit(nb, exclude, n_admit, gens, gen_max):
+                    if n_res < ef:
+                        n_res = heap_push(sc.res_k, sc.res_v, n_res, -d, nb)
+                    else:
+                        heap_replace_top(sc.res_k, sc.res_v, n_res, -d, nb)
+    return n_res
+
+
+@kernel
+def _greedy(store, g, q, ep, ep_d, layer, metric):
+    """Walk to a local minimum of the distance to q on one upper layer."""
+    cap = store.shape[0]
+    moved = True
+    while moved:
+        moved = False
+        row = _row(g, ep, layer)
+        cnt = _count(row)
+        for t in range(1, cnt + 1):
+            nb = row[t]
+            if nb < 0 or nb >= cap:
+                continue
+            d = dist(store, nb, q, 0, metric)
+            if d < ep_d:
+                ep = nb
+                ep_d = d
+                moved = True
+    return ep, ep_d
+
+
+@kernel
+def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out):
+    """The HNSW neighbour heuristic: walk candidates in ascending distance to the
+    base and keep one unless a kept node is closer to it than the base is.
+    `out` may already hold `n_out` nodes (pinned ones) that count as kept."""
+    for i in range(n):
+        if n_out >= m:
+            break
+        c = cand_v[i]
+        c_d = cand_k[i]
+        good = True
+        for j in range(n_out):
+            if out_v[j] == c or dist(store, c, store, out_v[j], metric) < c_d:
+                good = False
+                break
+        if good:
+            out_k[n_out] = c_d
+            out_v[n_out] = c
+            n_out += 1
+    return n_out
+
+
+@kernel
+def _is_pinned(g, a, b):
+    """Is the layer-0 edge a->b part of the pinned tree?"""
+    return g.parent[b] == a or g.parent[a] == b
+
+
+@kernel
+def _pinned_count(g, node):
+    row = g.links0[node]
+    cnt = _count(row)
+    pinned = 0
+    for t in range(1, cnt + 1):
+        if _is_pinned(g, node, row[t]):
+            pinned += 1
+    return pinned
+
+
+@kernel
+def _contains(row, cnt, node):
+    for t in range(1, cnt + 1):
+        if row[t] == node:
+            return True
+    return False
+
+
+@kernel
+def _sort_by_key(keys, vals, n):
+    for i in range(1, n):
+        k = keys[i]
+        v = vals[i]
+        j = i - 1
+        while j >= 0 and keys[j] > k:
+            keys[j + 1] = keys[j]
+            vals[j + 1] = vals[j]
+            j -= 1
+        keys[j + 1] = k
+        vals[j + 1] = v
+
+
+@kernel
+def _add_link(store, g, src, dst, layer, max_links, metric, sc):
+    """Add the edge src->dst; when src's list is full, keep its pinned edges and
+    re-select the rest with the heuristic (reverse-link pruning)."""
+    row = _row(g, src, layer)
+    if row.shape[0] == 0:
+        return
+    cnt = _count(row)
+    if _contains(row, cnt, dst):
+        return
+    if cnt < max_links:
+        row[cnt + 1] = dst
+        row[0] = cnt + 1
+        return
+    # Candidates: current links plus dst, pinned ones kept outright.
+    n_pinned = 0
+    n_free = 0
+    for t in range(cnt + 1):
+        x = row[t + 1] if t < cnt else dst
+        d = dist(store, src, store, x, metric)
+        if layer == 0 and _is_pinned(g, src, x):
+            sc.keep_v[n_pinned] = x
+            sc.keep_k[n_pinned] = d
+            n_pinned += 1
+        else:
+            sc.tmp_v[n_free] = x
+            sc.tmp_k[n_free] = d
+            n_free += 1
+    _sort_by_key(sc.tmp_k, sc.tmp_v, n_free)
+    n_keep = _select(store, sc.tmp_k, sc.tmp_v, n_free, max_links, metric, sc.keep_k, sc.keep_v, n_pinned)
+    for t in range(n_keep):
+        row[t + 1] = sc.keep_v[t]
+    row[0] = n_keep
+
+
+@kernel
+def _find_parent(g, node, n_sel, n_cand, m, sc):
+    """A parent for `node`: the closest selected neighbour, else candidate, with
+    fewer than m pinned edges; else the nearest such node by breadth-first walk
+    from the closest candidate (one exists: a tree has fewer than two pinned
+    edges per node on average)."""
+    for i in range(n_sel + n_cand):
+        c = sc.sel_v[i] if i < n_sel else sc.res_v[i - n_sel]
+        if _pinned_count(g, c) < m:
+            return c
+    start = sc.res_v[0] if n_cand > 0 else 0
+    tag = _next_tag(sc)
+    sc.visited[start] = tag
+    sc.cand_v[0] = start
+    head = 0
+    tail = 1
+    while head < tail:
+        c = sc.cand_v[head]
+        head += 1
+        if c != node and _pinned_count(g, c) < m:
+            return c
+        row = g.links0[c]
+        for t in range(1, _count(row) + 1):
+            x = row[t]
+            if x >= 0 and x < sc.visited.shape[0] and sc.visited[x] != tag:
+                sc.visited[x] = tag
+                sc.cand_v[tail] = x
+                tail += 1
+    return -1
+
+
+@kernel
+def _write_layer0(store, g, node, n_sel, n_cand, m, metric, sc):
+    """Write node's layer-0 list: its pinned edges (kept across a re-insert), a
+    parent if it has none, then the selected neighbours (sc.sel_*)."""
+    row = g.links0[node]
+    max_links = row.shape[0] - 1
+    cnt = _count(row)
+    n = 0
+    for t in range(1, cnt + 1):
+        x = row[t]
+        if x >= 0 and _is_pinned(g, node, x) and not _contains(sc.tmp_v, n, x) and n < max_links:
+            n += 1
+            sc.tmp_v[n] = x  # tmp_v[1..n] mirrors the row layout
+    if g.parent[node] < 0 and node != 0:
+        g.parent[node] = _find_parent(g, node, n_sel, n_cand, m, sc)
+    p = g.parent[node]
+    if p >= 0 and not _contains(sc.tmp_v, n, p) and n < max_links:
+        n += 1
+        sc.tmp_v[n] = p
+    for i in range(n_sel):
+        x = sc.sel_v[i]
+        if n < max_links and not _contains(sc.tmp_v, n, x):
+            n += 1
+            sc.tmp_v[n] = x
+    for t in range(1, n + 1):
+        row[t] = sc.tmp_v[t]
+    row[0] = n
+    if p >= 0:
+        _add_link(store, g, p, node, 0, max_links, metric, sc)
+
+
+@kernel
+def _insert_one(store, gens, g, node, m, ef_c, metric, sc):
+    dim = store.shape[1]
+    for j in range(dim):
+        sc.qbuf[0, j] = as_f32(store[node, j])
+    q = sc.qbuf
+    node_level = g.level[node]
+    entry = g.entry[0]
+    if entry < 0:
+        g.entry[0] = (np.int64(node_level) << 32) | node
+        return
+    ep = np.int32(entry & _LOW32)
+    top = np.int32(entry >> 32)
+    if ep == node:
+        # A crashed attempt made this node the entry: start from the root instead.
+        if node == 0:
+            return
+        ep = np.int32(0)
+        top = g.level[0]
+    ep_d = dist(store, ep, q, 0, metric)
+    for layer in range(top, node_level, -1):
+        ep, ep_d = _greedy(store, g, q, ep, ep_d, layer, metric)
+    for layer in range(min(node_level, top), -1, -1):
+        n = _search_layer(store, gens, g, q, ep, ep_d, ef_c, layer, metric,
+                          store.shape[0], GEN_ANY, node, sc)
+        heap_sort_descending(sc.res_k, sc.res_v, n)
+        for i in range(n):
+            sc.res_k[i] = -sc.res_k[i]
+        n_sel = _select(store, sc.res_k, sc.res_v, n, m, metric, sc.sel_k, sc.sel_v, 0)
+        if layer == 0:
+            _write_layer0(store, g, node, n_sel, n, m, metric, sc)
+            max_links = g.links0.shape[1] - 1
+        else:
+            row = _row(g, node, layer)
+            if row.shape[0] == 0:
+                continue
+            for i in range(n_sel):
+                row[i + 1] = sc.sel_v[i]
+            row[0] = n_sel
+            max_links = m
+        for i in range(n_sel):
+            _add_link(store, g, sc.sel_v[i], node, layer, max_links, metric, sc)
+        if n > 0:
+            ep = sc.res_v[0]
+            ep_d = sc.res_k[0]
+    if node_level > top:
+        g.entry[0] = (np.int64(node_level) << 32) | node
+
+
+@kernel
+def _insert_range(store, gens, g, lo, hi, m, ef_c, metric, sc):
+    for node in range(lo, hi):
+        _insert_one(store, gens, g, node, m, ef_c, metric, sc)
+
+
+@kernel
+def _search_segment(store, gens, g, q, k, ef, n_indexed, scan_lo, scan_hi, gen_max, metric,
+                    sc, out_d, out_i):
+    """Top-k of one segment: HNSW over nodes [0, n_indexed), an exact scan of
+    [scan_lo, scan_hi), both limited to generation <= gen_max. Writes ascending
+    distances and node ids into out_d/out_i; returns how many."""
+    n_out = 0
+    entry = g.entry[0]
+    if n_indexed > 0 and entry >= 0:
+        ep = np.int32(entry & _LOW32)
+        top = np.int32(entry >> 32)
+        ep_d = dist(store, ep, q, 0, metric)
+        for layer in range(top, 0, -1):
+            ep, ep_d = _greedy(store, g, q, ep, ep_d, layer, metric)
+        n = _search_layer(store, gens, g, q, ep, ep_d, max(ef, k), 0, metric,
+                          n_indexed, gen_max, -1, sc)
+        for i in range(n):
+            n_out = topk_push(out_d, out_i, n_out, k, -sc.res_k[i], sc.res_v[i])
+    for node in range(scan_lo, scan_hi):
+        if gens[node] <= gen_max:
+            n_out = topk_push(out_d, out_i, n_out, k, dist(store, node, q, 0, metric), node)
+    topk_finish(out_d, out_i, n_out)
+    return n_out
+
+
+def new_graph(levels: np.ndarray, M: int, max_level: int) -> Graph:
+    """A standalone empty graph for nodes with the given levels (capped at
+    max_level), laid out as in a segment; for tests, benchmarks and warm-up."""
+    cap = len(levels)
+    levels = np.minimum(levels, max_level).astype(np.int32)
+    upper_row = np.full(cap, -1, np.int32)
+    tall = np.nonzero(levels > 0)[0]
+    upper_row[tall] = np.arange(len(tall), dtype=np.int32)
+    return Graph(np.zeros((cap, 2 * M + 1), np.int32),
+                 np.zeros((max(len(tall), 1), max_level, M + 1), np.int32),
+                 levels, upper_row, np.full(cap, -1, np.int32), np.full(1, -1, np.int64))
+
+
+def new_scratch(capacity: int, dim: int, M: int, ef: int) -> Scratch:
+    """Scratch for one thread working on segments of `capacity` nodes."""
+    small = 2 * M + 2
+    return Scratch(
+        visited=np.zeros(capacity, np.int32), tag=np.zeros(1, np.int32),
+        cand_k=np.empty(capacity, np.float32), cand_v=np.empty(capacity, np.int32),
+        res_k=np.empty(ef + 1, np.float32), res_v=np.empty(ef + 1, np.int32),
+        qbuf=np.empty((1, dim), np.float32),
+        sel_k=np.empty(small, np.float32), sel_v=np.empty(small, np.int32),
+        keep_k=np.empty(small, np.float32), keep_v=np.empty(small, np.int32),
+        tmp_k=np.empty(small, np.float32), tmp_v=np.empty(small, np.int32),
+    )
+
+
+def _check_graph(store: np.ndarray, gens: np.ndarray, g: Graph, sc: Scratch) -> int:
+    check_store(store)
+    cap = store.shape[0]
+    M = g.upper.shape[2] - 1
+    ok = (gens.shape == (cap,) and gens.dtype == np.uint64
+          and g.links0.shape == (cap, 2 * M + 1) and g.links0.dtype == np.int32
+          and g.level.shape == (cap,) and g.upper_row.shape == (cap,) and g.parent.shape == (cap,)
+          and g.entry.shape == (1,) and g.entry.dtype == np.int64
+          and sc.visited.shape[0] >= cap and sc.cand_k.shape[0] >= cap
+          and sc.sel_v.shape[0] >= 2 * M + 2)
+    if not ok:
+        raise InvalidArgument("graph, generation or scratch arrays do not match the store's capacity and M")
+    return M
+
+
+def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric: str,
+           sc: Scratch) -> None:
+    """Insert nodes [lo, hi) into the graph, in order. Nodes must have complete
+    vectors, levels and upper rows; re-inserting a node is safe."""
+    M = _check_graph(store, gens, g, sc)
+    if not (0 <= lo <= hi <= store.shape[0]):
+        raise InvalidArgument(f"insert range [{lo}, {hi}) is outside [0, {store.shape[0]}]")
+    if not (1 <= ef_construction < sc.res_k.shape[0]) or sc.qbuf.shape[1] != store.shape[1]:
+        raise InvalidArgument("scratch is too small for ef_construction or the dimension")
+    _insert_range(store, gens, g, lo, hi, M, ef_construction, METRIC_CODES[metric], sc)
+
+
+def search(store, gens, g: Graph, q: np.ndarray, k: int, ef: int, n_indexed: int,
+           scan_lo: int, scan_hi: int, gen_max: int, metric: str, sc: Scratch):
+    """Top-k (distances ascending, node ids) of one segment: graph search over
+    [0, n_indexed) merged with an exact scan of [scan_lo, scan_hi), generation
+    <= gen_max. Safe to call while a writer inserts."""
+    _check_graph(store, gens, g, sc)
+    check_query(q, store.shape[1])
+    cap = store.shape[0]
+    if k < 1 or not (0 <= n_indexed <= cap and 0 <= scan_lo <= scan_hi <= cap):
+        raise InvalidArgument("k must be >= 1 and counts within the segment")
+    ef = max(ef, k)
+    if sc.res_k.shape[0] <= ef:
+        raise InvalidArgument(f"scratch holds ef < {sc.res_k.shape[0]}, asked {ef}")
+    out_d = np.empty(k, np.float32)
+    out_i = np.empty(k, np.int32)
+    n = _search_segment(store, gens, g, q.reshape(1, -1), k, ef, n_indexed, scan_lo, scan_hi,
+                        np.uint64(gen_max), METRIC_CODES[metric], sc, out_d, out_i)
+    return out_d[:n], out_i[:n]

@@ -1,0 +1,61 @@
+"""Scalar building blocks that Numba lacks on the CPU: float16 loads and prefetch.
+
+Numba 0.6x refuses float16 arithmetic; `as_f32` reads f16 storage held as uint16
+bits by bitcasting to LLVM `half` and extending, which LLVM turns into F16C
+`vcvtph2ps` when it vectorises a loop.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+import numpy as np
+
+
+@intrinsic
+def _f16_bits_to_f32(typingctx, bits):
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+def as_f32(x):
+    """A stored vector element as float32 (jitted code only)."""
+    raise NotImplementedError("as_f32 is for jitted code")
+
+
+@overload(as_f32, inline="always")
+def _as_f32(x):
+    if x == types.uint16:
+        return lambda x: _f16_bits_to_f32(x)
+    if isinstance(x, (types.Float, types.Integer)):
+        return lambda x: np.float32(x)
+    return None
+
+
+def _item_pointer(context, builder, aryty, ary_value, index):
+    ary = context.make_array(aryty)(context, builder, ary_value)
+    indices = [index] + [context.get_constant(types.intp, 0)] * (aryty.ndim - 1)
+    return cgutils.get_item_pointer(context, builder, aryty, ary, indices)
+
+
+@intrinsic
+def prefetch_row(typingctx, arr, i):
+    """Hint the CPU to fetch row `i` of `arr` into cache (no effect on results)."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _item_pointer(context, builder, signature.args[0], args[0], args[1])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, types.intp), codegen

@@ -1,0 +1,43 @@
+"""Compile every kernel specialisation the engine uses, or load it from Numba's
+on-disk cache, in one process before any worker starts: workers then only load
+(Numba's cache is not safe against concurrent compilation of the same entry)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import hnsw
+from .atomics import compare_and_swap
+from .distance import distances
+from .ids import fnv1a
+
+STORAGE_DTYPES = (np.float32, np.uint16)
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    v = a.view()
+    v.setflags(write=False)
+    return v
+
+
+def warm() -> float:
+    """Seconds it took to make every kernel ready in this process."""
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    n, dim, M = 8, 4, 2
+    levels = np.array([0, 1, 0, 2, 0, 0, 1, 0])
+    gens = np.arange(1, n + 1, dtype=np.uint64)
+    for dtype in STORAGE_DTYPES:
+        data = rng.normal(size=(n, dim)).astype(np.float32)
+        store = data if dtype == np.float32 else data.astype(np.float16).view(np.uint16)
+        g = hnsw.new_graph(levels, M, 6)
+        sc = hnsw.new_scratch(n, dim, M, 8)
+        hnsw.insert(store, gens, g, 0, n, 4, "cosine", sc)
+        ro = hnsw.Graph(*map(_readonly, g))
+        hnsw.search(_readonly(store), _readonly(gens), ro, data[0], 2, 4, n, 0, 0, n, "cosine", sc)
+        distances(store, data[0], "l2")
+    fnv1a(np.zeros(4, np.uint8), np.zeros(1, np.int64), np.ones(1, np.int64))
+    compare_and_swap(np.zeros(1, np.int64), 0, 0, 0)
+    return time.perf_counter() - start

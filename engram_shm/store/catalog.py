@@ -1,0 +1,236 @@
+"""The engine catalog: one shared-memory block `engram_<engine>_catalog` that
+lets any local process find an engine's spaces and segments.
+
+| region   | dtype | shape                 | writer  | meaning                              |
+|----------|-------|-----------------------|---------|--------------------------------------|
+| header   | int64 | [64]                  | owner   | magic, version, owner pid and start  |
+|          |       |                       |         | time, limits; then on its own line:  |
+|          |       |                       |         | COMMITTED_GEN, N_SPACES, N_SEGMENTS  |
+| spaces   | int64 | [MAX_SPACES, 8]       | owner   | dim, dtype, metric, M, ef_c, seed,   |
+|          |       |                       |         | name length, creation time           |
+| names    | uint8 | [MAX_SPACES, 128]     | owner   | space name, UTF-8                    |
+| segments | int64 | [MAX_SEGMENTS, 2]     | owner   | space index, number within the space |
+
+Rows are written completely before N_SPACES / N_SEGMENTS count them, and a
+generation is published in COMMITTED_GEN only after every observation up to it
+is in a published slot: a reader that reads COMMITTED_GEN first and the counts
+after sees everything up to that generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import DTYPES, METRICS
+from ..errors import Corrupt, EngineInUse, EngineNotFound, SpaceLimit
+from . import shm
+
+log = logging.getLogger(__name__)
+
+MAGIC_VALUE = 0x454E4752414D4354  # "ENGRAMCT"
+VERSION = 1
+MAX_SPACES = 4096
+MAX_SEGMENTS = 65536
+NAME_BYTES = 128
+(MAGIC, VERSION_WORD, OWNER_PID, OWNER_START, CREATED_NS) = range(5)
+COMMITTED_GEN, N_SPACES, N_SEGMENTS = 8, 9, 10
+(S_DIM, S_DTYPE, S_METRIC, S_M, S_EFC, S_SEED, S_NAME_LEN, S_CREATED) = range(8)
+
+
+@dataclass(frozen=True)
+class SpaceParams:
+    name: str
+    dim: int
+    dtype: str
+    metric: str
+    M: int
+    ef_construction: int
+    seed: int
+
+
+def _layout():
+    header = 64 * 8
+    spaces = MAX_SPACES * 8 * 8
+    names = MAX_SPACES * NAME_BYTES
+    segments = MAX_SEGMENTS * 2 * 8
+    return header, spaces, names, segments
+
+
+def catalog_name(engine: str) -> str:
+    return shm.block_name(engine, "catalog")
+
+
+def segment_name(engine: str, index: int) -> str:
+    return shm.block_name(engine, f"{index:06d}")
+
+
+def process_start(pid: int) -> int | None:
+    """Start time of a process in clock ticks since boot (None if gone): with the
+    pid it identifies a process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+class Catalog:
+    def __init__(self, engine: str, block, owner: bool):
+        self.engine = engine
+        self.block = block
+        self.owner = owner
+        h, s, n, g = _layout()
+        buf = block.buf
+        self.header = np.ndarray((64,), np.int64, buffer=buf)
+        self.spaces = np.ndarray((MAX_SPACES, 8), np.int64, buffer=buf, offset=h)
+        self.names = np.ndarray((MAX_SPACES, NAME_BYTES), np.uint8, buffer=buf, offset=h + s)
+        self.segments = np.ndarray((MAX_SEGMENTS, 2), np.int64, buffer=buf, offset=h + s + n)
+
+    @classmethod
+    def create(cls, engine: str) -> "Catalog":
+        name = catalog_name(engine)
+        collect_stale(engine)
+        try:
+            block = shm.create(name, sum(_layout()))
+        except FileExistsError:
+            raise EngineInUse(f"engine {engine!r} is running (its catalog {name} exists)") from None
+        cat = cls(engine, block, owner=True)
+        pid = os.getpid()
+        cat.header[[OWNER_PID, OWNER_START, CREATED_NS]] = [pid, process_start(pid), time.time_ns()]
+        cat.header[VERSION_WORD] = VERSION
+        cat.header[MAGIC] = MAGIC_VALUE
+        return cat
+
+    @classmethod
+    def attach(cls, engine: str) -> "Catalog":
+        try:
+            block = shm.attach(catalog_name(engine))
+        except FileNotFoundError:
+            raise EngineNotFound(f"no engine {engine!r} is running on this machine") from None
+        cat = cls(engine, block, owner=False)
+        if cat.header[MAGIC] != MAGIC_VALUE or cat.header[VERSION_WORD] != VERSION:
+            cat.close()
+            raise Corrupt(f"catalog of engine {engine!r} has no magic or an unknown version")
+        return cat
+
+    # -- generations -------------------------------------------------------
+    @property
+    def committed_generation(self) -> int:
+        return int(self.header[COMMITTED_GEN])
+
+    def publish_generation(self, generation: int) -> None:
+        self.header[COMMITTED_GEN] = generation
+
+    # -- spaces --------------------------------------------------------------
+    @property
+    def n_spaces(self) -> int:
+        return int(self.header[N_SPACES])
+
+    def add_space(self, p: SpaceParams) -> int:
+        index = self.n_spaces
+        if index >= MAX_SPACES:
+            raise SpaceLimit(f"the engine holds the maximum of {MAX_SPACES} spaces")
+        raw = p.name.encode("utf-8")
+        self.names[index, :len(raw)] = np.frombuffer(raw, np.uint8)
+        self.spaces[index] = [p.dim, DTYPES.index(p.dtype), METRICS.index(p.metric), p.M,
+                              p.ef_construction, p.seed, len(raw), time.time_ns()]
+        self.header[N_SPACES] = index + 1
+        return index
+
+    def space(self, index: int) -> SpaceParams:
+        row = self.spaces[index]
+        name = self.names[index, :row[S_NAME_LEN]].tobytes().decode("utf-8")
+        return SpaceParams(name, int(row[S_DIM]), DTYPES[row[S_DTYPE]], METRICS[row[S_METRIC]],
+                           int(row[S_M]), int(row[S_EFC]), int(row[S_SEED]))
+
+    # -- segments ------------------------------------------------------------
+    @property
+    def n_segments(self) -> int:
+        return int(self.header[N_SEGMENTS])
+
+    def reserve_segment(self) -> int:
+        """Index for the next segment; it counts once `add_segment` publishes it."""
+        index = self.n_segments
+        if index >= MAX_SEGMENTS:
+            raise SpaceLimit(f"the engine holds the maximum of {MAX_SEGMENTS} segments")
+        return index
+
+    def add_segment(self, index: int, space: int, number: int) -> None:
+        self.segments[index] = [space, number]
+        self.header[N_SEGMENTS] = index + 1
+
+    def segment_space(self, index: int) -> int:
+        return int(self.segments[index, 0])
+
+    # -- lifetime --------------------------------------------------------------
+    def owner_alive(self) -> bool:
+        pid, start = int(self.header[OWNER_PID]), int(self.header[OWNER_START])
+        return process_start(pid) == start
+
+    def close(self) -> None:
+        if self.block is None:
+            return
+        self.header = self.spaces = self.names = self.segments = None
+        block, self.block = self.block, None
+        if self.owner:
+            shm.destroy(block)
+        else:
+            shm.close(block)
+
+
+def collect_stale(engine: str | None = None, min_age_s: float = 10.0) -> list[str]:
+    """Unlink the blocks of engines whose owner process is gone (all engines, or
+    one). Blocks of a running engine are never touched; an engine's segments
+    with no catalog are collected once older than `min_age_s` (a catalog is
+    always created before its segments and removed after them)."""
+    removed = []
+    blocks = shm.list_blocks(engine)
+    catalogs = {b[len(shm.PREFIX):-len("_catalog")] for b in blocks if b.endswith("_catalog")}
+    live = set()
+    for name in catalogs:
+        try:
+            cat = Catalog.attach(name)
+        except (EngineNotFound, Corrupt):
+            if _age(catalog_name(name)) < min_age_s:
+                live.add(name)  # perhaps still being created
+            continue
+        try:
+            if cat.owner_alive():
+                live.add(name)
+        finally:
+            cat.close()
+    for block in blocks:
+        owner = _engine_of(block)
+        if owner is None or owner in live:
+            continue
+        if owner not in catalogs and _age(block) < min_age_s:
+            continue
+        if not block.endswith("_catalog") and shm.unlink(block):
+            removed.append(block)
+    for name in catalogs - live:
+        if shm.unlink(catalog_name(name)):
+            removed.append(catalog_name(name))
+    if removed:
+        log.info("collected %d stale shared memory blocks", len(removed))
+    return removed
+
+
+def _engine_of(block: str) -> str | None:
+    body = block[len(shm.PREFIX):]
+    name, _, suffix = body.rpartition("_")
+    if not name or not (suffix == "catalog" or suffix.isdigit()):
+        return None
+    return name
+
+
+def _age(block: str) -> float:
+    try:
+        return time.time() - os.stat(os.path.join(shm.SHM_DIR, block)).st_mtime
+    except FileNotFoundError:
+        return float("inf")

@@ -1,0 +1,137 @@
+"""Byte layout of a segment: one shared-memory block, a header then columns.
+
+Header: int64 words. Each group sits on its own 64-byte line and has exactly one
+writer, so counters are 8-byte aligned and never share a cache line with
+another process's counters.
+
+| word        | writer        | meaning                                               |
+|-------------|---------------|-------------------------------------------------------|
+| MAGIC..     | creator       | magic, layout version, capacity, dim, dtype, metric,  |
+|             |               | M, max level, upper capacity, arena capacity, space,  |
+|             |               | segment number, creation time                         |
+| ACCEPTED    | front         | slots [0, ACCEPTED) are complete and visible          |
+| ARENA_USED  | front         | bytes of the text arena in use                        |
+| UPPER_USED  | front         | rows of `upper` handed out                            |
+| SEALED      | front         | 1 once the segment takes no more appends              |
+| MIN/MAX_GEN | front         | generation range held                                 |
+| INDEXED     | index writer  | nodes [0, INDEXED) are in the graph                   |
+| ENTRY       | index writer  | (top level << 32) | entry node; -1 while empty        |
+| WRITER      | CAS           | token of the index writer holding the segment, 0 free |
+
+Columns (cap = capacity; `-1` sentinels are written by the creator):
+
+| column     | dtype             | shape                       | sentinel | writer       |
+|------------|-------------------|-----------------------------|----------|--------------|
+| vectors    | f32, or u16 = f16 | [cap, dim]                  |          | front        |
+| generation | uint64            | [cap]                       |          | front        |
+| when       | float64 (unix s)  | [cap]                       |          | front        |
+| confidence | float32           | [cap]                       |          | front        |
+| id_hash    | uint64 (FNV-1a)   | [cap]                       |          | front        |
+| text_end   | int64             | [cap]                       |          | front        |
+| id_len     | int32             | [cap]                       |          | front        |
+| level      | int32             | [cap]                       |          | front        |
+| upper_row  | int32             | [cap]                       | -1       | front        |
+| parent     | int32             | [cap]                       | -1       | index writer |
+| links0     | int32             | [cap, 2M+1]                 | count 0  | index writer |
+| upper      | int32             | [upper_cap, MAX_LEVEL, M+1] | count 0  | index writer |
+| arena      | uint8             | [arena_cap]                 |          | front        |
+
+Slot i's record is arena[text_end[i-1]:text_end[i]] (0 for i = 0): its first
+id_len[i] bytes are the id, the rest the text, both UTF-8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import Corrupt
+
+MAGIC_VALUE = 0x454E4752414D5347  # "ENGRAMSG"
+LAYOUT_VERSION = 1
+MAX_LEVEL = 6
+HEADER_WORDS = 64
+ALIGN = 64
+
+# Header words, grouped by writer on 64-byte lines.
+(MAGIC, VERSION, CAPACITY, DIM, DTYPE, METRIC, M_WORD, MAX_LEVEL_WORD,
+ UPPER_CAP, ARENA_CAP, SPACE, SEGMENT_NO, CREATED_NS) = range(13)
+ACCEPTED, ARENA_USED, UPPER_USED, SEALED, MIN_GEN, MAX_GEN = range(16, 22)
+INDEXED, ENTRY = 24, 25
+WRITER = 32
+
+DTYPE_NAMES = {0: "f32", 1: "f16"}
+STORAGE = {"f32": np.dtype(np.float32), "f16": np.dtype(np.uint16)}
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    capacity: int
+    dim: int
+    dtype: str
+    M: int
+    arena_capacity: int
+
+    @property
+    def upper_capacity(self) -> int:
+        # A node reaches layer 1 with probability 1/M; twice the mean plus slack
+        # makes running out (which seals the segment early) vanishingly rare.
+        return min(self.capacity, 2 * self.capacity // self.M + 64)
+
+    def columns(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        cap = self.capacity
+        return [
+            ("vectors", STORAGE[self.dtype], (cap, self.dim)),
+            ("generation", np.dtype(np.uint64), (cap,)),
+            ("when", np.dtype(np.float64), (cap,)),
+            ("confidence", np.dtype(np.float32), (cap,)),
+            ("id_hash", np.dtype(np.uint64), (cap,)),
+            ("text_end", np.dtype(np.int64), (cap,)),
+            ("id_len", np.dtype(np.int32), (cap,)),
+            ("level", np.dtype(np.int32), (cap,)),
+            ("upper_row", np.dtype(np.int32), (cap,)),
+            ("parent", np.dtype(np.int32), (cap,)),
+            ("links0", np.dtype(np.int32), (cap, 2 * self.M + 1)),
+            ("upper", np.dtype(np.int32), (self.upper_capacity, MAX_LEVEL, self.M + 1)),
+            ("arena", np.dtype(np.uint8), (self.arena_capacity,)),
+        ]
+
+    def offsets(self) -> tuple[dict[str, int], int]:
+        """Byte offset of every column, and the total size."""
+        offset = HEADER_WORDS * 8
+        table = {}
+        for name, dtype, shape in self.columns():
+            offset = -(-offset // ALIGN) * ALIGN
+            table[name] = offset
+            offset += dtype.itemsize * int(np.prod(shape))
+        return table, -(-offset // ALIGN) * ALIGN
+
+    @property
+    def size(self) -> int:
+        return self.offsets()[1]
+
+    def write_header(self, header: np.ndarray, metric: int, space: int, segment_no: int,
+                     created_ns: int) -> None:
+        dtype_code = {v: k for k, v in DTYPE_NAMES.items()}[self.dtype]
+        header[[CAPACITY, DIM, DTYPE, METRIC, M_WORD, MAX_LEVEL_WORD, UPPER_CAP, ARENA_CAP,
+                SPACE, SEGMENT_NO, CREATED_NS]] = [
+            self.capacity, self.dim, dtype_code, metric, self.M, MAX_LEVEL,
+            self.upper_capacity, self.arena_capacity, space, segment_no, created_ns]
+        header[ENTRY] = -1
+        header[VERSION] = LAYOUT_VERSION
+        header[MAGIC] = MAGIC_VALUE  # last: a block with a magic has a whole header
+
+    @classmethod
+    def from_header(cls, header: np.ndarray, size: int) -> "SegmentLayout":
+        if header[MAGIC] != MAGIC_VALUE or header[VERSION] != LAYOUT_VERSION:
+            raise Corrupt("segment header has no engram magic or an unknown layout version")
+        dtype = DTYPE_NAMES.get(int(header[DTYPE]))
+        if dtype is None:
+            raise Corrupt(f"segment header names unknown dtype code {header[DTYPE]}")
+        layout = cls(int(header[CAPACITY]), int(header[DIM]), dtype, int(header[M_WORD]),
+                     int(header[ARENA_CAP]))
+        if (layout.size > size or header[MAX_LEVEL_WORD] != MAX_LEVEL
+                or header[UPPER_CAP] != layout.upper_capacity):
+            raise Corrupt("segment header does not match the block it heads")
+        return layout

@@ -1,0 +1,113 @@
+"""A mapped segment: numpy views over one shared-memory block (see layout.py).
+
+The process that creates a segment owns it and unlinks it; others attach.
+Writable views exist only where a writer needs them; readers get read-only
+views, so the recall kernels never hold a pointer they could write through.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import namedtuple
+
+import numpy as np
+
+from ..kernels.hnsw import Graph
+from . import shm
+from .layout import (ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout)
+
+Columns = namedtuple("Columns", "vectors generation when confidence id_hash text_end id_len "
+                                "level upper_row parent links0 upper arena")
+
+
+class Segment:
+    def __init__(self, block, layout: SegmentLayout, owner: bool, writable: bool):
+        self.block = block
+        self.name = block.name
+        self.layout = layout
+        self.owner = owner
+        ro = block.buf.toreadonly()
+        self.header = np.ndarray((64,), np.int64, buffer=block.buf if writable else ro)
+        offsets, _ = layout.offsets()
+
+        def columns(buf):
+            return Columns(*(np.ndarray(shape, dtype, buffer=buf, offset=offsets[name])
+                             for name, dtype, shape in layout.columns()))
+
+        self.r = columns(ro)
+        self.w = columns(block.buf) if writable else None
+        self.graph_r = self._graph(self.r, np.ndarray((1,), np.int64, buffer=ro, offset=ENTRY * 8))
+        self.graph_w = (self._graph(self.w, self.header[ENTRY:ENTRY + 1]) if writable else None)
+
+    @staticmethod
+    def _graph(c: Columns, entry: np.ndarray) -> Graph:
+        return Graph(c.links0, c.upper, c.level, c.upper_row, c.parent, entry)
+
+    @classmethod
+    def create(cls, name: str, layout: SegmentLayout, metric: int, space: int,
+               segment_no: int) -> "Segment":
+        block = shm.create(name, layout.size)
+        try:
+            header = np.ndarray((64,), np.int64, buffer=block.buf)
+            parent = np.ndarray((layout.capacity,), np.int32, buffer=block.buf,
+                                offset=layout.offsets()[0]["parent"])
+            parent.fill(-1)
+            del parent
+            layout.write_header(header, metric, space, segment_no, time.time_ns())
+            del header
+            return cls(block, layout, owner=True, writable=True)
+        except BaseException:
+            shm.destroy(block)
+            raise
+
+    @classmethod
+    def attach(cls, name: str, writable: bool = False) -> "Segment":
+        block = shm.attach(name)
+        try:
+            header = np.ndarray((64,), np.int64, buffer=block.buf)
+            layout = SegmentLayout.from_header(header, block.size)
+            del header
+            return cls(block, layout, owner=False, writable=writable)
+        except BaseException:
+            shm.close(block)
+            raise
+
+    # Counters. Each is written by one process; reads are plain aligned loads.
+    @property
+    def accepted(self) -> int:
+        return int(self.header[ACCEPTED])
+
+    @property
+    def indexed(self) -> int:
+        return int(self.header[INDEXED])
+
+    @property
+    def sealed(self) -> bool:
+        return bool(self.header[SEALED])
+
+    @property
+    def writer(self) -> int:
+        return int(self.header[WRITER])
+
+    @property
+    def backlog(self) -> int:
+        return self.accepted - self.indexed
+
+    def record(self, slot: int) -> tuple[str, str]:
+        """(id, text) of a slot."""
+        r = self.r
+        start = int(r.text_end[slot - 1]) if slot else 0
+        raw = r.arena[start:int(r.text_end[slot])].tobytes()
+        cut = int(r.id_len[slot])
+        return raw[:cut].decode("utf-8"), raw[cut:].decode("utf-8")
+
+    def close(self) -> None:
+        """Release the views, unmap, and unlink if this process owns the block."""
+        if self.block is None:
+            return
+        self.r = self.w = self.graph_r = self.graph_w = self.header = None
+        block, self.block = self.block, None
+        if self.owner:
+            shm.destroy(block)
+        else:
+            shm.close(block)

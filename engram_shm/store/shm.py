@@ -1,0 +1,132 @@
+"""Shared-memory blocks: naming, creation, attachment, removal, collection.
+
+Every block is a `multiprocessing.shared_memory.SharedMemory` named
+`engram_<engine>_<suffix>`. Lifetime is owned explicitly (the engine that
+created a block unlinks it; `collect_stale` removes the blocks of engines whose
+owner process is gone), so the resource tracker is kept out of it: on Python
+3.11 and 3.12 it registers every attach and unlinks the block when the first
+attaching process exits, which would pull memory from under a running engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from multiprocessing import shared_memory
+
+from ..errors import ShmFull
+
+log = logging.getLogger(__name__)
+
+PREFIX = "engram_"
+SHM_DIR = "/dev/shm"
+_tracker_lock = threading.Lock()
+
+
+def block_name(engine: str, suffix: str) -> str:
+    return f"{PREFIX}{engine}_{suffix}"
+
+
+@contextlib.contextmanager
+def _untracked():
+    """Keep SharedMemory from registering with (or unregistering from) the
+    resource tracker; see the module docstring for why."""
+    if sys.version_info >= (3, 13):
+        yield
+        return
+    tracker = shared_memory.resource_tracker
+    with _tracker_lock:
+        register, unregister = tracker.register, tracker.unregister
+        tracker.register = tracker.unregister = lambda name, rtype: None
+        try:
+            yield
+        finally:
+            tracker.register, tracker.unregister = register, unregister
+
+
+def _open(name: str, create: bool, size: int = 0) -> shared_memory.SharedMemory:
+    kwargs = {"track": False} if sys.version_info >= (3, 13) else {}
+    with _untracked():
+        return shared_memory.SharedMemory(name=name, create=create, size=size, **kwargs)
+
+
+def free_bytes() -> int:
+    """Bytes free in /dev/shm (tmpfs pages are only used when touched)."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def total_bytes() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_blocks * st.f_frsize
+
+
+def create(name: str, size: int) -> shared_memory.SharedMemory:
+    """A new zero-filled block. Refuses with ShmFull when /dev/shm could not hold
+    it entirely: tmpfs allocates lazily, and a page it cannot allocate later
+    kills the writing process with SIGBUS instead of an error."""
+    free = free_bytes()
+    if size > free:
+        raise ShmFull(
+            f"/dev/shm has {free / 2**20:.0f} MiB free, a new segment needs {size / 2**20:.0f} MiB; "
+            "enlarge it (docker: --shm-size) or lower segment_capacity",
+            free_bytes=free, needed_bytes=size)
+    return _open(name, create=True, size=size)
+
+
+def attach(name: str) -> shared_memory.SharedMemory:
+    return _open(name, create=False)
+
+
+def unlink(name: str) -> bool:
+    """Remove a block by name; False if it was already gone."""
+    try:
+        shm = _open(name, create=False)
+    except FileNotFoundError:
+        return False
+    try:
+        with _untracked():
+            shm.unlink()
+    finally:
+        close(shm)
+    return True
+
+
+def destroy(block: shared_memory.SharedMemory) -> None:
+    """Unlink a block this process created, then unmap it."""
+    try:
+        with _untracked():
+            block.unlink()
+    except FileNotFoundError:
+        log.warning("shared memory %s was removed by someone else", block.name)
+    close(block)
+
+
+def close(shm: shared_memory.SharedMemory) -> None:
+    """Close a mapping; numpy views of it must be released first. A view still
+    held elsewhere keeps the mapping open until that process exits (logged)."""
+    try:
+        shm.close()
+    except BufferError:
+        log.warning("shared memory %s still has views in use; left mapped", shm.name)
+
+
+def list_blocks(engine: str | None = None) -> list[str]:
+    """Names of engram blocks in /dev/shm, all or one engine's."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return []
+    prefix = PREFIX if engine is None else block_name(engine, "")
+    return sorted(n for n in names if n.startswith(prefix))
+
+
+def block_bytes(name: str) -> int:
+    """Bytes of /dev/shm a block actually occupies (touched pages)."""
+    try:
+        return os.stat(os.path.join(SHM_DIR, name)).st_blocks * 512
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,1 @@
+"""ZeroMQ front, protocol and client (see docs/protocol.md)."""

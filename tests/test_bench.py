@@ -1,0 +1,20 @@
+import json
+import subprocess
+import sys
+
+KEYS = {"bench", "system", "n", "dim", "dtype", "insert_per_s", "recall_at_10", "query_p50_ms",
+        "query_p99_ms"}
+
+
+def test_ann_quick_runs_all_peers_and_prints_json_lines():
+    out = subprocess.run([sys.executable, "-m", "bench.ann", "--quick"], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert {(r["system"], r["dtype"]) for r in rows} == {
+        ("hnswlib", "f32"), ("faiss", "f32"), ("engram_shm", "f32"), ("engram_shm", "f16")}
+    for r in rows:
+        assert set(r) == KEYS
+        assert r["insert_per_s"] > 0 and 0 <= r["recall_at_10"] <= 1
+    engram = [r for r in rows if r["system"] == "engram_shm"]
+    assert all(r["recall_at_10"] >= 0.9 for r in engram), engram
+    assert "x hnswlib" in out

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from engram_shm.errors import DimensionMismatch, InvalidArgument
+from engram_shm.kernels.distance import distances
+
+import naive
+
+METRICS = ["cosine", "ip", "l2"]
+values = st.floats(-8, 8, allow_nan=False, width=32)
+
+
+@st.composite
+def store_and_query(draw):
+    dim = draw(st.integers(1, 97))
+    n = draw(st.integers(1, 20))
+    store = draw(arrays(np.float32, (n, dim), elements=values))
+    if draw(st.booleans()):  # zero rows and duplicates are legal kernel input
+        store[draw(st.integers(0, n - 1))] = 0
+        store[-1] = store[0]
+    q = draw(arrays(np.float32, (dim,), elements=values))
+    return store, q
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@given(data=store_and_query())
+def test_distances_match_naive(metric, dtype, data):
+    store, q = data
+    if dtype == "f16":
+        store = store.astype(np.float16).view(np.uint16)
+    got = distances(store, q, metric)
+    want = naive.distances(store, q, metric)
+    x = naive.as_f32(store)
+    # f32 accumulation: error bounded by 1e-5 of the terms' magnitude
+    scale = np.maximum(1.0, (np.abs(x) * np.abs(q)).sum(axis=1) + ((x - q) ** 2).sum(axis=1))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale.max())
+
+
+def test_unit_vectors_to_1e_5():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 768)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for metric in METRICS:
+        for store in (x, x.astype(np.float16).view(np.uint16)):
+            np.testing.assert_allclose(distances(store, x[7], metric),
+                                       naive.distances(store, x[7], metric), atol=1e-5)
+
+
+def test_bad_shapes_are_refused():
+    store = np.zeros((3, 4), np.float32)
+    with pytest.raises(DimensionMismatch):
+        distances(store, np.zeros(5, np.float32), "l2")
+    with pytest.raises(InvalidArgument):
+        distances(store.astype(np.float64), np.zeros(4, np.float32), "l2")
+    with pytest.raises(InvalidArgument):
+        distances(store, np.zeros(4, np.float64), "l2")

@@ -1,0 +1,35 @@
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engram_shm.kernels.heap import heap_pop, heap_push, topk_finish, topk_push
+
+keys = st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), max_size=200)
+
+
+@given(keys)
+def test_heap_pops_in_order(ks):
+    k = np.empty(len(ks) + 1, np.float32)
+    v = np.empty(len(ks) + 1, np.int32)
+    size = 0
+    for i, key in enumerate(ks):
+        size = heap_push(k, v, size, np.float32(key), np.int32(i))
+    out = []
+    while size:
+        out.append((k[0], v[0]))
+        size = heap_pop(k, v, size)
+    assert [x for x, _ in out] == sorted(np.float32(x) for x in ks)
+    assert sorted(i for _, i in out) == list(range(len(ks)))
+
+
+@given(keys, st.integers(1, 50))
+def test_topk_is_the_k_smallest(ks, k):
+    neg = np.empty(k, np.float32)
+    ids = np.empty(k, np.int32)
+    size = 0
+    for i, key in enumerate(ks):
+        size = topk_push(neg, ids, size, k, np.float32(key), np.int32(i))
+    topk_finish(neg, ids, size)
+    want = np.sort(np.array(ks, np.float32))[:k]
+    np.testing.assert_array_equal(neg[:size], want)
+    np.testing.assert_array_equal(np.array(ks, np.float32)[ids[:size]], want)

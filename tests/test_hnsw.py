@@ -1,0 +1,185 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engram_shm.synthetic import clustered
+from engram_shm.errors import InvalidArgument
+from engram_shm.kernels import hnsw
+from engram_shm.store.layout import MAX_LEVEL
+from engram_shm.store.space import draw_levels
+
+import naive
+
+ANY = np.iinfo(np.uint64).max
+
+
+def build(data, M=16, ef_c=100, metric="cosine", dtype="f32", chunks=1, seed=7, upto=None):
+    """Insert data[:upto] into a fresh graph for all of `data`, in `chunks`
+    calls; returns what search needs."""
+    n, dim = data.shape
+    store = data.astype(np.float32) if dtype == "f32" else data.astype(np.float16).view(np.uint16)
+    store = np.ascontiguousarray(store)
+    gens = np.arange(1, n + 1, dtype=np.uint64)
+    g = hnsw.new_graph(draw_levels(seed, gens, M), M, MAX_LEVEL)
+    sc = hnsw.new_scratch(n, dim, M, max(ef_c, 256))
+    bounds = np.linspace(0, n if upto is None else upto, chunks + 1).astype(int)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        hnsw.insert(store, gens, g, int(lo), int(hi), ef_c, metric, sc)
+    return store, gens, g, sc
+
+
+def search_all(store, gens, g, sc, queries, k, ef, metric, n_indexed=None, scan=(0, 0), gen_max=ANY):
+    n = store.shape[0] if n_indexed is None else n_indexed
+    return [hnsw.search(store, gens, g, q, k, ef, n, scan[0], scan[1], gen_max, metric, sc)
+            for q in queries]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+def test_recall_at_10_against_brute_force(dtype, metric):
+    data = clustered(4200, 48, clusters=40, seed=11)
+    base, queries = data[:4000], data[4000:]
+    store, gens, g, sc = build(base, metric=metric, dtype=dtype, chunks=3)
+    found = [ids for _, ids in search_all(store, gens, g, sc, queries, 10, 64, metric)]
+    exact = [naive.exact_knn(store, q, 10, metric) for q in queries]
+    r = naive.recall_at_k(found, exact)
+    assert r >= 0.95, f"recall@10 {r:.3f} below 0.95 ({dtype}, {metric})"
+    assert naive.graph_violations(g, len(base), 16) == []
+
+
+def test_search_distances_are_exact_and_sorted():
+    data = clustered(1000, 32, seed=2)
+    store, gens, g, sc = build(data)
+    for q in data[:20]:
+        d, ids = hnsw.search(store, gens, g, q, 10, 64, 1000, 0, 0, ANY, "cosine", sc)
+        assert np.all(np.diff(d) >= 0)
+        np.testing.assert_allclose(d, naive.distances(store, q, "cosine")[ids], atol=1e-5)
+
+
+@st.composite
+def insert_sequences(draw):
+    n = draw(st.integers(1, 120))
+    dim = draw(st.integers(1, 9))
+    M = draw(st.sampled_from([2, 3, 4, 8]))
+    kind = draw(st.sampled_from(["random", "duplicates", "few distinct", "with zeros"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    data = rng.normal(size=(n, dim)).astype(np.float32)
+    if kind == "duplicates":
+        data[:] = data[0]
+    elif kind == "few distinct":
+        data = data[rng.integers(0, min(3, n), n)]
+    elif kind == "with zeros":
+        data[rng.random(n) < 0.3] = 0
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=4)))
+    metric = "l2" if kind == "with zeros" else draw(st.sampled_from(["cosine", "l2", "ip"]))
+    if metric == "cosine":
+        data /= np.maximum(np.linalg.norm(data, axis=1, keepdims=True), 1e-6)
+    return data, M, metric, [0, *cuts, n], draw(st.integers(1, 40))
+
+
+@given(insert_sequences())
+def test_graph_invariants_after_random_insert_sequences(case):
+    data, M, metric, cuts, ef_c = case
+    n, dim = data.shape
+    gens = np.arange(1, n + 1, dtype=np.uint64)
+    g = hnsw.new_graph(draw_levels(3, gens, M), M, MAX_LEVEL)
+    sc = hnsw.new_scratch(n, dim, M, ef_c)
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        hnsw.insert(data, gens, g, lo, hi, ef_c, metric, sc)
+        assert naive.graph_violations(g, hi, M) == []
+
+
+@given(insert_sequences(), st.data())
+def test_reinsert_after_partial_insert_keeps_invariants(case, draw):
+    """A writer killed inside an insert leaves the node with some of its reverse
+    links (and perhaps as entry point); the next writer re-inserts it."""
+    data, M, metric, _, ef_c = case
+    n, dim = data.shape
+    if n < 2:
+        return
+    gens = np.arange(1, n + 1, dtype=np.uint64)
+    g = hnsw.new_graph(draw_levels(5, gens, M), M, MAX_LEVEL)
+    sc = hnsw.new_scratch(n, dim, M, ef_c)
+    q = draw.draw(st.integers(1, n - 1))
+    hnsw.insert(data, gens, g, 0, q + 1, ef_c, metric, sc)
+    # Undo a random subset of the reverse links q received: the state of a
+    # crash between q's own list and the last of its neighbours' updates.
+    for x in range(q):
+        row = g.links0[x]
+        ls = naive.links(row)
+        if q in ls and g.parent[q] != x and draw.draw(st.booleans()):
+            ls.remove(q)
+            row[1:1 + len(ls)] = ls
+            row[0] = len(ls)
+    more = draw.draw(st.integers(q + 1, n))
+    hnsw.insert(data, gens, g, q, more, ef_c, metric, sc)
+    assert naive.graph_violations(g, more, M) == []
+
+
+def test_every_node_finds_itself_among_duplicates_and_noise():
+    rng = np.random.default_rng(0)
+    data = clustered(1500, 16, seed=4)
+    data[rng.integers(0, 1500, 300)] = data[0]  # heavy duplication
+    store, gens, g, sc = build(data, M=8, ef_c=64)
+    assert naive.graph_violations(g, 1500, 8) == []
+    for i in rng.integers(0, 1500, 200):
+        d, ids = hnsw.search(store, gens, g, data[i], 1, 64, 1500, 0, 0, ANY, "cosine", sc)
+        assert d[0] <= naive.distances(store, data[i], "cosine").min() + 1e-6
+
+
+def test_generation_filter_is_a_snapshot():
+    data = clustered(2000, 24, seed=5)
+    store, gens, g, sc = build(data)
+    for gen_max in (1, 500, 1999):
+        mask = gens <= gen_max
+        found, exact = [], []
+        for q in data[::40]:
+            d, ids = hnsw.search(store, gens, g, q, 10, 128, 2000, 0, 0, gen_max, "cosine", sc)
+            assert np.all(gens[ids] <= gen_max)
+            found.append(ids)
+            exact.append(naive.exact_knn(store, q, 10, "cosine", mask))
+        assert naive.recall_at_k(found, exact) >= 0.9
+
+
+@given(st.integers(0, 300), st.integers(0, 300), st.integers(1, 20), st.integers(0, 2**31))
+def test_window_scan_is_exact(lo, width, k, seed):
+    rng = np.random.default_rng(seed)
+    n = 400
+    data = rng.normal(size=(n, 8)).astype(np.float32)
+    hi = min(n, lo + width)
+    store = data
+    gens = rng.permutation(np.arange(1, n + 1)).astype(np.uint64)
+    g = hnsw.new_graph(np.zeros(n, np.int32), 4, MAX_LEVEL)
+    sc = hnsw.new_scratch(n, 8, 4, 64)
+    q = rng.normal(size=8).astype(np.float32)
+    gen_max = int(rng.integers(0, n + 1))
+    d, ids = hnsw.search(store, gens, g, q, k, 16, 0, lo, hi, gen_max, "l2", sc)
+    mask = np.zeros(n, bool)
+    mask[lo:hi] = gens[lo:hi] <= gen_max
+    want = naive.exact_knn(store, q, k, "l2", mask)
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(d, naive.distances(store, q, "l2")[want], rtol=1e-5, atol=1e-5)
+
+
+def test_graph_and_window_merge_without_duplicates():
+    data = clustered(1000, 16, seed=6)
+    store, gens, g, sc = build(data, upto=600)  # [600, 1000) accepted, not indexed
+    found, exact = [], []
+    for q in data[::50]:
+        d, ids = hnsw.search(store, gens, g, q, 10, 64, 600, 600, 1000, ANY, "cosine", sc)
+        assert len(set(ids.tolist())) == len(ids)
+        found.append(ids)
+        exact.append(naive.exact_knn(store, q, 10, "cosine"))
+    assert naive.recall_at_k(found, exact) >= 0.95
+
+
+def test_wrapper_refuses_bad_arguments():
+    data = clustered(50, 8)
+    store, gens, g, sc = build(data, M=4, ef_c=16)
+    with pytest.raises(InvalidArgument):
+        hnsw.insert(store, gens, g, 10, 60, 16, "cosine", sc)
+    with pytest.raises(InvalidArgument):
+        hnsw.search(store, gens, g, data[0], 0, 16, 50, 0, 0, ANY, "cosine", sc)
+    with pytest.raises(InvalidArgument):
+        hnsw.search(store, gens[:10], g, data[0], 5, 16, 50, 0, 0, ANY, "cosine", sc)

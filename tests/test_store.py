@@ -1,0 +1,155 @@
+import multiprocessing as mp
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from engram_shm import Engine
+from engram_shm.errors import EngineInUse, ShmFull
+from engram_shm.kernels.ids import fnv1a
+from engram_shm.observations import prepare
+from engram_shm.store import shm
+from engram_shm.store.catalog import Catalog, SpaceParams, collect_stale, segment_name
+from engram_shm.store.layout import ENTRY, SegmentLayout
+from engram_shm.store.segment import Segment
+from engram_shm.store.space import SpaceWriter, draw_levels
+
+import naive
+
+
+def _attach_and_exit(name, queue):
+    seg = Segment.attach(name)
+    queue.put(int(seg.r.generation[0]))
+    seg.close()
+
+
+def test_segment_columns_survive_attach_from_another_process():
+    layout = SegmentLayout(capacity=128, dim=6, dtype="f16", M=4, arena_capacity=4096)
+    seg = Segment.create("engram_t-store_000001", layout, metric=0, space=3, segment_no=2)
+    try:
+        seg.w.generation[0] = 42
+        assert (seg.r.parent == -1).all() and seg.header[ENTRY] == -1
+        with pytest.raises(ValueError):
+            seg.r.generation[0] = 1  # reader views are read-only
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        p = ctx.Process(target=_attach_and_exit, args=(seg.name, q))
+        p.start()
+        assert q.get(timeout=60) == 42
+        p.join(60)
+        # The child attached and exited: the block must still exist (the resource
+        # tracker of Python 3.11 would have unlinked it).
+        again = Segment.attach(seg.name)
+        assert again.layout == layout and again.r.generation[0] == 42
+        again.close()
+    finally:
+        seg.close()
+    assert not shm.list_blocks("t-store")
+
+
+def test_layout_is_aligned_and_within_the_memory_target():
+    layout = SegmentLayout(capacity=131072, dim=768, dtype="f16", M=16, arena_capacity=131072 * 100)
+    offsets, size = layout.offsets()
+    assert all(off % 64 == 0 for off in offsets.values())
+    per_observation = size / layout.capacity
+    # 1M observations in f16 with ~100 bytes of text must fit in 2 GB.
+    assert per_observation * 1_000_000 < 2e9, per_observation
+
+
+def test_segments_seal_when_their_text_arena_fills():
+    with Engine(workers=1, segment_capacity=1024, text_bytes_per_observation=16,
+                max_text_bytes=4000) as e:
+        texts = [f"{i}:" + "é" * (i % 1500) for i in range(300)]
+        vectors = np.random.default_rng(0).normal(size=(300, 8))
+        e.observe("texty", [f"t{i}" for i in range(300)], vectors, what=texts)
+        s = e.stats()["spaces"]["texty"]
+        assert s["segments"] > 1 and s["count"] == 300
+        e.wait_indexed(30)
+        for i in range(0, 300, 7):
+            m = e.recall("texty", vectors[i], k=1)[0]
+            assert (m.id, m.what) == (f"t{i}", texts[i])
+
+
+def test_shm_full_is_refused_before_anything_is_written(monkeypatch):
+    with Engine(workers=1) as e:
+        e.observe("s", "first", np.ones(4))
+        monkeypatch.setattr(shm, "free_bytes", lambda: 1024)
+        with pytest.raises(ShmFull) as info:
+            e.observe("other", "x", np.ones(4))
+        assert info.value.retryable
+        monkeypatch.undo()
+        assert e.recall("s", np.ones(4), k=3)[0].id == "first"
+        assert e.generation == 1
+
+
+def test_an_engine_name_is_used_once():
+    with Engine(name="t-once", workers=1):
+        with pytest.raises(EngineInUse):
+            Engine(name="t-once", workers=1)
+
+
+def _start_engine_and_hang(name, ready):
+    e = Engine(name=name, workers=1)
+    e.observe("s", ["a", "b"], np.eye(2, 4))
+    ready.set()
+    signal.pause()
+
+
+def test_stale_blocks_of_a_killed_engine_are_collected_and_live_ones_kept():
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    p = ctx.Process(target=_start_engine_and_hang, args=("t-killed", ready))
+    p.start()
+    with Engine(name="t-alive", workers=1) as alive:
+        alive.observe("s", "a", np.ones(4))
+        assert ready.wait(60)
+        assert not any("t-killed" in b for b in collect_stale())  # alive: untouched
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+        left = shm.list_blocks("t-killed")
+        assert len(left) >= 2
+        removed = collect_stale()
+        assert sorted(removed) == sorted(left)
+        assert shm.list_blocks("t-killed") == []
+        assert alive.recall("s", np.ones(4), k=1)[0].id == "a"
+        assert shm.list_blocks("t-alive")
+
+
+def test_ids_hash_like_fnv1a():
+    words = ["a", "ü", "", "long id " * 20]
+    data = np.frombuffer("".join(words).encode(), np.uint8)
+    lengths = np.array([len(w.encode()) for w in words])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    assert fnv1a(data, starts, lengths).tolist() == [naive.fnv1a(w.encode()) for w in words]
+
+
+def test_levels_are_reproducible_and_geometric():
+    gens = np.arange(1, 200001, dtype=np.uint64)
+    a = draw_levels(7, gens, 16)
+    assert (a == draw_levels(7, gens, 16)).all() and not (a == draw_levels(8, gens, 16)).all()
+    share = (a > 0).mean()
+    assert abs(share - 1 / 16) < 0.005, share
+
+
+def test_space_writer_splits_large_batches_over_open_segments():
+    cat = Catalog.create("t-writer")
+    segments = []
+    try:
+        params = SpaceParams("s", 4, "f32", "cosine", 4, 20, 1)
+        w = SpaceWriter(cat, cat.add_space(params), params, 1000, 64000, writers=3,
+                        on_new_segment=lambda i, s: segments.append(s))
+        batch = prepare([f"i{i}" for i in range(2500)], np.ones((2500, 4)), dim=4,
+                        metric="cosine", dtype="f32")
+        w.append(batch, 1)
+        counts = [s.accepted for s in w.segments]
+        assert sum(counts) == 2500 and len(counts) >= 3
+        assert all(c <= 1000 for c in counts)
+        gens = np.concatenate([s.r.generation[:s.accepted] for s in w.segments])
+        assert sorted(gens.tolist()) == list(range(1, 2501))
+        assert cat.n_segments == len(w.segments)
+        assert [segment_name("t-writer", i) for i in range(cat.n_segments)] == [s.name for s in segments]
+    finally:
+        for s in segments:
+            s.close()
+        cat.close()
