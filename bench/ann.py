@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from engram_shm.synthetic import clustered
+
 from .machine import machine
 
 M, EF_CONSTRUCTION, EF = 16, 100, 64

@@ -16,6 +16,7 @@ from .errors import InvalidArgument
 
 DTYPES = ("f32", "f16")
 METRICS = ("cosine", "ip", "l2")
+WORKER_MODES = ("thread", "process")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,47}$")
 
 
@@ -27,7 +28,9 @@ def _opt(default, help: str, **bounds):
 class EngineConfig:
     name: str = _opt("", "engine name; shared memory blocks are named engram_<name>_*; "
                          "empty picks a unique one")
-    workers: int = _opt(0, "index workers; 0 means one per core", lo=0, hi=256)
+    workers: int = _opt(0, "index writers; 0 means one per core", lo=0, hi=256)
+    worker_mode: str = _opt("thread", "index writers as threads of the engine's process "
+                                      "(thread) or as supervised worker processes (process)")
     dtype: str = _opt("f16", "default vector storage of new spaces: " + ", ".join(DTYPES))
     metric: str = _opt("cosine", "default metric of new spaces: " + ", ".join(METRICS))
     M: int = _opt(16, "default HNSW links per node per layer (2M on layer 0)", lo=2, hi=64)
@@ -58,6 +61,8 @@ class EngineConfig:
                 raise InvalidArgument(f"{f.name}={value!r} is outside [{lo}, {hi}]")
         if self.name and not NAME_PATTERN.match(self.name):
             raise InvalidArgument(f"engine name {self.name!r} must match {NAME_PATTERN.pattern}")
+        if self.worker_mode not in WORKER_MODES:
+            raise InvalidArgument(f"worker_mode {self.worker_mode!r} is not one of {WORKER_MODES}")
         if self.dtype not in DTYPES:
             raise InvalidArgument(f"dtype {self.dtype!r} is not one of {DTYPES}")
         if self.metric not in METRICS:

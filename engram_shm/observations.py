@@ -15,8 +15,18 @@ from datetime import datetime
 
 import numpy as np
 
-from .errors import (DimensionMismatch, DuplicateId, EmptyBatch, InvalidArgument, InvalidText,
-                     LengthMismatch, NonFiniteValue, OutOfRange, TextTooLong, ZeroVector)
+from .errors import (
+    DimensionMismatch,
+    DuplicateId,
+    EmptyBatch,
+    InvalidArgument,
+    InvalidText,
+    LengthMismatch,
+    NonFiniteValue,
+    OutOfRange,
+    TextTooLong,
+    ZeroVector,
+)
 
 F16_MAX = float(np.finfo(np.float16).max)
 

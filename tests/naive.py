@@ -78,7 +78,7 @@ def graph_violations(g, n: int, M: int) -> list[str]:
                     bad.append(f"node {node} layer {layer} links {x} of level {g.level[x]}")
     if n == 0:
         return bad
-    entry = int(g.entry[0])
+    entry = int(g.state[0])
     if entry < 0:
         return bad + ["graph with nodes has no entry point"]
     ep, top = entry & 0xFFFFFFFF, entry >> 32

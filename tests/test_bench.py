@@ -18,3 +18,15 @@ def test_ann_quick_runs_all_peers_and_prints_json_lines():
     engram = [r for r in rows if r["system"] == "engram_shm"]
     assert all(r["recall_at_10"] >= 0.9 for r in engram), engram
     assert "x hnswlib" in out
+
+
+def test_scaling_quick_compares_worker_counts():
+    out = subprocess.run([sys.executable, "-m", "bench.scaling", "--quick"], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["workers"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"bench", "workers", "insert_per_s"} <= set(r) and r["bench"] == "scaling"
+        assert r["insert_per_s"] > 0
+    assert rows[1]["segments"] >= 2  # the hot space spread over both writers
+    assert "x 1st" in out

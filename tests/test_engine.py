@@ -6,15 +6,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engram_shm.synthetic import clustered
 from engram_shm import Engine, EngramError
-from engram_shm.errors import (DimensionMismatch, DuplicateId, EmptyBatch, EngineClosed,
-                               InvalidArgument, InvalidInput, InvalidText, LengthMismatch,
-                               NonFiniteValue, OutOfRange, SpaceExists, TextTooLong, UnknownSpace,
-                               ZeroVector)
+from engram_shm.errors import (
+    DimensionMismatch,
+    DuplicateId,
+    EmptyBatch,
+    EngineClosed,
+    InvalidArgument,
+    InvalidInput,
+    InvalidText,
+    LengthMismatch,
+    NonFiniteValue,
+    OutOfRange,
+    SpaceExists,
+    TextTooLong,
+    UnknownSpace,
+    ZeroVector,
+)
 from engram_shm.kernels.atomics import compare_and_swap
 from engram_shm.store import shm
 from engram_shm.store.layout import WRITER
+from engram_shm.synthetic import clustered
 
 DIM = 32
 

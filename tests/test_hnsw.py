@@ -3,11 +3,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engram_shm.synthetic import clustered
 from engram_shm.errors import InvalidArgument
 from engram_shm.kernels import hnsw
 from engram_shm.store.layout import MAX_LEVEL
 from engram_shm.store.space import draw_levels
+from engram_shm.synthetic import clustered
 
 import naive
 
@@ -183,3 +183,28 @@ def test_wrapper_refuses_bad_arguments():
         hnsw.search(store, gens, g, data[0], 0, 16, 50, 0, 0, ANY, "cosine", sc)
     with pytest.raises(InvalidArgument):
         hnsw.search(store, gens[:10], g, data[0], 5, 16, 50, 0, 0, ANY, "cosine", sc)
+
+
+@given(insert_sequences(), st.data())
+def test_repair_finishes_a_half_rewritten_list(case, draw):
+    """A writer killed while rewriting a list leaves it with duplicates, stale
+    entries, perhaps without its pinned edges; the journal names it and the
+    next writer repairs it."""
+    data, M, metric, _, ef_c = case
+    n, dim = data.shape
+    gens = np.arange(1, n + 1, dtype=np.uint64)
+    g = hnsw.new_graph(draw_levels(9, gens, M), M, MAX_LEVEL)
+    sc = hnsw.new_scratch(n, dim, M, ef_c)
+    hnsw.insert(data, gens, g, 0, n, ef_c, metric, sc)
+    node = draw.draw(st.integers(0, n - 1))
+    layer = draw.draw(st.integers(0, int(g.level[node])))
+    row = g.links0[node] if layer == 0 else g.upper[g.upper_row[node], layer - 1]
+    cnt = int(row[0])
+    if cnt:
+        torn = draw.draw(st.lists(st.sampled_from(naive.links(row)), min_size=cnt, max_size=cnt))
+        row[1:1 + cnt] = torn  # some entries lost, some doubled: a rewrite cut short
+    g.state[1] = ((layer << 32) | node) + 1
+    assert hnsw.repair(g, n, sc)
+    assert g.state[1] == 0
+    assert naive.graph_violations(g, n, M) == []
+    assert not hnsw.repair(g, n, sc)

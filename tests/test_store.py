@@ -45,6 +45,7 @@ def test_segment_columns_survive_attach_from_another_process():
         again.close()
     finally:
         seg.close()
+        shm.unlink(seg.name)
     assert not shm.list_blocks("t-store")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import EngineClosed
 from ..store.catalog import Catalog, segment_name
 from ..store.segment import Segment
+from .directory import SegmentDirectory
 from .reader import Reader, Recalls
 
 
@@ -19,7 +20,8 @@ class AttachedEngine(Recalls):
         self.ef_search = ef_search
         self.catalog = Catalog.attach(name)
         self._segments: list[Segment] = []
-        self.reader = Reader(self.catalog, self._open_segment)
+        self.directory = SegmentDirectory(self.catalog, self._open_segment)
+        self.reader = Reader(self.directory)
 
     def _open_segment(self, index: int) -> Segment:
         seg = Segment.attach(segment_name(self.name, index), writable=False)
@@ -29,7 +31,7 @@ class AttachedEngine(Recalls):
     def _check_open(self) -> None:
         if self.catalog is None:
             raise EngineClosed(f"reader of engine {self.name!r} is closed")
-        if not self.catalog.owner_alive():
+        if self.catalog.stopped or not self.catalog.owner_alive():
             raise EngineClosed(f"engine {self.name!r} has stopped")
 
     def spaces(self) -> list[str]:
@@ -40,6 +42,7 @@ class AttachedEngine(Recalls):
         if self.catalog is None:
             return
         self.reader.close()
+        self.directory.close()
         for seg in self._segments:
             seg.close()
         self._segments.clear()

@@ -25,18 +25,20 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..config import EngineConfig
-from ..errors import (EngineClosed, IndexFailed, InvalidArgument, Overloaded, SpaceExists,
-                      UnknownSpace)
+from ..errors import EngineClosed, IndexFailed, InvalidArgument, Overloaded, SpaceExists, UnknownSpace
 from ..observations import Limits, prepare
 from ..store import shm
-from ..store.catalog import Catalog, SpaceParams
-from ..store.layout import SPACE
+from ..store.catalog import W_BUSY_NS, W_CLAIMED, W_INSERTED, W_PID, W_RESTARTS, Catalog, SpaceParams
 from ..store.segment import Segment
 from ..store.space import SpaceWriter
-from .indexer import IndexWriter, Target, token_for
+from .directory import SegmentDirectory
 from .reader import Memory, Reader, Recalls
+from .supervisor import Supervisor
+from .threads import IndexThreads
 
 log = logging.getLogger(__name__)
+
+POLL_S = 0.01  # how often waits re-check counters that worker processes advance
 
 
 @dataclass(frozen=True)
@@ -53,31 +55,39 @@ class Ack:
 
 class Engine(Recalls):
     """An engine in this process. Use as a context manager, or call `close()`:
-    closing stops the index threads and removes the shared memory."""
+    closing stops the index writers and removes the shared memory.
+
+    Index writers are threads by default; with worker_mode="process" they are
+    worker processes under a Supervisor that restarts any that dies."""
 
     def __init__(self, config: EngineConfig | None = None, **options):
-        self.config = config if config is not None else EngineConfig.from_env(**options)
         if config is not None and options:
             raise InvalidArgument("pass either a config or options, not both")
+        self.config = config if config is not None else EngineConfig.from_env(**options)
         self.ef_search = self.config.ef_search
         self.name = self.config.name or f"e{os.getpid()}-{secrets.token_hex(4)}"
         self._limits = Limits(self.config.max_id_bytes, self.config.max_text_bytes)
         self.catalog = Catalog.create(self.name)
         self._segments: list[Segment] = []
-        self._targets: list[Target] = []
+        self._finalizer = weakref.finalize(self, _release, self.catalog, self._segments)
+        self.directory = SegmentDirectory(self.catalog, self._segments.__getitem__)
+        self.reader = Reader(self.directory)
         self._spaces: dict[str, SpaceWriter] = {}
         self._write_lock = threading.Lock()
         self._progress = threading.Condition()
         self._stop = False
-        self._failure: BaseException | None = None
-        self.reader = Reader(self.catalog, self._segments.__getitem__)
-        self._finalizer = weakref.finalize(self, _release, self.catalog, self._segments)
         n = self.config.worker_count
-        self._writers = [IndexWriter(i, n, token_for(i, 0)) for i in range(n)]
-        self._threads = [threading.Thread(target=self._index_loop, args=(w,), daemon=True,
-                                          name=f"engram-index-{w.worker}") for w in self._writers]
-        for t in self._threads:
-            t.start()
+        if self.config.worker_mode == "process":
+            self.supervisor = Supervisor(self.catalog, n, self.directory.segments)
+            self._indexing = self.supervisor
+        else:
+            self.supervisor = None
+            self._indexing = IndexThreads(self.catalog, n, self.directory.targets, self._progress)
+        try:
+            self._indexing.start()
+        except BaseException:
+            self._finalizer()
+            raise
 
     # -- context ---------------------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -93,10 +103,10 @@ class Engine(Recalls):
         with self._progress:
             self._stop = True
             self._progress.notify_all()
-        for t in self._threads:
-            t.join()
+        with self._write_lock:  # let an observe in flight finish
+            self._indexing.stop()
         self.reader.close()
-        self._targets.clear()
+        self.directory.close()
         self._spaces.clear()
         self._finalizer()
 
@@ -140,7 +150,6 @@ class Engine(Recalls):
     def _on_new_segment(self, index: int, seg: Segment) -> None:
         assert index == len(self._segments)
         self._segments.append(seg)
-        self._targets.append(Target(index, seg, self.catalog.space(int(seg.header[SPACE]))))
 
     def spaces(self) -> list[str]:
         return list(self._spaces)
@@ -194,28 +203,13 @@ class Engine(Recalls):
                     raise Overloaded(
                         f"space {writer.params.name!r} has {window} observations waiting to be "
                         f"indexed (ring capacity {capacity}); retry later", retry_after_ms=100)
-                self._progress.wait(min(remaining, 0.1))
+                self._progress.wait(min(remaining, POLL_S))
 
     # -- indexing ----------------------------------------------------------------
-    def _index_loop(self, writer: IndexWriter) -> None:
-        try:
-            while not self._stop:
-                if writer.step(list(self._targets)):
-                    with self._progress:
-                        self._progress.notify_all()
-                    continue
-                with self._progress:
-                    if not self._stop:
-                        self._progress.wait(0.05)
-        except BaseException as e:  # surfaced by wait_indexed / observe
-            log.exception("index writer %d failed", writer.worker)
-            self._failure = e
-            with self._progress:
-                self._progress.notify_all()
-
     def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise IndexFailed(f"an index writer failed: {self._failure!r}") from self._failure
+        failure = getattr(self._indexing, "failure", None)
+        if failure is not None:
+            raise IndexFailed(f"an index writer failed: {failure!r}") from failure
 
     def wait_indexed(self, timeout: float | None = None) -> bool:
         """Block until every stored observation is in the graph; False on timeout."""
@@ -223,11 +217,11 @@ class Engine(Recalls):
         with self._progress:
             while True:
                 self._raise_failure()
-                if all(t.segment.backlog == 0 for t in self._targets):
+                if all(s.backlog == 0 for s in self.directory.segments()):
                     return True
                 if self._stop:
                     return False
-                remaining = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                remaining = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
                 if remaining <= 0:
                     return False
                 self._progress.wait(remaining)
@@ -247,12 +241,15 @@ class Engine(Recalls):
                 "segments": len(w.segments),
                 "shm_bytes": sum(shm.block_bytes(s.name) for s in w.segments),
             }
+        rows = self.catalog.workers[:self.config.worker_count]
         return {
             "engine": self.name,
             "generation": self.catalog.committed_generation,
             "spaces": spaces,
-            "writers": [{"worker": w.worker, "inserted": w.inserted, "busy_s": round(w.busy_s, 3)}
-                        for w in self._writers],
+            "writers": [{"worker": i, "pid": int(r[W_PID]) or None, "inserted": int(r[W_INSERTED]),
+                         "busy_s": round(float(r[W_BUSY_NS]) * 1e-9, 3), "restarts": int(r[W_RESTARTS]),
+                         "claimed_segment": int(r[W_CLAIMED])}
+                        for i, r in enumerate(rows)],
         }
 
 
@@ -263,7 +260,8 @@ def _check_space_name(name) -> None:
 
 
 def _release(catalog: Catalog, segments: list[Segment]) -> None:
-    """Unmap and unlink everything the engine created (also at interpreter exit)."""
+    """Unmap the segments and remove all of the engine's shared memory (also at
+    interpreter exit, for an engine never closed)."""
     for seg in segments:
         seg.close()
     segments.clear()

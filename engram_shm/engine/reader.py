@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from ..errors import InvalidArgument, UnknownSpace
 from ..kernels import hnsw
 from ..observations import prepare_cue
-from ..store.catalog import Catalog, SpaceParams
+from ..store.catalog import SpaceParams
 from ..store.layout import MIN_GEN
 from ..store.segment import Segment
+from .directory import SegmentDirectory
 
 CONSISTENCIES = ("strong", "indexed")
 MAX_K = 10_000
@@ -47,15 +47,13 @@ def similarity(distance: np.ndarray, metric: str) -> np.ndarray:
 
 
 class Reader:
-    """Recall over an engine's catalog. `open_segment(index)` maps the catalog's
-    segment `index` (the engine hands out its own; attached readers attach)."""
+    """Recall over the spaces of an engine's catalog and the segments of its
+    directory."""
 
-    def __init__(self, catalog: Catalog, open_segment: Callable[[int], Segment]):
-        self.catalog = catalog
-        self.open_segment = open_segment
+    def __init__(self, directory: SegmentDirectory):
+        self.directory = directory
+        self.catalog = directory.catalog
         self._spaces: dict[str, tuple[int, SpaceParams]] = {}
-        self._segments: dict[int, list[Segment]] = {}
-        self._seen_segments = 0
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -70,17 +68,6 @@ class Reader:
             if found is None:
                 raise UnknownSpace(f"no space named {name!r}", space=name)
         return found
-
-    def segments(self, space: int) -> list[Segment]:
-        """The space's segments published so far, in creation order."""
-        n = self.catalog.n_segments
-        if n > self._seen_segments:
-            with self._lock:
-                for index in range(self._seen_segments, n):
-                    seg = self.open_segment(index)
-                    self._segments.setdefault(self.catalog.segment_space(index), []).append(seg)
-                self._seen_segments = max(self._seen_segments, n)
-        return self._segments.get(space, [])
 
     def _scratch(self, seg: Segment, ef: int) -> hnsw.Scratch:
         cache = getattr(self._local, "scratch", None)
@@ -118,7 +105,7 @@ class Reader:
         q = prepare_cue(cue, params.dim, params.metric)
         generation, scan = self.resolve_generation(consistency)
         found_d, found_seg, found_slot = [], [], []
-        segments = self.segments(index)
+        segments = self.directory.of_space(index)
         for number, seg in enumerate(segments):
             n_indexed = seg.indexed
             n_accepted = seg.accepted
@@ -152,7 +139,6 @@ class Reader:
                       int(r.generation[slot]))
 
     def close(self) -> None:
-        self._segments.clear()
         self._spaces.clear()
 
 

@@ -1,5 +1,7 @@
-"""Atomic compare-and-swap on int64 arrays (Numba has no CPU atomics), used to
-claim a segment's index-writer word from any thread or process."""
+"""Atomics Numba lacks on the CPU: compare-and-swap on int64 arrays (to claim a
+segment's index-writer word from any thread or process) and a full fence (so
+the compiler keeps a crash journal's stores on the right side of the stores
+they describe)."""
 
 import numpy as np
 from numba import types
@@ -22,6 +24,16 @@ def cas_i64(typingctx, arr, i, expected, new):
         return builder.extract_value(pair, 0)
 
     return types.int64(arr, types.intp, types.int64, types.int64), codegen
+
+
+@intrinsic
+def fence(typingctx):
+    """A sequentially consistent fence: no load or store moves across it."""
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 @kernel

@@ -9,13 +9,20 @@ Graph arrays (layout and writers: see engram_shm/store/layout.py):
 | level     | int32 | [cap]                       | top layer of the node (drawn by the front)|
 | upper_row | int32 | [cap]                       | row in `upper`, -1 for layer-0-only nodes |
 | parent    | int32 | [cap]                       | pinned tree parent on layer 0, -1 = none  |
-| entry     | int64 | [1]                         | (top level << 32) | entry node, -1 empty  |
+| state     | int64 | [2]                         | [0] entry: (top level << 32) | node, -1  |
+|           |       |                             | empty; [1] rewrite journal (see below)    |
 
 Reachability: besides the usual neighbour heuristic, every node but the first
 keeps one *pinned* edge pair with an earlier node (its parent): parent->child and
 child->parent are never pruned. The pinned edges form a tree in both directions,
 so every inserted node is reachable on layer 0 from any other, duplicates
 included (plain HNSW loses nodes to pruning).
+
+Crash safety: appending a link is one store then a count bump, safe at any
+point. Rewriting a list (pruning, or a node's own list) first records
+(layer << 32 | node) + 1 in state[1] behind a fence and clears it after; a
+writer that finds the journal set repairs that one list (`repair`) before
+inserting: duplicates dropped, pinned edges restored.
 
 Concurrency: one writer per graph; readers traverse while it writes. Every id a
 writer stores is a node whose vector is complete, counts are clamped on read, and
@@ -29,12 +36,13 @@ from collections import namedtuple
 import numpy as np
 
 from ..errors import InvalidArgument
+from .atomics import fence
 from .distance import check_query, check_store, dist
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
 from .policy import METRIC_CODES, kernel
 from .scalar import as_f32, prefetch_row
 
-Graph = namedtuple("Graph", "links0 upper level upper_row parent entry")
+Graph = namedtuple("Graph", "links0 upper level upper_row parent state")
 # Caller-owned scratch of one thread: visit marks and heaps sized by capacity,
 # small buffers sized by M and ef.
 Scratch = namedtuple(
@@ -43,6 +51,7 @@ Scratch = namedtuple(
 GEN_ANY = np.uint64(np.iinfo(np.uint64).max)
 _EMPTY = np.int64(-1)
 _LOW32 = np.int64(0xFFFFFFFF)
+PIN_CAP = 1
 
 
 @kernel
@@ -200,6 +209,18 @@ def _sort_by_key(keys, vals, n):
 
 
 @kernel
+def _begin_rewrite(g, node, layer):
+    g.state[1] = ((np.int64(layer) << 32) | node) + 1
+    fence()
+
+
+@kernel
+def _end_rewrite(g):
+    fence()
+    g.state[1] = 0
+
+
+@kernel
 def _add_link(store, g, src, dst, layer, max_links, metric, sc):
     """Add the edge src->dst; when src's list is full, keep its pinned edges and
     re-select the rest with the heuristic (reverse-link pruning)."""
@@ -229,20 +250,23 @@ def _add_link(store, g, src, dst, layer, max_links, metric, sc):
             n_free += 1
     _sort_by_key(sc.tmp_k, sc.tmp_v, n_free)
     n_keep = _select(store, sc.tmp_k, sc.tmp_v, n_free, max_links, metric, sc.keep_k, sc.keep_v, n_pinned)
+    _begin_rewrite(g, src, layer)
     for t in range(n_keep):
         row[t + 1] = sc.keep_v[t]
     row[0] = n_keep
+    _end_rewrite(g)
 
 
 @kernel
-def _find_parent(g, node, n_sel, n_cand, m, sc):
-    """A parent for `node`: the closest selected neighbour, else candidate, with
-    fewer than m pinned edges; else the nearest such node by breadth-first walk
-    from the closest candidate (one exists: a tree has fewer than two pinned
-    edges per node on average)."""
-    for i in range(n_sel + n_cand):
-        c = sc.sel_v[i] if i < n_sel else sc.res_v[i - n_sel]
-        if _pinned_count(g, c) < m:
+def _find_parent(g, node, n_cand, m, sc):
+    """A parent for `node`: the nearest candidate (sc.res_v, ascending) with
+    fewer than m pinned edges, so the pinned in-link comes from a node a search
+    for `node` passes by; else the nearest such node by breadth-first walk from
+    the closest candidate (one exists: a tree has fewer than two pinned edges
+    per node on average)."""
+    for i in range(n_cand):
+        c = sc.res_v[i]
+        if _pinned_count(g, c) < PIN_CAP * m:
             return c
     start = sc.res_v[0] if n_cand > 0 else 0
     tag = _next_tag(sc)
@@ -279,7 +303,7 @@ def _write_layer0(store, g, node, n_sel, n_cand, m, metric, sc):
             n += 1
             sc.tmp_v[n] = x  # tmp_v[1..n] mirrors the row layout
     if g.parent[node] < 0 and node != 0:
-        g.parent[node] = _find_parent(g, node, n_sel, n_cand, m, sc)
+        g.parent[node] = _find_parent(g, node, n_cand, m, sc)
     p = g.parent[node]
     if p >= 0 and not _contains(sc.tmp_v, n, p) and n < max_links:
         n += 1
@@ -289,9 +313,11 @@ def _write_layer0(store, g, node, n_sel, n_cand, m, metric, sc):
         if n < max_links and not _contains(sc.tmp_v, n, x):
             n += 1
             sc.tmp_v[n] = x
+    _begin_rewrite(g, node, 0)
     for t in range(1, n + 1):
         row[t] = sc.tmp_v[t]
     row[0] = n
+    _end_rewrite(g)
     if p >= 0:
         _add_link(store, g, p, node, 0, max_links, metric, sc)
 
@@ -303,9 +329,9 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc):
         sc.qbuf[0, j] = as_f32(store[node, j])
     q = sc.qbuf
     node_level = g.level[node]
-    entry = g.entry[0]
+    entry = g.state[0]
     if entry < 0:
-        g.entry[0] = (np.int64(node_level) << 32) | node
+        g.state[0] = (np.int64(node_level) << 32) | node
         return
     ep = np.int32(entry & _LOW32)
     top = np.int32(entry >> 32)
@@ -332,9 +358,11 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc):
             row = _row(g, node, layer)
             if row.shape[0] == 0:
                 continue
+            _begin_rewrite(g, node, layer)
             for i in range(n_sel):
                 row[i + 1] = sc.sel_v[i]
             row[0] = n_sel
+            _end_rewrite(g)
             max_links = m
         for i in range(n_sel):
             _add_link(store, g, sc.sel_v[i], node, layer, max_links, metric, sc)
@@ -342,7 +370,44 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc):
             ep = sc.res_v[0]
             ep_d = sc.res_k[0]
     if node_level > top:
-        g.entry[0] = (np.int64(node_level) << 32) | node
+        g.state[0] = (np.int64(node_level) << 32) | node
+
+
+@kernel
+def _repair(g, n_nodes, scratch_v):
+    """Finish the list rewrite a killed writer left half done (journal in
+    state[1]): keep its pinned edges (parent and children), then its other
+    valid links, each once."""
+    marker = g.state[1]
+    if marker <= 0:
+        return
+    node = np.int32((marker - 1) & _LOW32)
+    layer = np.int32((marker - 1) >> 32)
+    if not 0 <= node < n_nodes:
+        _end_rewrite(g)
+        return
+    row = _row(g, node, layer)
+    if row.shape[0] > 0:
+        max_links = row.shape[0] - 1
+        n = 0
+        if layer == 0:
+            p = g.parent[node]
+            if p >= 0:
+                n += 1
+                scratch_v[n] = p
+            for x in range(n_nodes):
+                if g.parent[x] == node and n < max_links:
+                    n += 1
+                    scratch_v[n] = x
+        for t in range(1, _count(row) + 1):
+            x = row[t]
+            if 0 <= x < n_nodes and x != node and n < max_links and not _contains(scratch_v, n, x):
+                n += 1
+                scratch_v[n] = x
+        for t in range(1, n + 1):
+            row[t] = scratch_v[t]
+        row[0] = n
+    _end_rewrite(g)
 
 
 @kernel
@@ -358,7 +423,7 @@ def _search_segment(store, gens, g, q, k, ef, n_indexed, scan_lo, scan_hi, gen_m
     [scan_lo, scan_hi), both limited to generation <= gen_max. Writes ascending
     distances and node ids into out_d/out_i; returns how many."""
     n_out = 0
-    entry = g.entry[0]
+    entry = g.state[0]
     if n_indexed > 0 and entry >= 0:
         ep = np.int32(entry & _LOW32)
         top = np.int32(entry >> 32)
@@ -386,7 +451,7 @@ def new_graph(levels: np.ndarray, M: int, max_level: int) -> Graph:
     upper_row[tall] = np.arange(len(tall), dtype=np.int32)
     return Graph(np.zeros((cap, 2 * M + 1), np.int32),
                  np.zeros((max(len(tall), 1), max_level, M + 1), np.int32),
-                 levels, upper_row, np.full(cap, -1, np.int32), np.full(1, -1, np.int64))
+                 levels, upper_row, np.full(cap, -1, np.int32), np.array([-1, 0], np.int64))
 
 
 def new_scratch(capacity: int, dim: int, M: int, ef: int) -> Scratch:
@@ -410,7 +475,7 @@ def _check_graph(store: np.ndarray, gens: np.ndarray, g: Graph, sc: Scratch) -> 
     ok = (gens.shape == (cap,) and gens.dtype == np.uint64
           and g.links0.shape == (cap, 2 * M + 1) and g.links0.dtype == np.int32
           and g.level.shape == (cap,) and g.upper_row.shape == (cap,) and g.parent.shape == (cap,)
-          and g.entry.shape == (1,) and g.entry.dtype == np.int64
+          and g.state.shape == (2,) and g.state.dtype == np.int64
           and sc.visited.shape[0] >= cap and sc.cand_k.shape[0] >= cap
           and sc.sel_v.shape[0] >= 2 * M + 2)
     if not ok:
@@ -428,6 +493,17 @@ def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric
     if not (1 <= ef_construction < sc.res_k.shape[0]) or sc.qbuf.shape[1] != store.shape[1]:
         raise InvalidArgument("scratch is too small for ef_construction or the dimension")
     _insert_range(store, gens, g, lo, hi, M, ef_construction, METRIC_CODES[metric], sc)
+
+
+def repair(g: Graph, n_nodes: int, sc: Scratch) -> bool:
+    """Repair the list a killed writer was rewriting, if any; True if it did.
+    Call before inserting into a graph another writer may have abandoned."""
+    if g.state[1] == 0:
+        return False
+    if not 0 <= n_nodes <= g.links0.shape[0] or sc.tmp_v.shape[0] < g.links0.shape[1]:
+        raise InvalidArgument("repair needs the node count and scratch of this graph")
+    _repair(g, n_nodes, sc.tmp_v)
+    return True
 
 
 def search(store, gens, g: Graph, q: np.ndarray, k: int, ef: int, n_indexed: int,

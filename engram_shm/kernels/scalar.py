@@ -5,12 +5,11 @@ bits by bitcasting to LLVM `half` and extending, which LLVM turns into F16C
 `vcvtph2ps` when it vectorises a loop.
 """
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
-
-import numpy as np
 
 
 @intrinsic

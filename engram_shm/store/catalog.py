@@ -5,11 +5,17 @@ lets any local process find an engine's spaces and segments.
 |----------|-------|-----------------------|---------|--------------------------------------|
 | header   | int64 | [64]                  | owner   | magic, version, owner pid and start  |
 |          |       |                       |         | time, limits; then on its own line:  |
-|          |       |                       |         | COMMITTED_GEN, N_SPACES, N_SEGMENTS  |
+|          |       |                       |         | COMMITTED_GEN, N_SPACES, N_SEGMENTS, |
+|          |       |                       |         | STOPPED (1 once the engine closed)   |
 | spaces   | int64 | [MAX_SPACES, 8]       | owner   | dim, dtype, metric, M, ef_c, seed,   |
 |          |       |                       |         | name length, creation time           |
 | names    | uint8 | [MAX_SPACES, 128]     | owner   | space name, UTF-8                    |
 | segments | int64 | [MAX_SEGMENTS, 2]     | owner   | space index, number within the space |
+| workers  | int64 | [MAX_WORKERS, 8]      | worker  | per index writer: pid, incarnation,  |
+|          |       |                       |         | nodes inserted, busy ns, heartbeat   |
+|          |       |                       |         | ns, claimed segment (-1), restarts   |
+|          |       |                       |         | (restarts: written by the supervisor |
+|          |       |                       |         | while the worker is down)            |
 
 Rows are written completely before N_SPACES / N_SEGMENTS count them, and a
 generation is published in COMMITTED_GEN only after every observation up to it
@@ -36,10 +42,12 @@ MAGIC_VALUE = 0x454E4752414D4354  # "ENGRAMCT"
 VERSION = 1
 MAX_SPACES = 4096
 MAX_SEGMENTS = 65536
+MAX_WORKERS = 256
 NAME_BYTES = 128
 (MAGIC, VERSION_WORD, OWNER_PID, OWNER_START, CREATED_NS) = range(5)
-COMMITTED_GEN, N_SPACES, N_SEGMENTS = 8, 9, 10
+COMMITTED_GEN, N_SPACES, N_SEGMENTS, STOPPED = 8, 9, 10, 11
 (S_DIM, S_DTYPE, S_METRIC, S_M, S_EFC, S_SEED, S_NAME_LEN, S_CREATED) = range(8)
+(W_PID, W_INCARNATION, W_INSERTED, W_BUSY_NS, W_HEARTBEAT_NS, W_CLAIMED, W_RESTARTS) = range(7)
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,8 @@ def _layout():
     spaces = MAX_SPACES * 8 * 8
     names = MAX_SPACES * NAME_BYTES
     segments = MAX_SEGMENTS * 2 * 8
-    return header, spaces, names, segments
+    workers = MAX_WORKERS * 8 * 8
+    return header, spaces, names, segments, workers
 
 
 def catalog_name(engine: str) -> str:
@@ -85,12 +94,13 @@ class Catalog:
         self.engine = engine
         self.block = block
         self.owner = owner
-        h, s, n, g = _layout()
+        h, s, n, g, _ = _layout()
         buf = block.buf
         self.header = np.ndarray((64,), np.int64, buffer=buf)
         self.spaces = np.ndarray((MAX_SPACES, 8), np.int64, buffer=buf, offset=h)
         self.names = np.ndarray((MAX_SPACES, NAME_BYTES), np.uint8, buffer=buf, offset=h + s)
         self.segments = np.ndarray((MAX_SEGMENTS, 2), np.int64, buffer=buf, offset=h + s + n)
+        self.workers = np.ndarray((MAX_WORKERS, 8), np.int64, buffer=buf, offset=h + s + n + g)
 
     @classmethod
     def create(cls, engine: str) -> "Catalog":
@@ -169,16 +179,28 @@ class Catalog:
         return int(self.segments[index, 0])
 
     # -- lifetime --------------------------------------------------------------
+    @property
+    def stopped(self) -> bool:
+        return bool(self.header[STOPPED])
+
     def owner_alive(self) -> bool:
         pid, start = int(self.header[OWNER_PID]), int(self.header[OWNER_START])
         return process_start(pid) == start
 
     def close(self) -> None:
+        """Unmap. The owner also removes every block of the engine: segments
+        are created by whichever process writes, but their lifetime is the
+        catalog's (so a segment orphaned by a crash is removed too)."""
         if self.block is None:
             return
-        self.header = self.spaces = self.names = self.segments = None
+        if self.owner:
+            self.header[STOPPED] = 1  # attached readers stop answering from stale memory
+        self.header = self.spaces = self.names = self.segments = self.workers = None
         block, self.block = self.block, None
         if self.owner:
+            for name in shm.list_blocks(self.engine):
+                if name != block.name:
+                    shm.unlink(name)
             shm.destroy(block)
         else:
             shm.close(block)

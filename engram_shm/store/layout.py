@@ -16,6 +16,7 @@ another process's counters.
 | MIN/MAX_GEN | front         | generation range held                                 |
 | INDEXED     | index writer  | nodes [0, INDEXED) are in the graph                   |
 | ENTRY       | index writer  | (top level << 32) | entry node; -1 while empty        |
+| REPAIR      | index writer  | journal of the link list being rewritten (hnsw.py)    |
 | WRITER      | CAS           | token of the index writer holding the segment, 0 free |
 
 Columns (cap = capacity; `-1` sentinels are written by the creator):
@@ -58,7 +59,7 @@ ALIGN = 64
 (MAGIC, VERSION, CAPACITY, DIM, DTYPE, METRIC, M_WORD, MAX_LEVEL_WORD,
  UPPER_CAP, ARENA_CAP, SPACE, SEGMENT_NO, CREATED_NS) = range(13)
 ACCEPTED, ARENA_USED, UPPER_USED, SEALED, MIN_GEN, MAX_GEN = range(16, 22)
-INDEXED, ENTRY = 24, 25
+INDEXED, ENTRY, REPAIR = 24, 25, 26
 WRITER = 32
 
 DTYPE_NAMES = {0: "f32", 1: "f16"}

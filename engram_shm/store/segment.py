@@ -1,7 +1,8 @@
 """A mapped segment: numpy views over one shared-memory block (see layout.py).
 
-The process that creates a segment owns it and unlinks it; others attach.
-Writable views exist only where a writer needs them; readers get read-only
+Segments are created by the writing process and attached by others; none of
+them unlinks a segment: the owner of the engine's catalog removes them all
+(catalog.py). Writable views exist only where a writer needs them; readers get read-only
 views, so the recall kernels never hold a pointer they could write through.
 """
 
@@ -14,18 +15,17 @@ import numpy as np
 
 from ..kernels.hnsw import Graph
 from . import shm
-from .layout import (ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout)
+from .layout import ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout
 
 Columns = namedtuple("Columns", "vectors generation when confidence id_hash text_end id_len "
                                 "level upper_row parent links0 upper arena")
 
 
 class Segment:
-    def __init__(self, block, layout: SegmentLayout, owner: bool, writable: bool):
+    def __init__(self, block, layout: SegmentLayout, writable: bool):
         self.block = block
         self.name = block.name
         self.layout = layout
-        self.owner = owner
         ro = block.buf.toreadonly()
         self.header = np.ndarray((64,), np.int64, buffer=block.buf if writable else ro)
         offsets, _ = layout.offsets()
@@ -36,12 +36,12 @@ class Segment:
 
         self.r = columns(ro)
         self.w = columns(block.buf) if writable else None
-        self.graph_r = self._graph(self.r, np.ndarray((1,), np.int64, buffer=ro, offset=ENTRY * 8))
-        self.graph_w = (self._graph(self.w, self.header[ENTRY:ENTRY + 1]) if writable else None)
+        self.graph_r = self._graph(self.r, np.ndarray((2,), np.int64, buffer=ro, offset=ENTRY * 8))
+        self.graph_w = (self._graph(self.w, self.header[ENTRY:ENTRY + 2]) if writable else None)
 
     @staticmethod
-    def _graph(c: Columns, entry: np.ndarray) -> Graph:
-        return Graph(c.links0, c.upper, c.level, c.upper_row, c.parent, entry)
+    def _graph(c: Columns, state: np.ndarray) -> Graph:
+        return Graph(c.links0, c.upper, c.level, c.upper_row, c.parent, state)
 
     @classmethod
     def create(cls, name: str, layout: SegmentLayout, metric: int, space: int,
@@ -55,7 +55,7 @@ class Segment:
             del parent
             layout.write_header(header, metric, space, segment_no, time.time_ns())
             del header
-            return cls(block, layout, owner=True, writable=True)
+            return cls(block, layout, writable=True)
         except BaseException:
             shm.destroy(block)
             raise
@@ -67,7 +67,7 @@ class Segment:
             header = np.ndarray((64,), np.int64, buffer=block.buf)
             layout = SegmentLayout.from_header(header, block.size)
             del header
-            return cls(block, layout, owner=False, writable=writable)
+            return cls(block, layout, writable=writable)
         except BaseException:
             shm.close(block)
             raise
@@ -102,12 +102,9 @@ class Segment:
         return raw[:cut].decode("utf-8"), raw[cut:].decode("utf-8")
 
     def close(self) -> None:
-        """Release the views, unmap, and unlink if this process owns the block."""
+        """Release the views and unmap (the block stays for other processes)."""
         if self.block is None:
             return
         self.r = self.w = self.graph_r = self.graph_w = self.header = None
         block, self.block = self.block, None
-        if self.owner:
-            shm.destroy(block)
-        else:
-            shm.close(block)
+        shm.close(block)

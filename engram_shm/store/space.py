@@ -13,8 +13,8 @@ committed generation after `append` returns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -23,8 +23,17 @@ from ..kernels.ids import fnv1a
 from ..kernels.policy import METRIC_CODES
 from ..observations import Batch
 from .catalog import Catalog, SpaceParams, segment_name
-from .layout import (ACCEPTED, ARENA_USED, MAX_GEN, MAX_LEVEL, MIN_GEN, SEALED, SEGMENT_NO,
-                     UPPER_USED, SegmentLayout)
+from .layout import (
+    ACCEPTED,
+    ARENA_USED,
+    MAX_GEN,
+    MAX_LEVEL,
+    MIN_GEN,
+    SEALED,
+    SEGMENT_NO,
+    UPPER_USED,
+    SegmentLayout,
+)
 from .segment import Segment
 
 CHUNK = 256
@@ -163,8 +172,8 @@ class SpaceWriter:
                              len(self.segments))
         self.segments.append(seg)
         self.open.append(seg)
+        self.on_new_segment(index, seg)  # before the catalog publishes it
         self.catalog.add_segment(index, self.index, len(self.segments) - 1)
-        self.on_new_segment(index, seg)
         return seg
 
     # -- writing -----------------------------------------------------------------
@@ -173,7 +182,9 @@ class SpaceWriter:
         lo, hi = p.lo, p.hi
         slots = slice(p.at.slot, p.at.slot + hi - lo)
         vectors = batch.vectors[lo:hi]
-        w.vectors[slots] = vectors if self.params.dtype == "f32" else vectors.astype(np.float16).view(np.uint16)
+        if self.params.dtype == "f16":
+            vectors = vectors.astype(np.float16).view(np.uint16)
+        w.vectors[slots] = vectors
         w.generation[slots] = generations[lo:hi]
         w.when[slots] = batch.when[lo:hi]
         w.confidence[slots] = batch.confidence[lo:hi]
@@ -189,10 +200,11 @@ class SpaceWriter:
         w.upper_row[slots] = np.where(lv > 0, p.at.upper + np.cumsum(lv > 0) - 1, -1)
 
     def _publish(self, p: _Placement, generations: np.ndarray) -> None:
-        header = p.segment.header
+        header, w = p.segment.header, p.segment.w
+        end = p.at.slot + p.hi - p.lo
         if p.at.slot == 0:
             header[MIN_GEN] = generations[p.lo]
         header[MAX_GEN] = generations[p.hi - 1]
-        header[ARENA_USED] = int(p.segment.w.text_end[p.at.slot + p.hi - p.lo - 1])
-        header[UPPER_USED] = p.at.upper + int((p.segment.w.level[p.at.slot:p.at.slot + p.hi - p.lo] > 0).sum())
-        header[ACCEPTED] = p.at.slot + p.hi - p.lo  # last: the rows become visible
+        header[ARENA_USED] = int(w.text_end[end - 1])
+        header[UPPER_USED] = p.at.upper + int((w.level[p.at.slot:end] > 0).sum())
+        header[ACCEPTED] = end  # last: the rows become visible

@@ -1,0 +1,88 @@
+"""Scaling benchmark: one hot space indexed by 1 and by 2 worker processes, on
+the same data, with strong recalls (10/s) running while indexing goes on.
+
+    python -m bench.scaling [--n 30000] [--dim 768] [--dtype f16] [--workers 1,2] [--quick]
+
+Prints one JSON object per worker count (bench, workers, insert_per_s, and the
+recall latencies measured while indexing), then a table with the ratio to one
+worker. The insert rate is end to end: observe everything, then wait until the
+graphs hold it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from engram_shm import Engine
+from engram_shm.synthetic import clustered
+
+from .machine import machine
+
+RECALL_EVERY_S = 0.1
+
+
+def run(data: np.ndarray, workers: int, dtype: str) -> dict:
+    n, dim = data.shape
+    ids = [str(i) for i in range(n)]
+    rng = np.random.default_rng(workers)
+    latencies = []
+    with Engine(workers=workers, worker_mode="process", ring_capacity=n, dtype=dtype) as engine:
+        engine.create_space("hot", dim=dim)
+        start = time.perf_counter()
+        for lo in range(0, n, 4096):
+            engine.observe("hot", ids[lo:lo + 4096], data[lo:lo + 4096])
+        while not engine.wait_indexed(RECALL_EVERY_S):
+            cue = data[rng.integers(0, n)]
+            t = time.perf_counter()
+            engine.recall("hot", cue, k=10)
+            latencies.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - start
+        stats = engine.stats()
+    lat = np.array(latencies or [np.nan]) * 1e3
+    return {"bench": "scaling", "workers": workers, "n": n, "dim": dim, "dtype": dtype,
+            "insert_per_s": round(n / elapsed, 1),
+            "segments": stats["spaces"]["hot"]["segments"],
+            "recalls_while_indexing": len(latencies),
+            "recall_p50_ms": round(float(np.percentile(lat, 50)), 3),
+            "recall_p99_ms": round(float(np.percentile(lat, 99)), 3)}
+
+
+def table(rows: list[dict]) -> str:
+    base = rows[0]["insert_per_s"]
+    lines = [f"scaling benchmark on {machine()}",
+             f"{'workers':>8}{'n':>8}{'dim':>5}{'dtype':>6}{'insert/s':>11}{'x 1st':>7}"
+             f"{'segments':>9}{'recall p50 ms':>15}{'p99 ms':>8}"]
+    for r in rows:
+        lines.append(f"{r['workers']:>8}{r['n']:>8}{r['dim']:>5}{r['dtype']:>6}"
+                     f"{r['insert_per_s']:>11.0f}{r['insert_per_s'] / base:>7.2f}{r['segments']:>9}"
+                     f"{r['recall_p50_ms']:>15.2f}{r['recall_p99_ms']:>8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=30_000)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--dtype", default="f16")
+    ap.add_argument("--workers", default="1,2", help="worker counts to compare, comma-separated")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a small run (3000 x 64) for tests")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.dim = 3000, 64
+    data = clustered(args.n, args.dim, clusters=max(10, args.n // 10), spread=1.0, seed=args.seed)
+    print(f"# seed {args.seed}: one space, {args.n} x {args.dim} clustered unit vectors", flush=True)
+    rows = []
+    for w in (int(x) for x in args.workers.split(",")):
+        rows.append(run(data, w, args.dtype))
+        print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engram_shm import Engine, attach
+from engram_shm.errors import EngineClosed, EngineNotFound
+from engram_shm.synthetic import clustered
+
+READER = """
+import json, sys
+import numpy as np
+from engram_shm import attach
+name, generation = sys.argv[1], int(sys.argv[2])
+cues = np.load(sys.argv[3])
+with attach(name) as reader:
+    print(json.dumps([[m.id for m in reader.recall("s", c, k=10, consistency=generation)]
+                      for c in cues]))
+"""
+
+
+def test_attached_process_sees_the_same_ids_at_a_fixed_generation(tmp_path):
+    data = clustered(8000, 48, seed=41)
+    cues = clustered(8100, 48, seed=41)[8000:]
+    np.save(tmp_path / "cues.npy", cues)
+    with Engine(workers=2, worker_mode="process") as e:
+        e.observe("s", [f"a{i}" for i in range(5000)], data[:5000])
+        generation = e.generation
+        e.observe("s", [f"b{i}" for i in range(3000)], data[5000:])  # after the snapshot
+        assert e.wait_indexed(120)
+        mine = [[m.id for m in e.recall("s", c, k=10, consistency=generation)] for c in cues]
+        out = subprocess.run([sys.executable, "-c", READER, e.name, str(generation),
+                              str(tmp_path / "cues.npy")], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        theirs = json.loads(out)
+    assert len(mine) == 100 and all(len(ids) == 10 for ids in mine)
+    assert theirs == mine
+    assert all(i.startswith("a") for ids in mine for i in ids)
+
+
+def test_attached_reader_follows_new_data_and_stops_with_the_engine():
+    with Engine(workers=1) as e:
+        e.observe("s", "first", np.ones(8))
+        reader = attach(e.name)
+        assert reader.spaces() == ["s"]
+        assert reader.recall("s", np.ones(8), k=1)[0].id == "first"
+        e.observe("t", ["x", "y"], np.eye(2, 8))  # a new space and segment after attaching
+        assert [m.id for m in reader.recall("t", np.eye(2, 8)[1], k=2)] == ["y", "x"]
+        assert reader.generation == e.generation == 3
+        seg = reader.directory.segments()[0]
+        with pytest.raises(ValueError):
+            seg.r.vectors[0, 0] = 1  # read-only views
+        reader.close()
+        assert e.recall("s", np.ones(8), k=1)[0].id == "first"  # the engine's memory stays
+        reader = attach(e.name)
+    with pytest.raises(EngineClosed):
+        reader.recall("s", np.ones(8))
+    reader.close()
+    with pytest.raises(EngineNotFound):
+        attach(e.name)
