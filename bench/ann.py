@@ -13,7 +13,6 @@ queries go through Engine.recall.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from engram_shm.synthetic import clustered
 
-from .machine import machine
+from .report import emit, table
 
 M, EF_CONSTRUCTION, EF = 16, 100, 64
 
@@ -97,16 +96,10 @@ def run_faiss(data, queries, exact) -> dict:
     return summarise("faiss", "f32", n, dim, insert_s, lat, found, exact)
 
 
-def table(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["system"] == "hnswlib"), rows[0])
-    lines = [f"ann benchmark on {machine()}",
-             f"{'system':<12}{'dtype':<6}{'n':>8}{'dim':>5}{'insert/s':>11}{'x hnswlib':>10}"
-             f"{'recall@10':>10}{'p50 ms':>9}{'p99 ms':>9}"]
-    for r in rows:
-        lines.append(f"{r['system']:<12}{r['dtype']:<6}{r['n']:>8}{r['dim']:>5}"
-                     f"{r['insert_per_s']:>11.0f}{r['insert_per_s'] / base['insert_per_s']:>10.2f}"
-                     f"{r['recall_at_10']:>10.3f}{r['query_p50_ms']:>9.3f}{r['query_p99_ms']:>9.3f}")
-    return "\n".join(lines)
+COLUMNS = [("system", "system", ""), ("dtype", "dtype", ""), ("n", "n", "d"), ("dim", "dim", "d"),
+           ("insert/s", "insert_per_s", ".0f"), ("x hnswlib", "x insert_per_s", ".2f"),
+           ("recall@10", "recall_at_10", ".3f"), ("p50 ms", "query_p50_ms", ".3f"),
+           ("p99 ms", "query_p99_ms", ".3f")]
 
 
 def main(argv=None) -> list[dict]:
@@ -132,13 +125,9 @@ def main(argv=None) -> list[dict]:
     print(f"# seed {args.seed}: {args.n} x {args.dim} clustered unit vectors, {args.queries} "
           "held-out queries",
           flush=True)
-    rows = [run_hnswlib(data, queries, exact), run_faiss(data, queries, exact)]
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    for dtype in args.dtype.split(","):
-        rows.append(run_engram(data, queries, exact, dtype.strip()))
-        print(json.dumps(rows[-1]), flush=True)
-    print(table(rows))
+    rows = [emit(run_hnswlib(data, queries, exact)), emit(run_faiss(data, queries, exact))]
+    rows += [emit(run_engram(data, queries, exact, dtype.strip())) for dtype in args.dtype.split(",")]
+    print(table("ann benchmark", rows, COLUMNS))  # the first row, hnswlib, is the base of ratios
     return rows
 
 

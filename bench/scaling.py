@@ -12,7 +12,6 @@ graphs hold it all.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ import numpy as np
 from engram_shm import Engine
 from engram_shm.synthetic import clustered
 
-from .machine import machine
+from .report import emit, table
 
 RECALL_EVERY_S = 0.1
 
@@ -51,16 +50,10 @@ def run(data: np.ndarray, workers: int, dtype: str) -> dict:
             "recall_p99_ms": round(float(np.percentile(lat, 99)), 3)}
 
 
-def table(rows: list[dict]) -> str:
-    base = rows[0]["insert_per_s"]
-    lines = [f"scaling benchmark on {machine()}",
-             f"{'workers':>8}{'n':>8}{'dim':>5}{'dtype':>6}{'insert/s':>11}{'x 1st':>7}"
-             f"{'segments':>9}{'recall p50 ms':>15}{'p99 ms':>8}"]
-    for r in rows:
-        lines.append(f"{r['workers']:>8}{r['n']:>8}{r['dim']:>5}{r['dtype']:>6}"
-                     f"{r['insert_per_s']:>11.0f}{r['insert_per_s'] / base:>7.2f}{r['segments']:>9}"
-                     f"{r['recall_p50_ms']:>15.2f}{r['recall_p99_ms']:>8.2f}")
-    return "\n".join(lines)
+COLUMNS = [("workers", "workers", "d"), ("n", "n", "d"), ("dim", "dim", "d"), ("dtype", "dtype", ""),
+           ("insert/s", "insert_per_s", ".0f"), ("x 1st", "x insert_per_s", ".2f"),
+           ("segments", "segments", "d"), ("recall p50 ms", "recall_p50_ms", ".2f"),
+           ("p99 ms", "recall_p99_ms", ".2f")]
 
 
 def main(argv=None) -> list[dict]:
@@ -76,11 +69,8 @@ def main(argv=None) -> list[dict]:
         args.n, args.dim = 3000, 64
     data = clustered(args.n, args.dim, clusters=max(10, args.n // 10), spread=1.0, seed=args.seed)
     print(f"# seed {args.seed}: one space, {args.n} x {args.dim} clustered unit vectors", flush=True)
-    rows = []
-    for w in (int(x) for x in args.workers.split(",")):
-        rows.append(run(data, w, args.dtype))
-        print(json.dumps(rows[-1]), flush=True)
-    print(table(rows))
+    rows = [emit(run(data, int(w), args.dtype)) for w in args.workers.split(",")]
+    print(table("scaling benchmark", rows, COLUMNS))
     return rows
 
 

@@ -128,15 +128,13 @@ class Reader:
             order, sims = order[keep], sims[keep]
         seg_of = np.concatenate(found_seg)[order]
         slot_of = np.concatenate(found_slot)[order]
-        return [self._memory(segments[s], int(slot), float(sim))
-                for s, slot, sim in zip(seg_of, slot_of, sims)], generation
-
-    @staticmethod
-    def _memory(seg: Segment, slot: int, sim: float) -> Memory:
-        ident, what = seg.record(slot)
-        r = seg.r
-        return Memory(ident, sim, float(r.confidence[slot]), what, float(r.when[slot]),
-                      int(r.generation[slot]))
+        fields = [None] * len(order)
+        for s in set(seg_of.tolist()):
+            rows = np.nonzero(seg_of == s)[0]
+            for row, values in zip(rows, segments[s].rows(slot_of[rows])):
+                fields[row] = values
+        return [Memory(ident, sim, conf, what, when, gen)
+                for (ident, what, conf, when, gen), sim in zip(fields, sims.tolist())], generation
 
     def close(self) -> None:
         self._spaces.clear()

@@ -35,6 +35,7 @@ class Segment:
                              for name, dtype, shape in layout.columns()))
 
         self.r = columns(ro)
+        self._arena_bytes = ro[offsets["arena"]:offsets["arena"] + layout.arena_capacity]
         self.w = columns(block.buf) if writable else None
         self.graph_r = self._graph(self.r, np.ndarray((2,), np.int64, buffer=ro, offset=ENTRY * 8))
         self.graph_w = (self._graph(self.w, self.header[ENTRY:ENTRY + 2]) if writable else None)
@@ -93,18 +94,25 @@ class Segment:
     def backlog(self) -> int:
         return self.accepted - self.indexed
 
-    def record(self, slot: int) -> tuple[str, str]:
-        """(id, text) of a slot."""
+    def rows(self, slots: np.ndarray) -> list[tuple[str, str, float, float, int]]:
+        """(id, text, confidence, when, generation) of each slot."""
         r = self.r
-        start = int(r.text_end[slot - 1]) if slot else 0
-        raw = r.arena[start:int(r.text_end[slot])].tobytes()
-        cut = int(r.id_len[slot])
-        return raw[:cut].decode("utf-8"), raw[cut:].decode("utf-8")
+        ends = r.text_end[slots].tolist()
+        starts = np.where(slots > 0, r.text_end[slots - 1], 0).tolist()  # slot 0 starts at 0
+        arena = self._arena_bytes
+        out = []
+        for start, end, cut, conf, when, gen in zip(starts, ends, r.id_len[slots].tolist(),
+                                                    r.confidence[slots].tolist(), r.when[slots].tolist(),
+                                                    r.generation[slots].tolist()):
+            raw = bytes(arena[start:end])
+            out.append((raw[:cut].decode("utf-8"), raw[cut:].decode("utf-8"), conf, when, gen))
+        return out
 
     def close(self) -> None:
         """Release the views and unmap (the block stays for other processes)."""
         if self.block is None:
             return
         self.r = self.w = self.graph_r = self.graph_w = self.header = None
+        self._arena_bytes.release()
         block, self.block = self.block, None
         shm.close(block)

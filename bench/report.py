@@ -1,0 +1,40 @@
+"""What every benchmark prints: JSON lines, then a table labelled with the
+machine that measured it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def emit(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (header, key, format spec). A key `x <metric>` is the ratio of a
+    row's metric to the first row's."""
+    def cell(row, key, spec):
+        if key.startswith("x "):
+            metric = key[2:]
+            return format(row[metric] / rows[0][metric], spec)
+        return format(row[key], spec)
+
+    widths = [max(len(h), *(len(cell(r, k, s)) for r in rows)) + 2 for h, k, s in columns]
+    lines = [f"{title} on {machine()}",
+             "".join(h.rjust(w) for (h, _, _), w in zip(columns, widths))]
+    for r in rows:
+        lines.append("".join(cell(r, k, s).rjust(w) for (_, k, s), w in zip(columns, widths)))
+    return "\n".join(lines)
