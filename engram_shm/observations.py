@@ -27,6 +27,7 @@ from .errors import (
     TextTooLong,
     ZeroVector,
 )
+from .kernels.vectors import ROW_NON_FINITE, ROW_TOO_BIG, ROW_ZERO, check_rows, store_rows
 
 F16_MAX = float(np.finfo(np.float16).max)
 
@@ -41,7 +42,8 @@ class Limits:
 class Batch:
     """Validated observations in columns.
 
-    vectors: float32 [n, dim], unit-norm rows under cosine.
+    vectors: [n, dim] as received, float32 or float16 bits (uint16); stored
+    rows are vectors[i] * scale[i] (scale: float64, 1/norm under cosine).
     records: uint8, each observation's UTF-8 id then text, concatenated.
     record_ends: int64 [n], end of each record in `records`; id_lens: int32 [n].
     when: float64 [n] unix seconds; confidence: float32 [n] in [0, 1].
@@ -49,6 +51,7 @@ class Batch:
 
     ids: list[str]
     vectors: np.ndarray
+    scale: np.ndarray
     records: np.ndarray
     record_ends: np.ndarray
     id_lens: np.ndarray
@@ -73,7 +76,7 @@ def prepare(ids, vectors, what=None, when=None, confidence=None, *, dim: int | N
     if n == 0:
         raise EmptyBatch("the batch holds no observations")
     matrix = vectors_matrix(vectors, n, single, dim, "vectors")
-    matrix = normalise(matrix, metric, dtype, "vector")
+    scale = row_scales(matrix, metric, dtype, "vector")
     texts = _texts(what, n, single)
     id_bytes = _encode(id_list, "id")
     text_bytes = _encode(texts, "text")
@@ -89,6 +92,7 @@ def prepare(ids, vectors, what=None, when=None, confidence=None, *, dim: int | N
     return Batch(
         ids=id_list,
         vectors=matrix,
+        scale=scale,
         records=np.frombuffer(records, np.uint8),
         record_ends=np.cumsum(id_lens + text_lens, dtype=np.int64),
         id_lens=id_lens.astype(np.int32),
@@ -100,17 +104,24 @@ def prepare(ids, vectors, what=None, when=None, confidence=None, *, dim: int | N
 def prepare_cue(cue, dim: int, metric: str) -> np.ndarray:
     """A recall cue as a contiguous float32 [dim] vector (unit-norm under cosine)."""
     matrix = vectors_matrix(cue, 1, True, dim, "cue")
-    return np.ascontiguousarray(normalise(matrix, metric, "f32", "cue")[0])
+    scale = row_scales(matrix, metric, "f32", "cue")
+    out = np.empty((1, matrix.shape[1]), np.float32)
+    store_rows(matrix, scale, out)
+    return out[0]
 
 
 def vectors_matrix(vectors, n: int, single: bool, dim: int | None, what: str) -> np.ndarray:
-    """`vectors` as float32 [n, dim], checked for shape, type and finiteness."""
-    try:
-        array = np.asarray(vectors)
-    except (ValueError, TypeError) as e:
-        raise InvalidArgument(f"{what} must be a numeric array: {e}") from None
-    if array.dtype.kind not in "fiu" or array.dtype == np.bool_:
-        raise InvalidArgument(f"{what} must be real numbers, got dtype {array.dtype}")
+    """`vectors` as a C-contiguous [n, dim] float32 matrix (float16 bits, as
+    uint16, pass through), checked for shape and type."""
+    if isinstance(vectors, np.ndarray) and vectors.dtype == np.uint16 and vectors.ndim == 2:
+        array = vectors  # f16 payload from the wire, as bits
+    else:
+        try:
+            array = np.asarray(vectors)
+        except (ValueError, TypeError) as e:
+            raise InvalidArgument(f"{what} must be a numeric array: {e}") from None
+        if array.dtype.kind not in "fiu" or array.dtype == np.bool_:
+            raise InvalidArgument(f"{what} must be real numbers, got dtype {array.dtype}")
     if single and array.ndim == 1:
         array = array.reshape(1, -1)
     if array.ndim != 2:
@@ -123,33 +134,26 @@ def vectors_matrix(vectors, n: int, single: bool, dim: int | None, what: str) ->
     if dim is not None and array.shape[1] != dim:
         raise DimensionMismatch(f"{what} have {array.shape[1]} dims, the space has {dim}",
                                 expected=dim, got=int(array.shape[1]))
+    if array.dtype == np.uint16:
+        return np.ascontiguousarray(array)
     with np.errstate(over="ignore", invalid="ignore"):
-        matrix = np.ascontiguousarray(array, dtype=np.float32)
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        row = int(np.argmin(finite))
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def row_scales(matrix: np.ndarray, metric: str, dtype: str, what: str) -> np.ndarray:
+    """The factor each row is stored with: 1/norm under cosine (norms in
+    float64: tiny and huge rows survive), else 1 after a range check for f16
+    storage. Refuses non-finite rows (including float32 overflow of the input)."""
+    scale, row, reason = check_rows(matrix, metric == "cosine", F16_MAX if dtype == "f16" else np.inf)
+    if reason == ROW_NON_FINITE:
         raise NonFiniteValue(f"{what} row {row} holds NaN or infinity (or overflows float32)",
                              index=row)
-    return matrix
-
-
-def normalise(matrix: np.ndarray, metric: str, dtype: str, what: str) -> np.ndarray:
-    """Unit-norm rows for cosine (norms in float64: tiny and huge rows survive);
-    a range check for f16 storage otherwise."""
-    if metric == "cosine":
-        norms = np.linalg.norm(matrix.astype(np.float64), axis=1)
-        if not norms.all():
-            row = int(np.argmin(norms))
-            raise ZeroVector(f"{what} row {row} is all zeros; cosine needs a direction",
-                             index=row)
-        return (matrix / norms[:, None]).astype(np.float32)
-    if dtype == "f16":
-        big = np.abs(matrix).max(axis=1) > F16_MAX
-        if big.any():
-            row = int(np.argmax(big))
-            raise OutOfRange(f"{what} row {row} exceeds the f16 range (+-{F16_MAX:g}); "
-                             "use dtype f32 or the cosine metric", index=row)
-    return matrix
+    if reason == ROW_ZERO:
+        raise ZeroVector(f"{what} row {row} is all zeros; cosine needs a direction", index=row)
+    if reason == ROW_TOO_BIG:
+        raise OutOfRange(f"{what} row {row} exceeds the f16 range (+-{F16_MAX:g}); "
+                         "use dtype f32 or the cosine metric", index=row)
+    return scale
 
 
 def _str_list(values, what: str) -> list:

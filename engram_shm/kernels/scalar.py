@@ -58,3 +58,16 @@ def prefetch_row(typingctx, arr, i):
         return context.get_dummy_value()
 
     return types.void(arr, types.intp), codegen
+
+
+@intrinsic
+def f32_to_f16_bits(typingctx, value):
+    """float32 -> float16 (round to nearest even) as its uint16 bits."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.bitcast(half, ir.IntType(16))
+
+    return types.uint16(types.float32), codegen

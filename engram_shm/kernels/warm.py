@@ -12,6 +12,7 @@ from . import hnsw
 from .atomics import compare_and_swap
 from .distance import distances
 from .ids import fnv1a
+from .vectors import check_rows, store_rows
 
 STORAGE_DTYPES = (np.float32, np.uint16)
 
@@ -35,6 +36,8 @@ def warm(readers: bool = True) -> float:
         store = data if dtype == np.float32 else data.astype(np.float16).view(np.uint16)
         g = hnsw.new_graph(levels, M, 6)
         sc = hnsw.new_scratch(n, dim, M, 8)
+        scale, _, _ = check_rows(store, True, 1.0)
+        store_rows(store, scale, np.empty_like(store))
         hnsw.insert(store, gens, g, 0, n, 4, "cosine", sc)
         g.state[1] = 1  # a journal entry, as a killed writer leaves it
         hnsw.repair(g, n, sc)

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import DuplicateId
 from ..kernels.ids import fnv1a
 from ..kernels.policy import METRIC_CODES
+from ..kernels.vectors import store_rows
 from ..observations import Batch
 from .catalog import Catalog, SpaceParams, segment_name
 from .layout import (
@@ -181,10 +182,7 @@ class SpaceWriter:
         w = p.segment.w
         lo, hi = p.lo, p.hi
         slots = slice(p.at.slot, p.at.slot + hi - lo)
-        vectors = batch.vectors[lo:hi]
-        if self.params.dtype == "f16":
-            vectors = vectors.astype(np.float16).view(np.uint16)
-        w.vectors[slots] = vectors
+        store_rows(batch.vectors[lo:hi], batch.scale[lo:hi], w.vectors[slots])
         w.generation[slots] = generations[lo:hi]
         w.when[slots] = batch.when[lo:hi]
         w.confidence[slots] = batch.confidence[lo:hi]

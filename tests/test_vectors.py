@@ -1,0 +1,57 @@
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from engram_shm.kernels.vectors import (ROW_NON_FINITE, ROW_OK, ROW_TOO_BIG, ROW_ZERO, check_rows,
+                                        store_rows)
+
+import naive
+
+ELEMENTS = [st.floats(width=32),  # NaN, infinities, subnormals, huge
+            st.floats(-1e3, 1e3, width=32),
+            st.floats(-2.0**-126, 2.0**-126, width=32)]  # subnormal territory
+
+
+@st.composite
+def matrices(draw):
+    n, dim = draw(st.integers(1, 12)), draw(st.integers(1, 70))
+    m = draw(arrays(np.float32, (n, dim), elements=ELEMENTS[draw(st.integers(0, 2))]))
+    if draw(st.booleans()):
+        m[draw(st.integers(0, n - 1))] = 0
+    return m
+
+
+def reference(m: np.ndarray, unit: bool, limit: float):
+    """First bad row and reason, and the stored rows, the slow way."""
+    x = naive.as_f32(m)
+    for i, row in enumerate(x):
+        if not np.isfinite(row).all():
+            return i, ROW_NON_FINITE, None
+        if unit and not row.any():
+            return i, ROW_ZERO, None
+        if not unit and np.abs(row).max() > limit:
+            return i, ROW_TOO_BIG, None
+    if unit:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return -1, ROW_OK, x
+
+
+@given(matrices(), st.booleans(), st.sampled_from(["f32", "f16"]), st.sampled_from(["f32", "f16"]))
+def test_check_and_store_match_the_reference(m, unit, src_kind, dst_kind):
+    if src_kind == "f16":
+        with np.errstate(over="ignore"):
+            m = m.astype(np.float16).view(np.uint16)
+    limit = 65504.0 if dst_kind == "f16" else np.inf
+    scale, bad, reason = check_rows(m, unit, limit)
+    want_bad, want_reason, want_rows = reference(m, unit, limit)
+    assert (bad, reason) == (want_bad, want_reason)
+    if bad >= 0:
+        return
+    dst = np.empty(m.shape, np.float32 if dst_kind == "f32" else np.uint16)
+    store_rows(m, scale, dst)
+    if dst_kind == "f32":
+        np.testing.assert_allclose(dst, want_rows, rtol=1e-6, atol=1e-37)
+    else:
+        with np.errstate(over="ignore"):
+            np.testing.assert_array_equal(dst.view(np.float16), want_rows.astype(np.float16))
