@@ -5,7 +5,8 @@ from .engine.attach import AttachedEngine, attach
 from .engine.embedded import Ack, Engine
 from .engine.reader import Memory
 from .errors import CODES, EngramError
+from .transport.client import Client
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "EngineConfig", "Ack", "Memory", "attach", "AttachedEngine", "EngramError",
-           "CODES", "__version__"]
+__all__ = ["Engine", "EngineConfig", "Ack", "Memory", "attach", "AttachedEngine", "Client",
+           "EngramError", "CODES", "__version__"]

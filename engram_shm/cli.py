@@ -8,9 +8,13 @@ import dataclasses
 import json
 import logging
 import sys
+import time
+import tomllib
+
+import numpy as np
 
 from .config import EngineConfig, env_var
-from .errors import EngramError
+from .errors import EngramError, InvalidArgument
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +26,35 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig.from_env(**{f.name: getattr(args, f.name, None)
-                                    for f in dataclasses.fields(EngineConfig)})
+    """Defaults, then the TOML file (--config), then ENGRAM_* variables, then flags."""
+    values = {}
+    if getattr(args, "config", None):
+        values.update(load_toml(args.config))
+    env = EngineConfig.from_env()
+    defaults = EngineConfig()
+    values.update({f.name: getattr(env, f.name) for f in dataclasses.fields(EngineConfig)
+                   if getattr(env, f.name) != getattr(defaults, f.name)})
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+                   if getattr(args, f.name, None) is not None})
+    return EngineConfig(**values)
+
+
+def load_toml(path: str) -> dict:
+    known = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InvalidArgument(f"cannot read config file {path}: {e}") from None
+    data = data.get("engram", data)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InvalidArgument(f"{path}: unknown option(s) {unknown}; known: {sorted(known)}")
+    for name, value in data.items():
+        kind = type(known[name].default)
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise InvalidArgument(f"{path}: {name} must be {kind.__name__}, got {value!r}")
+    return data
 
 
 def cmd_demo(args) -> int:
@@ -32,6 +63,79 @@ def cmd_demo(args) -> int:
     report = run_demo(config_from(args), n=args.n, dim=args.dim, batch=args.batch)
     if args.json:
         print(json.dumps(report))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .transport.server import Server
+
+    server = Server(config_from(args))
+
+    def ready(s):
+        print(f"engram-shm serving engine {s.name} on {s.config.endpoint} "
+              f"({s.config.worker_count} index workers); Ctrl-C stops", flush=True)
+
+    server.serve_forever(ready)
+    print("stopped; shared memory removed", flush=True)
+    return 0
+
+
+def _read_observations(path: str):
+    """(ids, vectors, what, when, confidence) from JSON lines or an .npz file."""
+    if path.endswith(".npz"):
+        data = np.load(path, allow_pickle=False)
+        n = len(data["vectors"])
+        ids = [str(x) for x in data["ids"]] if "ids" in data else [str(i) for i in range(n)]
+        pick = lambda k: data[k].tolist() if k in data else None
+        return ids, data["vectors"], pick("what"), pick("when"), pick("confidence")
+    ids, vectors, what, when, confidence = [], [], [], [], []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                ids.append(str(row["id"]))
+                vectors.append(row["vector"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise InvalidArgument(f"{path}:{number}: needs a JSON object with id and vector "
+                                      f"({e})") from None
+            what.append(row.get("what", ""))
+            when.append(row.get("when"))
+            confidence.append(row.get("confidence", 1.0))
+    now = time.time()
+    return ids, vectors, what, [now if w is None else w for w in when], confidence
+
+
+def cmd_observe(args) -> int:
+    from tqdm import tqdm
+
+    from .transport.client import Client
+
+    ids, vectors, what, when, confidence = _read_observations(args.file)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    step = args.batch
+    with Client(args.endpoint, priority=args.priority, batch_size=step) as client, \
+            tqdm(total=len(ids), unit="obs", desc=f"observe {args.space}", file=sys.stderr) as bar:
+        for lo in range(0, len(ids), step):
+            sl = slice(lo, lo + step)
+            client.observe_batch(args.space, ids[sl], vectors[sl],
+                                 what[sl] if what else None, when[sl] if when else None,
+                                 confidence[sl] if confidence else None)
+            bar.update(min(step, len(ids) - lo))
+        last = client.flush()
+    print(f"{len(ids)} observations acked (last sequence {last})")
+    return 0
+
+
+def cmd_recall(args) -> int:
+    from .transport.client import Client
+
+    cue = np.asarray(json.loads(args.cue) if args.cue.lstrip().startswith("[")
+                     else np.load(args.cue), dtype=np.float32)
+    with Client(args.endpoint) as client:
+        for m in client.recall(args.space, cue, k=args.k, consistency=args.consistency):
+            print(json.dumps(dataclasses.asdict(m), ensure_ascii=False))
     return 0
 
 
@@ -66,6 +170,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="also print the report as JSON")
     add_config_flags(demo)
     demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="run the server: ZeroMQ front, index workers, supervisor")
+    serve.add_argument("--config", help="TOML file of engine options (top level or [engram] table)")
+    add_config_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    observe = sub.add_parser("observe", help="stream observations from a file to a server")
+    observe.add_argument("file", help="JSON lines ({id, vector, what?, when?, confidence?}) or .npz "
+                                      "(vectors, ids?, what?, when?, confidence?)")
+    observe.add_argument("--space", required=True)
+    observe.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
+    observe.add_argument("--batch", type=int, default=256, help="observations per message")
+    observe.add_argument("--priority", default="normal", choices=["high", "normal", "low"])
+    observe.set_defaults(func=cmd_observe)
+
+    recall = sub.add_parser("recall", help="recall from a server; prints JSON lines, best first")
+    recall.add_argument("space")
+    recall.add_argument("cue", help="a JSON list of floats, or a .npy file")
+    recall.add_argument("--k", type=int, default=10)
+    recall.add_argument("--consistency", default="strong", choices=["strong", "indexed"])
+    recall.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
+    recall.set_defaults(func=cmd_recall)
 
     gc = sub.add_parser("gc", help="remove shared memory left by engines that are no longer "
                                    "running (never a running engine's)")

@@ -49,6 +49,15 @@ class EngineConfig:
     max_id_bytes: int = _opt(256, "longest id, in UTF-8 bytes", lo=1, hi=4096)
     seed: int = _opt(0x5EED, "seed of HNSW level draws; builds are reproducible for a seed",
                      lo=0, hi=(1 << 63) - 1)
+    endpoint: str = _opt("tcp://127.0.0.1:5555", "ZeroMQ endpoint the server's ROUTER binds")
+    max_credit: int = _opt(4096, "credit (observations beyond the last ack) a session gets at "
+                                 "normal pressure", lo=1, hi=1 << 24)
+    max_batch: int = _opt(4096, "largest batch of one message", lo=1, hi=1 << 20)
+    max_frame_bytes: int = _opt(64 << 20, "largest payload frame accepted", lo=1024, hi=1 << 31)
+    session_idle_s: float = _opt(300.0, "seconds without a message after which a session expires",
+                                 lo=0.1, hi=1e9)
+    drain_timeout_s: float = _opt(60.0, "on shutdown, how long the server waits for indexing "
+                                        "to catch up before stopping", lo=0.0, hi=1e9)
     observe_timeout_s: float = _opt(300.0, "how long an embedded observe waits for a full "
                                            "unindexed window to drain before raising",
                                     lo=0.0, hi=1e9)

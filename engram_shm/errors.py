@@ -9,6 +9,23 @@ from __future__ import annotations
 
 # code -> (retryable, meaning). The only list of error codes.
 CODES: dict[str, tuple[bool, str]] = {
+    # protocol (docs/protocol.md)
+    "malformed": (False, "frame 0 is not a msgpack map"),
+    "unsupported_version": (False, "v is missing or of another major version"),
+    "unknown_op": (False, "op is not an operation of this protocol version"),
+    "missing_field": (False, "a required header field is absent"),
+    "wrong_type": (False, "a header field has the wrong type"),
+    "bad_frame": (False, "payload frames are missing, extra, or of the wrong size"),
+    "oversize": (False, "a frame exceeds max_frame_bytes, or a batch max_batch"),
+    "unknown_session": (False, "no such session (never existed, or expired)"),
+    "session_closed": (False, "the session is closed"),
+    "session_paused": (True, "the session is paused; resume it first"),
+    "not_session_owner": (False, "the session belongs to another connection"),
+    "sequence_gap": (True, "seq is past the next expected number (see expected)"),
+    "no_credit": (True, "the message passes the granted credit limit"),
+    "session_limit": (True, "the server holds its maximum of open sessions"),
+    "internal": (True, "the server failed on this request; it stays up"),
+    # observations, recall, engine
     "invalid_argument": (False, "an argument has the wrong type or an out-of-range value"),
     "empty_batch": (False, "a batch holds no observations"),
     "length_mismatch": (False, "ids, vectors, texts, timestamps or confidences differ in length"),
@@ -80,3 +97,40 @@ EngineNotFound = _error("EngineNotFound", "engine_not_found")
 EngineClosed = _error("EngineClosed", "engine_closed")
 IndexFailed = _error("IndexFailed", "index_failed")
 Corrupt = _error("Corrupt", "corrupt")
+
+
+class ProtocolError(EngramError):
+    """Base of the refusals of malformed or out-of-order messages."""
+
+
+Malformed = _error("Malformed", "malformed", ProtocolError)
+UnsupportedVersion = _error("UnsupportedVersion", "unsupported_version", ProtocolError)
+UnknownOp = _error("UnknownOp", "unknown_op", ProtocolError)
+MissingField = _error("MissingField", "missing_field", ProtocolError)
+WrongType = _error("WrongType", "wrong_type", ProtocolError)
+BadFrame = _error("BadFrame", "bad_frame", ProtocolError)
+Oversize = _error("Oversize", "oversize", ProtocolError)
+UnknownSession = _error("UnknownSession", "unknown_session", ProtocolError)
+SessionClosed = _error("SessionClosed", "session_closed", ProtocolError)
+SessionPaused = _error("SessionPaused", "session_paused", ProtocolError)
+NotSessionOwner = _error("NotSessionOwner", "not_session_owner", ProtocolError)
+SequenceGap = _error("SequenceGap", "sequence_gap", ProtocolError)
+NoCredit = _error("NoCredit", "no_credit", ProtocolError)
+SessionLimit = _error("SessionLimit", "session_limit", ProtocolError)
+Internal = _error("Internal", "internal")
+
+
+def from_dict(error: dict) -> EngramError:
+    """The exception an error message describes (clients raise it)."""
+    code = error.get("code")
+    cls = _BY_CODE.get(code, EngramError)
+    details = {k: v for k, v in error.items() if k not in ("code", "message", "retryable", "op", "v")}
+    e = cls(str(error.get("message", code)), **details)
+    if cls is EngramError:
+        e.code = code if code in CODES else "internal"
+    return e
+
+
+_BY_CODE = {cls.code: cls for cls in list(globals().values())
+            if isinstance(cls, type) and issubclass(cls, EngramError)
+            and cls not in (EngramError, InvalidInput, ProtocolError)}

@@ -41,7 +41,7 @@ def engine():
 def indexing_held(engine, space):
     """Hold every segment of `space` as if a writer were busy on it, so what is
     observed meanwhile stays in the unindexed window."""
-    segments = engine._spaces[space].segments
+    segments = engine.writer.spaces[space].segments
     engine.wait_indexed(30)
     held = [s for s in segments if compare_and_swap(s.header, WRITER, 0, -7) == 0]
     assert len(held) == len(segments)

@@ -121,8 +121,8 @@ def test_every_node_finds_itself_among_duplicates_and_noise():
     rng = np.random.default_rng(0)
     data = clustered(1500, 16, seed=4)
     data[rng.integers(0, 1500, 300)] = data[0]  # heavy duplication
-    store, gens, g, sc = build(data, M=8, ef_c=64)
-    assert naive.graph_violations(g, 1500, 8) == []
+    store, gens, g, sc = build(data)
+    assert naive.graph_violations(g, 1500, 16) == []
     for i in rng.integers(0, 1500, 200):
         d, ids = hnsw.search(store, gens, g, data[i], 1, 64, 1500, 0, 0, ANY, "cosine", sc)
         assert d[0] <= naive.distances(store, data[i], "cosine").min() + 1e-6

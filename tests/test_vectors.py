@@ -3,8 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engram_shm.kernels.vectors import (ROW_NON_FINITE, ROW_OK, ROW_TOO_BIG, ROW_ZERO, check_rows,
-                                        store_rows)
+from engram_shm.kernels.vectors import ROW_NON_FINITE, ROW_OK, ROW_TOO_BIG, ROW_ZERO, check_rows, store_rows
 
 import naive
 

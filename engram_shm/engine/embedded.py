@@ -13,44 +13,28 @@ or filter what they recall.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import secrets
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass
-
-import numpy as np
+from dataclasses import asdict
 
 from ..config import EngineConfig
-from ..errors import EngineClosed, IndexFailed, InvalidArgument, Overloaded, SpaceExists, UnknownSpace
-from ..observations import Limits, prepare
+from ..errors import EngineClosed, IndexFailed, InvalidArgument, Overloaded
 from ..store import shm
 from ..store.catalog import W_BUSY_NS, W_CLAIMED, W_INSERTED, W_PID, W_RESTARTS, Catalog, SpaceParams
 from ..store.segment import Segment
-from ..store.space import SpaceWriter
 from .directory import SegmentDirectory
 from .reader import Memory, Reader, Recalls
 from .supervisor import Supervisor
 from .threads import IndexThreads
+from .writer import Ack, EngineWriter
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.01  # how often waits re-check counters that worker processes advance
-
-
-@dataclass(frozen=True)
-class Ack:
-    """Observations stored and visible to recall: generations first..last."""
-    space: str
-    first_generation: int
-    last_generation: int
-
-    @property
-    def count(self) -> int:
-        return self.last_generation - self.first_generation + 1
 
 
 class Engine(Recalls):
@@ -66,19 +50,18 @@ class Engine(Recalls):
         self.config = config if config is not None else EngineConfig.from_env(**options)
         self.ef_search = self.config.ef_search
         self.name = self.config.name or f"e{os.getpid()}-{secrets.token_hex(4)}"
-        self._limits = Limits(self.config.max_id_bytes, self.config.max_text_bytes)
         self.catalog = Catalog.create(self.name)
         self._segments: list[Segment] = []
         self._finalizer = weakref.finalize(self, _release, self.catalog, self._segments)
         self.directory = SegmentDirectory(self.catalog, self._segments.__getitem__)
         self.reader = Reader(self.directory)
-        self._spaces: dict[str, SpaceWriter] = {}
+        self.writer = EngineWriter(self.catalog, self.config, self._on_new_segment)
         self._write_lock = threading.Lock()
         self._progress = threading.Condition()
         self._stop = False
         n = self.config.worker_count
         if self.config.worker_mode == "process":
-            self.supervisor = Supervisor(self.catalog, n, self.directory.segments)
+            self.supervisor = Supervisor.for_index_workers(self.catalog, n, self.directory.segments)
             self._indexing = self.supervisor
         else:
             self.supervisor = None
@@ -107,12 +90,16 @@ class Engine(Recalls):
             self._indexing.stop()
         self.reader.close()
         self.directory.close()
-        self._spaces.clear()
+        self.writer.spaces.clear()
         self._finalizer()
 
     def _check_open(self) -> None:
         if self._stop:
             raise EngineClosed(f"engine {self.name!r} is closed")
+
+    def _on_new_segment(self, index: int, seg: Segment) -> None:
+        assert index == len(self._segments)
+        self._segments.append(seg)
 
     # -- spaces ----------------------------------------------------------------
     def create_space(self, name: str, dim: int, dtype: str | None = None, metric: str | None = None,
@@ -121,38 +108,12 @@ class Engine(Recalls):
         """Create a space (idempotent for the same parameters). Unset parameters
         take the engine's defaults (f16, cosine, M=16, ef_construction=100)."""
         self._check_open()
-        c = self.config
-        probe = EngineConfig(dtype=dtype or c.dtype, metric=metric or c.metric, M=M or c.M,
-                             ef_construction=ef_construction or c.ef_construction,
-                             seed=c.seed if seed is None else seed)
-        _check_space_name(name)
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= 65536:
-            raise InvalidArgument(f"dim must be an integer in [1, 65536], got {dim!r}")
-        params = SpaceParams(name, int(dim), probe.dtype, probe.metric, probe.M,
-                             probe.ef_construction, probe.seed)
+        params = self.writer.params(name, dim, dtype, metric, M, ef_construction, seed)
         with self._write_lock:
-            return self._create_space(params).params
-
-    def _create_space(self, params: SpaceParams) -> SpaceWriter:
-        existing = self._spaces.get(params.name)
-        if existing is not None:
-            if existing.params != params:
-                raise SpaceExists(f"space {params.name!r} exists as {asdict(existing.params)}")
-            return existing
-        index = self.catalog.add_space(params)
-        c = self.config
-        arena = max(c.segment_capacity * c.text_bytes_per_observation, c.max_id_bytes + c.max_text_bytes)
-        writer = SpaceWriter(self.catalog, index, params, c.segment_capacity, arena,
-                             c.worker_count, self._on_new_segment)
-        self._spaces[params.name] = writer
-        return writer
-
-    def _on_new_segment(self, index: int, seg: Segment) -> None:
-        assert index == len(self._segments)
-        self._segments.append(seg)
+            return self.writer.create_space(params).params
 
     def spaces(self) -> list[str]:
-        return list(self._spaces)
+        return list(self.writer.spaces)
 
     # -- writing -----------------------------------------------------------------
     def observe(self, space: str, ids, vectors, what=None, when=None, confidence=None) -> Ack:
@@ -165,31 +126,22 @@ class Engine(Recalls):
         When the space's unindexed window is full, waits up to
         `observe_timeout_s` for indexing to catch up, then raises Overloaded."""
         self._check_open()
-        _check_space_name(space)
-        writer = self._spaces.get(space)
-        c = self.config
-        shape = writer.params if writer else SpaceParams(space, 0, c.dtype, c.metric, c.M,
-                                                         c.ef_construction, c.seed)
-        batch = prepare(ids, vectors, what, when, confidence, dim=shape.dim or None,
-                        metric=shape.metric, dtype=shape.dtype, limits=self._limits)
-        if writer is None:
-            with self._write_lock:
-                writer = self._spaces.get(space) or self._create_space(
-                    dataclasses.replace(shape, dim=batch.dim))
-            if writer.params != dataclasses.replace(shape, dim=batch.dim):  # another thread won
-                return self.observe(space, ids, vectors, what, when, confidence)
-        self._wait_for_room(writer, batch.n)
+        params, batch = self.writer.prepare(space, ids, vectors, what, when, confidence)
+        self._wait_for_room(space, batch.n)
         with self._write_lock:
             self._check_open()
-            writer.check_new_ids(batch.ids)
-            first = self.catalog.committed_generation + 1
-            writer.append(batch, first)
-            self.catalog.publish_generation(first + batch.n - 1)
+            existing = self.writer.spaces.get(space)
+            if existing is not None and existing.params != params:  # created meanwhile
+                params, batch = self.writer.prepare(space, ids, vectors, what, when, confidence)
+            ack, _ = self.writer.write(params, batch)
         with self._progress:
             self._progress.notify_all()
-        return Ack(space, first, first + batch.n - 1)
+        return ack
 
-    def _wait_for_room(self, writer: SpaceWriter, n: int) -> None:
+    def _wait_for_room(self, space: str, n: int) -> None:
+        writer = self.writer.spaces.get(space)
+        if writer is None:
+            return
         capacity = self.config.ring_capacity
         deadline = time.monotonic() + self.config.observe_timeout_s
         with self._progress:
@@ -230,7 +182,7 @@ class Engine(Recalls):
     def stats(self) -> dict:
         """Counts per space and per index writer, for humans and metrics."""
         spaces = {}
-        for name, w in list(self._spaces.items()):
+        for name, w in list(self.writer.spaces.items()):
             count, indexed = w.count, w.indexed
             spaces[name] = {
                 **asdict(w.params),
@@ -253,12 +205,6 @@ class Engine(Recalls):
         }
 
 
-def _check_space_name(name) -> None:
-    if not isinstance(name, str) or not name or len(name.encode("utf-8", "replace")) > 128 \
-            or not name.isprintable():
-        raise InvalidArgument(f"space names are printable str of 1 to 128 UTF-8 bytes, got {name!r}")
-
-
 def _release(catalog: Catalog, segments: list[Segment]) -> None:
     """Unmap the segments and remove all of the engine's shared memory (also at
     interpreter exit, for an engine never closed)."""
@@ -268,4 +214,4 @@ def _release(catalog: Catalog, segments: list[Segment]) -> None:
     catalog.close()
 
 
-__all__ = ["Engine", "Ack", "Memory", "UnknownSpace"]
+__all__ = ["Engine", "Ack", "Memory"]

@@ -1,11 +1,12 @@
-"""The supervisor of an engine's index worker processes: starts them (after
-warming the Numba cache, so none of them compiles), watches them, and restarts
-any that dies, first releasing the segments it had claimed. A worker that keeps
-dying is restarted with an exponential back-off instead of in a tight loop.
+"""The supervisor of an engine's processes (index workers, and in a server the
+front): starts them after warming the Numba cache (so none of them compiles),
+watches them, and restarts any that dies, after running its exit hook (an
+index worker's releases the segments it had claimed). A child that keeps dying
+is restarted with an exponential back-off instead of in a tight loop.
 
-Workers are fresh interpreters (`python -m engram_shm.engine.worker`): the
-`spawn` model without multiprocessing's re-import of the parent's __main__,
-which would break scripts that lack a main guard and slow every start.
+Children are fresh interpreters (`python -m ...`): the `spawn` model without
+multiprocessing's re-import of the parent's __main__, which would break
+scripts that lack a main guard and slow every start.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import IndexFailed
 from ..kernels.warm import warm
@@ -29,114 +31,159 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0
 WATCH_S = 0.05
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 5.0
-STABLE_S = 10.0  # a worker that lived this long restarts at once
+STABLE_S = 10.0  # a child that lived this long restarts at once
 STOP_GRACE_S = 10.0
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class _Slot:
-    """One worker position: its current process and history."""
+@dataclass
+class ChildSpec:
+    """What the supervisor needs to run one kind of child."""
+    name: str
+    argv: Callable[[int], list[str]]  # incarnation -> command line
+    ready: Callable[[int, int], bool]  # (pid, incarnation) -> has it said it is ready?
+    on_exit: Callable[[int], None]  # incarnation -> clean up after a death
 
-    def __init__(self, worker: int):
-        self.worker = worker
+
+class _Child:
+    def __init__(self, spec: ChildSpec):
+        self.spec = spec
         self.incarnation = 0
         self.process: subprocess.Popen | None = None
         self.started = 0.0
         self.ready_s: float | None = None
         self.backoff = BACKOFF_MIN_S
         self.restart_at: float | None = None
+        self.restarts = 0
+
+
+def index_worker_specs(catalog: Catalog, workers: int,
+                       segments: Callable[[], list[Segment]]) -> list[ChildSpec]:
+    engine = catalog.engine
+
+    def spec(i: int) -> ChildSpec:
+        def ready(pid, incarnation):
+            row = catalog.workers[i]
+            return row[W_INCARNATION] == incarnation and row[W_PID] == pid
+
+        def on_exit(incarnation):
+            catalog.workers[i, W_RESTARTS] += 1
+            freed = release_claims(segments(), token_for(i, incarnation))
+            log.warning("index worker %d released %d segment(s)", i, freed)
+
+        return ChildSpec(f"index-{i}", lambda inc: ["-m", "engram_shm.engine.worker", engine, str(i),
+                                                    str(workers), str(inc)], ready, on_exit)
+
+    return [spec(i) for i in range(workers)]
 
 
 class Supervisor:
-    def __init__(self, catalog: Catalog, workers: int, segments: Callable[[], list[Segment]]):
-        self.catalog = catalog
-        self.engine = catalog.engine
-        self.segments = segments
-        self._slots = [_Slot(i) for i in range(workers)]
+    def __init__(self, specs: list[ChildSpec]):
+        self._children = [_Child(s) for s in specs]
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
-        self.restarts = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_index_workers(cls, catalog: Catalog, workers: int,
+                          segments: Callable[[], list[Segment]]) -> "Supervisor":
+        return cls(index_worker_specs(catalog, workers, segments))
 
     def start(self) -> None:
-        """Start every worker and wait until each is ready to index."""
+        """Start every child and wait until each is ready."""
         warm()
-        for slot in self._slots:
-            self._spawn(slot)
+        for child in self._children:
+            self._spawn(child)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not all(self._check_ready(s) for s in self._slots):
-            dead = [s for s in self._slots if s.process.poll() is not None]
+        while not all(self._check_ready(c) for c in self._children):
+            dead = [c for c in self._children if c.process.poll() is not None]
             if dead or time.monotonic() > deadline:
                 self.stop()
                 why = f"exited with code {dead[0].process.returncode}" if dead else \
                     f"was not ready within {READY_TIMEOUT_S:.0f} s"
-                raise IndexFailed(f"index worker {(dead or self._slots)[0].worker} {why}")
+                raise IndexFailed(f"{(dead or self._children)[0].spec.name} {why}")
             time.sleep(0.01)
         self._watcher = threading.Thread(target=self._watch, name="engram-supervisor", daemon=True)
         self._watcher.start()
 
-    def _spawn(self, slot: _Slot) -> None:
+    def _spawn(self, child: _Child) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-        slot.started = time.monotonic()
-        slot.ready_s = None
-        slot.process = subprocess.Popen(
-            [sys.executable, "-m", "engram_shm.engine.worker", self.engine, str(slot.worker),
-             str(len(self._slots)), str(slot.incarnation)], env=env, stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        child.ready_s = None
+        child.process = subprocess.Popen([sys.executable, *child.spec.argv(child.incarnation)], env=env,
+                                         stdin=subprocess.DEVNULL)
 
-    def _check_ready(self, slot: _Slot) -> bool:
-        if slot.ready_s is None and slot.process is not None:
-            row = self.catalog.workers[slot.worker]
-            if row[W_INCARNATION] == slot.incarnation and row[W_PID] == slot.process.pid:
-                slot.ready_s = time.monotonic() - slot.started
-        return slot.ready_s is not None
+    def _check_ready(self, child: _Child) -> bool:
+        if child.ready_s is None and child.process is not None and \
+                child.spec.ready(child.process.pid, child.incarnation):
+            child.ready_s = time.monotonic() - child.started
+        return child.ready_s is not None
 
     def _watch(self) -> None:
         while not self._stopping.wait(WATCH_S):
             now = time.monotonic()
-            for slot in self._slots:
-                if slot.process is not None:
-                    self._check_ready(slot)
-                    if slot.process.poll() is not None:
-                        self._reap(slot, now)
-                elif slot.restart_at is not None and now >= slot.restart_at:
-                    slot.incarnation += 1
-                    slot.restart_at = None
-                    self._spawn(slot)
+            with self._lock:
+                for child in self._children:
+                    if child.process is not None:
+                        self._check_ready(child)
+                        if child.process.poll() is not None:
+                            self._reap(child, now)
+                    elif child.restart_at is not None and now >= child.restart_at:
+                        child.incarnation += 1
+                        child.restart_at = None
+                        self._spawn(child)
 
-    def _reap(self, slot: _Slot, now: float) -> None:
-        p, slot.process = slot.process, None
-        freed = release_claims(self.segments(), token_for(slot.worker, slot.incarnation))
-        self.restarts += 1
-        self.catalog.workers[slot.worker, W_RESTARTS] += 1
-        lived = now - slot.started
-        slot.backoff = BACKOFF_MIN_S if lived > STABLE_S else min(slot.backoff * 2, BACKOFF_MAX_S)
-        slot.restart_at = now + (0.0 if lived > STABLE_S else slot.backoff)
-        log.warning("index worker %d (pid %d) died with exit code %s after %.1f s; released %d "
-                    "segment(s); restarting", slot.worker, p.pid, p.returncode, lived, freed)
+    def _reap(self, child: _Child, now: float) -> None:
+        p, child.process = child.process, None
+        child.spec.on_exit(child.incarnation)
+        child.restarts += 1
+        lived = now - child.started
+        child.backoff = BACKOFF_MIN_S if lived > STABLE_S else min(child.backoff * 2, BACKOFF_MAX_S)
+        child.restart_at = now + (0.0 if lived > STABLE_S else child.backoff)
+        log.warning("%s (pid %d) died with exit code %s after %.1f s; restarting", child.spec.name,
+                    p.pid, p.returncode, lived)
 
     def pids(self) -> list[int | None]:
-        """Current pid of each worker (None while one is being restarted)."""
-        return [s.process.pid if s.process is not None else None for s in self._slots]
+        """Current pid of each child (None while one is being restarted)."""
+        return [c.process.pid if c.process is not None else None for c in self._children]
 
     def ready_seconds(self) -> list[float | None]:
-        """How long each worker's current incarnation took to become ready."""
-        return [s.ready_s for s in self._slots]
+        """How long each child's current incarnation took to become ready."""
+        return [c.ready_s for c in self._children]
 
-    def stop(self) -> None:
-        """Ask every worker to finish its chunk and exit; kill any that does not."""
+    def restarts(self) -> int:
+        return sum(c.restarts for c in self._children)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop every child: SIGTERM, then SIGKILL for any still running after
+        `grace_s`."""
         self._stopping.set()
         if self._watcher is not None:
             self._watcher.join()
-        procs = [s.process for s in self._slots if s.process is not None]
-        for p in procs:
-            p.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for p in procs:
+        procs = [c.process for c in self._children if c.process is not None]
+        for c in self._children:
+            c.process = None
+        self._terminate(procs, grace_s)
+
+    def stop_child(self, index: int, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop one child for good (it is not restarted)."""
+        child = self._children[index]
+        with self._lock:
+            child.restart_at = None
+            proc, child.process = child.process, None
+        if proc is not None:
+            self._terminate([proc], grace_s)
+
+    @staticmethod
+    def _terminate(procs: list[subprocess.Popen], grace_s: float) -> None:
+        for proc in procs:
+            proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
             try:
-                p.wait(max(0.0, deadline - time.monotonic()))
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("index worker pid %d did not stop in time; killing it", p.pid)
-                p.kill()
-                p.wait()
-        for slot in self._slots:
-            slot.process = None
+                log.warning("pid %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()

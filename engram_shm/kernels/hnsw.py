@@ -46,12 +46,12 @@ Graph = namedtuple("Graph", "links0 upper level upper_row parent state")
 # Caller-owned scratch of one thread: visit marks and heaps sized by capacity,
 # small buffers sized by M and ef.
 Scratch = namedtuple(
-    "Scratch", "visited tag cand_k cand_v res_k res_v qbuf sel_k sel_v keep_k keep_v tmp_k tmp_v")
+    "Scratch", "visited tag cand_k cand_v res_k res_v qbuf layer_k layer_v layer_n keep_k keep_v tmp_k tmp_v")
 
 GEN_ANY = np.uint64(np.iinfo(np.uint64).max)
 _EMPTY = np.int64(-1)
 _LOW32 = np.int64(0xFFFFFFFF)
-PIN_CAP = 1
+DUPLICATE = np.float32(1e-6)  # distances this small are rounding: the vectors are equal
 
 
 @kernel
@@ -150,8 +150,10 @@ def _greedy(store, g, q, ep, ep_d, layer, metric):
 @kernel
 def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out):
     """The HNSW neighbour heuristic: walk candidates in ascending distance to the
-    base and keep one unless a kept node is closer to it than the base is.
-    `out` may already hold `n_out` nodes (pinned ones) that count as kept."""
+    base and keep one unless a kept node is closer to it than the base is, or
+    is its duplicate (plain HNSW keeps every duplicate, and a crowd of equal
+    vectors then takes all the links of the region). `out` may already hold
+    `n_out` nodes (pinned ones) that count as kept."""
     for i in range(n):
         if n_out >= m:
             break
@@ -159,7 +161,11 @@ def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out):
         c_d = cand_k[i]
         good = True
         for j in range(n_out):
-            if out_v[j] == c or dist(store, c, store, out_v[j], metric) < c_d:
+            if out_v[j] == c:
+                good = False
+                break
+            d = dist(store, c, store, out_v[j], metric)
+            if d < c_d or d <= DUPLICATE:
                 good = False
                 break
         if good:
@@ -209,6 +215,54 @@ def _sort_by_key(keys, vals, n):
 
 
 @kernel
+def _in(values, n, x):
+    for i in range(n):
+        if values[i] == x:
+            return True
+    return False
+
+
+@kernel
+def _rewrite(g, node, layer, row, new_v, n_new):
+    """Replace a link list by new_v[:n_new] so that a concurrent reader never
+    misses a link that is in both the old and the new list: dropped entries
+    are overwritten in place by added ones, survivors past the new end are
+    copied into the remaining holes before the count shrinks. (Writing the new
+    list front to back would hide survivors for a moment, and a node whose
+    only in-links are being moved would briefly be unreachable.) Journaled."""
+    _begin_rewrite(g, node, layer)
+    cnt = _count(row)
+    cap = row.shape[0] - 1
+    added = 0
+    hole = 1
+    for i in range(n_new):  # new entries take the places of dropped ones
+        x = new_v[i]
+        if _contains(row, cnt, x):
+            continue
+        while hole <= cnt and _in(new_v, n_new, row[hole]):
+            hole += 1
+        if hole <= cnt:
+            row[hole] = x
+            hole += 1
+        elif cnt + added < cap:
+            added += 1
+            row[cnt + added] = x
+    if added:
+        row[0] = cnt + added
+    else:
+        j = n_new + 1
+        for h in range(1, min(n_new, cnt) + 1):  # pull survivors past the new end into holes
+            if not _in(new_v, n_new, row[h]):
+                while j <= cnt and not _in(new_v, n_new, row[j]):
+                    j += 1
+                if j <= cnt:
+                    row[h] = row[j]
+                    j += 1
+        row[0] = min(n_new, cnt)
+    _end_rewrite(g)
+
+
+@kernel
 def _begin_rewrite(g, node, layer):
     g.state[1] = ((np.int64(layer) << 32) | node) + 1
     fence()
@@ -250,11 +304,7 @@ def _add_link(store, g, src, dst, layer, max_links, metric, sc):
             n_free += 1
     _sort_by_key(sc.tmp_k, sc.tmp_v, n_free)
     n_keep = _select(store, sc.tmp_k, sc.tmp_v, n_free, max_links, metric, sc.keep_k, sc.keep_v, n_pinned)
-    _begin_rewrite(g, src, layer)
-    for t in range(n_keep):
-        row[t + 1] = sc.keep_v[t]
-    row[0] = n_keep
-    _end_rewrite(g)
+    _rewrite(g, src, layer, row, sc.keep_v, n_keep)
 
 
 @kernel
@@ -266,7 +316,7 @@ def _find_parent(g, node, n_cand, m, sc):
     per node on average)."""
     for i in range(n_cand):
         c = sc.res_v[i]
-        if _pinned_count(g, c) < PIN_CAP * m:
+        if _pinned_count(g, c) < m:
             return c
     start = sc.res_v[0] if n_cand > 0 else 0
     tag = _next_tag(sc)
@@ -290,34 +340,30 @@ def _find_parent(g, node, n_cand, m, sc):
 
 
 @kernel
-def _write_layer0(store, g, node, n_sel, n_cand, m, metric, sc):
+def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc):
     """Write node's layer-0 list: its pinned edges (kept across a re-insert), a
-    parent if it has none, then the selected neighbours (sc.sel_*)."""
+    parent if it has none, then the selected neighbours `chosen[:n_sel]`."""
     row = g.links0[node]
     max_links = row.shape[0] - 1
     cnt = _count(row)
     n = 0
     for t in range(1, cnt + 1):
         x = row[t]
-        if x >= 0 and _is_pinned(g, node, x) and not _contains(sc.tmp_v, n, x) and n < max_links:
+        if x >= 0 and _is_pinned(g, node, x) and not _in(sc.tmp_v, n, x) and n < max_links:
+            sc.tmp_v[n] = x
             n += 1
-            sc.tmp_v[n] = x  # tmp_v[1..n] mirrors the row layout
     if g.parent[node] < 0 and node != 0:
         g.parent[node] = _find_parent(g, node, n_cand, m, sc)
     p = g.parent[node]
-    if p >= 0 and not _contains(sc.tmp_v, n, p) and n < max_links:
-        n += 1
+    if p >= 0 and not _in(sc.tmp_v, n, p) and n < max_links:
         sc.tmp_v[n] = p
+        n += 1
     for i in range(n_sel):
-        x = sc.sel_v[i]
-        if n < max_links and not _contains(sc.tmp_v, n, x):
-            n += 1
+        x = chosen[i]
+        if n < max_links and not _in(sc.tmp_v, n, x):
             sc.tmp_v[n] = x
-    _begin_rewrite(g, node, 0)
-    for t in range(1, n + 1):
-        row[t] = sc.tmp_v[t]
-    row[0] = n
-    _end_rewrite(g)
+            n += 1
+    _rewrite(g, node, 0, row, sc.tmp_v, n)
     if p >= 0:
         _add_link(store, g, p, node, 0, max_links, metric, sc)
 
@@ -344,31 +390,34 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc):
     ep_d = dist(store, ep, q, 0, metric)
     for layer in range(top, node_level, -1):
         ep, ep_d = _greedy(store, g, q, ep, ep_d, layer, metric)
-    for layer in range(min(node_level, top), -1, -1):
+    # Search every layer first (top down), then link bottom up: a reader that
+    # meets the node on an upper layer always finds its layer-0 list complete.
+    low = min(node_level, top)
+    n = 0
+    for layer in range(low, -1, -1):
         n = _search_layer(store, gens, g, q, ep, ep_d, ef_c, layer, metric,
                           store.shape[0], GEN_ANY, node, sc)
         heap_sort_descending(sc.res_k, sc.res_v, n)
         for i in range(n):
             sc.res_k[i] = -sc.res_k[i]
-        n_sel = _select(store, sc.res_k, sc.res_v, n, m, metric, sc.sel_k, sc.sel_v, 0)
+        sc.layer_n[layer] = _select(store, sc.res_k, sc.res_v, n, m, metric, sc.layer_k[layer],
+                                    sc.layer_v[layer], 0)
+        if n > 0:
+            ep = sc.res_v[0]
+            ep_d = sc.res_k[0]
+    for layer in range(0, low + 1):  # sc.res_* still hold the layer-0 candidates for the parent
+        chosen = sc.layer_v[layer]
         if layer == 0:
-            _write_layer0(store, g, node, n_sel, n, m, metric, sc)
+            _write_layer0(store, g, node, chosen, sc.layer_n[0], n, m, metric, sc)
             max_links = g.links0.shape[1] - 1
         else:
             row = _row(g, node, layer)
             if row.shape[0] == 0:
                 continue
-            _begin_rewrite(g, node, layer)
-            for i in range(n_sel):
-                row[i + 1] = sc.sel_v[i]
-            row[0] = n_sel
-            _end_rewrite(g)
+            _rewrite(g, node, layer, row, chosen, sc.layer_n[layer])
             max_links = m
-        for i in range(n_sel):
-            _add_link(store, g, sc.sel_v[i], node, layer, max_links, metric, sc)
-        if n > 0:
-            ep = sc.res_v[0]
-            ep_d = sc.res_k[0]
+        for i in range(sc.layer_n[layer]):
+            _add_link(store, g, chosen[i], node, layer, max_links, metric, sc)
     if node_level > top:
         g.state[0] = (np.int64(node_level) << 32) | node
 
@@ -454,7 +503,7 @@ def new_graph(levels: np.ndarray, M: int, max_level: int) -> Graph:
                  levels, upper_row, np.full(cap, -1, np.int32), np.array([-1, 0], np.int64))
 
 
-def new_scratch(capacity: int, dim: int, M: int, ef: int) -> Scratch:
+def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int = 6) -> Scratch:
     """Scratch for one thread working on segments of `capacity` nodes."""
     small = 2 * M + 2
     return Scratch(
@@ -462,7 +511,8 @@ def new_scratch(capacity: int, dim: int, M: int, ef: int) -> Scratch:
         cand_k=np.empty(capacity, np.float32), cand_v=np.empty(capacity, np.int32),
         res_k=np.empty(ef + 1, np.float32), res_v=np.empty(ef + 1, np.int32),
         qbuf=np.empty((1, dim), np.float32),
-        sel_k=np.empty(small, np.float32), sel_v=np.empty(small, np.int32),
+        layer_k=np.empty((max_level + 1, M), np.float32), layer_v=np.empty((max_level + 1, M), np.int32),
+        layer_n=np.zeros(max_level + 1, np.int32),
         keep_k=np.empty(small, np.float32), keep_v=np.empty(small, np.int32),
         tmp_k=np.empty(small, np.float32), tmp_v=np.empty(small, np.int32),
     )
@@ -477,7 +527,8 @@ def _check_graph(store: np.ndarray, gens: np.ndarray, g: Graph, sc: Scratch) -> 
           and g.level.shape == (cap,) and g.upper_row.shape == (cap,) and g.parent.shape == (cap,)
           and g.state.shape == (2,) and g.state.dtype == np.int64
           and sc.visited.shape[0] >= cap and sc.cand_k.shape[0] >= cap
-          and sc.sel_v.shape[0] >= 2 * M + 2)
+          and sc.keep_v.shape[0] >= 2 * M + 2
+          and sc.layer_v.shape[0] > g.upper.shape[1] and sc.layer_v.shape[1] >= M)
     if not ok:
         raise InvalidArgument("graph, generation or scratch arrays do not match the store's capacity and M")
     return M

@@ -6,7 +6,8 @@ lets any local process find an engine's spaces and segments.
 | header   | int64 | [64]                  | owner   | magic, version, owner pid and start  |
 |          |       |                       |         | time, limits; then on its own line:  |
 |          |       |                       |         | COMMITTED_GEN, N_SPACES, N_SEGMENTS, |
-|          |       |                       |         | STOPPED (1 once the engine closed)   |
+|          |       |                       |         | STOPPED (1 once the engine closed);  |
+|          |       |                       | front   | FRONT_PID, FRONT_INCARNATION (ready) |
 | spaces   | int64 | [MAX_SPACES, 8]       | owner   | dim, dtype, metric, M, ef_c, seed,   |
 |          |       |                       |         | name length, creation time           |
 | names    | uint8 | [MAX_SPACES, 128]     | owner   | space name, UTF-8                    |
@@ -46,6 +47,7 @@ MAX_WORKERS = 256
 NAME_BYTES = 128
 (MAGIC, VERSION_WORD, OWNER_PID, OWNER_START, CREATED_NS) = range(5)
 COMMITTED_GEN, N_SPACES, N_SEGMENTS, STOPPED = 8, 9, 10, 11
+FRONT_PID, FRONT_INCARNATION = 16, 17  # written by the server's front process when ready
 (S_DIM, S_DTYPE, S_METRIC, S_M, S_EFC, S_SEED, S_NAME_LEN, S_CREATED) = range(8)
 (W_PID, W_INCARNATION, W_INSERTED, W_BUSY_NS, W_HEARTBEAT_NS, W_CLAIMED, W_RESTARTS) = range(7)
 
@@ -246,7 +248,7 @@ def collect_stale(engine: str | None = None, min_age_s: float = 10.0) -> list[st
 def _engine_of(block: str) -> str | None:
     body = block[len(shm.PREFIX):]
     name, _, suffix = body.rpartition("_")
-    if not name or not (suffix == "catalog" or suffix.isdigit()):
+    if not name or not (suffix in ("catalog", "sessions") or suffix.isdigit()):
         return None
     return name
 

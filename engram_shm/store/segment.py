@@ -94,6 +94,12 @@ class Segment:
     def backlog(self) -> int:
         return self.accepted - self.indexed
 
+    def ids(self, slots: np.ndarray) -> list[str]:
+        r = self.r
+        starts = np.where(slots > 0, r.text_end[slots - 1], 0).tolist()
+        arena = self._arena_bytes
+        return [bytes(arena[s:s + n]).decode("utf-8") for s, n in zip(starts, r.id_len[slots].tolist())]
+
     def rows(self, slots: np.ndarray) -> list[tuple[str, str, float, float, int]]:
         """(id, text, confidence, when, generation) of each slot."""
         r = self.r

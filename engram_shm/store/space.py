@@ -38,6 +38,7 @@ from .layout import (
 from .segment import Segment
 
 CHUNK = 256
+BURIED = np.iinfo(np.uint64).max  # the generation of a row no snapshot will ever include
 
 
 def draw_levels(seed: int, generations: np.ndarray, M: int) -> np.ndarray:
@@ -97,15 +98,44 @@ class SpaceWriter:
         """Accepted but not yet indexed observations."""
         return sum(s.backlog for s in self.segments)
 
+    def adopt(self, seg: Segment) -> None:
+        """Take over a segment written before (a restarted writer): its ids,
+        and its place among the open segments unless sealed."""
+        self.segments.append(seg)
+        if not seg.sealed:
+            self.open.append(seg)
+        n = seg.accepted
+        if n:
+            number = int(seg.header[SEGMENT_NO])
+            self.ids.update(zip(seg.ids(np.arange(n)), ((number << 32) + np.arange(n)).tolist()))
+
+    def bury_uncommitted(self, committed: int) -> int:
+        """Hide rows published past the committed generation (a batch cut short
+        by a crash) for good, release their ids; returns the highest generation
+        found."""
+        highest = 0
+        for seg in self.segments:
+            gens = seg.w.generation[:seg.accepted]
+            live = gens != BURIED
+            if not live.any():
+                continue
+            highest = max(highest, int(gens[live].max()))
+            orphans = np.nonzero(live & (gens > committed))[0]
+            if len(orphans):
+                for ident in seg.ids(orphans):
+                    self.ids.pop(ident, None)
+                gens[orphans] = BURIED
+        return highest
+
     def check_new_ids(self, ids: list[str]) -> None:
         if not self.ids.keys().isdisjoint(ids):
             dup = next(i for i in ids if i in self.ids)
             raise DuplicateId(f"id {dup!r} is already stored in space {self.params.name!r}", id=dup)
 
-    def append(self, batch: Batch, first_generation: int) -> None:
+    def append(self, batch: Batch, first_generation: int) -> list[tuple[Segment, int]]:
         """Store a validated batch with generations first_generation.. (ids must
-        have passed `check_new_ids`). Raises before writing anything if a needed
-        segment cannot be created."""
+        have passed `check_new_ids`); returns (segment, end slot) per placement.
+        Raises before writing anything if a needed segment cannot be created."""
         generations = np.arange(first_generation, first_generation + batch.n, dtype=np.uint64)
         levels = draw_levels(self.params.seed, generations, self.params.M)
         placements, full = self._plan(batch, levels)
@@ -121,6 +151,7 @@ class SpaceWriter:
             (np.int64(p.segment.header[SEGMENT_NO]) << 32) + np.arange(p.at.slot, p.at.slot + p.hi - p.lo)
             for p in placements])
         self.ids.update(zip(batch.ids, positions.tolist()))
+        return [(p.segment, p.at.slot + p.hi - p.lo) for p in placements]
 
     # -- planning --------------------------------------------------------------
     def _plan(self, batch: Batch, levels: np.ndarray) -> tuple[list[_Placement], set[int]]:

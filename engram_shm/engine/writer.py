@@ -1,0 +1,129 @@
+"""The single writer of an engine's observation data: its spaces, their
+segments and the committed generation. The embedded engine holds one; the
+server's front process holds one, and a restarted front rebuilds its state from
+the shared memory it finds (`recover`). Not thread-safe: callers serialise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import EngineConfig
+from ..errors import InvalidArgument, SpaceExists
+from ..observations import Batch, Limits, prepare
+from ..store.catalog import Catalog, SpaceParams, segment_name
+from ..store.segment import Segment
+from ..store.space import SpaceWriter
+
+MAX_DIM = 65536
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Observations stored and visible to recall: generations first..last."""
+    space: str
+    first_generation: int
+    last_generation: int
+
+    @property
+    def count(self) -> int:
+        return self.last_generation - self.first_generation + 1
+
+
+def check_space_name(name) -> None:
+    if not isinstance(name, str) or not name or len(name.encode("utf-8", "replace")) > 128 \
+            or not name.isprintable():
+        raise InvalidArgument(f"space names are printable str of 1 to 128 UTF-8 bytes, got {name!r}")
+
+
+class EngineWriter:
+    def __init__(self, catalog: Catalog, config: EngineConfig,
+                 on_new_segment: Callable[[int, Segment], None]):
+        self.catalog = catalog
+        self.config = config
+        self.limits = Limits(config.max_id_bytes, config.max_text_bytes)
+        self.on_new_segment = on_new_segment
+        self.spaces: dict[str, SpaceWriter] = {}
+
+    def params(self, name: str, dim: int, dtype: str | None = None, metric: str | None = None,
+               M: int | None = None, ef_construction: int | None = None,
+               seed: int | None = None) -> SpaceParams:
+        """Space parameters, unset ones from the engine's defaults, all checked."""
+        check_space_name(name)
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= MAX_DIM:
+            raise InvalidArgument(f"dim must be an integer in [1, {MAX_DIM}], got {dim!r}")
+        c = self.config
+        probe = dataclasses.replace(c, dtype=dtype or c.dtype, metric=metric or c.metric, M=M or c.M,
+                                    ef_construction=ef_construction or c.ef_construction,
+                                    seed=c.seed if seed is None else seed)
+        return SpaceParams(name, int(dim), probe.dtype, probe.metric, probe.M,
+                           probe.ef_construction, probe.seed)
+
+    def create_space(self, params: SpaceParams) -> SpaceWriter:
+        """The space with these parameters, created if new (idempotent)."""
+        existing = self.spaces.get(params.name)
+        if existing is not None:
+            if existing.params != params:
+                raise SpaceExists(f"space {params.name!r} exists as {dataclasses.asdict(existing.params)}")
+            return existing
+        writer = self._space_writer(self.catalog.add_space(params), params)
+        self.spaces[params.name] = writer
+        return writer
+
+    def _space_writer(self, index: int, params: SpaceParams) -> SpaceWriter:
+        c = self.config
+        arena = max(c.segment_capacity * c.text_bytes_per_observation, c.max_id_bytes + c.max_text_bytes)
+        return SpaceWriter(self.catalog, index, params, c.segment_capacity, arena, c.worker_count,
+                           self.on_new_segment)
+
+    def prepare(self, space: str, ids, vectors, what=None, when=None,
+                confidence=None) -> tuple[SpaceParams, Batch]:
+        """Validate observations for `space`; a space that does not exist yet is
+        described by the engine's defaults and the batch's dimension."""
+        check_space_name(space)
+        writer = self.spaces.get(space)
+        shape = writer.params if writer else self.params(space, 1)
+        batch = prepare(ids, vectors, what, when, confidence, dim=shape.dim if writer else None,
+                        metric=shape.metric, dtype=shape.dtype, limits=self.limits)
+        return dataclasses.replace(shape, dim=batch.dim) if writer is None else shape, batch
+
+    def write(self, params: SpaceParams, batch: Batch) -> tuple[Ack, list[tuple[Segment, int]]]:
+        """Store a batch prepared for `params`, creating the space if needed.
+        Also returns where it went: (segment, end slot) pairs, which are in the
+        graph once each segment's INDEXED reaches its end slot."""
+        writer = self.create_space(params)
+        writer.check_new_ids(batch.ids)
+        first = self.catalog.committed_generation + 1
+        spans = writer.append(batch, first)
+        self.catalog.publish_generation(first + batch.n - 1)
+        return Ack(params.name, first, first + batch.n - 1), spans
+
+    def recover(self, open_segment: Callable[[int], Segment]) -> int:
+        """Adopt the spaces and segments already in the catalog (a writer
+        restarted after a crash); returns the number of visible observations.
+
+        A writer killed inside a batch may have published some of its rows but
+        not the batch's generation: those rows were never acked. They are made
+        invisible for good (generation = max) and their ids released, so the
+        client's re-send is stored; the committed generation moves past them so
+        no generation is handed out twice."""
+        for index in range(self.catalog.n_spaces):
+            params = self.catalog.space(index)
+            self.spaces[params.name] = self._space_writer(index, params)
+        by_index = {w.index: w for w in self.spaces.values()}
+        for seg_index in range(self.catalog.n_segments):
+            seg = open_segment(seg_index)
+            by_index[self.catalog.segment_space(seg_index)].adopt(seg)
+        committed = self.catalog.committed_generation
+        highest = max((w.bury_uncommitted(committed) for w in self.spaces.values()), default=0)
+        self.catalog.publish_generation(max(committed, highest))
+        return sum(w.count for w in self.spaces.values())
+
+
+def attach_writable(engine: str) -> Callable[[int], Segment]:
+    """open_segment for a process that writes into an engine it did not create."""
+    return lambda index: Segment.attach(segment_name(engine, index), writable=True)

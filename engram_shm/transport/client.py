@@ -1,0 +1,341 @@
+"""engram_shm.Client: the Python client of the streaming protocol.
+
+It batches observations, keeps at most the granted credit in flight, backs off
+on `overloaded`, and after a reconnect resumes its session and re-sends only
+what the server had not acked, so nothing is lost or stored twice. Batches are
+pipelined: `observe_batch` returns once its batches are sent or queued;
+`flush()` waits for every ack. A batch the server refuses for good (say a
+duplicate id) frees its sequence numbers, later batches are renumbered, and
+the refusal is raised by the next call. Not thread-safe: one client per thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from ..engine.reader import Memory
+from ..errors import EngramError, Internal, SessionPaused, from_dict
+from . import protocol as p
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+RESEND_CODES = {"no_credit", "overloaded", "sequence_gap", "internal", "shm_full", "engine_closed",
+                "session_limit"}
+
+
+class ClientTimeout(Internal):
+    """No answer from the server in time (the client has reconnected if it could)."""
+
+
+@dataclass(eq=False)
+class _Batch:
+    header: dict
+    payload: bytes
+    n: int
+    start: int | None = None  # sequence number of the current send attempt
+    rid: int | None = None
+    not_before: float = 0.0  # back-off after `overloaded`
+
+    @property
+    def end(self) -> int:
+        return self.start + self.n - 1
+
+
+@dataclass
+class _Reply:
+    messages: list = field(default_factory=list)
+    done: bool = False
+
+
+class Client:
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, priority: str = "normal",
+                 batch_size: int = 256, timeout: float = 30.0, payload_dtype: str = "f32",
+                 notify_indexed: bool = False, context: zmq.Context | None = None):
+        if payload_dtype not in ("f32", "f16"):
+            raise ValueError("payload_dtype is f32 or f16")
+        self.endpoint = endpoint
+        self.priority = priority
+        self.batch_size = batch_size
+        self.timeout = timeout
+        self.payload_dtype = np.float16 if payload_dtype == "f16" else np.float32
+        self.notify_indexed = notify_indexed
+        self._ctx = context or zmq.Context.instance()
+        self._rids = itertools.count(1)
+        self._queue: list[_Batch] = []  # sent or waiting, not yet acked, in sequence order
+        self._by_rid: dict[int, _Batch] = {}
+        self._replies: dict[int, _Reply] = {}
+        self._errors: list[EngramError] = []
+        self._pending: dict[str, list] = {}
+        self.session: str | None = None
+        self.last_acked = 0
+        self.indexed_up_to = 0
+        self.limit = 0
+        self.level = "normal"
+        self.reconnects = 0
+        self.paused = False
+        self._sock = None
+        self._connect()
+        self._handshake(None)
+
+    # -- connection --------------------------------------------------------------
+    def _connect(self) -> None:
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.connect(self.endpoint)
+
+    def _handshake(self, resume: str | None) -> None:
+        header = {"op": "init", "priority": self.priority, "notify_indexed": self.notify_indexed}
+        if resume:
+            header["resume"] = resume
+        ack = self._request(header)[0]
+        self.session = ack["session"]
+        self.capabilities = ack["capabilities"]
+        self.max_batch = ack["max_batch"]
+        self.last_acked = ack["last_sequence"]
+        self._grant(ack)
+        # Batches the server acked before we lost the connection are done;
+        # everything else goes again, numbered from the server's last ack.
+        self._queue = [b for b in self._queue if b.start is None or b.end > self.last_acked]
+        for b in self._queue:
+            b.start = b.rid = None
+        self._by_rid.clear()
+
+    def reconnect(self) -> None:
+        """A fresh socket, the same session: re-send what was not acked."""
+        self.reconnects += 1
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._connect()
+        self._handshake(self.session)
+        self._drive()
+
+    def _grant(self, msg: dict) -> None:
+        self.limit = max(self.limit if msg.get("op") != "init_ack" else 0, msg.get("limit", 0))
+        self.level = msg.get("level", self.level)
+
+    # -- observations ---------------------------------------------------------------
+    def observe(self, space: str, obs_id: str, vector, what: str = "", when: float | None = None,
+                confidence: float | None = None) -> None:
+        """Queue one observation; sent in a batch of `batch_size` (or at flush)."""
+        rows = self._pending.setdefault(space, [])
+        rows.append((obs_id, vector, what, when, confidence))
+        if len(rows) >= self.batch_size:
+            self._flush_pending(space)
+
+    def observe_batch(self, space: str, ids, vectors, what=None, when=None, confidence=None) -> None:
+        """Send a batch (split to the server's max_batch and our batch_size)."""
+        vectors = np.asarray(vectors, dtype=self.payload_dtype)
+        if vectors.ndim != 2 or len(ids) != len(vectors):
+            raise ValueError("vectors must be (n, dim) with one id per row")
+        step = min(self.batch_size, self.max_batch)
+        for lo in range(0, len(ids), step):
+            sl = slice(lo, lo + step)
+            header = {"op": "observe_batch", "space": space, "ids": list(ids[sl])}
+            for name, column in (("what", what), ("when", when), ("confidence", confidence)):
+                if column is not None:
+                    header[name] = [None if v is None else (v if name == "what" else float(v))
+                                    for v in column[sl]]
+            fields, frame = p.vector_payload(vectors[sl])
+            header.update(fields)
+            self._queue.append(_Batch(header, bytes(frame), len(header["ids"])))
+            self._drive()
+        self._raise_errors()
+
+    def _flush_pending(self, space: str) -> None:
+        rows = self._pending.pop(space, [])
+        if rows:
+            ids, vectors, what, when, confidence = zip(*rows)
+            self.observe_batch(space, list(ids), np.asarray(vectors), list(what),
+                               None if all(w is None for w in when) else
+                               [time.time() if w is None else w for w in when],
+                               None if all(c is None for c in confidence) else
+                               [1.0 if c is None else c for c in confidence])
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Send everything queued and wait until all of it is acked; returns the
+        last acked sequence. Raises the first refusal seen since the last call."""
+        for space in list(self._pending):
+            self._flush_pending(space)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        if self.paused and self._queue:
+            raise SessionPaused("the session is paused: resume() before flushing", queued=len(self._queue))
+        while self._queue:
+            self._drive()
+            if not self._pump(min(0.05, max(0.0, deadline - time.monotonic()))) and \
+                    time.monotonic() > deadline:
+                self.reconnect()
+                deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        self._raise_errors()
+        return self.last_acked
+
+    def _drive(self) -> None:
+        """Send the queued batches that credit allows, in order; read replies."""
+        self._pump(0)
+        if self.paused:
+            return
+        now = time.monotonic()
+        next_seq = self.last_acked + 1
+        for b in self._queue:
+            if b.start is not None:
+                next_seq = b.end + 1
+                continue
+            if next_seq + b.n - 1 > self.limit or b.not_before > now:
+                break
+            b.start, b.rid = next_seq, next(self._rids)
+            self._by_rid[b.rid] = b
+            self._send({**b.header, "session": self.session, "seq": b.start, "rid": b.rid}, b.payload)
+            next_seq = b.end + 1
+        self._pump(0)
+
+    # -- replies ----------------------------------------------------------------------
+    def _send(self, header: dict, *payload) -> None:
+        try:
+            self._sock.send_multipart(p.pack(header, *payload), copy=False)
+        except zmq.ZMQError:
+            self.reconnect()
+
+    def _pump(self, timeout: float) -> bool:
+        """Handle the replies that arrive within `timeout` s; True if any did."""
+        got = False
+        try:
+            while self._sock.poll(int(timeout * 1000) if not got else 0):
+                frames = self._sock.recv_multipart()
+                self._on_message(p.msgpack.unpackb(frames[0], raw=False))
+                got = True
+        except zmq.ZMQError:
+            self.reconnect()
+        return got
+
+    def _on_message(self, msg: dict) -> None:
+        op = msg.get("op")
+        if op == "ack":
+            b = self._by_rid.pop(msg.get("rid"), None)
+            self.last_acked = max(self.last_acked, msg["to"])
+            self._queue = [x for x in self._queue if x.start is None or x.end > self.last_acked]
+            if b is not None and b.start is not None and b.end > self.last_acked:
+                b.start = None  # acked for a shorter range than sent: resend the rest
+            self._grant(msg)
+        elif op == "status":
+            self._grant(msg)
+        elif op == "indexed":
+            self.indexed_up_to = max(self.indexed_up_to, msg["up_to"])
+        elif op == "error" and msg.get("rid") in self._by_rid:
+            self._refused(self._by_rid.pop(msg["rid"]), msg)
+        elif msg.get("rid") in self._replies:
+            reply = self._replies[msg["rid"]]
+            reply.messages.append(msg)
+            reply.done = op in ("error", "init_ack", "paused", "resumed", "closed", "pong", "stats") \
+                or (op == "recall_result" and not msg.get("more"))
+        # anything else answers a request already abandoned (a timeout): ignore
+
+    def _refused(self, batch: _Batch, msg: dict) -> None:
+        """A batch was refused: it and every later batch lose their numbers."""
+        if batch not in self._queue or batch.start is None:
+            return  # a stale attempt (already being resent)
+        code = msg.get("code")
+        if code == "sequence_gap":  # the server holds up to expected - 1: trust it
+            self.last_acked = max(self.last_acked, msg.get("expected", 1) - 1)
+            self._queue = [b for b in self._queue if b.start is None or b.end > self.last_acked]
+            if batch not in self._queue:
+                return
+        index = self._queue.index(batch)
+        for b in self._queue[index:]:
+            if b.rid is not None:
+                self._by_rid.pop(b.rid, None)
+            b.start = b.rid = None
+        if code in RESEND_CODES:
+            self._grant(msg)
+            batch.not_before = time.monotonic() + msg.get("retry_after_ms", 20) / 1000
+        else:
+            self._queue.remove(batch)
+            err = from_dict(msg)
+            err.details["ids"] = batch.header["ids"]
+            self._errors.append(err)
+
+    def _raise_errors(self) -> None:
+        if self._errors:
+            first, self._errors = self._errors[0], []
+            raise first
+
+    def _request(self, header: dict, *payload, timeout: float | None = None) -> list[dict]:
+        """Send a control request and wait for its whole answer."""
+        rid = next(self._rids)
+        reply = self._replies[rid] = _Reply()
+        self._send({**header, "rid": rid}, *payload)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        try:
+            while not reply.done:
+                if not self._pump(min(0.05, max(0.0, deadline - time.monotonic()))) and \
+                        time.monotonic() > deadline:
+                    raise ClientTimeout(f"no answer to {header['op']} within {self.timeout} s "
+                                        f"from {self.endpoint}")
+        finally:
+            del self._replies[rid]
+        if reply.messages[-1].get("op") == "error":
+            raise from_dict(reply.messages[-1])
+        return reply.messages
+
+    # -- recall -----------------------------------------------------------------------
+    def recall_stream(self, space: str, cue, k: int = 10, consistency: str = "strong",
+                      generation: int | None = None, threshold: float | None = None,
+                      ef: int | None = None, batch: int = 100) -> Iterator[list[Memory]]:
+        """The answer in parts of `batch` results, best first. Observations this
+        client sent are flushed first, so a strong recall sees them."""
+        self.flush()
+        header = {"op": "recall", "space": space, "k": k, "consistency": consistency,
+                  "batch": batch}
+        for name, value in (("generation", generation), ("threshold", threshold), ("ef", ef)):
+            if value is not None:
+                header[name] = value
+        fields, frame = p.vector_payload(np.asarray(cue, dtype=np.float32))
+        for msg in self._request({**header, **fields}, frame):
+            self.snapshot_generation = msg["snapshot_generation"]
+            yield [Memory(r["id"], r["similarity"], r["confidence"], r["what"], r["when"],
+                          r["generation"]) for r in msg["results"]]
+
+    def recall(self, space: str, cue, k: int = 10, **options) -> list[Memory]:
+        return [m for part in self.recall_stream(space, cue, k, **options) for m in part]
+
+    # -- control ----------------------------------------------------------------------
+    def pause(self) -> None:
+        """Pause the session: the server refuses its observations until resume();
+        this client queues them meanwhile."""
+        self._request({"op": "pause", "session": self.session})
+        self.paused = True
+
+    def resume(self) -> None:
+        self._grant(self._request({"op": "resume", "session": self.session})[0])
+        self.paused = False
+        self._drive()
+
+    def ping(self) -> float:
+        return self._request({"op": "ping"})[0]["time"]
+
+    def stats(self) -> dict:
+        return self._request({"op": "stats"})[0]["stats"]
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> int:
+        """Flush, close the session (after indexing, with drain) and the socket;
+        returns the session's last sequence."""
+        try:
+            self.flush()
+            return self._request({"op": "close", "session": self.session, "drain": drain},
+                                 timeout=timeout)[0]["last_sequence"]
+        finally:
+            self._sock.close(linger=0)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sock is not None and not self._sock.closed:
+            if exc[0] is None:
+                self.close()
+            else:
+                self._sock.close(linger=0)

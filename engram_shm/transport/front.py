@@ -1,0 +1,391 @@
+"""The ingest front: one ROUTER socket, sessions, sequences, credit, acks and
+recalls (docs/protocol.md).
+
+One thread runs the loop: it reads what is waiting, answers each message
+(observations are validated, stored in shared memory and acked per batch;
+recalls are answered from the same memory, never waiting for indexing), and
+every few milliseconds does its upkeep: pressure levels and status pushes,
+indexed notifications, drained closes, idle expiry. Any fault in one message
+is answered with an error code; the loop itself never stops on bad input.
+
+    python -m engram_shm.transport.front ENGINE CONFIG_JSON INCARNATION
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from ..config import EngineConfig
+from ..engine.directory import SegmentDirectory
+from ..engine.reader import Reader
+from ..engine.writer import EngineWriter, attach_writable
+from ..errors import (
+    EngineClosed,
+    EngramError,
+    Internal,
+    InvalidArgument,
+    NoCredit,
+    Overloaded,
+    SequenceGap,
+)
+from ..kernels.warm import warm
+from ..store import shm
+from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog
+from ..store.segment import Segment
+from . import protocol as p
+from .credit import credit_for, level_of, retry_after_ms
+from .sessions import ACTIVE, CLOSED, PAUSED, Session, SessionTable, table_name
+
+log = logging.getLogger(__name__)
+
+UPKEEP_S = 0.02
+MAX_RECV_PER_TURN = 256
+MIN_CREDIT = 256
+
+
+class Front:
+    def __init__(self, config: EngineConfig, catalog: Catalog, sessions: SessionTable):
+        self.config = config
+        self.catalog = catalog
+        self.sessions = sessions
+        self._segments: list[Segment] = []
+        opened = attach_writable(catalog.engine)
+
+        def open_segment(index: int) -> Segment:
+            while len(self._segments) <= index:
+                self._segments.append(opened(len(self._segments)))
+            return self._segments[index]
+
+        self.writer = EngineWriter(catalog, config, self._on_new_segment)
+        recovered = self.writer.recover(open_segment)
+        self.directory = SegmentDirectory(catalog, open_segment)
+        self.reader = Reader(self.directory)
+        self.memory_pressure = 0.0
+        self.counters = {"received": 0, "replies_dropped": 0, "errors": 0, "observations": 0}
+        self.stopping = False
+        log.info("front of %s: %d observations and %d sessions recovered", catalog.engine,
+                 recovered, len(sessions.live))
+
+    def _on_new_segment(self, index: int, seg: Segment) -> None:
+        assert index == len(self._segments)
+        self._segments.append(seg)
+
+    # -- the loop ----------------------------------------------------------------
+    def serve(self, endpoint: str, ready=lambda: None) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.config.max_frame_bytes + (1 << 20))
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.bind(endpoint)
+        self.sock = sock
+        ready()
+        last_upkeep = 0.0
+        try:
+            while not self.stopping:
+                if sock.poll(int(UPKEEP_S * 1000)):
+                    for _ in range(MAX_RECV_PER_TURN):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.handle(frames)
+                now = time.monotonic()
+                if now - last_upkeep >= UPKEEP_S:
+                    last_upkeep = now
+                    self.upkeep()
+        finally:
+            sock.close()
+            ctx.term()
+
+    def handle(self, frames) -> None:
+        self.counters["received"] += 1
+        identity = frames[0].bytes
+        rid = session_key = None
+        try:
+            if len(frames) < 2:
+                raise p.Malformed("a message needs a header frame")
+            header = p.unpack_header(frames[1].buffer)
+            rid = header.get("rid")
+            session_key = header.get("session")
+            if self.stopping and header["op"] not in ("recall", "ping", "stats"):
+                raise EngineClosed("the server is shutting down")
+            getattr(self, "op_" + header["op"])(identity, header, frames[2:])
+        except EngramError as e:
+            self.counters["errors"] += 1
+            self.send(identity, {"op": "error", "rid": rid, "session": session_key, **e.to_dict()})
+        except Exception as e:  # a bug must cost one request, never the front
+            log.exception("internal error on a message")
+            self.counters["errors"] += 1
+            err = Internal(f"internal error: {type(e).__name__}: {e}")
+            self.send(identity, {"op": "error", "rid": rid, "session": session_key, **err.to_dict()})
+
+    def send(self, identity: bytes, header: dict, *payload) -> None:
+        try:
+            self.sock.send_multipart([identity, *p.pack(header, *payload)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or not reading
+            self.counters["replies_dropped"] += 1
+            log.debug("reply to a peer dropped: %s", e)
+
+    # -- sessions ------------------------------------------------------------------
+    def op_init(self, identity, header, payload) -> None:
+        self._no_payload(header, payload)
+        resume = p.field(header, "resume", str, None)
+        notify = p.field(header, "notify_indexed", bool, False)
+        if resume is not None:
+            session = self.sessions.resume(resume, identity)
+            resumed = True
+        else:
+            session = self.sessions.open(p.field(header, "priority", str, "normal"), identity)
+            resumed = False
+        session.notify_indexed = notify
+        session.limit = self.sessions.last_seq(session)  # re-granted below
+        last = self.sessions.last_seq(session)
+        self.send(identity, {"op": "init_ack", "rid": header.get("rid"), "session": session.key,
+                             "initial_sequence": 0, "last_sequence": last, "resumed": resumed,
+                             "state": "paused" if self.sessions.state(session) == PAUSED else "active",
+                             "capabilities": list(p.CAPABILITIES), "protocol": p.VERSION,
+                             "max_batch": self.config.max_batch,
+                             "max_frame_bytes": self.config.max_frame_bytes,
+                             "idle_timeout_s": self.config.session_idle_s,
+                             **self._grant(session)})
+
+    def op_pause(self, identity, header, payload) -> None:
+        self._no_payload(header, payload)
+        session = self.sessions.get(header.get("session"), identity, allow_paused=True)
+        self.sessions.set_state(session, PAUSED)
+        self.send(identity, {"op": "paused", "rid": header.get("rid"), "session": session.key})
+
+    def op_resume(self, identity, header, payload) -> None:
+        self._no_payload(header, payload)
+        session = self.sessions.get(header.get("session"), identity, allow_paused=True)
+        self.sessions.set_state(session, ACTIVE)
+        self.send(identity, {"op": "resumed", "rid": header.get("rid"), "session": session.key,
+                             **self._grant(session)})
+
+    def op_close(self, identity, header, payload) -> None:
+        self._no_payload(header, payload)
+        session = self.sessions.get(header.get("session"), identity, allow_paused=True)
+        drain = p.field(header, "drain", bool, True)
+        self.sessions.set_state(session, CLOSED)
+        session.close_rid, session.close_owner = header.get("rid"), identity
+        session.draining = drain
+        self._pop_indexed(session)
+        if not drain or not session.unindexed:
+            self._closed(session)
+
+    def _closed(self, session: Session) -> None:
+        session.draining = False
+        self.send(session.close_owner, {"op": "closed", "rid": session.close_rid, "session": session.key,
+                                        "last_sequence": self.sessions.last_seq(session)})
+
+    # -- observations ----------------------------------------------------------------
+    def op_observe(self, identity, header, payload) -> None:
+        self._observe(identity, header, payload, single=True)
+
+    def op_observe_batch(self, identity, header, payload) -> None:
+        self._observe(identity, header, payload, single=False)
+
+    def _observe(self, identity, header, payload, single: bool) -> None:
+        session = self.sessions.get(header.get("session"), identity)
+        seq = p.field(header, "seq", int)
+        space = p.field(header, "space", str)
+        vectors = p.vectors(header, payload, self.config.max_frame_bytes, single)
+        if single:
+            ids = [p.field(header, "obs_id", str)]
+            what = [p.field(header, "what", str, "")]
+            when = p.field(header, "when", (int, float), None)
+            when = None if when is None else [when]
+            confidence = p.field(header, "confidence", (int, float), None)
+            confidence = None if confidence is None else [confidence]
+        else:
+            ids = p.field(header, "ids", list)
+            n = len(ids)
+            what = p.optional_list(header, "what", (str, type(None)), n)
+            when = p.optional_list(header, "when", (int, float), n)
+            confidence = p.optional_list(header, "confidence", (int, float), n)
+        n = len(ids)
+        if n > self.config.max_batch:
+            raise p.Oversize(f"batch of {n} exceeds max_batch {self.config.max_batch}")
+        if seq < 1:
+            raise InvalidArgument(f"seq must be >= 1, got {seq}", field="seq")
+        last = self.sessions.last_seq(session)
+        end = seq + n - 1
+        if seq > last + 1:
+            raise SequenceGap(f"expected seq {last + 1}, got {seq}", expected=last + 1)
+        if n and end <= last:  # a re-send of what was acked: ack again, store nothing
+            self.send(identity, {"op": "ack", "rid": header.get("rid"), "session": session.key,
+                                 "from": seq, "to": end, "duplicate": True, **self._grant(session)})
+            return
+        skip = last + 1 - seq  # an overlapping re-send: store only the new tail
+        if end > session.limit:
+            raise NoCredit(f"seq {end} passes the granted limit {session.limit}", limit=session.limit)
+        params, batch = self.writer.prepare(space, ids[skip:], vectors[skip:],
+                                            _tail(what, skip), _tail(when, skip),
+                                            _tail(confidence, skip))
+        self._check_room(params.name, batch.n)
+        ack, spans = self.writer.write(params, batch)
+        self.sessions.set_last_seq(session, end)
+        self.counters["observations"] += batch.n
+        session.space = params.name
+        session.unindexed.append((end, spans))
+        self.send(identity, {"op": "ack", "rid": header.get("rid"), "session": session.key,
+                             "from": seq, "to": end, "first_generation": ack.first_generation,
+                             "last_generation": ack.last_generation, **self._grant(session)})
+
+    def _check_room(self, space: str, n: int) -> None:
+        writer = self.writer.spaces.get(space)
+        window = writer.window if writer is not None else 0
+        if window and window + n > self.config.ring_capacity:
+            pressure = window / self.config.ring_capacity
+            raise Overloaded(f"space {space!r} has {window} observations waiting to be indexed "
+                             f"(ring capacity {self.config.ring_capacity})",
+                             retry_after_ms=retry_after_ms(pressure))
+
+    # -- credit --------------------------------------------------------------------------
+    def _pressure(self, session: Session) -> float:
+        writer = self.writer.spaces.get(session.space) if session.space else None
+        space = writer.window / self.config.ring_capacity if writer is not None else 0.0
+        return max(space, self.memory_pressure)
+
+    def _grant(self, session: Session) -> dict:
+        """Fresh credit for a session; the granted limit never shrinks."""
+        pressure = self._pressure(session)
+        level = level_of(pressure)
+        last = self.sessions.last_seq(session)
+        credit = credit_for(level, session.priority, self.config.max_credit, MIN_CREDIT)
+        session.limit = max(session.limit, last + credit)
+        session.level = level
+        grant = {"credit": session.limit - last, "limit": session.limit, "level": level}
+        if level == "overloaded":
+            grant["retry_after_ms"] = retry_after_ms(pressure)
+        return grant
+
+    # -- recall ----------------------------------------------------------------------------
+    def op_recall(self, identity, header, payload) -> None:
+        space = p.field(header, "space", str)
+        k = p.field(header, "k", int, 10)
+        batch = p.field(header, "batch", int, 100)
+        if batch < 1:
+            raise InvalidArgument(f"batch must be >= 1, got {batch}", field="batch")
+        consistency = p.field(header, "consistency", str, "strong")
+        if consistency == "snapshot":
+            consistency = p.field(header, "generation", int)
+        elif consistency not in ("strong", "indexed"):
+            raise InvalidArgument(f"consistency must be strong, indexed or snapshot, got {consistency!r}")
+        threshold = p.field(header, "threshold", (int, float), None)
+        ef = p.field(header, "ef", int, self.config.ef_search)
+        cue = p.vectors(header, payload, self.config.max_frame_bytes, single=True)
+        memories, generation = self.reader.recall(space, cue, k, consistency, threshold, ef)
+        rows = [{"id": m.id, "similarity": m.similarity, "confidence": m.confidence, "what": m.what,
+                 "when": m.when, "generation": m.generation} for m in memories]
+        parts = [rows[i:i + batch] for i in range(0, len(rows), batch)] or [[]]
+        for part, chunk in enumerate(parts):
+            self.send(identity, {"op": "recall_result", "rid": header.get("rid"), "results": chunk,
+                                 "more": part < len(parts) - 1, "part": part,
+                                 "snapshot_generation": generation})
+
+    def op_ping(self, identity, header, payload) -> None:
+        self.send(identity, {"op": "pong", "rid": header.get("rid"), "time": time.time()})
+
+    def op_stats(self, identity, header, payload) -> None:
+        self.send(identity, {"op": "stats", "rid": header.get("rid"), "stats": self.stats()})
+
+    def stats(self) -> dict:
+        spaces = {name: {"count": w.count, "indexed": w.indexed, "window": w.window,
+                         "segments": len(w.segments)} for name, w in self.writer.spaces.items()}
+        return {"engine": self.catalog.engine, "generation": self.catalog.committed_generation,
+                "sessions": len(self.sessions.live), "spaces": spaces, **self.counters,
+                "memory_pressure": round(self.memory_pressure, 4)}
+
+    @staticmethod
+    def _no_payload(header, payload) -> None:
+        if payload:
+            raise p.BadFrame(f"{header['op']} carries no payload frames, got {len(payload)}")
+
+    # -- upkeep ------------------------------------------------------------------------------
+    def upkeep(self) -> None:
+        self.memory_pressure = 1.0 - shm.free_bytes() / max(1, shm.total_bytes())
+        for session in list(self.sessions.live.values()):
+            self._upkeep_session(session)
+        for session in self.sessions.expire(self.config.session_idle_s):
+            log.info("session %s expired", session.key)
+
+    def _upkeep_session(self, session: Session) -> None:
+        indexed_to = self._pop_indexed(session)
+        if session.notify_indexed and indexed_to and session.owner is not None:
+            self.send(session.owner, {"op": "indexed", "session": session.key, "up_to": indexed_to})
+        if session.draining and not session.unindexed:
+            self._closed(session)
+        if self.sessions.state(session) == ACTIVE and session.owner is not None:
+            level, limit = session.level, session.limit
+            stalled = limit <= self.sessions.last_seq(session)
+            grant = self._grant(session)
+            if session.level != level or (stalled and session.limit > limit):
+                self.send(session.owner, {"op": "status", "session": session.key, **grant})
+
+    @staticmethod
+    def _pop_indexed(session: Session) -> int:
+        """Forget the session's batches that are now in the graph; returns the
+        last sequence newly known to be indexed (0 if none)."""
+        done = 0
+        while session.unindexed:
+            end, spans = session.unindexed[0]
+            if any(seg.indexed < slot_end for seg, slot_end in spans):
+                break
+            session.unindexed.popleft()
+            done = end
+        return done
+
+    def close(self) -> None:
+        self.reader.close()
+        self.directory.close()
+        self.writer.spaces.clear()
+        self.sessions.close()
+        for seg in self._segments:
+            seg.close()
+        self._segments.clear()
+
+
+def _tail(values, skip: int):
+    return values if values is None or not skip else values[skip:]
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    engine, config_json, incarnation = argv[0], argv[1], int(argv[2])
+    config = EngineConfig(**json.loads(config_json))
+    logging.basicConfig(level=os.environ.get("ENGRAM_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    warm()
+    catalog = Catalog.attach(engine)
+    front = Front(config, catalog, SessionTable(shm.attach(table_name(engine))))
+
+    def stop(signum, frame):
+        front.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+
+    def ready():
+        catalog.header[FRONT_INCARNATION] = incarnation
+        catalog.header[FRONT_PID] = os.getpid()
+
+    try:
+        front.serve(config.endpoint, ready)
+    finally:
+        front.close()
+        catalog.close()
+
+
+if __name__ == "__main__":
+    main()

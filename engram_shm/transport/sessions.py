@@ -1,0 +1,148 @@
+"""Sessions of the streaming front, kept in a shared-memory table so that a
+restarted front resumes them (a client's `init {resume}` finds its last acked
+sequence after a front crash as after a reconnect).
+
+Block `engram_<engine>_sessions` (created by the server, written by the front):
+
+| array | dtype | shape            | meaning                                        |
+|-------|-------|------------------|------------------------------------------------|
+| rows  | int64 | [MAX_SESSIONS, 8]| state, last acked seq, priority, created ns,   |
+|       |       |                  | last seen ns                                   |
+| keys  | uint8 | [MAX_SESSIONS,16]| the session id's 16 random bytes               |
+
+State 0 marks a free row. Everything else about a session (its connection,
+granted limit, pending close) lives in the front's memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import NotSessionOwner, SessionClosed, SessionLimit, SessionPaused, UnknownSession, WrongType
+from ..store import shm
+from .protocol import PRIORITIES
+
+MAX_SESSIONS = 4096
+FREE, ACTIVE, PAUSED, CLOSED = 0, 1, 2, 3
+STATE_NAMES = {ACTIVE: "active", PAUSED: "paused", CLOSED: "closed"}
+R_STATE, R_LAST_SEQ, R_PRIORITY, R_CREATED, R_SEEN = range(5)
+_ROWS_BYTES = MAX_SESSIONS * 8 * 8
+
+
+def table_name(engine: str) -> str:
+    return shm.block_name(engine, "sessions")
+
+
+def create_table(engine: str):
+    return shm.create(table_name(engine), _ROWS_BYTES + MAX_SESSIONS * 16)
+
+
+@dataclass(eq=False)
+class Session:
+    key: str
+    row: int
+    priority: str
+    owner: bytes | None = None
+    limit: int = 0
+    level: str = "normal"
+    space: str | None = None
+    notify_indexed: bool = False
+    # (last seq of a batch, [(segment, end slot)]) not yet known to be indexed
+    unindexed: collections.deque = field(default_factory=collections.deque)
+    close_rid: object = None
+    close_owner: bytes | None = None
+    draining: bool = False
+
+
+class SessionTable:
+    def __init__(self, block):
+        self.block = block
+        self.rows = np.ndarray((MAX_SESSIONS, 8), np.int64, buffer=block.buf)
+        self.keys = np.ndarray((MAX_SESSIONS, 16), np.uint8, buffer=block.buf, offset=_ROWS_BYTES)
+        self.live: dict[str, Session] = {}
+        for row in np.nonzero(self.rows[:, R_STATE] != FREE)[0].tolist():
+            key = self.keys[row].tobytes().hex()
+            self.live[key] = Session(key, row, PRIORITIES[int(self.rows[row, R_PRIORITY])])
+
+    # -- lifecycle ---------------------------------------------------------------
+    def open(self, priority: str, owner: bytes) -> Session:
+        if priority not in PRIORITIES:
+            raise WrongType(f"priority must be one of {PRIORITIES}, got {priority!r}", field="priority")
+        free = np.nonzero(self.rows[:, R_STATE] == FREE)[0]
+        if not len(free):
+            raise SessionLimit(f"the server holds {MAX_SESSIONS} sessions; close some or wait for "
+                               "idle ones to expire", retry_after_ms=1000)
+        row = int(free[0])
+        raw = secrets.token_bytes(16)
+        now = time.time_ns()
+        self.keys[row] = np.frombuffer(raw, np.uint8)
+        self.rows[row, [R_LAST_SEQ, R_PRIORITY, R_CREATED, R_SEEN]] = [
+            0, PRIORITIES.index(priority), now, now]
+        self.rows[row, R_STATE] = ACTIVE
+        session = Session(raw.hex(), row, priority, owner)
+        self.live[session.key] = session
+        return session
+
+    def resume(self, key: str, owner: bytes) -> Session:
+        """Give a session to a new connection (a reconnect)."""
+        session = self.live.get(key)
+        if session is None:
+            raise UnknownSession(f"no session {key!r} (never opened, or expired)", session=key)
+        if self.state(session) == CLOSED:
+            raise SessionClosed(f"session {key!r} is closed", session=key)
+        session.owner = owner
+        self.touch(session)
+        return session
+
+    def get(self, key, owner: bytes, allow_paused: bool = False) -> Session:
+        """The session an op names, checked for existence, owner and state."""
+        if not isinstance(key, str):
+            raise WrongType("field 'session' must be str", field="session")
+        session = self.live.get(key)
+        if session is None:
+            raise UnknownSession(f"no session {key!r} (never opened, or expired)", session=key)
+        state = self.state(session)
+        if state == CLOSED:
+            raise SessionClosed(f"session {key!r} is closed", session=key)
+        if session.owner != owner:
+            raise NotSessionOwner(f"session {key!r} belongs to another connection; "
+                                  "init with resume to take it over", session=key)
+        if state == PAUSED and not allow_paused:
+            raise SessionPaused(f"session {key!r} is paused", session=key)
+        self.touch(session)
+        return session
+
+    def set_state(self, session: Session, state: int) -> None:
+        self.rows[session.row, R_STATE] = state
+
+    def state(self, session: Session) -> int:
+        return int(self.rows[session.row, R_STATE])
+
+    def last_seq(self, session: Session) -> int:
+        return int(self.rows[session.row, R_LAST_SEQ])
+
+    def set_last_seq(self, session: Session, seq: int) -> None:
+        self.rows[session.row, R_LAST_SEQ] = seq
+
+    def touch(self, session: Session) -> None:
+        self.rows[session.row, R_SEEN] = time.time_ns()
+
+    def expire(self, idle_s: float) -> list[Session]:
+        """Free the rows of sessions idle for longer than idle_s (closed ones
+        too: their id then answers unknown_session)."""
+        cutoff = time.time_ns() - int(idle_s * 1e9)
+        gone = [s for s in self.live.values() if self.rows[s.row, R_SEEN] < cutoff and not s.draining]
+        for s in gone:
+            self.rows[s.row, R_STATE] = FREE
+            del self.live[s.key]
+        return gone
+
+    def close(self) -> None:
+        self.rows = self.keys = None
+        self.live.clear()
+        shm.close(self.block)
