@@ -97,3 +97,14 @@ def graph_violations(g, n: int, M: int) -> list[str]:
         bad.append(f"{int((~seen).sum())} nodes unreachable from the entry point, e.g. "
                    f"{np.nonzero(~seen)[0][:5].tolist()}")
     return bad
+
+
+def levels(seed: int, generations: np.ndarray, M: int, max_level: int) -> np.ndarray:
+    """HNSW levels from splitmix64(seed, generation), in numpy uint64 arithmetic."""
+    with np.errstate(over="ignore"):
+        z = generations.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    u = 1.0 - (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return np.minimum(np.floor(-np.log(u) / np.log(M)), max_level).astype(np.int32)

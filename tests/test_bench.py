@@ -30,3 +30,13 @@ def test_scaling_quick_compares_worker_counts():
         assert r["insert_per_s"] > 0
     assert rows[1]["segments"] >= 2  # the hot space spread over both writers
     assert "x 1st" in out
+
+
+def test_ingest_quick_compares_with_the_raw_transport():
+    out = subprocess.run([sys.executable, "-m", "bench.ingest", "--quick"], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["system"] for r in rows] == ["raw_zmq", "raw_zmq_shm", "engram_shm", "engram_shm_client"]
+    for r in rows:
+        assert {"bench", "system", "batch", "dim", "obs_per_s"} <= set(r) and r["obs_per_s"] > 0
+    assert "x raw_zmq" in out

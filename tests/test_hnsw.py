@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 
 from engram_shm.errors import InvalidArgument
 from engram_shm.kernels import hnsw
+from engram_shm.kernels.rows import draw_levels
 from engram_shm.store.layout import MAX_LEVEL
-from engram_shm.store.space import draw_levels
 from engram_shm.synthetic import clustered
 
 import naive
@@ -21,7 +21,7 @@ def build(data, M=16, ef_c=100, metric="cosine", dtype="f32", chunks=1, seed=7, 
     store = data.astype(np.float32) if dtype == "f32" else data.astype(np.float16).view(np.uint16)
     store = np.ascontiguousarray(store)
     gens = np.arange(1, n + 1, dtype=np.uint64)
-    g = hnsw.new_graph(draw_levels(seed, gens, M), M, MAX_LEVEL)
+    g = hnsw.new_graph(draw_levels(seed, gens, M, MAX_LEVEL), M, MAX_LEVEL)
     sc = hnsw.new_scratch(n, dim, M, max(ef_c, 256))
     bounds = np.linspace(0, n if upto is None else upto, chunks + 1).astype(int)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -83,7 +83,7 @@ def test_graph_invariants_after_random_insert_sequences(case):
     data, M, metric, cuts, ef_c = case
     n, dim = data.shape
     gens = np.arange(1, n + 1, dtype=np.uint64)
-    g = hnsw.new_graph(draw_levels(3, gens, M), M, MAX_LEVEL)
+    g = hnsw.new_graph(draw_levels(3, gens, M, MAX_LEVEL), M, MAX_LEVEL)
     sc = hnsw.new_scratch(n, dim, M, ef_c)
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         hnsw.insert(data, gens, g, lo, hi, ef_c, metric, sc)
@@ -99,7 +99,7 @@ def test_reinsert_after_partial_insert_keeps_invariants(case, draw):
     if n < 2:
         return
     gens = np.arange(1, n + 1, dtype=np.uint64)
-    g = hnsw.new_graph(draw_levels(5, gens, M), M, MAX_LEVEL)
+    g = hnsw.new_graph(draw_levels(5, gens, M, MAX_LEVEL), M, MAX_LEVEL)
     sc = hnsw.new_scratch(n, dim, M, ef_c)
     q = draw.draw(st.integers(1, n - 1))
     hnsw.insert(data, gens, g, 0, q + 1, ef_c, metric, sc)
@@ -193,7 +193,7 @@ def test_repair_finishes_a_half_rewritten_list(case, draw):
     data, M, metric, _, ef_c = case
     n, dim = data.shape
     gens = np.arange(1, n + 1, dtype=np.uint64)
-    g = hnsw.new_graph(draw_levels(9, gens, M), M, MAX_LEVEL)
+    g = hnsw.new_graph(draw_levels(9, gens, M, MAX_LEVEL), M, MAX_LEVEL)
     sc = hnsw.new_scratch(n, dim, M, ef_c)
     hnsw.insert(data, gens, g, 0, n, ef_c, metric, sc)
     node = draw.draw(st.integers(0, n - 1))

@@ -8,12 +8,13 @@ import pytest
 from engram_shm import Engine
 from engram_shm.errors import EngineInUse, ShmFull
 from engram_shm.kernels.ids import fnv1a
+from engram_shm.kernels.rows import append_rows, draw_levels
 from engram_shm.observations import prepare
 from engram_shm.store import shm
 from engram_shm.store.catalog import Catalog, SpaceParams, collect_stale, segment_name
-from engram_shm.store.layout import ENTRY, SegmentLayout
+from engram_shm.store.layout import ENTRY, MAX_LEVEL, SegmentLayout
 from engram_shm.store.segment import Segment
-from engram_shm.store.space import SpaceWriter, draw_levels
+from engram_shm.store.space import SpaceWriter
 
 import naive
 
@@ -127,8 +128,9 @@ def test_ids_hash_like_fnv1a():
 
 def test_levels_are_reproducible_and_geometric():
     gens = np.arange(1, 200001, dtype=np.uint64)
-    a = draw_levels(7, gens, 16)
-    assert (a == draw_levels(7, gens, 16)).all() and not (a == draw_levels(8, gens, 16)).all()
+    a = draw_levels(7, gens, 16, MAX_LEVEL)
+    np.testing.assert_array_equal(a, naive.levels(7, gens, 16, MAX_LEVEL))
+    assert not (a == draw_levels(8, gens, 16, MAX_LEVEL)).all()
     share = (a > 0).mean()
     assert abs(share - 1 / 16) < 0.005, share
 
@@ -154,3 +156,33 @@ def test_space_writer_splits_large_batches_over_open_segments():
         for s in segments:
             s.close()
         cat.close()
+
+
+def test_a_batch_lands_in_the_columns_as_the_naive_write_would():
+    data = np.random.default_rng(8).normal(size=(40, 6))
+    batch = prepare([f"id{i}" for i in range(40)], data, what=[f"t{i}é" * (i % 4) for i in range(40)],
+                    when=np.arange(40.0), confidence=np.linspace(0, 1, 40), dim=6, metric="cosine",
+                    dtype="f16")
+    layout = SegmentLayout(capacity=64, dim=6, dtype="f16", M=4, arena_capacity=4096)
+    seg = Segment.create("engram_t-rows_000001", layout, metric=0, space=0, segment_no=0)
+    try:
+        levels = draw_levels(3, np.arange(100, 140, dtype=np.uint64), 4, MAX_LEVEL)
+        assert append_rows(seg.w, batch, 100, levels, 10, 40, 5, 7, 2) == 2 + int((levels[10:] > 0).sum())
+        c = seg.r
+        rows = slice(5, 35)
+        want = data[10:] / np.linalg.norm(data[10:], axis=1, keepdims=True)
+        np.testing.assert_array_equal(c.vectors[rows].view(np.float16), want.astype(np.float16))
+        assert c.generation[rows].tolist() == list(range(110, 140))
+        np.testing.assert_array_equal(c.when[rows], np.arange(10.0, 40.0))
+        np.testing.assert_allclose(c.confidence[rows], np.linspace(0, 1, 40)[10:], rtol=1e-6)
+        assert c.level[rows].tolist() == levels[10:].tolist()
+        tall = np.cumsum(levels[10:] > 0) + 1
+        assert c.upper_row[rows].tolist() == np.where(levels[10:] > 0, tall, -1).tolist()
+        for slot, i in zip(range(5, 35), range(10, 40)):
+            start = 7 if slot == 5 else int(c.text_end[slot - 1])
+            raw = c.arena[start:c.text_end[slot]].tobytes()
+            assert raw == f"id{i}".encode() + (f"t{i}é" * (i % 4)).encode()
+            assert c.id_hash[slot] == naive.fnv1a(f"id{i}".encode())
+    finally:
+        seg.close()
+        shm.unlink(seg.name)

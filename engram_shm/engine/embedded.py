@@ -90,7 +90,7 @@ class Engine(Recalls):
             self._indexing.stop()
         self.reader.close()
         self.directory.close()
-        self.writer.spaces.clear()
+        self.writer.close()
         self._finalizer()
 
     def _check_open(self) -> None:

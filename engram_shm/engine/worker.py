@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 IDLE_MIN_S, IDLE_MAX_S = 0.001, 0.02
 ORPHAN_CHECK_S = 1.0
+WORKER_NICENESS = 10
 
 
 class _Stop:
@@ -38,6 +39,7 @@ class _Stop:
 
 def run(engine: str, worker: int, workers: int, incarnation: int) -> None:
     stop = _Stop()
+    os.nice(WORKER_NICENESS)  # the front and recalls come first; indexing takes what is left
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     warm(readers=False)

@@ -16,6 +16,7 @@ from ..config import EngineConfig
 from ..errors import InvalidArgument, SpaceExists
 from ..observations import Batch, Limits, prepare
 from ..store.catalog import Catalog, SpaceParams, segment_name
+from ..store.prefault import Prefaulter
 from ..store.segment import Segment
 from ..store.space import SpaceWriter
 
@@ -48,6 +49,7 @@ class EngineWriter:
         self.limits = Limits(config.max_id_bytes, config.max_text_bytes)
         self.on_new_segment = on_new_segment
         self.spaces: dict[str, SpaceWriter] = {}
+        self.prefault = Prefaulter()
 
     def params(self, name: str, dim: int, dtype: str | None = None, metric: str | None = None,
                M: int | None = None, ef_construction: int | None = None,
@@ -78,7 +80,7 @@ class EngineWriter:
         c = self.config
         arena = max(c.segment_capacity * c.text_bytes_per_observation, c.max_id_bytes + c.max_text_bytes)
         return SpaceWriter(self.catalog, index, params, c.segment_capacity, arena, c.worker_count,
-                           self.on_new_segment)
+                           self.on_new_segment, self.prefault)
 
     def prepare(self, space: str, ids, vectors, what=None, when=None,
                 confidence=None) -> tuple[SpaceParams, Batch]:
@@ -122,6 +124,12 @@ class EngineWriter:
         highest = max((w.bury_uncommitted(committed) for w in self.spaces.values()), default=0)
         self.catalog.publish_generation(max(committed, highest))
         return sum(w.count for w in self.spaces.values())
+
+
+    def close(self) -> None:
+        """Stop background work (before the segments are unmapped)."""
+        self.prefault.close()
+        self.spaces.clear()
 
 
 def attach_writable(engine: str) -> Callable[[int], Segment]:

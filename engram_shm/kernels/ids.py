@@ -11,12 +11,17 @@ _PRIME = np.uint64(0x100000001B3)
 
 
 @kernel
+def fnv1a_range(data, start, length):
+    h = _OFFSET
+    for j in range(start, start + length):
+        h = (h ^ np.uint64(data[j])) * _PRIME
+    return h
+
+
+@kernel
 def _fnv1a(data, starts, lengths, out):
     for i in range(starts.shape[0]):
-        h = _OFFSET
-        for j in range(starts[i], starts[i] + lengths[i]):
-            h = (h ^ np.uint64(data[j])) * _PRIME
-        out[i] = h
+        out[i] = fnv1a_range(data, starts[i], lengths[i])
 
 
 def fnv1a(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -71,3 +71,22 @@ def f32_to_f16_bits(typingctx, value):
         return builder.bitcast(half, ir.IntType(16))
 
     return types.uint16(types.float32), codegen
+
+
+def store_f32(arr, i, j, value):
+    """arr[i, j] = value, a float32, converted to arr's storage (jitted code only)."""
+    raise NotImplementedError("store_f32 is for jitted code")
+
+
+@overload(store_f32, inline="always")
+def _store_f32(arr, i, j, value):
+    if not isinstance(arr, types.Array):
+        return None
+    if arr.dtype == types.uint16:
+        def impl(arr, i, j, value):
+            arr[i, j] = f32_to_f16_bits(value)
+        return impl
+
+    def impl(arr, i, j, value):
+        arr[i, j] = value
+    return impl

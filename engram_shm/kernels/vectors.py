@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import InvalidArgument
 from .policy import kernel
-from .scalar import as_f32, f32_to_f16_bits
+from .scalar import as_f32, store_f32
 
 ROW_OK = 0
 ROW_NON_FINITE = 1
@@ -44,19 +44,17 @@ def _check_rows(src, bits, exponent, unit, limit, scale):
 
 
 @kernel
-def _store_rows_f32(src, scale, dst):
-    for i in range(src.shape[0]):
-        s = scale[i]  # float64: the scale of a subnormal row exceeds float32
-        for j in range(src.shape[1]):
-            dst[i, j] = np.float32(as_f32(src[i, j]) * s)
+def store_row(src, i, s, dst, slot):
+    """dst[slot] = src[i] * s in dst's storage; s is float64: the scale of a
+    subnormal row exceeds float32."""
+    for j in range(src.shape[1]):
+        store_f32(dst, slot, j, np.float32(as_f32(src[i, j]) * s))
 
 
 @kernel
-def _store_rows_f16(src, scale, dst):
+def _store_rows(src, scale, dst):
     for i in range(src.shape[0]):
-        s = scale[i]
-        for j in range(src.shape[1]):
-            dst[i, j] = f32_to_f16_bits(np.float32(as_f32(src[i, j]) * s))
+        store_row(src, i, scale[i], dst, i)
 
 
 def check_rows(src: np.ndarray, unit: bool, limit: float) -> tuple[np.ndarray, int, int]:
@@ -78,12 +76,9 @@ def store_rows(src: np.ndarray, scale: np.ndarray, dst: np.ndarray) -> None:
     _check_matrix(src)
     if dst.shape != src.shape or scale.shape != (src.shape[0],) or scale.dtype != np.float64:
         raise InvalidArgument("store_rows needs dst of the source's shape and one float64 scale per row")
-    if dst.dtype == np.float32:
-        _store_rows_f32(src, scale, dst)
-    elif dst.dtype == np.uint16:
-        _store_rows_f16(src, scale, dst)
-    else:
+    if dst.dtype not in (np.float32, np.uint16):
         raise InvalidArgument(f"storage dtype {dst.dtype} is neither float32 nor f16 bits")
+    _store_rows(src, scale, dst)
 
 
 def _check_matrix(src: np.ndarray) -> None:

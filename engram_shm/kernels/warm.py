@@ -12,6 +12,7 @@ from . import hnsw
 from .atomics import compare_and_swap
 from .distance import distances
 from .ids import fnv1a
+from .rows import append_rows, draw_levels
 from .vectors import check_rows, store_rows
 
 STORAGE_DTYPES = (np.float32, np.uint16)
@@ -21,6 +22,19 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     v = a.view()
     v.setflags(write=False)
     return v
+
+
+def _warm_append(dtype, dim: int) -> None:
+    from ..observations import prepare
+    from ..store.segment import Columns
+
+    n = 2
+    batch = prepare(["a", "b"], np.ones((n, dim)), dim=dim, metric="cosine", dtype="f32")
+    cols = Columns(np.zeros((n, dim), dtype), np.zeros(n, np.uint64), np.zeros(n), np.zeros(n, np.float32),
+                   np.zeros(n, np.uint64), np.zeros(n, np.int64), np.zeros(n, np.int32),
+                   np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
+                   np.zeros((n, 5), np.int32), np.zeros((1, 6, 3), np.int32), np.zeros(64, np.uint8))
+    append_rows(cols, batch, 1, draw_levels(0, np.arange(1, n + 1, dtype=np.uint64), 2, 6), 0, n, 0, 0, 0)
 
 
 def warm(readers: bool = True) -> float:
@@ -45,6 +59,7 @@ def warm(readers: bool = True) -> float:
             ro = hnsw.Graph(*map(_readonly, g))
             hnsw.search(_readonly(store), _readonly(gens), ro, data[0], 2, 4, n, 0, 0, n, "cosine", sc)
             distances(store, data[0], "l2")
+        _warm_append(dtype, dim)
     fnv1a(np.zeros(4, np.uint8), np.zeros(1, np.int64), np.ones(1, np.int64))
     compare_and_swap(np.zeros(1, np.int64), 0, 0, 0)
     return time.perf_counter() - start

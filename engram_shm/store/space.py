@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DuplicateId
-from ..kernels.ids import fnv1a
 from ..kernels.policy import METRIC_CODES
-from ..kernels.vectors import store_rows
+from ..kernels.rows import append_rows, draw_levels
 from ..observations import Batch
 from .catalog import Catalog, SpaceParams, segment_name
 from .layout import (
@@ -35,25 +34,11 @@ from .layout import (
     UPPER_USED,
     SegmentLayout,
 )
+from .prefault import Prefaulter
 from .segment import Segment
 
 CHUNK = 256
 BURIED = np.iinfo(np.uint64).max  # the generation of a row no snapshot will ever include
-
-
-def draw_levels(seed: int, generations: np.ndarray, M: int) -> np.ndarray:
-    """HNSW levels, floor(-ln(U) / ln(M)) capped at MAX_LEVEL, with U drawn by
-    splitmix64 from (seed, generation): the same observation always gets the
-    same level, so re-inserting after a crash or replaying a log rebuilds the
-    same graph shape."""
-    with np.errstate(over="ignore"):
-        z = generations.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    u = 1.0 - (z >> np.uint64(11)).astype(np.float64) * 2.0**-53  # (0, 1]
-    levels = np.floor(-np.log(u) / np.log(M))
-    return np.minimum(levels, MAX_LEVEL).astype(np.int32)
 
 
 @dataclass
@@ -74,7 +59,8 @@ class _Placement:
 
 class SpaceWriter:
     def __init__(self, catalog: Catalog, index: int, params: SpaceParams, capacity: int,
-                 arena_capacity: int, writers: int, on_new_segment: Callable[[int, Segment], None]):
+                 arena_capacity: int, writers: int, on_new_segment: Callable[[int, Segment], None],
+                 prefault: Prefaulter | None = None):
         self.catalog = catalog
         self.index = index
         self.params = params
@@ -84,6 +70,7 @@ class SpaceWriter:
         self.segments: list[Segment] = []
         self.open: list[Segment] = []
         self.ids: dict[str, int] = {}  # id -> (segment number << 32) | slot
+        self.prefault = prefault
 
     @property
     def count(self) -> int:
@@ -137,16 +124,18 @@ class SpaceWriter:
         have passed `check_new_ids`); returns (segment, end slot) per placement.
         Raises before writing anything if a needed segment cannot be created."""
         generations = np.arange(first_generation, first_generation + batch.n, dtype=np.uint64)
-        levels = draw_levels(self.params.seed, generations, self.params.M)
+        levels = draw_levels(self.params.seed, generations, self.params.M, MAX_LEVEL)
         placements, full = self._plan(batch, levels)
         for p in placements:
-            self._write(p, batch, generations, levels)
+            self._write(p, batch, first_generation, levels)
         for p in placements:
             self._publish(p, generations)
         for seg in self.open[:]:
             if id(seg) in full or seg.accepted == self.layout.capacity:
                 seg.header[SEALED] = 1
                 self.open.remove(seg)
+                if self.prefault is not None:
+                    self.prefault.forget(id(seg))
         positions = np.concatenate([
             (np.int64(p.segment.header[SEGMENT_NO]) << 32) + np.arange(p.at.slot, p.at.slot + p.hi - p.lo)
             for p in placements])
@@ -209,24 +198,9 @@ class SpaceWriter:
         return seg
 
     # -- writing -----------------------------------------------------------------
-    def _write(self, p: _Placement, batch: Batch, generations: np.ndarray, levels: np.ndarray) -> None:
-        w = p.segment.w
-        lo, hi = p.lo, p.hi
-        slots = slice(p.at.slot, p.at.slot + hi - lo)
-        store_rows(batch.vectors[lo:hi], batch.scale[lo:hi], w.vectors[slots])
-        w.generation[slots] = generations[lo:hi]
-        w.when[slots] = batch.when[lo:hi]
-        w.confidence[slots] = batch.confidence[lo:hi]
-        ends = batch.record_ends
-        start = int(ends[lo - 1]) if lo else 0
-        starts = np.concatenate([[start], ends[lo:hi - 1]])
-        w.id_hash[slots] = fnv1a(batch.records, starts, batch.id_lens[lo:hi])
-        w.text_end[slots] = ends[lo:hi] - start + p.at.arena
-        w.arena[p.at.arena:p.at.arena + int(ends[hi - 1]) - start] = batch.records[start:ends[hi - 1]]
-        w.id_len[slots] = batch.id_lens[lo:hi]
-        lv = levels[lo:hi]
-        w.level[slots] = lv
-        w.upper_row[slots] = np.where(lv > 0, p.at.upper + np.cumsum(lv > 0) - 1, -1)
+    def _write(self, p: _Placement, batch: Batch, first_generation: int, levels: np.ndarray) -> None:
+        append_rows(p.segment.w, batch, first_generation, levels, p.lo, p.hi, p.at.slot, p.at.arena,
+                    p.at.upper)
 
     def _publish(self, p: _Placement, generations: np.ndarray) -> None:
         header, w = p.segment.header, p.segment.w
@@ -237,3 +211,7 @@ class SpaceWriter:
         header[ARENA_USED] = int(w.text_end[end - 1])
         header[UPPER_USED] = p.at.upper + int((w.level[p.at.slot:end] > 0).sum())
         header[ACCEPTED] = end  # last: the rows become visible
+        if self.prefault is not None:
+            vectors = w.vectors
+            self.prefault.ahead(id(p.segment), vectors.ctypes.data, end * vectors.strides[0],
+                                vectors.nbytes)

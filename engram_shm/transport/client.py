@@ -143,9 +143,23 @@ class Client:
                                     for v in column[sl]]
             fields, frame = p.vector_payload(vectors[sl])
             header.update(fields)
+            self._wait_for_room()
             self._queue.append(_Batch(header, bytes(frame), len(header["ids"])))
             self._drive()
         self._raise_errors()
+
+    def _wait_for_room(self) -> None:
+        """Block while the queue holds more than twice the credit window: the
+        producer slows to what the server accepts instead of buffering without
+        bound."""
+        bound = 2 * max(self.batch_size, self.limit - self.last_acked, 1)
+        deadline = time.monotonic() + self.timeout
+        while sum(b.n for b in self._queue) >= bound:
+            self._drive()
+            if not self._pump(0.05) and time.monotonic() > deadline:
+                self.reconnect()
+                deadline = time.monotonic() + self.timeout
+            bound = 2 * max(self.batch_size, self.limit - self.last_acked, 1)
 
     def _flush_pending(self, space: str) -> None:
         rows = self._pending.pop(space, [])

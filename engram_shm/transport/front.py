@@ -349,7 +349,7 @@ class Front:
     def close(self) -> None:
         self.reader.close()
         self.directory.close()
-        self.writer.spaces.clear()
+        self.writer.close()
         self.sessions.close()
         for seg in self._segments:
             seg.close()

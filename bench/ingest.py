@@ -1,0 +1,211 @@
+"""Ingest benchmark: engram_shm's accepted rate against the raw transport
+ceiling, in one run, on the same messages.
+
+    python -m bench.ingest [--batches 200] [--batch 256] [--dim 768] [--quick]
+
+- raw_zmq: a pyzmq ROUTER process that receives the same msgpack batches,
+  unpacks the header, copies the vectors out of the frame and acks with
+  credit, doing nothing else: the ceiling of the transport.
+- raw_zmq_shm: the same loop, but the copy goes into fresh shared memory, as
+  storing must: on a VM, faulting in new tmpfs pages is much of the cost of
+  storing anything.
+- engram_shm: `engram-shm serve` (its front validates, normalises, stores in
+  shared memory as f16 and acks; two index workers run meanwhile).
+- engram_shm_client: the same server fed through `engram_shm.Client`
+  (building its messages from numpy arrays).
+
+The first two are driven by one sender that pipelines pre-built messages and
+keeps at most the granted credit in flight, as the Client does. While the
+engram run streams, a second connection recalls 10 times a second; its
+latency is reported. Prints JSON lines (bench, system, batch, dim, obs_per_s)
+and a table with the ratio to raw_zmq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import numpy as np
+import zmq
+
+from engram_shm import Client
+from engram_shm.store import shm
+from engram_shm.synthetic import clustered
+from engram_shm.transport import protocol as p
+from engram_shm.transport.launch import free_port, running_server
+
+from .report import emit, table
+
+CREDIT = 4096
+
+
+def raw_server(endpoint: str, store_bytes: int = 0) -> None:
+    """The ceiling: receive, unpack, copy the vectors, ack with credit. With
+    store_bytes, the copy goes into fresh shared memory instead of a reused
+    heap buffer: what putting bytes into new tmpfs pages costs here."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    block = shm.create(f"engram_bench-raw-{os.getpid()}_000000", store_bytes) if store_bytes else None
+    at = 0
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        header = msgpack.unpackb(frames[1].buffer, raw=False)
+        if header["op"] == "init":
+            sock.send_multipart([frames[0].bytes, msgpack.packb({"op": "init_ack", "session": "raw",
+                                                                  "limit": CREDIT, "credit": CREDIT})])
+            continue
+        if header["op"] == "stop":
+            break
+        n, dim = header["shape"]
+        vectors = np.frombuffer(frames[2].buffer, np.float32).reshape(n, dim)
+        if block is None:
+            vectors = vectors.copy()
+        else:
+            rows = np.ndarray((n, dim), np.float32, buffer=block.buf, offset=at)
+            rows[:] = vectors
+            at += rows.nbytes
+            del rows
+        end = header["seq"] + n - 1
+        sock.send_multipart([frames[0].bytes, msgpack.packb(
+            {"op": "ack", "rid": header["rid"], "from": header["seq"], "to": end,
+             "credit": CREDIT, "limit": end + CREDIT, "rows": len(vectors)})])
+    if block is not None:
+        shm.destroy(block)
+
+
+def run_raw(batches, store_bytes: int = 0) -> float:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    raw = subprocess.Popen([sys.executable, "-m", "bench.ingest", "--raw-server", endpoint,
+                            "--raw-store-bytes", str(store_bytes)])
+    try:
+        seconds = send_all(endpoint, batches)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(endpoint)
+        sock.send_multipart(p.pack({"op": "stop"}))
+        raw.wait(10)
+        sock.close(linger=100)
+    finally:
+        raw.kill()
+    return seconds
+
+
+def messages(data: np.ndarray, batch: int) -> list[tuple[dict, bytes]]:
+    out = []
+    for lo in range(0, len(data), batch):
+        rows = data[lo:lo + batch]
+        header = {"op": "observe_batch", "space": "ingest",
+                  "ids": [f"o{i}" for i in range(lo, lo + len(rows))],
+                  "what": ["an observation of the ingest benchmark"] * len(rows), "dtype": "f32",
+                  "shape": list(rows.shape)}
+        out.append((header, rows.tobytes()))
+    return out
+
+
+def send_all(endpoint: str, batches: list[tuple[dict, bytes]]) -> float:
+    """Pipeline the batches within the granted credit; seconds until all acked."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    sock.send_multipart(p.pack({"op": "init"}))
+    ack = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
+    session, limit = ack["session"], ack["limit"]
+    start = time.perf_counter()
+    seq, acked, sent = 1, 0, 0
+    while acked < len(batches):
+        while sent < len(batches) and seq + batches[sent][0]["shape"][0] - 1 <= limit:
+            header, payload = batches[sent]
+            sock.send_multipart(p.pack({**header, "session": session, "seq": seq, "rid": sent}, payload),
+                                copy=False)
+            seq += header["shape"][0]
+            sent += 1
+        reply = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
+        if reply["op"] == "ack":
+            acked += 1
+            limit = max(limit, reply["limit"])
+        elif reply["op"] == "status":
+            limit = max(limit, reply["limit"])
+        else:
+            raise RuntimeError(f"refused: {reply}")
+    elapsed = time.perf_counter() - start
+    sock.close()
+    return elapsed
+
+
+def recall_while(endpoint: str, cue: np.ndarray, stop: threading.Event, out: list) -> None:
+    with Client(endpoint) as c:
+        while not stop.wait(0.1):
+            t = time.perf_counter()
+            try:
+                c.recall("ingest", cue, k=10, consistency="strong")
+            except Exception:
+                continue  # the space may not exist for the first tenth of a second
+            out.append(time.perf_counter() - t)
+
+
+def row(system: str, n: int, batch: int, dim: int, seconds: float, **extra) -> dict:
+    return {"bench": "ingest", "system": system, "batch": batch, "dim": dim,
+            "obs_per_s": round(n / seconds, 1), "observations": n, **extra}
+
+
+COLUMNS = [("system", "system", ""), ("batch", "batch", "d"), ("dim", "dim", "d"),
+           ("obs/s", "obs_per_s", ".0f"), ("x raw_zmq", "x obs_per_s", ".2f")]
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a small run (20 batches x 64 dims)")
+    ap.add_argument("--raw-server", help=argparse.SUPPRESS)
+    ap.add_argument("--raw-store-bytes", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.raw_server:
+        raw_server(args.raw_server, args.raw_store_bytes)
+        return []
+    if args.quick:
+        args.batches, args.dim = 20, 64
+    n = args.batches * args.batch
+    data = clustered(n, args.dim, seed=args.seed)
+    batches = messages(data, args.batch)
+    print(f"# {args.batches} batches of {args.batch} x {args.dim} float32 observations", flush=True)
+
+    rows = [emit(row("raw_zmq", n, args.batch, args.dim, run_raw(batches))),
+            emit(row("raw_zmq_shm", n, args.batch, args.dim, run_raw(batches, n * args.dim * 4)))]
+
+    ring = str(2 * n + 1024)
+    with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, _):
+        latencies, stop = [], threading.Event()
+        reader = threading.Thread(target=recall_while, args=(endpoint, data[0], stop, latencies))
+        reader.start()
+        try:
+            seconds = send_all(endpoint, batches)
+        finally:
+            stop.set()
+            reader.join()
+        lat = np.array(latencies or [np.nan]) * 1e3
+        rows.append(emit(row("engram_shm", n, args.batch, args.dim, seconds,
+                             recalls=len(latencies),
+                             recall_p50_ms=round(float(np.percentile(lat, 50)), 3),
+                             recall_p99_ms=round(float(np.percentile(lat, 99)), 3))))
+    with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, _):
+        with Client(endpoint, batch_size=args.batch, timeout=120) as c:
+            ids = [f"o{i}" for i in range(n)]
+            start = time.perf_counter()
+            c.observe_batch("ingest", ids, data)
+            c.flush()
+            rows.append(emit(row("engram_shm_client", n, args.batch, args.dim,
+                                 time.perf_counter() - start)))
+    print(table("ingest benchmark", rows, COLUMNS))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Start a real server process on a free loopback port (tests, benchmarks,
+examples): started with the CLI, ready when it answers a ping, stopped with
+SIGINT, and killed (its shared memory collected) if it does not stop in time."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from ..store import shm
+from ..store.catalog import collect_stale
+from .client import Client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0):
+    """Yields (endpoint, engine name, process) of a server run with extra CLI
+    flags; on exit stops it and checks its shared memory is gone."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    name = f"t-srv-{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", "serve", "--endpoint", endpoint,
+                             "--name", name, "--workers", str(workers), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read()[-3000:]}")
+            try:
+                with Client(endpoint, timeout=1.0) as c:
+                    c.ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield endpoint, name, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        collect_stale(name, min_age_s=0)
+        assert shm.list_blocks(name) == [], f"server {name} left shared memory behind"
