@@ -34,3 +34,19 @@ def test_bad_environment_is_refused(monkeypatch):
     monkeypatch.setenv("ENGRAM_WORKERS", "many")
     with pytest.raises(InvalidArgument):
         EngineConfig.from_env()
+
+
+def test_a_toml_file_sits_between_defaults_and_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENGRAM_M", raising=False)
+    path = tmp_path / "engram.toml"
+    path.write_text('[engram]\nM = 12\nendpoint = "tcp://127.0.0.1:6000"\nsession_idle_s = 5\n')
+    c = config_from(build_parser().parse_args(["serve", "--config", str(path), "--M", "20"]))
+    assert (c.M, c.endpoint, c.session_idle_s) == (20, "tcp://127.0.0.1:6000", 5.0)
+    c = config_from(build_parser().parse_args(["serve", "--config", str(path)]))
+    assert c.M == 12
+    path.write_text("M = 12\nbogus = 1\n")
+    with pytest.raises(InvalidArgument, match="bogus"):
+        config_from(build_parser().parse_args(["serve", "--config", str(path)]))
+    path.write_text('M = "twelve"\n')
+    with pytest.raises(InvalidArgument):
+        config_from(build_parser().parse_args(["serve", "--config", str(path)]))

@@ -33,6 +33,7 @@ WATCH_S = 0.05
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 5.0
 STABLE_S = 10.0  # a child that lived this long restarts at once
 STOP_GRACE_S = 10.0
+STARTUP_DEATHS = 3  # deaths of a child never yet ready that fail the start
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -55,6 +56,8 @@ class _Child:
         self.backoff = BACKOFF_MIN_S
         self.restart_at: float | None = None
         self.restarts = 0
+        self.ever_ready = False
+        self.last_exit: int | None = None
 
 
 def index_worker_specs(catalog: Catalog, workers: int,
@@ -90,21 +93,30 @@ class Supervisor:
         return cls(index_worker_specs(catalog, workers, segments))
 
     def start(self) -> None:
-        """Start every child and wait until each is ready."""
+        """Start every child and wait until each is ready. A child that dies
+        meanwhile is restarted like any other time; one that keeps dying (a
+        crash loop: STARTUP_DEATHS deaths before it was ever ready) fails the
+        start with its exit code."""
         warm()
-        for child in self._children:
-            self._spawn(child)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not all(self._check_ready(c) for c in self._children):
-            dead = [c for c in self._children if c.process.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                self.stop()
-                why = f"exited with code {dead[0].process.returncode}" if dead else \
-                    f"was not ready within {READY_TIMEOUT_S:.0f} s"
-                raise IndexFailed(f"{(dead or self._children)[0].spec.name} {why}")
-            time.sleep(0.01)
+        with self._lock:
+            for child in self._children:
+                self._spawn(child)
         self._watcher = threading.Thread(target=self._watch, name="engram-supervisor", daemon=True)
         self._watcher.start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            with self._lock:
+                if all(self._check_ready(c) for c in self._children):
+                    return
+                looping = [c for c in self._children if c.ever_ready is False
+                           and c.restarts >= STARTUP_DEATHS]
+            if looping or time.monotonic() > deadline:
+                why = (f"died {looping[0].restarts} times while starting (last exit code "
+                       f"{looping[0].last_exit})" if looping else
+                       f"was not ready within {READY_TIMEOUT_S:.0f} s")
+                self.stop()
+                raise IndexFailed(f"{(looping or self._children)[0].spec.name} {why}")
+            time.sleep(0.01)
 
     def _spawn(self, child: _Child) -> None:
         env = dict(os.environ)
@@ -118,24 +130,32 @@ class Supervisor:
         if child.ready_s is None and child.process is not None and \
                 child.spec.ready(child.process.pid, child.incarnation):
             child.ready_s = time.monotonic() - child.started
+            child.ever_ready = True
         return child.ready_s is not None
 
     def _watch(self) -> None:
         while not self._stopping.wait(WATCH_S):
-            now = time.monotonic()
-            with self._lock:
-                for child in self._children:
-                    if child.process is not None:
-                        self._check_ready(child)
-                        if child.process.poll() is not None:
-                            self._reap(child, now)
-                    elif child.restart_at is not None and now >= child.restart_at:
-                        child.incarnation += 1
-                        child.restart_at = None
-                        self._spawn(child)
+            try:
+                self._watch_once()
+            except Exception:  # the supervisor must outlive any one failure
+                log.exception("supervisor: watching the children failed; retrying")
+
+    def _watch_once(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for child in self._children:
+                if child.process is not None:
+                    self._check_ready(child)
+                    if child.process.poll() is not None:
+                        self._reap(child, now)
+                elif child.restart_at is not None and now >= child.restart_at:
+                    child.incarnation += 1
+                    child.restart_at = None
+                    self._spawn(child)
 
     def _reap(self, child: _Child, now: float) -> None:
         p, child.process = child.process, None
+        child.last_exit = p.returncode
         child.spec.on_exit(child.incarnation)
         child.restarts += 1
         lived = now - child.started

@@ -89,11 +89,11 @@ class Client:
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.connect(self.endpoint)
 
-    def _handshake(self, resume: str | None) -> None:
+    def _handshake(self, resume: str | None, timeout: float | None = None) -> None:
         header = {"op": "init", "priority": self.priority, "notify_indexed": self.notify_indexed}
         if resume:
             header["resume"] = resume
-        ack = self._request(header)[0]
+        ack = self._request(header, timeout=timeout)[0]
         self.session = ack["session"]
         self.capabilities = ack["capabilities"]
         self.max_batch = ack["max_batch"]
@@ -106,13 +106,23 @@ class Client:
             b.start = b.rid = None
         self._by_rid.clear()
 
-    def reconnect(self) -> None:
-        """A fresh socket, the same session: re-send what was not acked."""
-        self.reconnects += 1
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._connect()
-        self._handshake(self.session)
+    def reconnect(self, deadline: float | None = None) -> None:
+        """A fresh socket, the same session: re-send what was not acked.
+        Retries until `deadline` (default: timeout from now) while the server
+        does not answer (it may be restarting)."""
+        deadline = time.monotonic() + self.timeout if deadline is None else deadline
+        while True:
+            self.reconnects += 1
+            if self._sock is not None:
+                self._sock.close(linger=0)
+            self._connect()
+            try:
+                self._handshake(self.session, timeout=min(self.timeout,
+                                                          max(0.5, deadline - time.monotonic())))
+                break
+            except ClientTimeout:
+                if time.monotonic() >= deadline:
+                    raise
         self._drive()
 
     def _grant(self, msg: dict) -> None:
@@ -176,15 +186,20 @@ class Client:
         last acked sequence. Raises the first refusal seen since the last call."""
         for space in list(self._pending):
             self._flush_pending(space)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        patience = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + patience
         if self.paused and self._queue:
             raise SessionPaused("the session is paused: resume() before flushing", queued=len(self._queue))
+        silent_since = time.monotonic()
         while self._queue:
             self._drive()
-            if not self._pump(min(0.05, max(0.0, deadline - time.monotonic()))) and \
-                    time.monotonic() > deadline:
-                self.reconnect()
-                deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            if self._pump(min(0.05, max(0.0, deadline - time.monotonic()))):
+                silent_since = time.monotonic()
+            elif time.monotonic() - silent_since > min(self.timeout, patience):
+                if time.monotonic() > deadline:
+                    raise ClientTimeout(f"{len(self._queue)} batches still unacked after {patience} s")
+                self.reconnect(deadline)
+                silent_since = time.monotonic()
         self._raise_errors()
         return self.last_acked
 

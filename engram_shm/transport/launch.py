@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from ..store import shm
@@ -30,15 +32,18 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0):
     port = free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     name = f"t-srv-{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", "serve", "--endpoint", endpoint,
-                             "--name", name, "--workers", str(workers), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # The server's output goes to a file (a pipe nobody reads could block it).
+    log_path = os.path.join(tempfile.gettempdir(), f"engram-{name}.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", "serve", "--endpoint",
+                                 endpoint, "--name", name, "--workers", str(workers), *flags],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.output = lambda: pathlib.Path(log_path).read_text()
     try:
         deadline = time.monotonic() + startup_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()[-3000:]}")
+                raise RuntimeError(f"server exited: {proc.output()[-3000:]}")
             try:
                 with Client(endpoint, timeout=1.0) as c:
                     c.ping()

@@ -1,0 +1,104 @@
+"""The server process: CLI round trip, clean shutdown, idle expiry, status
+pushes, and a front that is killed and restarted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from engram_shm import Client
+from engram_shm.errors import UnknownSession
+from engram_shm.store import shm
+from engram_shm.synthetic import clustered
+from engram_shm.transport.launch import running_server
+
+DIM = 16
+
+
+def test_cli_observe_a_file_then_recall(tmp_path):
+    data = clustered(600, DIM, seed=81)
+    path = tmp_path / "obs.jsonl"
+    with open(path, "w") as f:
+        for i, v in enumerate(data):
+            f.write(json.dumps({"id": f"j{i}", "vector": v.tolist(), "what": f"line {i}"}) + "\n")
+    with running_server() as (endpoint, name, proc):
+        r = subprocess.run([sys.executable, "-m", "engram_shm.cli", "observe", str(path), "--space",
+                            "file", "--endpoint", endpoint], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "600 observations acked" in r.stdout and "observe file" in r.stderr  # progress bar
+        r = subprocess.run([sys.executable, "-m", "engram_shm.cli", "recall", "file",
+                            json.dumps(data[7].tolist()), "--k", "3", "--endpoint", endpoint],
+                           capture_output=True, text=True, timeout=60)
+        rows = [json.loads(line) for line in r.stdout.splitlines()]
+        assert rows[0]["id"] == "j7" and rows[0]["what"] == "line 7" and len(rows) == 3
+
+
+def test_sigterm_stops_cleanly_after_draining(tmp_path):
+    data = clustered(5000, 64, seed=82)
+    with running_server() as (endpoint, name, proc):
+        with Client(endpoint) as c:
+            c.observe_batch("drainme", [f"s{i}" for i in range(5000)], data)
+            c.flush()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        out = proc.output()
+        assert proc.returncode == 0, out
+        assert "stopped; shared memory removed" in out
+        assert "not yet indexed" not in out  # the drain let indexing finish
+    assert shm.list_blocks(name) == []
+
+
+def test_idle_sessions_expire():
+    with running_server("--session-idle-s", "0.5") as (endpoint, name, proc):
+        c = Client(endpoint)
+        session = c.session
+        c._sock.close(linger=0)
+        time.sleep(1.5)
+        with pytest.raises(UnknownSession):
+            Client(endpoint)._handshake(session)
+
+
+def test_status_is_pushed_when_pressure_changes():
+    with running_server("--ring-capacity", "1000", "--max-credit", "1000",
+                        "--ef-construction", "400", workers=1) as (endpoint, name, proc):
+        data = clustered(4000, 256, seed=83)
+        with Client(endpoint, batch_size=250, timeout=120) as c:
+            levels = set()
+            original = c._grant
+
+            def watch(msg):
+                if msg.get("op") == "status":
+                    levels.add(msg["level"])
+                original(msg)
+
+            c._grant = watch
+            c.observe_batch("pressure", [f"p{i}" for i in range(4000)], data)
+            assert c.flush() == 4000
+        assert levels and levels != {"normal"}, levels
+
+
+def test_a_killed_front_is_restarted_and_sessions_resume():
+    data = clustered(3000, DIM, seed=84)
+    with running_server() as (endpoint, name, proc):
+        c = Client(endpoint, timeout=5)
+        c.observe_batch("survive", [f"v{i}" for i in range(1500)], data[:1500])
+        assert c.flush() == 1500
+        front = int(subprocess.run(["pgrep", "-f", f"engram_shm.transport.front {name}"],
+                                   capture_output=True, text=True).stdout.split()[0])
+        os.kill(front, signal.SIGKILL)
+        c.observe_batch("survive", [f"v{i}" for i in range(1500, 3000)], data[1500:])
+        try:
+            assert c.flush(timeout=60) == 3000  # reconnects and resumes its session
+        except Exception:
+            print(proc.output())
+            raise
+        found = [c.recall("survive", data[i], k=1)[0].id for i in range(0, 3000, 50)]
+        assert found == [f"v{i}" for i in range(0, 3000, 50)]
+        assert c.stats()["spaces"]["survive"]["count"] == 3000
+        c.close()
+    assert np is not None
