@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engram_shm import Client
-from engram_shm.errors import CODES, DuplicateId, SessionPaused
+from engram_shm.errors import CODES, DuplicateId, NotSessionOwner, SessionPaused
 from engram_shm.synthetic import clustered
 from engram_shm.transport import protocol as p
 from engram_shm.transport.launch import running_server
@@ -185,10 +185,8 @@ def test_resume_after_the_socket_dies_mid_stream(server):
     assert ack["resumed"] and ack["last_sequence"] == 6000
     raw.batch(c.session, 6001, "resume", ["r6000"], clustered(1, DIM, seed=67), rid=9)
     assert raw.recv()["op"] == "ack"
-    err = c._request.__self__  # the old owner is refused now
-    with pytest.raises(Exception) as info:
-        err._request({"op": "pause", "session": c.session})
-    assert getattr(info.value, "code", None) == "not_session_owner"
+    with pytest.raises(NotSessionOwner):  # the old connection no longer owns the session
+        c._request({"op": "pause", "session": c.session})
     raw.close()
     c._sock.close(linger=0)
 

@@ -22,7 +22,7 @@ def build(data, M=16, ef_c=100, metric="cosine", dtype="f32", chunks=1, seed=7, 
     store = np.ascontiguousarray(store)
     gens = np.arange(1, n + 1, dtype=np.uint64)
     g = hnsw.new_graph(draw_levels(seed, gens, M, MAX_LEVEL), M, MAX_LEVEL)
-    sc = hnsw.new_scratch(n, dim, M, max(ef_c, 256))
+    sc = hnsw.new_scratch(n, dim, M, max(ef_c, 256), MAX_LEVEL)
     bounds = np.linspace(0, n if upto is None else upto, chunks + 1).astype(int)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         hnsw.insert(store, gens, g, int(lo), int(hi), ef_c, metric, sc)
@@ -84,7 +84,7 @@ def test_graph_invariants_after_random_insert_sequences(case):
     n, dim = data.shape
     gens = np.arange(1, n + 1, dtype=np.uint64)
     g = hnsw.new_graph(draw_levels(3, gens, M, MAX_LEVEL), M, MAX_LEVEL)
-    sc = hnsw.new_scratch(n, dim, M, ef_c)
+    sc = hnsw.new_scratch(n, dim, M, ef_c, MAX_LEVEL)
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         hnsw.insert(data, gens, g, lo, hi, ef_c, metric, sc)
         assert naive.graph_violations(g, hi, M) == []
@@ -100,7 +100,7 @@ def test_reinsert_after_partial_insert_keeps_invariants(case, draw):
         return
     gens = np.arange(1, n + 1, dtype=np.uint64)
     g = hnsw.new_graph(draw_levels(5, gens, M, MAX_LEVEL), M, MAX_LEVEL)
-    sc = hnsw.new_scratch(n, dim, M, ef_c)
+    sc = hnsw.new_scratch(n, dim, M, ef_c, MAX_LEVEL)
     q = draw.draw(st.integers(1, n - 1))
     hnsw.insert(data, gens, g, 0, q + 1, ef_c, metric, sc)
     # Undo a random subset of the reverse links q received: the state of a
@@ -151,7 +151,7 @@ def test_window_scan_is_exact(lo, width, k, seed):
     store = data
     gens = rng.permutation(np.arange(1, n + 1)).astype(np.uint64)
     g = hnsw.new_graph(np.zeros(n, np.int32), 4, MAX_LEVEL)
-    sc = hnsw.new_scratch(n, 8, 4, 64)
+    sc = hnsw.new_scratch(n, 8, 4, 64, MAX_LEVEL)
     q = rng.normal(size=8).astype(np.float32)
     gen_max = int(rng.integers(0, n + 1))
     d, ids = hnsw.search(store, gens, g, q, k, 16, 0, lo, hi, gen_max, "l2", sc)
@@ -194,7 +194,7 @@ def test_repair_finishes_a_half_rewritten_list(case, draw):
     n, dim = data.shape
     gens = np.arange(1, n + 1, dtype=np.uint64)
     g = hnsw.new_graph(draw_levels(9, gens, M, MAX_LEVEL), M, MAX_LEVEL)
-    sc = hnsw.new_scratch(n, dim, M, ef_c)
+    sc = hnsw.new_scratch(n, dim, M, ef_c, MAX_LEVEL)
     hnsw.insert(data, gens, g, 0, n, ef_c, metric, sc)
     node = draw.draw(st.integers(0, n - 1))
     layer = draw.draw(st.integers(0, int(g.level[node])))

@@ -8,8 +8,7 @@ with no IPC: at the same generation it returns what the engine returns.
 from __future__ import annotations
 
 from ..errors import EngineClosed
-from ..store.catalog import Catalog, segment_name
-from ..store.segment import Segment
+from ..store.catalog import Catalog
 from .directory import SegmentDirectory
 from .reader import Reader, Recalls
 
@@ -19,14 +18,8 @@ class AttachedEngine(Recalls):
         self.name = name
         self.ef_search = ef_search
         self.catalog = Catalog.attach(name)
-        self._segments: list[Segment] = []
-        self.directory = SegmentDirectory(self.catalog, self._open_segment)
+        self.directory = SegmentDirectory(self.catalog)
         self.reader = Reader(self.directory)
-
-    def _open_segment(self, index: int) -> Segment:
-        seg = Segment.attach(segment_name(self.name, index), writable=False)
-        self._segments.append(seg)
-        return seg
 
     def _check_open(self) -> None:
         if self.catalog is None:
@@ -43,9 +36,6 @@ class AttachedEngine(Recalls):
             return
         self.reader.close()
         self.directory.close()
-        for seg in self._segments:
-            seg.close()
-        self._segments.clear()
         self.catalog.close()
         self.catalog = None
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..store.catalog import Catalog, SpaceParams
+from ..store.catalog import Catalog, SpaceParams, segment_name
 from ..store.segment import Segment
 
 
@@ -24,9 +24,15 @@ class Target:
 
 
 class SegmentDirectory:
-    def __init__(self, catalog: Catalog, open_segment: Callable[[int], Segment]):
+    """`open_segment(index)` hands out a segment the caller owns; without it,
+    the directory attaches segments by name itself (writable or read-only)
+    and closes them in `close()`."""
+
+    def __init__(self, catalog: Catalog, open_segment: Callable[[int], Segment] | None = None,
+                 writable: bool = False):
         self.catalog = catalog
-        self.open_segment = open_segment
+        self._attached: list[Segment] = []
+        self.open_segment = open_segment or (lambda index: self._attach(index, writable))
         self._by_space: dict[int, list[Segment]] = {}
         self._targets: list[Target] = []
         self._params: dict[int, SpaceParams] = {}
@@ -58,8 +64,16 @@ class SegmentDirectory:
     def segments(self) -> list[Segment]:
         return [t.segment for t in self.targets()]
 
+    def _attach(self, index: int, writable: bool) -> Segment:
+        seg = Segment.attach(segment_name(self.catalog.engine, index), writable=writable)
+        self._attached.append(seg)
+        return seg
+
     def close(self) -> None:
-        """Forget the mappings (the caller closes segments it opened)."""
+        """Forget the mappings and unmap the segments this directory attached."""
         with self._lock:
             self._by_space.clear()
             self._targets.clear()
+            for seg in self._attached:
+                seg.close()
+            self._attached.clear()

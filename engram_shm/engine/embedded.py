@@ -23,7 +23,6 @@ from dataclasses import asdict
 
 from ..config import EngineConfig
 from ..errors import EngineClosed, IndexFailed, InvalidArgument, Overloaded
-from ..store import shm
 from ..store.catalog import W_BUSY_NS, W_CLAIMED, W_INSERTED, W_PID, W_RESTARTS, Catalog, SpaceParams
 from ..store.segment import Segment
 from .directory import SegmentDirectory
@@ -147,19 +146,18 @@ class Engine(Recalls):
         with self._progress:
             while True:
                 self._raise_failure()
-                window = writer.window
-                if window == 0 or window + n <= capacity:
+                if writer.has_room(n, capacity):
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Overloaded(
-                        f"space {writer.params.name!r} has {window} observations waiting to be "
-                        f"indexed (ring capacity {capacity}); retry later", retry_after_ms=100)
+                        f"space {writer.params.name!r} has {writer.window} observations waiting to "
+                        f"be indexed (ring capacity {capacity}); retry later", retry_after_ms=100)
                 self._progress.wait(min(remaining, POLL_S))
 
     # -- indexing ----------------------------------------------------------------
     def _raise_failure(self) -> None:
-        failure = getattr(self._indexing, "failure", None)
+        failure = self._indexing.failure
         if failure is not None:
             raise IndexFailed(f"an index writer failed: {failure!r}") from failure
 
@@ -183,16 +181,9 @@ class Engine(Recalls):
         """Counts per space and per index writer, for humans and metrics."""
         spaces = {}
         for name, w in list(self.writer.spaces.items()):
-            count, indexed = w.count, w.indexed
-            spaces[name] = {
-                **asdict(w.params),
-                "count": count,
-                "indexed": indexed,
-                "window": count - indexed,
-                "pressure": (count - indexed) / self.config.ring_capacity,
-                "segments": len(w.segments),
-                "shm_bytes": sum(shm.block_bytes(s.name) for s in w.segments),
-            }
+            counts = w.stats()
+            spaces[name] = {**asdict(w.params), **counts,
+                            "pressure": counts["window"] / self.config.ring_capacity}
         rows = self.catalog.workers[:self.config.worker_count]
         return {
             "engine": self.name,

@@ -24,7 +24,7 @@ import numpy as np
 from ..kernels import hnsw
 from ..kernels.atomics import compare_and_swap
 from ..store.catalog import W_BUSY_NS, W_CLAIMED, W_HEARTBEAT_NS, W_INSERTED
-from ..store.layout import INDEXED, WRITER
+from ..store.layout import INDEXED, MAX_LEVEL, WRITER
 from ..store.segment import Segment
 from .directory import Target
 
@@ -50,7 +50,7 @@ class IndexWriter:
         self.stats = stats
         self.slice_s = slice_s
         self._per_node_s = 1e-4
-        self._scratch: dict[tuple, hnsw.Scratch] = {}
+        self._scratch = hnsw.ScratchCache()
         stats[W_CLAIMED] = -1
 
     def step(self, targets: list[Target]) -> int:
@@ -63,7 +63,8 @@ class IndexWriter:
         seg, params = target.segment, target.params
         self.stats[W_CLAIMED] = target.index
         try:
-            sc = self._scratch_for(seg, params.ef_construction)
+            L = seg.layout
+            sc = self._scratch.get(L.capacity, L.dim, L.M, params.ef_construction, MAX_LEVEL)
             lo = seg.indexed
             accepted = seg.accepted
             hnsw.repair(seg.graph_w, accepted, sc)
@@ -95,12 +96,3 @@ class IndexWriter:
     def owner_of(self, seg: Segment) -> int:
         """The writer a stable hash assigns the segment to."""
         return zlib.crc32(seg.name.encode()) % self.workers
-
-    def _scratch_for(self, seg: Segment, ef_construction: int) -> hnsw.Scratch:
-        layout = seg.layout
-        key = (layout.capacity, layout.dim, layout.M, ef_construction)
-        sc = self._scratch.get(key)
-        if sc is None:
-            sc = self._scratch[key] = hnsw.new_scratch(layout.capacity, layout.dim, layout.M,
-                                                       ef_construction)
-        return sc

@@ -18,7 +18,7 @@ from ..errors import InvalidArgument, UnknownSpace
 from ..kernels import hnsw
 from ..observations import prepare_cue
 from ..store.catalog import SpaceParams
-from ..store.layout import MIN_GEN
+from ..store.layout import MAX_LEVEL, MIN_GEN
 from ..store.segment import Segment
 from .directory import SegmentDirectory
 
@@ -72,13 +72,9 @@ class Reader:
     def _scratch(self, seg: Segment, ef: int) -> hnsw.Scratch:
         cache = getattr(self._local, "scratch", None)
         if cache is None:
-            cache = self._local.scratch = {}
-        layout = seg.layout
-        key = (layout.capacity, layout.dim, layout.M)
-        sc = cache.get(key)
-        if sc is None or sc.res_k.shape[0] <= ef:
-            sc = cache[key] = hnsw.new_scratch(layout.capacity, layout.dim, layout.M, max(ef, 256))
-        return sc
+            cache = self._local.scratch = hnsw.ScratchCache()
+        L = seg.layout
+        return cache.get(L.capacity, L.dim, L.M, max(ef, 256), MAX_LEVEL)
 
     def resolve_generation(self, consistency) -> tuple[int, bool]:
         """(generation bound, whether to scan unindexed windows)."""

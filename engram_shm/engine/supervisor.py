@@ -81,6 +81,8 @@ def index_worker_specs(catalog: Catalog, workers: int,
 
 
 class Supervisor:
+    failure = None  # a dead child is restarted, never reported as the engine's failure
+
     def __init__(self, specs: list[ChildSpec]):
         self._children = [_Child(s) for s in specs]
         self._stopping = threading.Event()
@@ -171,9 +173,6 @@ class Supervisor:
     def ready_seconds(self) -> list[float | None]:
         """How long each child's current incarnation took to become ready."""
         return [c.ready_s for c in self._children]
-
-    def restarts(self) -> int:
-        return sum(c.restarts for c in self._children)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Stop every child: SIGTERM, then SIGKILL for any still running after

@@ -18,8 +18,7 @@ import sys
 import time
 
 from ..kernels.warm import warm
-from ..store.catalog import W_INCARNATION, W_PID, Catalog, segment_name
-from ..store.segment import Segment
+from ..store.catalog import W_INCARNATION, W_PID, Catalog
 from .directory import SegmentDirectory
 from .indexer import IndexWriter, token_for
 
@@ -44,14 +43,7 @@ def run(engine: str, worker: int, workers: int, incarnation: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     warm(readers=False)
     catalog = Catalog.attach(engine)
-    opened: list[Segment] = []
-
-    def attach(index: int) -> Segment:
-        seg = Segment.attach(segment_name(engine, index), writable=True)
-        opened.append(seg)
-        return seg
-
-    directory = SegmentDirectory(catalog, attach)
+    directory = SegmentDirectory(catalog, writable=True)
     row = catalog.workers[worker]
     writer = IndexWriter(worker, workers, token_for(worker, incarnation), row)
     row[W_INCARNATION] = incarnation
@@ -73,10 +65,8 @@ def run(engine: str, worker: int, workers: int, incarnation: int) -> None:
             time.sleep(idle)
             idle = min(idle * 2, IDLE_MAX_S)
     finally:
+        del row, writer  # views of the catalog, released before it is unmapped
         directory.close()
-        del row, writer
-        for seg in opened:
-            seg.close()
         catalog.close()
 
 

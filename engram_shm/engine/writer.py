@@ -15,7 +15,7 @@ import numpy as np
 from ..config import EngineConfig
 from ..errors import InvalidArgument, SpaceExists
 from ..observations import Batch, Limits, prepare
-from ..store.catalog import Catalog, SpaceParams, segment_name
+from ..store.catalog import Catalog, SpaceParams
 from ..store.prefault import Prefaulter
 from ..store.segment import Segment
 from ..store.space import SpaceWriter
@@ -125,13 +125,7 @@ class EngineWriter:
         self.catalog.publish_generation(max(committed, highest))
         return sum(w.count for w in self.spaces.values())
 
-
     def close(self) -> None:
         """Stop background work (before the segments are unmapped)."""
         self.prefault.close()
         self.spaces.clear()
-
-
-def attach_writable(engine: str) -> Callable[[int], Segment]:
-    """open_segment for a process that writes into an engine it did not create."""
-    return lambda index: Segment.attach(segment_name(engine, index), writable=True)

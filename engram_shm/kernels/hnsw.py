@@ -193,14 +193,6 @@ def _pinned_count(g, node):
 
 
 @kernel
-def _contains(row, cnt, node):
-    for t in range(1, cnt + 1):
-        if row[t] == node:
-            return True
-    return False
-
-
-@kernel
 def _sort_by_key(keys, vals, n):
     for i in range(1, n):
         k = keys[i]
@@ -220,6 +212,12 @@ def _in(values, n, x):
         if values[i] == x:
             return True
     return False
+
+
+@kernel
+def _contains(row, cnt, node):
+    """Is node among the cnt links of a list row (count at row[0])?"""
+    return _in(row[1:], cnt, node)
 
 
 @kernel
@@ -442,19 +440,19 @@ def _repair(g, n_nodes, scratch_v):
         if layer == 0:
             p = g.parent[node]
             if p >= 0:
-                n += 1
                 scratch_v[n] = p
+                n += 1
             for x in range(n_nodes):
                 if g.parent[x] == node and n < max_links:
-                    n += 1
                     scratch_v[n] = x
+                    n += 1
         for t in range(1, _count(row) + 1):
             x = row[t]
-            if 0 <= x < n_nodes and x != node and n < max_links and not _contains(scratch_v, n, x):
-                n += 1
+            if 0 <= x < n_nodes and x != node and n < max_links and not _in(scratch_v, n, x):
                 scratch_v[n] = x
-        for t in range(1, n + 1):
-            row[t] = scratch_v[t]
+                n += 1
+        for t in range(n):
+            row[t + 1] = scratch_v[t]
         row[0] = n
     _end_rewrite(g)
 
@@ -503,8 +501,9 @@ def new_graph(levels: np.ndarray, M: int, max_level: int) -> Graph:
                  levels, upper_row, np.full(cap, -1, np.int32), np.array([-1, 0], np.int64))
 
 
-def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int = 6) -> Scratch:
-    """Scratch for one thread working on segments of `capacity` nodes."""
+def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int) -> Scratch:
+    """Scratch for one thread working on segments of `capacity` nodes, with
+    result heaps for beams up to `ef` and graphs of `max_level` upper layers."""
     small = 2 * M + 2
     return Scratch(
         visited=np.zeros(capacity, np.int32), tag=np.zeros(1, np.int32),
@@ -516,6 +515,20 @@ def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int = 6) ->
         keep_k=np.empty(small, np.float32), keep_v=np.empty(small, np.int32),
         tmp_k=np.empty(small, np.float32), tmp_v=np.empty(small, np.int32),
     )
+
+
+class ScratchCache:
+    """Scratch per graph shape for one thread, grown when a wider beam asks."""
+
+    def __init__(self):
+        self._by_shape: dict[tuple, Scratch] = {}
+
+    def get(self, capacity: int, dim: int, M: int, ef: int, max_level: int) -> Scratch:
+        key = (capacity, dim, M, max_level)
+        sc = self._by_shape.get(key)
+        if sc is None or sc.res_k.shape[0] <= ef:
+            sc = self._by_shape[key] = new_scratch(capacity, dim, M, ef, max_level)
+        return sc
 
 
 def _check_graph(store: np.ndarray, gens: np.ndarray, g: Graph, sc: Scratch) -> int:

@@ -11,7 +11,6 @@ import numpy as np
 from . import hnsw
 from .atomics import compare_and_swap
 from .distance import distances
-from .ids import fnv1a
 from .rows import append_rows, draw_levels
 from .vectors import check_rows, store_rows
 
@@ -26,6 +25,7 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 def _warm_append(dtype, dim: int) -> None:
     from ..observations import prepare
+    from ..store.layout import MAX_LEVEL
     from ..store.segment import Columns
 
     n = 2
@@ -33,8 +33,9 @@ def _warm_append(dtype, dim: int) -> None:
     cols = Columns(np.zeros((n, dim), dtype), np.zeros(n, np.uint64), np.zeros(n), np.zeros(n, np.float32),
                    np.zeros(n, np.uint64), np.zeros(n, np.int64), np.zeros(n, np.int32),
                    np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
-                   np.zeros((n, 5), np.int32), np.zeros((1, 6, 3), np.int32), np.zeros(64, np.uint8))
-    append_rows(cols, batch, 1, draw_levels(0, np.arange(1, n + 1, dtype=np.uint64), 2, 6), 0, n, 0, 0, 0)
+                   np.zeros((n, 5), np.int32), np.zeros((1, MAX_LEVEL, 3), np.int32), np.zeros(64, np.uint8))
+    levels = draw_levels(0, np.arange(1, n + 1, dtype=np.uint64), 2, MAX_LEVEL)
+    append_rows(cols, batch, 1, levels, 0, n, 0, 0, 0)
 
 
 def warm(readers: bool = True) -> float:
@@ -42,14 +43,16 @@ def warm(readers: bool = True) -> float:
     writers' when `readers` is False: an index worker never searches)."""
     start = time.perf_counter()
     rng = np.random.default_rng(0)
+    from ..store.layout import MAX_LEVEL as max_level
+
     n, dim, M = 8, 4, 2
     levels = np.array([0, 1, 0, 2, 0, 0, 1, 0])
     gens = np.arange(1, n + 1, dtype=np.uint64)
     for dtype in STORAGE_DTYPES:
         data = rng.normal(size=(n, dim)).astype(np.float32)
         store = data if dtype == np.float32 else data.astype(np.float16).view(np.uint16)
-        g = hnsw.new_graph(levels, M, 6)
-        sc = hnsw.new_scratch(n, dim, M, 8)
+        g = hnsw.new_graph(levels, M, max_level)
+        sc = hnsw.new_scratch(n, dim, M, 8, max_level)
         scale, _, _ = check_rows(store, True, 1.0)
         store_rows(store, scale, np.empty_like(store))
         hnsw.insert(store, gens, g, 0, n, 4, "cosine", sc)
@@ -60,6 +63,5 @@ def warm(readers: bool = True) -> float:
             hnsw.search(_readonly(store), _readonly(gens), ro, data[0], 2, 4, n, 0, 0, n, "cosine", sc)
             distances(store, data[0], "l2")
         _warm_append(dtype, dim)
-    fnv1a(np.zeros(4, np.uint8), np.zeros(1, np.int64), np.ones(1, np.int64))
     compare_and_swap(np.zeros(1, np.int64), 0, 0, 0)
     return time.perf_counter() - start

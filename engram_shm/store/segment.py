@@ -94,20 +94,22 @@ class Segment:
     def backlog(self) -> int:
         return self.accepted - self.indexed
 
+    def _starts(self, slots: np.ndarray) -> list[int]:
+        """Where each slot's record starts in the arena (slot 0 at 0)."""
+        return np.where(slots > 0, self.r.text_end[slots - 1], 0).tolist()
+
     def ids(self, slots: np.ndarray) -> list[str]:
-        r = self.r
-        starts = np.where(slots > 0, r.text_end[slots - 1], 0).tolist()
         arena = self._arena_bytes
-        return [bytes(arena[s:s + n]).decode("utf-8") for s, n in zip(starts, r.id_len[slots].tolist())]
+        return [bytes(arena[s:s + n]).decode("utf-8")
+                for s, n in zip(self._starts(slots), self.r.id_len[slots].tolist())]
 
     def rows(self, slots: np.ndarray) -> list[tuple[str, str, float, float, int]]:
         """(id, text, confidence, when, generation) of each slot."""
         r = self.r
         ends = r.text_end[slots].tolist()
-        starts = np.where(slots > 0, r.text_end[slots - 1], 0).tolist()  # slot 0 starts at 0
         arena = self._arena_bytes
         out = []
-        for start, end, cut, conf, when, gen in zip(starts, ends, r.id_len[slots].tolist(),
+        for start, end, cut, conf, when, gen in zip(self._starts(slots), ends, r.id_len[slots].tolist(),
                                                     r.confidence[slots].tolist(), r.when[slots].tolist(),
                                                     r.generation[slots].tolist()):
             raw = bytes(arena[start:end])

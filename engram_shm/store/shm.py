@@ -59,9 +59,10 @@ def free_bytes() -> int:
     return st.f_bavail * st.f_frsize
 
 
-def total_bytes() -> int:
+def fill() -> float:
+    """Share of /dev/shm in use."""
     st = os.statvfs(SHM_DIR)
-    return st.f_blocks * st.f_frsize
+    return 1.0 - st.f_bavail / max(1, st.f_blocks)
 
 
 def create(name: str, size: int) -> shared_memory.SharedMemory:

@@ -22,6 +22,7 @@ from ..errors import DuplicateId
 from ..kernels.policy import METRIC_CODES
 from ..kernels.rows import append_rows, draw_levels
 from ..observations import Batch
+from . import shm
 from .catalog import Catalog, SpaceParams, segment_name
 from .layout import (
     ACCEPTED,
@@ -30,7 +31,6 @@ from .layout import (
     MAX_LEVEL,
     MIN_GEN,
     SEALED,
-    SEGMENT_NO,
     UPPER_USED,
     SegmentLayout,
 )
@@ -54,7 +54,8 @@ class _Placement:
     segment: Segment
     lo: int  # batch rows [lo, hi)
     hi: int
-    at: _Cursor
+    at: _Cursor  # where they start
+    end: _Cursor  # where the segment's cursors stand after them
 
 
 class SpaceWriter:
@@ -69,7 +70,7 @@ class SpaceWriter:
         self.on_new_segment = on_new_segment
         self.segments: list[Segment] = []
         self.open: list[Segment] = []
-        self.ids: dict[str, int] = {}  # id -> (segment number << 32) | slot
+        self.ids: set[str] = set()
         self.prefault = prefault
 
     @property
@@ -85,16 +86,25 @@ class SpaceWriter:
         """Accepted but not yet indexed observations."""
         return sum(s.backlog for s in self.segments)
 
+    def has_room(self, n: int, ring_capacity: int) -> bool:
+        """May n more observations join the unindexed window? (An empty window
+        takes any batch, so a batch larger than the ring is not refused forever.)"""
+        window = self.window
+        return window == 0 or window + n <= ring_capacity
+
+    def stats(self) -> dict:
+        count, indexed = self.count, self.indexed
+        return {"count": count, "indexed": indexed, "window": count - indexed,
+                "segments": len(self.segments),
+                "shm_bytes": sum(shm.block_bytes(s.name) for s in self.segments)}
+
     def adopt(self, seg: Segment) -> None:
         """Take over a segment written before (a restarted writer): its ids,
         and its place among the open segments unless sealed."""
         self.segments.append(seg)
         if not seg.sealed:
             self.open.append(seg)
-        n = seg.accepted
-        if n:
-            number = int(seg.header[SEGMENT_NO])
-            self.ids.update(zip(seg.ids(np.arange(n)), ((number << 32) + np.arange(n)).tolist()))
+        self.ids.update(seg.ids(np.arange(seg.accepted)))
 
     def bury_uncommitted(self, committed: int) -> int:
         """Hide rows published past the committed generation (a batch cut short
@@ -109,13 +119,12 @@ class SpaceWriter:
             highest = max(highest, int(gens[live].max()))
             orphans = np.nonzero(live & (gens > committed))[0]
             if len(orphans):
-                for ident in seg.ids(orphans):
-                    self.ids.pop(ident, None)
+                self.ids.difference_update(seg.ids(orphans))
                 gens[orphans] = BURIED
         return highest
 
     def check_new_ids(self, ids: list[str]) -> None:
-        if not self.ids.keys().isdisjoint(ids):
+        if not self.ids.isdisjoint(ids):
             dup = next(i for i in ids if i in self.ids)
             raise DuplicateId(f"id {dup!r} is already stored in space {self.params.name!r}", id=dup)
 
@@ -127,7 +136,8 @@ class SpaceWriter:
         levels = draw_levels(self.params.seed, generations, self.params.M, MAX_LEVEL)
         placements, full = self._plan(batch, levels)
         for p in placements:
-            self._write(p, batch, first_generation, levels)
+            append_rows(p.segment.w, batch, first_generation, levels, p.lo, p.hi, p.at.slot,
+                        p.at.arena, p.at.upper)
         for p in placements:
             self._publish(p, generations)
         for seg in self.open[:]:
@@ -136,11 +146,8 @@ class SpaceWriter:
                 self.open.remove(seg)
                 if self.prefault is not None:
                     self.prefault.forget(id(seg))
-        positions = np.concatenate([
-            (np.int64(p.segment.header[SEGMENT_NO]) << 32) + np.arange(p.at.slot, p.at.slot + p.hi - p.lo)
-            for p in placements])
-        self.ids.update(zip(batch.ids, positions.tolist()))
-        return [(p.segment, p.at.slot + p.hi - p.lo) for p in placements]
+        self.ids.update(batch.ids)
+        return [(p.segment, p.end.slot) for p in placements]
 
     # -- planning --------------------------------------------------------------
     def _plan(self, batch: Batch, levels: np.ndarray) -> tuple[list[_Placement], set[int]]:
@@ -166,10 +173,11 @@ class SpaceWriter:
                 full.add(id(seg))
             if m == 0:
                 continue
-            placements.append(_Placement(seg, lo, lo + m, _Cursor(at.slot, at.arena, at.upper)))
+            start_at = _Cursor(at.slot, at.arena, at.upper)
             at.slot += m
             at.arena += int(ends[lo + m - 1]) - start
             at.upper += int(upper_cum[lo + m] - upper_cum[lo])
+            placements.append(_Placement(seg, lo, lo + m, start_at, _Cursor(at.slot, at.arena, at.upper)))
             lo += m
         return placements, full
 
@@ -197,21 +205,16 @@ class SpaceWriter:
         self.catalog.add_segment(index, self.index, len(self.segments) - 1)
         return seg
 
-    # -- writing -----------------------------------------------------------------
-    def _write(self, p: _Placement, batch: Batch, first_generation: int, levels: np.ndarray) -> None:
-        append_rows(p.segment.w, batch, first_generation, levels, p.lo, p.hi, p.at.slot, p.at.arena,
-                    p.at.upper)
-
+    # -- publishing --------------------------------------------------------------
     def _publish(self, p: _Placement, generations: np.ndarray) -> None:
-        header, w = p.segment.header, p.segment.w
-        end = p.at.slot + p.hi - p.lo
+        header = p.segment.header
         if p.at.slot == 0:
             header[MIN_GEN] = generations[p.lo]
         header[MAX_GEN] = generations[p.hi - 1]
-        header[ARENA_USED] = int(w.text_end[end - 1])
-        header[UPPER_USED] = p.at.upper + int((w.level[p.at.slot:end] > 0).sum())
-        header[ACCEPTED] = end  # last: the rows become visible
+        header[ARENA_USED] = p.end.arena
+        header[UPPER_USED] = p.end.upper
+        header[ACCEPTED] = p.end.slot  # last: the rows become visible
         if self.prefault is not None:
-            vectors = w.vectors
-            self.prefault.ahead(id(p.segment), vectors.ctypes.data, end * vectors.strides[0],
+            vectors = p.segment.w.vectors
+            self.prefault.ahead(id(p.segment), vectors.ctypes.data, p.end.slot * vectors.strides[0],
                                 vectors.nbytes)

@@ -98,6 +98,7 @@ class Client:
         self.capabilities = ack["capabilities"]
         self.max_batch = ack["max_batch"]
         self.last_acked = ack["last_sequence"]
+        self.limit = 0  # a new connection starts from the server's grant
         self._grant(ack)
         # Batches the server acked before we lost the connection are done;
         # everything else goes again, numbered from the server's last ack.
@@ -126,7 +127,7 @@ class Client:
         self._drive()
 
     def _grant(self, msg: dict) -> None:
-        self.limit = max(self.limit if msg.get("op") != "init_ack" else 0, msg.get("limit", 0))
+        self.limit = max(self.limit, msg.get("limit", 0))
         self.level = msg.get("level", self.level)
 
     # -- observations ---------------------------------------------------------------
@@ -147,10 +148,11 @@ class Client:
         for lo in range(0, len(ids), step):
             sl = slice(lo, lo + step)
             header = {"op": "observe_batch", "space": space, "ids": list(ids[sl])}
-            for name, column in (("what", what), ("when", when), ("confidence", confidence)):
+            if what is not None:
+                header["what"] = list(what[sl])
+            for name, column in (("when", when), ("confidence", confidence)):
                 if column is not None:
-                    header[name] = [None if v is None else (v if name == "what" else float(v))
-                                    for v in column[sl]]
+                    header[name] = np.asarray(column[sl], dtype=np.float64).tolist()
             fields, frame = p.vector_payload(vectors[sl])
             header.update(fields)
             self._wait_for_room()
@@ -162,14 +164,24 @@ class Client:
         """Block while the queue holds more than twice the credit window: the
         producer slows to what the server accepts instead of buffering without
         bound."""
-        bound = 2 * max(self.batch_size, self.limit - self.last_acked, 1)
-        deadline = time.monotonic() + self.timeout
-        while sum(b.n for b in self._queue) >= bound:
+        self._progress_until(lambda: sum(b.n for b in self._queue) <
+                             2 * max(self.batch_size, self.limit - self.last_acked, 1))
+
+    def _progress_until(self, done, patience: float | None = None) -> None:
+        """Send and read until done(). After `timeout` s without a reply,
+        reconnect and resume (a reconnect that gets no answer within `timeout`
+        raises ClientTimeout); with `patience`, give up once silent past it."""
+        deadline = None if patience is None else time.monotonic() + patience
+        silent_since = time.monotonic()
+        while not done():
             self._drive()
-            if not self._pump(0.05) and time.monotonic() > deadline:
-                self.reconnect()
-                deadline = time.monotonic() + self.timeout
-            bound = 2 * max(self.batch_size, self.limit - self.last_acked, 1)
+            if self._pump(0.05):
+                silent_since = time.monotonic()
+            elif time.monotonic() - silent_since > self.timeout:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ClientTimeout(f"{len(self._queue)} batches still unacked after {patience} s")
+                self.reconnect(deadline)
+                silent_since = time.monotonic()
 
     def _flush_pending(self, space: str) -> None:
         rows = self._pending.pop(space, [])
@@ -183,23 +195,14 @@ class Client:
 
     def flush(self, timeout: float | None = None) -> int:
         """Send everything queued and wait until all of it is acked; returns the
-        last acked sequence. Raises the first refusal seen since the last call."""
+        last acked sequence. Raises the first refusal seen since the last call.
+        A silent server is reconnected to; with `timeout`, waiting gives up once
+        the server has been silent past it."""
         for space in list(self._pending):
             self._flush_pending(space)
-        patience = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + patience
         if self.paused and self._queue:
             raise SessionPaused("the session is paused: resume() before flushing", queued=len(self._queue))
-        silent_since = time.monotonic()
-        while self._queue:
-            self._drive()
-            if self._pump(min(0.05, max(0.0, deadline - time.monotonic()))):
-                silent_since = time.monotonic()
-            elif time.monotonic() - silent_since > min(self.timeout, patience):
-                if time.monotonic() > deadline:
-                    raise ClientTimeout(f"{len(self._queue)} batches still unacked after {patience} s")
-                self.reconnect(deadline)
-                silent_since = time.monotonic()
+        self._progress_until(lambda: not self._queue, timeout)
         self._raise_errors()
         return self.last_acked
 

@@ -25,7 +25,7 @@ import zmq
 from ..config import EngineConfig
 from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
-from ..engine.writer import EngineWriter, attach_writable
+from ..engine.writer import EngineWriter
 from ..errors import (
     EngineClosed,
     EngramError,
@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..kernels.warm import warm
 from ..store import shm
-from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog
+from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog, segment_name
 from ..store.segment import Segment
 from . import protocol as p
 from .credit import credit_for, level_of, retry_after_ms
@@ -56,11 +56,14 @@ class Front:
         self.catalog = catalog
         self.sessions = sessions
         self._segments: list[Segment] = []
-        opened = attach_writable(catalog.engine)
 
         def open_segment(index: int) -> Segment:
+            """The front's own mapping of a segment: one per segment, shared by
+            its writer (segments it creates arrive via _on_new_segment) and its
+            reader."""
             while len(self._segments) <= index:
-                self._segments.append(opened(len(self._segments)))
+                name = segment_name(catalog.engine, len(self._segments))
+                self._segments.append(Segment.attach(name, writable=True))
             return self._segments[index]
 
         self.writer = EngineWriter(catalog, config, self._on_new_segment)
@@ -148,8 +151,8 @@ class Front:
             session = self.sessions.open(p.field(header, "priority", str, "normal"), identity)
             resumed = False
         session.notify_indexed = notify
-        session.limit = self.sessions.last_seq(session)  # re-granted below
         last = self.sessions.last_seq(session)
+        session.limit = last  # a new connection starts from a fresh grant (below)
         self.send(identity, {"op": "init_ack", "rid": header.get("rid"), "session": session.key,
                              "initial_sequence": 0, "last_sequence": last, "resumed": resumed,
                              "state": "paused" if self.sessions.state(session) == PAUSED else "active",
@@ -210,9 +213,9 @@ class Front:
         else:
             ids = p.field(header, "ids", list)
             n = len(ids)
-            what = p.optional_list(header, "what", (str, type(None)), n)
-            when = p.optional_list(header, "when", (int, float), n)
-            confidence = p.optional_list(header, "confidence", (int, float), n)
+            what = p.optional_list(header, "what", (str, type(None)))
+            when = p.optional_list(header, "when", (int, float))
+            confidence = p.optional_list(header, "confidence", (int, float))
         n = len(ids)
         if n > self.config.max_batch:
             raise p.Oversize(f"batch of {n} exceeds max_batch {self.config.max_batch}")
@@ -244,12 +247,10 @@ class Front:
 
     def _check_room(self, space: str, n: int) -> None:
         writer = self.writer.spaces.get(space)
-        window = writer.window if writer is not None else 0
-        if window and window + n > self.config.ring_capacity:
-            pressure = window / self.config.ring_capacity
-            raise Overloaded(f"space {space!r} has {window} observations waiting to be indexed "
+        if writer is not None and not writer.has_room(n, self.config.ring_capacity):
+            raise Overloaded(f"space {space!r} has {writer.window} observations waiting to be indexed "
                              f"(ring capacity {self.config.ring_capacity})",
-                             retry_after_ms=retry_after_ms(pressure))
+                             retry_after_ms=retry_after_ms(writer.window / self.config.ring_capacity))
 
     # -- credit --------------------------------------------------------------------------
     def _pressure(self, session: Session) -> float:
@@ -301,8 +302,7 @@ class Front:
         self.send(identity, {"op": "stats", "rid": header.get("rid"), "stats": self.stats()})
 
     def stats(self) -> dict:
-        spaces = {name: {"count": w.count, "indexed": w.indexed, "window": w.window,
-                         "segments": len(w.segments)} for name, w in self.writer.spaces.items()}
+        spaces = {name: w.stats() for name, w in self.writer.spaces.items()}
         return {"engine": self.catalog.engine, "generation": self.catalog.committed_generation,
                 "sessions": len(self.sessions.live), "spaces": spaces, **self.counters,
                 "memory_pressure": round(self.memory_pressure, 4)}
@@ -314,7 +314,7 @@ class Front:
 
     # -- upkeep ------------------------------------------------------------------------------
     def upkeep(self) -> None:
-        self.memory_pressure = 1.0 - shm.free_bytes() / max(1, shm.total_bytes())
+        self.memory_pressure = shm.fill()
         for session in list(self.sessions.live.values()):
             self._upkeep_session(session)
         for session in self.sessions.expire(self.config.session_idle_s):

@@ -73,12 +73,13 @@ def field(header: dict, name: str, types, default=_MISSING):
     return value
 
 
-def optional_list(header: dict, name: str, item_types, n: int):
-    """An optional per-observation column: None, or a list of n items."""
+def optional_list(header: dict, name: str, item_types):
+    """An optional per-observation column: None, or a list of item_types
+    (its length is checked with the batch's)."""
     values = field(header, name, list, None)
     if values is None:
         return None
-    if not all(isinstance(v, item_types) and not isinstance(v, bool) for v in values):
+    if not set(map(type, values)) <= set(_as_tuple(item_types)):  # exact types: no bool for int
         raise WrongType(f"field {name!r} must be a list of {item_types}", field=name)
     return values
 

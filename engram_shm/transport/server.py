@@ -21,10 +21,8 @@ import time
 from ..config import EngineConfig
 from ..engine.directory import SegmentDirectory
 from ..engine.supervisor import ChildSpec, Supervisor, index_worker_specs
-from ..engine.writer import attach_writable
 from ..store import shm
 from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog
-from ..store.segment import Segment
 from .sessions import create_table
 
 log = logging.getLogger(__name__)
@@ -42,10 +40,10 @@ class Server:
         self.config = config
         self.name = config.name
         self.catalog = Catalog.create(self.name)
-        self._opened: list[Segment] = []
+        self.directory = SegmentDirectory(self.catalog, writable=True)  # CAS on claims
+        self._sessions = None
         try:
             self._sessions = create_table(self.name)
-            self.directory = SegmentDirectory(self.catalog, self._open_segment)
             specs = [self._front_spec()] + index_worker_specs(self.catalog, config.worker_count,
                                                                self.directory.segments)
             self.supervisor = Supervisor(specs)
@@ -54,11 +52,6 @@ class Server:
             raise
         self._signals = 0
         self._stop = threading.Event()
-
-    def _open_segment(self, index: int) -> Segment:
-        seg = attach_writable(self.name)(index)
-        self._opened.append(seg)
-        return seg
 
     def _front_spec(self) -> ChildSpec:
         config_json = json.dumps(dataclasses.asdict(self.config))
@@ -108,10 +101,8 @@ class Server:
         self._release()
 
     def _release(self) -> None:
-        for seg in self._opened:
-            seg.close()
-        self._opened.clear()
-        if getattr(self, "_sessions", None) is not None:
+        self.directory.close()
+        if self._sessions is not None:
             shm.close(self._sessions)
             self._sessions = None
         self.catalog.close()

@@ -29,7 +29,6 @@ from .protocol import PRIORITIES
 
 MAX_SESSIONS = 4096
 FREE, ACTIVE, PAUSED, CLOSED = 0, 1, 2, 3
-STATE_NAMES = {ACTIVE: "active", PAUSED: "paused", CLOSED: "closed"}
 R_STATE, R_LAST_SEQ, R_PRIORITY, R_CREATED, R_SEEN = range(5)
 _ROWS_BYTES = MAX_SESSIONS * 8 * 8
 
