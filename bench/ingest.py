@@ -6,24 +6,30 @@ ceiling, in one run, on the same messages.
 - raw_zmq: a pyzmq ROUTER process that receives the same msgpack batches,
   unpacks the header, copies the vectors out of the frame and acks with
   credit, doing nothing else: the ceiling of the transport.
-- raw_zmq_shm: the same loop, but the copy goes into fresh shared memory, as
-  storing must: on a VM, faulting in new tmpfs pages is much of the cost of
-  storing anything.
+- raw_zmq_shm: the same loop, which also puts as many bytes as engram_shm
+  stores per batch (the vectors at f16: half the frame) into fresh shared
+  memory, as storing must: the floor of storing anything. On a VM a new tmpfs
+  page costs microseconds to fault in.
 - engram_shm: `engram-shm serve` (its front validates, normalises, stores in
   shared memory as f16 and acks; two index workers run meanwhile).
 - engram_shm_client: the same server fed through `engram_shm.Client`
   (building its messages from numpy arrays).
 
-The first two are driven by one sender that pipelines pre-built messages and
-keeps at most the granted credit in flight, as the Client does. While the
+The first three are driven by one sender that pipelines pre-built messages
+and keeps at most the granted credit in flight, as the Client does. While the
 engram run streams, a second connection recalls 10 times a second; its
-latency is reported. Prints JSON lines (bench, system, batch, dim, obs_per_s)
-and a table with the ratio to raw_zmq.
+latency is reported. Each row also gives the CPU time per batch of the
+receiving process (all its threads: the loop, ZeroMQ's I/O thread, for
+engram_shm the front's page prefaulter; index workers not included) and of the
+sending one: on a machine with few cores the systems share, it shows where the
+time goes. Prints JSON lines (bench, system, batch, dim, obs_per_s) and a
+table with the ratio to raw_zmq.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -32,6 +38,7 @@ import time
 
 import msgpack
 import numpy as np
+import psutil
 import zmq
 
 from engram_shm import Client
@@ -47,8 +54,9 @@ CREDIT = 4096
 
 def raw_server(endpoint: str, store_bytes: int = 0) -> None:
     """The ceiling: receive, unpack, copy the vectors, ack with credit. With
-    store_bytes, the copy goes into fresh shared memory instead of a reused
-    heap buffer: what putting bytes into new tmpfs pages costs here."""
+    store_bytes, half of each frame (what f16 storage of the vectors takes) is
+    also copied into fresh shared memory: what putting the stored bytes into
+    new tmpfs pages costs here."""
     sock = zmq.Context.instance().socket(zmq.ROUTER)
     sock.bind(endpoint)
     block = shm.create(f"engram_bench-raw-{os.getpid()}_000000", store_bytes) if store_bytes else None
@@ -63,14 +71,12 @@ def raw_server(endpoint: str, store_bytes: int = 0) -> None:
         if header["op"] == "stop":
             break
         n, dim = header["shape"]
-        vectors = np.frombuffer(frames[2].buffer, np.float32).reshape(n, dim)
-        if block is None:
-            vectors = vectors.copy()
-        else:
-            rows = np.ndarray((n, dim), np.float32, buffer=block.buf, offset=at)
-            rows[:] = vectors
-            at += rows.nbytes
-            del rows
+        vectors = np.frombuffer(frames[2].buffer, np.float32).reshape(n, dim).copy()
+        if block is not None:
+            stored = np.ndarray((n, dim), np.uint16, buffer=block.buf, offset=at)
+            stored[:] = vectors.view(np.uint16)[:, :dim]
+            at += stored.nbytes
+            del stored
         end = header["seq"] + n - 1
         sock.send_multipart([frames[0].bytes, msgpack.packb(
             {"op": "ack", "rid": header["rid"], "from": header["seq"], "to": end,
@@ -79,12 +85,13 @@ def raw_server(endpoint: str, store_bytes: int = 0) -> None:
         shm.destroy(block)
 
 
-def run_raw(batches, store_bytes: int = 0) -> float:
+def run_raw(batches, store_bytes: int = 0) -> tuple[float, dict]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     raw = subprocess.Popen([sys.executable, "-m", "bench.ingest", "--raw-server", endpoint,
                             "--raw-store-bytes", str(store_bytes)])
     try:
-        seconds = send_all(endpoint, batches)
+        with cpu_per_batch(raw.pid, len(batches)) as cpu:
+            seconds = send_all(endpoint, batches)
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.connect(endpoint)
         sock.send_multipart(p.pack({"op": "stop"}))
@@ -92,7 +99,7 @@ def run_raw(batches, store_bytes: int = 0) -> float:
         sock.close(linger=100)
     finally:
         raw.kill()
-    return seconds
+    return seconds, cpu
 
 
 def messages(data: np.ndarray, batch: int) -> list[tuple[dict, bytes]]:
@@ -105,6 +112,23 @@ def messages(data: np.ndarray, batch: int) -> list[tuple[dict, bytes]]:
                   "shape": list(rows.shape)}
         out.append((header, rows.tobytes()))
     return out
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+@contextlib.contextmanager
+def cpu_per_batch(receiver_pid: int, batches: int):
+    """Yields a dict that gets, on exit, the CPU microseconds per batch the
+    receiving process and this (sending) one spent meanwhile."""
+    receiver, sender = psutil.Process(receiver_pid), psutil.Process()
+    before = cpu_seconds(receiver), cpu_seconds(sender)
+    out: dict = {}
+    yield out
+    us = [(cpu_seconds(proc) - t) * 1e6 / batches for proc, t in zip((receiver, sender), before)]
+    out.update(receiver_cpu_us_per_batch=round(us[0]), sender_cpu_us_per_batch=round(us[1]))
 
 
 def send_all(endpoint: str, batches: list[tuple[dict, bytes]]) -> float:
@@ -153,13 +177,20 @@ def row(system: str, n: int, batch: int, dim: int, seconds: float, **extra) -> d
             "obs_per_s": round(n / seconds, 1), "observations": n, **extra}
 
 
+def front_pid(server: subprocess.Popen) -> int:
+    return next(c.pid for c in psutil.Process(server.pid).children(recursive=True)
+                if "engram_shm.transport.front" in c.cmdline())
+
+
 COLUMNS = [("system", "system", ""), ("batch", "batch", "d"), ("dim", "dim", "d"),
-           ("obs/s", "obs_per_s", ".0f"), ("x raw_zmq", "x obs_per_s", ".2f")]
+           ("obs/s", "obs_per_s", ".0f"), ("x raw_zmq", "x obs_per_s", ".2f"),
+           ("receiver us/batch", "receiver_cpu_us_per_batch", "d"),
+           ("sender us/batch", "sender_cpu_us_per_batch", "d")]
 
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batches", type=int, default=200)
+    ap.add_argument("--batches", type=int, default=600)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--seed", type=int, default=0)
@@ -177,32 +208,36 @@ def main(argv=None) -> list[dict]:
     batches = messages(data, args.batch)
     print(f"# {args.batches} batches of {args.batch} x {args.dim} float32 observations", flush=True)
 
-    rows = [emit(row("raw_zmq", n, args.batch, args.dim, run_raw(batches))),
-            emit(row("raw_zmq_shm", n, args.batch, args.dim, run_raw(batches, n * args.dim * 4)))]
+    rows = []
+    for system, store_bytes in (("raw_zmq", 0), ("raw_zmq_shm", n * args.dim * 2)):
+        seconds, cpu = run_raw(batches, store_bytes)
+        rows.append(emit(row(system, n, args.batch, args.dim, seconds, **cpu)))
 
     ring = str(2 * n + 1024)
-    with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, _):
+    with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, server):
         latencies, stop = [], threading.Event()
         reader = threading.Thread(target=recall_while, args=(endpoint, data[0], stop, latencies))
         reader.start()
         try:
-            seconds = send_all(endpoint, batches)
+            with cpu_per_batch(front_pid(server), len(batches)) as cpu:
+                seconds = send_all(endpoint, batches)
         finally:
             stop.set()
             reader.join()
         lat = np.array(latencies or [np.nan]) * 1e3
-        rows.append(emit(row("engram_shm", n, args.batch, args.dim, seconds,
+        rows.append(emit(row("engram_shm", n, args.batch, args.dim, seconds, **cpu,
                              recalls=len(latencies),
                              recall_p50_ms=round(float(np.percentile(lat, 50)), 3),
                              recall_p99_ms=round(float(np.percentile(lat, 99)), 3))))
-    with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, _):
+    with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, server):
         with Client(endpoint, batch_size=args.batch, timeout=120) as c:
             ids = [f"o{i}" for i in range(n)]
-            start = time.perf_counter()
-            c.observe_batch("ingest", ids, data)
-            c.flush()
-            rows.append(emit(row("engram_shm_client", n, args.batch, args.dim,
-                                 time.perf_counter() - start)))
+            with cpu_per_batch(front_pid(server), len(batches)) as cpu:
+                start = time.perf_counter()
+                c.observe_batch("ingest", ids, data)
+                c.flush()
+                seconds = time.perf_counter() - start
+            rows.append(emit(row("engram_shm_client", n, args.batch, args.dim, seconds, **cpu)))
     print(table("ingest benchmark", rows, COLUMNS))
     return rows
 

@@ -7,7 +7,6 @@ a specific `InvalidInput` error and nothing of it is stored.
 
 from __future__ import annotations
 
-import itertools
 import numbers
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from .errors import (
     TextTooLong,
     ZeroVector,
 )
-from .kernels.vectors import ROW_NON_FINITE, ROW_TOO_BIG, ROW_ZERO, check_rows, store_rows
+from .kernels.vectors import ROW_NON_FINITE, ROW_OK, ROW_TOO_BIG, ROW_ZERO, check_store_rows
 
 F16_MAX = float(np.finfo(np.float16).max)
 
@@ -42,8 +41,9 @@ class Limits:
 class Batch:
     """Validated observations in columns.
 
-    vectors: [n, dim] as received, float32 or float16 bits (uint16); stored
-    rows are vectors[i] * scale[i] (scale: float64, 1/norm under cosine).
+    vectors: [n, dim] as received, float32 or float16 bits (uint16), of a
+    checked shape; their values are checked row by row as they are stored
+    (`vector_rule`), and a bad row fails the whole batch.
     records: uint8, each observation's UTF-8 id then text, concatenated.
     record_ends: int64 [n], end of each record in `records`; id_lens: int32 [n].
     when: float64 [n] unix seconds; confidence: float32 [n] in [0, 1].
@@ -51,7 +51,6 @@ class Batch:
 
     ids: list[str]
     vectors: np.ndarray
-    scale: np.ndarray
     records: np.ndarray
     record_ends: np.ndarray
     id_lens: np.ndarray
@@ -76,23 +75,17 @@ def prepare(ids, vectors, what=None, when=None, confidence=None, *, dim: int | N
     if n == 0:
         raise EmptyBatch("the batch holds no observations")
     matrix = vectors_matrix(vectors, n, single, dim, "vectors")
-    scale = row_scales(matrix, metric, dtype, "vector")
     texts = _texts(what, n, single)
-    id_bytes = _encode(id_list, "id")
-    text_bytes = _encode(texts, "text")
-    id_lens = _lengths(id_bytes)
-    text_lens = _lengths(text_bytes)
+    records, id_lens, text_lens = _records(id_list, texts)
     _check_lengths(id_lens, 1, limits.max_id_bytes, "id")
     _check_lengths(text_lens, 0, limits.max_text_bytes, "text")
     if len(set(id_list)) != n:
         seen = set()
         dup = next(i for i in id_list if i in seen or seen.add(i))
         raise DuplicateId(f"id {dup!r} appears twice in the batch", id=dup)
-    records = b"".join(itertools.chain.from_iterable(zip(id_bytes, text_bytes)))
     return Batch(
         ids=id_list,
         vectors=matrix,
-        scale=scale,
         records=np.frombuffer(records, np.uint8),
         record_ends=np.cumsum(id_lens + text_lens, dtype=np.int64),
         id_lens=id_lens.astype(np.int32),
@@ -104,9 +97,10 @@ def prepare(ids, vectors, what=None, when=None, confidence=None, *, dim: int | N
 def prepare_cue(cue, dim: int, metric: str) -> np.ndarray:
     """A recall cue as a contiguous float32 [dim] vector (unit-norm under cosine)."""
     matrix = vectors_matrix(cue, 1, True, dim, "cue")
-    scale = row_scales(matrix, metric, "f32", "cue")
     out = np.empty((1, matrix.shape[1]), np.float32)
-    store_rows(matrix, scale, out)
+    row, reason = check_store_rows(matrix, *vector_rule(metric, "f32"), out)
+    if reason != ROW_OK:
+        raise_bad_row(reason, row, "cue")
     return out[0]
 
 
@@ -140,11 +134,15 @@ def vectors_matrix(vectors, n: int, single: bool, dim: int | None, what: str) ->
         return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def row_scales(matrix: np.ndarray, metric: str, dtype: str, what: str) -> np.ndarray:
-    """The factor each row is stored with: 1/norm under cosine (norms in
-    float64: tiny and huge rows survive), else 1 after a range check for f16
-    storage. Refuses non-finite rows (including float32 overflow of the input)."""
-    scale, row, reason = check_rows(matrix, metric == "cosine", F16_MAX if dtype == "f16" else np.inf)
+def vector_rule(metric: str, dtype: str) -> tuple[bool, float]:
+    """How rows are checked and stored: (scale to unit norm, largest magnitude
+    allowed otherwise). Under cosine rows are normalised, so any finite
+    non-zero row fits f16 storage."""
+    return metric == "cosine", F16_MAX if dtype == "f16" else np.inf
+
+
+def raise_bad_row(reason: int, row: int, what: str) -> None:
+    """The error of a row the vector kernel refused (`reason` != ROW_OK)."""
     if reason == ROW_NON_FINITE:
         raise NonFiniteValue(f"{what} row {row} holds NaN or infinity (or overflows float32)",
                              index=row)
@@ -153,7 +151,7 @@ def row_scales(matrix: np.ndarray, metric: str, dtype: str, what: str) -> np.nda
     if reason == ROW_TOO_BIG:
         raise OutOfRange(f"{what} row {row} exceeds the f16 range (+-{F16_MAX:g}); "
                          "use dtype f32 or the cosine metric", index=row)
-    return scale
+    raise AssertionError(f"unknown row check result {reason}")
 
 
 def _str_list(values, what: str) -> list:
@@ -197,6 +195,28 @@ def _decode(text, index: int) -> str:
     return text
 
 
+def _records(ids: list[str], texts: list[str]) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Each id then its text, UTF-8, concatenated; and the byte lengths of
+    ids and texts. One join and one encode for the batch: byte lengths are
+    character lengths when the batch is ASCII (the common case)."""
+    parts = _interleave(ids, texts)
+    joined = "".join(parts)
+    if joined.isascii():
+        lengths = np.fromiter(map(len, parts), np.int64, len(parts)).reshape(-1, 2)
+        return joined.encode("ascii"), lengths[:, 0], lengths[:, 1]
+    parts = _interleave(_encode(ids, "id"), _encode(texts, "text"))
+    lengths = np.fromiter(map(len, parts), np.int64, len(parts)).reshape(-1, 2)
+    return b"".join(parts), lengths[:, 0], lengths[:, 1]
+
+
+def _interleave(a: list, b: list) -> list:
+    """[a0, b0, a1, b1, ...] (slice assignment: no per-item Python step)."""
+    out = [None] * (2 * len(a))
+    out[::2] = a
+    out[1::2] = b
+    return out
+
+
 def _encode(strings: list[str], what: str) -> list[bytes]:
     try:
         return list(map(str.encode, strings))
@@ -208,10 +228,6 @@ def _encode(strings: list[str], what: str) -> list[bytes]:
                 raise InvalidText(f"{what} {i} cannot be encoded as UTF-8 ({e.reason})",
                                   index=i) from None
         raise
-
-
-def _lengths(encoded: list[bytes]) -> np.ndarray:
-    return np.fromiter(map(len, encoded), np.int64, len(encoded))
 
 
 def _check_lengths(lengths: np.ndarray, lo: int, hi: int, what: str) -> None:
@@ -249,6 +265,8 @@ def _column(values, n: int, what: str, default: float, dtype) -> np.ndarray:
 
 
 def _confidences(confidence, n: int) -> np.ndarray:
+    if confidence is None:
+        return np.ones(n, np.float32)
     column = _column(confidence, n, "confidences", 1.0, np.float32)
     bad = (column < 0) | (column > 1)
     if bad.any():

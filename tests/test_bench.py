@@ -39,4 +39,5 @@ def test_ingest_quick_compares_with_the_raw_transport():
     assert [r["system"] for r in rows] == ["raw_zmq", "raw_zmq_shm", "engram_shm", "engram_shm_client"]
     for r in rows:
         assert {"bench", "system", "batch", "dim", "obs_per_s"} <= set(r) and r["obs_per_s"] > 0
-    assert "x raw_zmq" in out
+        assert r["receiver_cpu_us_per_batch"] >= 0 and r["sender_cpu_us_per_batch"] >= 0
+    assert "x raw_zmq" in out and "receiver us/batch" in out

@@ -8,6 +8,7 @@ import pytest
 from engram_shm import Engine
 from engram_shm.errors import EngineInUse, ShmFull
 from engram_shm.kernels.rows import append_rows, draw_levels
+from engram_shm.kernels.vectors import ROW_NON_FINITE, ROW_OK
 from engram_shm.observations import prepare
 from engram_shm.store import shm
 from engram_shm.store.catalog import Catalog, SpaceParams, collect_stale, segment_name
@@ -159,7 +160,8 @@ def test_a_batch_lands_in_the_columns_as_the_naive_write_would():
     seg = Segment.create("engram_t-rows_000001", layout, metric=0, space=0, segment_no=0)
     try:
         levels = draw_levels(3, np.arange(100, 140, dtype=np.uint64), 4, MAX_LEVEL)
-        assert append_rows(seg.w, batch, 100, levels, 10, 40, 5, 7, 2) == 2 + int((levels[10:] > 0).sum())
+        assert append_rows(seg.w, batch, 100, levels, 10, 40, 5, 7, 2, True, np.inf) == \
+            (ROW_OK, 2 + int((levels[10:] > 0).sum()))
         c = seg.r
         rows = slice(5, 35)
         want = data[10:] / np.linalg.norm(data[10:], axis=1, keepdims=True)
@@ -175,6 +177,12 @@ def test_a_batch_lands_in_the_columns_as_the_naive_write_would():
             raw = c.arena[start:c.text_end[slot]].tobytes()
             assert raw == ident[i].encode() + (f"t{i}é" * (i % 4)).encode()
             assert c.id_hash[slot] == naive.fnv1a(ident[i].encode())
+        # A NaN in row 25 stops the write there: the other columns stay as they were.
+        data[25, 3] = np.nan
+        bad = prepare(ident, data, dim=6, metric="cosine", dtype="f16")
+        before = c.generation.copy()
+        assert append_rows(seg.w, bad, 500, levels, 0, 40, 0, 0, 0, True, np.inf) == (ROW_NON_FINITE, 25)
+        np.testing.assert_array_equal(c.generation, before)
     finally:
         seg.close()
         shm.unlink(seg.name)

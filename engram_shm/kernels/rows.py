@@ -1,7 +1,7 @@
-"""Writing a run of validated observations into a segment's columns in one
-kernel call: vectors (scaled, in storage dtype), generation, timestamp,
-confidence, id hash, text arena and offsets, HNSW level and upper row. One call
-per placement replaces a dozen numpy operations on the ingest path.
+"""Writing a run of observations into a segment's columns in two kernel calls:
+vectors (checked, scaled, in storage dtype; vectors.py), then generation,
+timestamp, confidence, id hash, text arena and offsets, HNSW level and upper
+row. One placement replaces a dozen numpy operations on the ingest path.
 
 Levels are floor(-ln(U) / ln(M)) capped at max_level, with U drawn by
 splitmix64 from (seed, generation): the same observation always gets the same
@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import InvalidArgument
 from .ids import fnv1a_range
 from .policy import kernel
-from .vectors import store_row
+from .vectors import ROW_OK, check_store_rows
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -39,14 +39,13 @@ def _draw_levels(seed, generations, m, max_level, out):
 
 
 @kernel
-def _append_rows(c, src, scale, first_generation, when, confidence, records, record_ends, id_lens,
-                 levels, lo, hi, slot, arena_at, upper_at):
-    """Rows [lo, hi) of a batch into slots from `slot`; returns the next free
-    upper row."""
+def _append_rows(c, first_generation, when, confidence, records, record_ends, id_lens, levels, lo, hi,
+                 slot, arena_at, upper_at):
+    """Every column but the vectors of rows [lo, hi) into slots from `slot`;
+    returns the next free upper row."""
     start = record_ends[lo - 1] if lo > 0 else 0
     for i in range(lo, hi):
         s = slot + i - lo
-        store_row(src, i, scale[i], c.vectors, s)
         c.generation[s] = np.uint64(first_generation + i)
         c.when[s] = when[i]
         c.confidence[s] = confidence[i]
@@ -71,15 +70,21 @@ def draw_levels(seed: int, generations: np.ndarray, M: int, max_level: int) -> n
 
 
 def append_rows(columns, batch, first_generation: int, levels: np.ndarray, lo: int, hi: int,
-                slot: int, arena_at: int, upper_at: int) -> int:
+                slot: int, arena_at: int, upper_at: int, unit: bool, limit: float) -> tuple[int, int]:
     """Write batch rows [lo, hi) into `columns` (a segment's writable Columns)
-    at `slot`, `arena_at`, `upper_at`; returns the next free upper row. The
-    caller has checked that they fit."""
+    at `slot`, `arena_at`, `upper_at`, checking each vector as it is stored
+    (`check_store_rows` with unit and limit). Returns (ROW_OK, next free upper
+    row), or (reason, first bad batch row) with the other columns unwritten.
+    The caller has checked that the rows fit, and publishes nothing on a bad
+    row: what was written stays past the published count, unseen."""
     c = columns
     n = hi - lo
     if not (0 <= lo < hi <= batch.n and slot >= 0 and slot + n <= c.vectors.shape[0]
             and c.vectors.shape[1] == batch.vectors.shape[1] and levels.shape == (batch.n,)):
         raise InvalidArgument("rows do not fit the segment or the batch")
-    return int(_append_rows(c, batch.vectors, batch.scale, first_generation, batch.when,
-                            batch.confidence, batch.records, batch.record_ends, batch.id_lens,
-                            levels, lo, hi, slot, arena_at, upper_at))
+    bad, reason = check_store_rows(batch.vectors[lo:hi], unit, limit, c.vectors[slot:slot + n])
+    if reason != ROW_OK:
+        return reason, lo + bad
+    return ROW_OK, int(_append_rows(c, first_generation, batch.when, batch.confidence, batch.records,
+                                    batch.record_ends, batch.id_lens, levels, lo, hi, slot, arena_at,
+                                    upper_at))

@@ -12,7 +12,7 @@ from . import hnsw
 from .atomics import compare_and_swap
 from .distance import distances
 from .rows import append_rows, draw_levels
-from .vectors import check_rows, store_rows
+from .vectors import check_store_rows
 
 STORAGE_DTYPES = (np.float32, np.uint16)
 
@@ -29,13 +29,14 @@ def _warm_append(dtype, dim: int) -> None:
     from ..store.segment import Columns
 
     n = 2
-    batch = prepare(["a", "b"], np.ones((n, dim)), dim=dim, metric="cosine", dtype="f32")
     cols = Columns(np.zeros((n, dim), dtype), np.zeros(n, np.uint64), np.zeros(n), np.zeros(n, np.float32),
                    np.zeros(n, np.uint64), np.zeros(n, np.int64), np.zeros(n, np.int32),
                    np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
                    np.zeros((n, 5), np.int32), np.zeros((1, MAX_LEVEL, 3), np.int32), np.zeros(64, np.uint8))
     levels = draw_levels(0, np.arange(1, n + 1, dtype=np.uint64), 2, MAX_LEVEL)
-    append_rows(cols, batch, 1, levels, 0, n, 0, 0, 0)
+    for payload in (np.ones((n, dim), np.float32), np.ones((n, dim), np.float16).view(np.uint16)):
+        batch = prepare(["a", "b"], payload, dim=dim, metric="cosine", dtype="f32")
+        append_rows(cols, batch, 1, levels, 0, n, 0, 0, 0, True, np.inf)
 
 
 def warm(readers: bool = True) -> float:
@@ -53,8 +54,7 @@ def warm(readers: bool = True) -> float:
         store = data if dtype == np.float32 else data.astype(np.float16).view(np.uint16)
         g = hnsw.new_graph(levels, M, max_level)
         sc = hnsw.new_scratch(n, dim, M, 8, max_level)
-        scale, _, _ = check_rows(store, True, 1.0)
-        store_rows(store, scale, np.empty_like(store))
+        check_store_rows(data, True, 1.0, np.empty((n, dim), np.float32))  # cues
         hnsw.insert(store, gens, g, 0, n, 4, "cosine", sc)
         g.state[1] = 1  # a journal entry, as a killed writer leaves it
         hnsw.repair(g, n, sc)

@@ -37,6 +37,7 @@ class Segment:
         self.r = columns(ro)
         self._arena_bytes = ro[offsets["arena"]:offsets["arena"] + layout.arena_capacity]
         self.w = columns(block.buf) if writable else None
+        self.vectors_address = self.r.vectors.ctypes.data  # read once: .ctypes costs microseconds
         self.graph_r = self._graph(self.r, np.ndarray((2,), np.int64, buffer=ro, offset=ENTRY * 8))
         self.graph_w = (self._graph(self.w, self.header[ENTRY:ENTRY + 2]) if writable else None)
 

@@ -21,7 +21,8 @@ import numpy as np
 from ..errors import DuplicateId
 from ..kernels.policy import METRIC_CODES
 from ..kernels.rows import append_rows, draw_levels
-from ..observations import Batch
+from ..kernels.vectors import ROW_OK
+from ..observations import Batch, raise_bad_row, vector_rule
 from . import shm
 from .catalog import Catalog, SpaceParams, segment_name
 from .layout import (
@@ -72,6 +73,7 @@ class SpaceWriter:
         self.open: list[Segment] = []
         self.ids: set[str] = set()
         self.prefault = prefault
+        self.vector_rule = vector_rule(params.metric, params.dtype)
 
     @property
     def count(self) -> int:
@@ -129,15 +131,18 @@ class SpaceWriter:
             raise DuplicateId(f"id {dup!r} is already stored in space {self.params.name!r}", id=dup)
 
     def append(self, batch: Batch, first_generation: int) -> list[tuple[Segment, int]]:
-        """Store a validated batch with generations first_generation.. (ids must
+        """Store a prepared batch with generations first_generation.. (ids must
         have passed `check_new_ids`); returns (segment, end slot) per placement.
-        Raises before writing anything if a needed segment cannot be created."""
+        Raises before publishing anything if a needed segment cannot be created
+        or a vector is refused (NaN or infinity, zero under cosine, beyond f16)."""
         generations = np.arange(first_generation, first_generation + batch.n, dtype=np.uint64)
         levels = draw_levels(self.params.seed, generations, self.params.M, MAX_LEVEL)
         placements, full = self._plan(batch, levels)
         for p in placements:
-            append_rows(p.segment.w, batch, first_generation, levels, p.lo, p.hi, p.at.slot,
-                        p.at.arena, p.at.upper)
+            reason, value = append_rows(p.segment.w, batch, first_generation, levels, p.lo, p.hi,
+                                        p.at.slot, p.at.arena, p.at.upper, *self.vector_rule)
+            if reason != ROW_OK:  # nothing is published: the rows written stay unseen
+                raise_bad_row(reason, value, "vector")
         for p in placements:
             self._publish(p, generations)
         for seg in self.open[:]:
@@ -164,11 +169,15 @@ class SpaceWriter:
             at = cursors.setdefault(id(seg), _Cursor(seg.accepted, int(seg.header[ARENA_USED]),
                                                      int(seg.header[UPPER_USED])))
             start = int(ends[lo - 1]) if lo else 0
-            m = min(hi - lo, self.layout.capacity - at.slot,
-                    int(np.searchsorted(ends[lo:hi] - start, self.layout.arena_capacity - at.arena,
-                                        side="right")),
-                    int(np.searchsorted(upper_cum[lo + 1:hi + 1] - upper_cum[lo],
-                                        self.layout.upper_capacity - at.upper, side="right")))
+            m = hi - lo
+            if at.slot + m > self.layout.capacity or \
+                    at.arena + int(ends[hi - 1]) - start > self.layout.arena_capacity or \
+                    at.upper + int(upper_cum[hi] - upper_cum[lo]) > self.layout.upper_capacity:
+                m = min(m, self.layout.capacity - at.slot,
+                        int(np.searchsorted(ends[lo:hi] - start, self.layout.arena_capacity - at.arena,
+                                            side="right")),
+                        int(np.searchsorted(upper_cum[lo + 1:hi + 1] - upper_cum[lo],
+                                            self.layout.upper_capacity - at.upper, side="right")))
             if m < hi - lo:
                 full.add(id(seg))
             if m == 0:
@@ -216,5 +225,5 @@ class SpaceWriter:
         header[ACCEPTED] = p.end.slot  # last: the rows become visible
         if self.prefault is not None:
             vectors = p.segment.w.vectors
-            self.prefault.ahead(id(p.segment), vectors.ctypes.data, p.end.slot * vectors.strides[0],
+            self.prefault.ahead(id(p.segment), p.segment.vectors_address, p.end.slot * vectors.strides[0],
                                 vectors.nbytes)
