@@ -20,9 +20,9 @@ and keeps at most the granted credit in flight, as the Client does. While the
 engram run streams, a second connection recalls 10 times a second; its
 latency is reported. Each row also gives the CPU time per batch of the
 receiving process (all its threads: the loop, ZeroMQ's I/O thread, for
-engram_shm the front's page prefaulter; index workers not included) and of the
-sending one: on a machine with few cores the systems share, it shows where the
-time goes. Prints JSON lines (bench, system, batch, dim, obs_per_s) and a
+engram_shm the front's page prefaulter; index workers not included), of its
+loop alone, and of the sending process: on a machine with few cores that all
+of them share, it shows where the time goes. Prints JSON lines (bench, system, batch, dim, obs_per_s) and a
 table with the ratio to raw_zmq.
 """
 
@@ -90,8 +90,7 @@ def run_raw(batches, store_bytes: int = 0) -> tuple[float, dict]:
     raw = subprocess.Popen([sys.executable, "-m", "bench.ingest", "--raw-server", endpoint,
                             "--raw-store-bytes", str(store_bytes)])
     try:
-        with cpu_per_batch(raw.pid, len(batches)) as cpu:
-            seconds = send_all(endpoint, batches)
+        seconds, cpu = send_all(endpoint, batches, raw.pid)
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.connect(endpoint)
         sock.send_multipart(p.pack({"op": "stop"}))
@@ -114,51 +113,59 @@ def messages(data: np.ndarray, batch: int) -> list[tuple[dict, bytes]]:
     return out
 
 
-def cpu_seconds(process: psutil.Process) -> float:
+def cpu_seconds(process: psutil.Process) -> tuple[float, float]:
+    """(CPU seconds of the whole process, of its main thread)."""
     times = process.cpu_times()
-    return times.user + times.system
+    main = next((t.user_time + t.system_time for t in process.threads() if t.id == process.pid), 0.0)
+    return times.user + times.system, main
 
 
 @contextlib.contextmanager
 def cpu_per_batch(receiver_pid: int, batches: int):
     """Yields a dict that gets, on exit, the CPU microseconds per batch the
-    receiving process and this (sending) one spent meanwhile."""
+    receiving process (and its main thread: the loop itself, which a machine
+    with cores to spare is bound by) and this sending one spent meanwhile."""
     receiver, sender = psutil.Process(receiver_pid), psutil.Process()
     before = cpu_seconds(receiver), cpu_seconds(sender)
     out: dict = {}
     yield out
-    us = [(cpu_seconds(proc) - t) * 1e6 / batches for proc, t in zip((receiver, sender), before)]
-    out.update(receiver_cpu_us_per_batch=round(us[0]), sender_cpu_us_per_batch=round(us[1]))
+    (total, main), (sent, _) = [[(b - a) * 1e6 / batches for a, b in zip(t, cpu_seconds(proc))]
+                                for proc, t in zip((receiver, sender), before)]
+    out.update(receiver_cpu_us_per_batch=round(total), receiver_main_us_per_batch=round(main),
+               sender_cpu_us_per_batch=round(sent))
 
 
-def send_all(endpoint: str, batches: list[tuple[dict, bytes]]) -> float:
-    """Pipeline the batches within the granted credit; seconds until all acked."""
+def send_all(endpoint: str, batches: list[tuple[dict, bytes]], receiver_pid: int) -> tuple[float, dict]:
+    """Pipeline the batches within the granted credit. Returns the seconds until
+    all are acked and `cpu_per_batch`, both counted from the session's start
+    (the receiver is up by then)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     sock.send_multipart(p.pack({"op": "init"}))
     ack = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
     session, limit = ack["session"], ack["limit"]
-    start = time.perf_counter()
-    seq, acked, sent = 1, 0, 0
-    while acked < len(batches):
-        while sent < len(batches) and seq + batches[sent][0]["shape"][0] - 1 <= limit:
-            header, payload = batches[sent]
-            sock.send_multipart(p.pack({**header, "session": session, "seq": seq, "rid": sent}, payload),
-                                copy=False)
-            seq += header["shape"][0]
-            sent += 1
-        reply = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
-        if reply["op"] == "ack":
-            acked += 1
-            limit = max(limit, reply["limit"])
-        elif reply["op"] == "status":
-            limit = max(limit, reply["limit"])
-        else:
-            raise RuntimeError(f"refused: {reply}")
-    elapsed = time.perf_counter() - start
+    with cpu_per_batch(receiver_pid, len(batches)) as cpu:
+        start = time.perf_counter()
+        seq, acked, sent = 1, 0, 0
+        while acked < len(batches):
+            while sent < len(batches) and seq + batches[sent][0]["shape"][0] - 1 <= limit:
+                header, payload = batches[sent]
+                sock.send_multipart(p.pack({**header, "session": session, "seq": seq, "rid": sent},
+                                           payload), copy=False)
+                seq += header["shape"][0]
+                sent += 1
+            reply = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
+            if reply["op"] == "ack":
+                acked += 1
+                limit = max(limit, reply["limit"])
+            elif reply["op"] == "status":
+                limit = max(limit, reply["limit"])
+            else:
+                raise RuntimeError(f"refused: {reply}")
+        elapsed = time.perf_counter() - start
     sock.close()
-    return elapsed
+    return elapsed, cpu
 
 
 def recall_while(endpoint: str, cue: np.ndarray, stop: threading.Event, out: list) -> None:
@@ -185,6 +192,7 @@ def front_pid(server: subprocess.Popen) -> int:
 COLUMNS = [("system", "system", ""), ("batch", "batch", "d"), ("dim", "dim", "d"),
            ("obs/s", "obs_per_s", ".0f"), ("x raw_zmq", "x obs_per_s", ".2f"),
            ("receiver us/batch", "receiver_cpu_us_per_batch", "d"),
+           ("its loop", "receiver_main_us_per_batch", "d"),
            ("sender us/batch", "sender_cpu_us_per_batch", "d")]
 
 
@@ -219,8 +227,7 @@ def main(argv=None) -> list[dict]:
         reader = threading.Thread(target=recall_while, args=(endpoint, data[0], stop, latencies))
         reader.start()
         try:
-            with cpu_per_batch(front_pid(server), len(batches)) as cpu:
-                seconds = send_all(endpoint, batches)
+            seconds, cpu = send_all(endpoint, batches, front_pid(server))
         finally:
             stop.set()
             reader.join()
