@@ -14,6 +14,9 @@ ceiling, in one run, on the same messages.
   shared memory as f16 and acks; two index workers run meanwhile).
 - engram_shm_client: the same server fed through `engram_shm.Client`
   (building its messages from numpy arrays).
+- engram_shm_loop_only: not over the network: the same messages handed to
+  the front's loop in this process (replies dropped), with the cores to
+  itself: the rate a front with cores to spare is bound by.
 
 The first three are driven by one sender that pipelines pre-built messages
 and keeps at most the granted credit in flight, as the Client does. While the
@@ -42,10 +45,15 @@ import psutil
 import zmq
 
 from engram_shm import Client
+from engram_shm.config import EngineConfig
+from engram_shm.kernels.warm import warm
 from engram_shm.store import shm
+from engram_shm.store.catalog import Catalog
 from engram_shm.synthetic import clustered
 from engram_shm.transport import protocol as p
+from engram_shm.transport.front import Front
 from engram_shm.transport.launch import free_port, running_server
+from engram_shm.transport.sessions import SessionTable, create_table
 
 from .report import emit, table
 
@@ -168,6 +176,48 @@ def send_all(endpoint: str, batches: list[tuple[dict, bytes]], receiver_pid: int
     return elapsed, cpu
 
 
+class _LastReply:
+    """Stands in for the front's ROUTER socket: keeps the last reply, counts errors."""
+    def __init__(self):
+        self.last, self.errors = None, 0
+
+    def send_multipart(self, frames, flags=0):
+        self.last = msgpack.unpackb(frames[1], raw=False)
+        self.errors += self.last["op"] == "error"
+
+
+def loop_only(batches: list[tuple[dict, bytes]], ring: int) -> tuple[float, dict]:
+    """Seconds the front's loop takes over the batches handed to it in this
+    process, and its CPU per batch."""
+    warm()
+    name = f"bench-loop-{os.getpid()}"
+    catalog = Catalog.create(name)
+    front = None
+    try:
+        front = Front(EngineConfig(name=name, ring_capacity=ring, max_credit=CREDIT), catalog,
+                      SessionTable(create_table(name)))
+        front.sock = replies = _LastReply()
+        identity = zmq.Frame(b"\0bench")
+        front.handle([identity, zmq.Frame(p.pack({"op": "init"})[0])])
+        session, seq, messages = replies.last["session"], 1, []
+        for rid, (header, payload) in enumerate(batches):
+            frames = p.pack({**header, "session": session, "seq": seq, "rid": rid}, payload)
+            messages.append([identity, *map(zmq.Frame, frames)])
+            seq += header["shape"][0]
+        with cpu_per_batch(os.getpid(), len(batches)) as cpu:
+            start = time.perf_counter()
+            for message in messages:
+                front.handle(message)
+            seconds = time.perf_counter() - start
+        if replies.errors:
+            raise RuntimeError(f"the front refused {replies.errors} batches: {replies.last}")
+        return seconds, {**cpu, "sender_cpu_us_per_batch": 0}  # no sender
+    finally:
+        if front is not None:
+            front.close()
+        catalog.close()
+
+
 def recall_while(endpoint: str, cue: np.ndarray, stop: threading.Event, out: list) -> None:
     with Client(endpoint) as c:
         while not stop.wait(0.1):
@@ -221,7 +271,7 @@ def main(argv=None) -> list[dict]:
         seconds, cpu = run_raw(batches, store_bytes)
         rows.append(emit(row(system, n, args.batch, args.dim, seconds, **cpu)))
 
-    ring = str(2 * n + 1024)
+    ring = str(2 * n + 1024)  # no backpressure: the rate of accepting is measured
     with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, server):
         latencies, stop = [], threading.Event()
         reader = threading.Thread(target=recall_while, args=(endpoint, data[0], stop, latencies))
@@ -245,6 +295,8 @@ def main(argv=None) -> list[dict]:
                 c.flush()
                 seconds = time.perf_counter() - start
             rows.append(emit(row("engram_shm_client", n, args.batch, args.dim, seconds, **cpu)))
+    seconds, cpu = loop_only(batches, 2 * n + 1024)
+    rows.append(emit(row("engram_shm_loop_only", n, args.batch, args.dim, seconds, **cpu)))
     print(table("ingest benchmark", rows, COLUMNS))
     return rows
 

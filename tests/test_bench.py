@@ -36,7 +36,8 @@ def test_ingest_quick_compares_with_the_raw_transport():
     out = subprocess.run([sys.executable, "-m", "bench.ingest", "--quick"], capture_output=True,
                          text=True, timeout=600, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert [r["system"] for r in rows] == ["raw_zmq", "raw_zmq_shm", "engram_shm", "engram_shm_client"]
+    assert [r["system"] for r in rows] == ["raw_zmq", "raw_zmq_shm", "engram_shm", "engram_shm_client",
+                                           "engram_shm_loop_only"]
     for r in rows:
         assert {"bench", "system", "batch", "dim", "obs_per_s"} <= set(r) and r["obs_per_s"] > 0
         assert r["receiver_cpu_us_per_batch"] >= 0 and r["sender_cpu_us_per_batch"] >= 0
