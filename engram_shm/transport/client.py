@@ -26,6 +26,10 @@ from . import protocol as p
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 RESEND_CODES = {"no_credit", "overloaded", "sequence_gap", "internal", "shm_full", "engine_closed",
                 "session_limit"}
+# The server does not know this connection as the session's owner any more (a
+# restarted front lost who owned it, and ZeroMQ reconnected the socket by
+# itself): take the session over with init{resume}, then resend.
+RESUME_CODES = {"not_session_owner"}
 
 
 class ClientTimeout(Internal):
@@ -78,6 +82,7 @@ class Client:
         self.level = "normal"
         self.reconnects = 0
         self.paused = False
+        self._resume_needed = False
         self._sock = None
         self._connect()
         self._handshake(None)
@@ -209,6 +214,10 @@ class Client:
     def _drive(self) -> None:
         """Send the queued batches that credit allows, in order; read replies."""
         self._pump(0)
+        if self._resume_needed:
+            self._resume_needed = False
+            self.reconnect()  # which drives again
+            return
         if self.paused:
             return
         now = time.monotonic()
@@ -281,7 +290,9 @@ class Client:
             if b.rid is not None:
                 self._by_rid.pop(b.rid, None)
             b.start = b.rid = None
-        if code in RESEND_CODES:
+        if code in RESUME_CODES:
+            self._resume_needed = True
+        elif code in RESEND_CODES:
             self._grant(msg)
             batch.not_before = time.monotonic() + msg.get("retry_after_ms", 20) / 1000
         else:
