@@ -11,7 +11,6 @@ import numpy as np
 from . import hnsw
 from .atomics import compare_and_swap
 from .distance import distances
-from .pages import populate
 from .rows import append_rows, draw_levels
 from .vectors import check_store_rows
 
@@ -65,5 +64,4 @@ def warm(readers: bool = True) -> float:
             distances(store, data[0], "l2")
         _warm_append(dtype, dim)
     compare_and_swap(np.zeros(1, np.int64), 0, 0, 0)
-    populate(0, 0, 1)  # an empty range: compiled, nothing touched
     return time.perf_counter() - start

@@ -4,30 +4,34 @@ tmpfs allocates a page on its first write: a 256 x 768 f16 batch lands on ~100
 fresh pages, and faulting them in on the ingest path cost more than validating
 and storing the batch (0.33 ms against 0.08 ms). A background thread keeps a
 window of the vectors column populated ahead of each open segment's write
-cursor with madvise(MADV_POPULATE_WRITE), from a kernel that runs without the
-GIL and in small steps (kernels/pages.py: a long call stalls the writer).
-Populating changes no byte, so it is safe next to the writer. Kernels without
-it (before Linux 5.14) fall back to faulting on write, as before.
+cursor with madvise(MADV_POPULATE_WRITE), called through ctypes so that it
+runs without the GIL, in parallel with the writer. Populating changes no byte,
+so it is safe next to the writer. Kernels without it (before Linux 5.14) fall
+back to faulting on write, as before.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 
-from ..kernels.pages import populate
-
 log = logging.getLogger(__name__)
 
+MADV_POPULATE_WRITE = 23
 PAGE = 4096
-STEP_BYTES = 64 << 10  # per madvise: bounds how long it holds the mmap lock
 WINDOW_BYTES = 16 << 20  # keep this much populated ahead of the cursor
 LOW_WATER_BYTES = 8 << 20  # refill when less than this is left
 
 
 class Prefaulter:
     def __init__(self):
-        self._enabled = True
+        try:
+            self._madvise = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
+            self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            self._madvise = None
         self._targets: dict[int, tuple[int, int, int]] = {}  # key -> (base, done, target)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -36,7 +40,7 @@ class Prefaulter:
     def ahead(self, key: int, base: int, used: int, limit: int) -> None:
         """The region [base, base + limit) is written from its start; `used`
         bytes are written. Keep WINDOW_BYTES past them populated."""
-        if not self._enabled:
+        if self._madvise is None:
             return
         with self._wake:
             _, done, _ = self._targets.get(key, (base, used, used))
@@ -62,9 +66,10 @@ class Prefaulter:
                 key, (base, done, target) = next((k, v) for k, v in self._targets.items() if v[1] < v[2])
             start = (base + done) // PAGE * PAGE  # madvise takes page-aligned addresses
             end = -(-(base + target) // PAGE) * PAGE
-            if populate(start, end, STEP_BYTES) != end:
-                log.info("MADV_POPULATE_WRITE refused: pages fault on write")
-                self._enabled = False
+            if self._madvise(start, end - start, MADV_POPULATE_WRITE) != 0:
+                log.info("MADV_POPULATE_WRITE unavailable (errno %d): pages fault on write",
+                         ctypes.get_errno())
+                self._madvise = None
                 return
             with self._wake:
                 if key in self._targets:
