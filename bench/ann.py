@@ -20,7 +20,7 @@ import numpy as np
 
 from engram_shm.synthetic import clustered
 
-from .report import emit, table
+from .report import emit, percentiles_ms, table
 
 M, EF_CONSTRUCTION, EF = 16, 100, 64
 
@@ -33,9 +33,7 @@ def summarise(system, dtype, n, dim, insert_s, latencies, found, exact) -> dict:
     hits = sum(len(set(f) & set(e)) for f, e in zip(found, exact.tolist()))
     return {"bench": "ann", "system": system, "n": n, "dim": dim, "dtype": dtype,
             "insert_per_s": round(n / insert_s, 1),
-            "recall_at_10": round(hits / exact.size, 4),
-            "query_p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 4),
-            "query_p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 4)}
+            "recall_at_10": round(hits / exact.size, 4), **percentiles_ms(latencies, "query", 4)}
 
 
 def timed_queries(search, queries):

@@ -55,7 +55,7 @@ from engram_shm.transport.front import Front
 from engram_shm.transport.launch import free_port, running_server
 from engram_shm.transport.sessions import SessionTable, create_table
 
-from .report import emit, table
+from .report import emit, percentiles_ms, table
 
 CREDIT = 4096
 
@@ -143,6 +143,16 @@ def cpu_per_batch(receiver_pid: int, batches: int):
                sender_cpu_us_per_batch=round(sent))
 
 
+def numbered(batches: list[tuple[dict, bytes]], session: str):
+    """Each batch as frames of `session`, numbered from sequence 1, with its
+    last sequence: (last, frames)."""
+    seq = 1
+    for rid, (header, payload) in enumerate(batches):
+        n = header["shape"][0]
+        yield seq + n - 1, p.pack({**header, "session": session, "seq": seq, "rid": rid}, payload)
+        seq += n
+
+
 def send_all(endpoint: str, batches: list[tuple[dict, bytes]], receiver_pid: int) -> tuple[float, dict]:
     """Pipeline the batches within the granted credit. Returns the seconds until
     all are acked and `cpu_per_batch`, both counted from the session's start
@@ -155,14 +165,12 @@ def send_all(endpoint: str, batches: list[tuple[dict, bytes]], receiver_pid: int
     session, limit = ack["session"], ack["limit"]
     with cpu_per_batch(receiver_pid, len(batches)) as cpu:
         start = time.perf_counter()
-        seq, acked, sent = 1, 0, 0
+        outgoing = numbered(batches, session)
+        waiting, acked = next(outgoing, None), 0
         while acked < len(batches):
-            while sent < len(batches) and seq + batches[sent][0]["shape"][0] - 1 <= limit:
-                header, payload = batches[sent]
-                sock.send_multipart(p.pack({**header, "session": session, "seq": seq, "rid": sent},
-                                           payload), copy=False)
-                seq += header["shape"][0]
-                sent += 1
+            while waiting is not None and waiting[0] <= limit:
+                sock.send_multipart(waiting[1], copy=False)
+                waiting = next(outgoing, None)
             reply = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
             if reply["op"] == "ack":
                 acked += 1
@@ -199,11 +207,8 @@ def loop_only(batches: list[tuple[dict, bytes]], ring: int) -> tuple[float, dict
         front.sock = replies = _LastReply()
         identity = zmq.Frame(b"\0bench")
         front.handle([identity, zmq.Frame(p.pack({"op": "init"})[0])])
-        session, seq, messages = replies.last["session"], 1, []
-        for rid, (header, payload) in enumerate(batches):
-            frames = p.pack({**header, "session": session, "seq": seq, "rid": rid}, payload)
-            messages.append([identity, *map(zmq.Frame, frames)])
-            seq += header["shape"][0]
+        messages = [[identity, *map(zmq.Frame, frames)]
+                    for _, frames in numbered(batches, replies.last["session"])]
         with cpu_per_batch(os.getpid(), len(batches)) as cpu:
             start = time.perf_counter()
             for message in messages:
@@ -281,11 +286,8 @@ def main(argv=None) -> list[dict]:
         finally:
             stop.set()
             reader.join()
-        lat = np.array(latencies or [np.nan]) * 1e3
         rows.append(emit(row("engram_shm", n, args.batch, args.dim, seconds, **cpu,
-                             recalls=len(latencies),
-                             recall_p50_ms=round(float(np.percentile(lat, 50)), 3),
-                             recall_p99_ms=round(float(np.percentile(lat, 99)), 3))))
+                             recalls=len(latencies), **percentiles_ms(latencies, "recall"))))
     with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, server):
         with Client(endpoint, batch_size=args.batch, timeout=120) as c:
             ids = [f"o{i}" for i in range(n)]

@@ -7,6 +7,8 @@ import json
 import os
 import platform
 
+import numpy as np
+
 
 def machine() -> str:
     model = platform.processor() or "unknown cpu"
@@ -16,6 +18,12 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def percentiles_ms(seconds: list, name: str, digits: int = 3) -> dict:
+    """{name_p50_ms, name_p99_ms} of latencies given in seconds (NaN if none)."""
+    ms = np.array(seconds or [np.nan]) * 1e3
+    return {f"{name}_p{q}_ms": round(float(np.percentile(ms, q)), digits) for q in (50, 99)}
 
 
 def emit(row: dict) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 from engram_shm import Engine
 from engram_shm.synthetic import clustered
 
-from .report import emit, table
+from .report import emit, percentiles_ms, table
 
 RECALL_EVERY_S = 0.1
 
@@ -41,13 +41,10 @@ def run(data: np.ndarray, workers: int, dtype: str) -> dict:
             latencies.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - start
         stats = engine.stats()
-    lat = np.array(latencies or [np.nan]) * 1e3
     return {"bench": "scaling", "workers": workers, "n": n, "dim": dim, "dtype": dtype,
             "insert_per_s": round(n / elapsed, 1),
             "segments": stats["spaces"]["hot"]["segments"],
-            "recalls_while_indexing": len(latencies),
-            "recall_p50_ms": round(float(np.percentile(lat, 50)), 3),
-            "recall_p99_ms": round(float(np.percentile(lat, 99)), 3)}
+            "recalls_while_indexing": len(latencies), **percentiles_ms(latencies, "recall")}
 
 
 COLUMNS = [("workers", "workers", "d"), ("n", "n", "d"), ("dim", "dim", "d"), ("dtype", "dtype", ""),
