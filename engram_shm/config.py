@@ -17,6 +17,7 @@ from .errors import InvalidArgument
 DTYPES = ("f32", "f16")
 METRICS = ("cosine", "ip", "l2")
 WORKER_MODES = ("thread", "process")
+FSYNC_POLICIES = ("always", "interval", "never")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,47}$")
 
 
@@ -61,6 +62,21 @@ class EngineConfig:
     observe_timeout_s: float = _opt(300.0, "how long an embedded observe waits for a full "
                                            "unindexed window to drain before raising",
                                     lo=0.0, hi=1e9)
+    data_dir: str = _opt("", "data directory (write-ahead log and checkpoints); empty or 'none' "
+                             "keeps everything in memory only. `serve` defaults to ./engram-data")
+    fsync: str = _opt("interval", "when the write-ahead log reaches the disk: always (before each "
+                                  "ack, group commit), interval (every fsync_interval_ms in the "
+                                  "background), never (left to the OS): " + ", ".join(FSYNC_POLICIES))
+    fsync_interval_ms: int = _opt(10, "period of the background fsync under fsync=interval",
+                                  lo=1, hi=60_000)
+    wal_file_bytes: int = _opt(64 << 20, "size at which the write-ahead log starts a new file",
+                               lo=1 << 16, hi=1 << 40)
+    checkpoint_wal_bytes: int = _opt(256 << 20, "log written since the last checkpoint that triggers "
+                                                "the next one", lo=1 << 16, hi=1 << 50)
+    checkpoint_interval_s: float = _opt(300.0, "seconds after which a checkpoint is taken if "
+                                               "anything was logged since the last", lo=0.1, hi=1e9)
+    checkpoints_kept: int = _opt(2, "complete checkpoints kept (a corrupt newest one falls back to "
+                                    "the one before, with the log kept since it)", lo=1, hi=100)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -76,6 +92,13 @@ class EngineConfig:
             raise InvalidArgument(f"dtype {self.dtype!r} is not one of {DTYPES}")
         if self.metric not in METRICS:
             raise InvalidArgument(f"metric {self.metric!r} is not one of {METRICS}")
+        if self.fsync not in FSYNC_POLICIES:
+            raise InvalidArgument(f"fsync {self.fsync!r} is not one of {FSYNC_POLICIES}")
+
+    @property
+    def durable(self) -> bool:
+        """Whether this engine keeps a data directory."""
+        return self.data_dir not in ("", "none")
 
     @property
     def worker_count(self) -> int:

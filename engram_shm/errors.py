@@ -46,6 +46,12 @@ CODES: dict[str, tuple[bool, str]] = {
     "engine_closed": (False, "the engine has been closed"),
     "index_failed": (False, "an index writer failed; see the message"),
     "corrupt": (False, "shared memory does not hold what its header says"),
+    # durability (docs/durability.md)
+    "storage_full": (True, "the data directory's disk is full (or a file size limit was hit); "
+                           "nothing of the request was acked"),
+    "storage_error": (True, "writing the data directory failed; nothing of the request was acked"),
+    "data_dir_in_use": (False, "another engine holds the data directory's lock"),
+    "data_dir_corrupt": (False, "the data directory holds no loadable checkpoint or log"),
 }
 
 
@@ -97,6 +103,10 @@ EngineNotFound = _error("EngineNotFound", "engine_not_found")
 EngineClosed = _error("EngineClosed", "engine_closed")
 IndexFailed = _error("IndexFailed", "index_failed")
 Corrupt = _error("Corrupt", "corrupt")
+StorageFull = _error("StorageFull", "storage_full")
+StorageError = _error("StorageError", "storage_error")
+DataDirInUse = _error("DataDirInUse", "data_dir_in_use")
+DataDirCorrupt = _error("DataDirCorrupt", "data_dir_corrupt")
 
 
 class ProtocolError(EngramError):

@@ -5,6 +5,12 @@ observations into it, indexes them in background threads (the Numba kernels
 release the GIL, so one thread per core indexes in parallel), and recalls.
 Other local processes can map the same memory with `engram_shm.attach(name)`.
 
+With `data_dir`, the engine is durable (docs/durability.md): it takes the
+directory's lock, loads its newest checkpoint and replays its log before it
+opens, logs every batch before `observe` returns (fsynced first under
+fsync="always"), checkpoints in the background and once more on `close()`.
+Without, everything lives in shared memory only and goes with the engine.
+
 Confidence is the encoding confidence of an observation, a number in [0, 1]
 (default 1.0) supplied by the client and returned with every recall. It does
 not change ranking (similarity does) nor visibility; clients use it to weigh
@@ -13,6 +19,7 @@ or filter what they recall.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -23,8 +30,21 @@ from dataclasses import asdict
 
 from ..config import EngineConfig
 from ..errors import EngineClosed, IndexFailed, InvalidArgument, Overloaded
-from ..store.catalog import W_BUSY_NS, W_CLAIMED, W_INSERTED, W_PID, W_RESTARTS, Catalog, SpaceParams
+from ..store.catalog import (
+    WAL_LSN,
+    W_BUSY_NS,
+    W_CLAIMED,
+    W_INSERTED,
+    W_PID,
+    W_RESTARTS,
+    Catalog,
+    SpaceParams,
+)
+from ..store.datadir import DataDir
 from ..store.segment import Segment
+from ..store.wal import WalWriter
+from . import recovery
+from .checkpointer import Checkpointer, durability_stats
 from .directory import SegmentDirectory
 from .reader import Memory, Reader, Recalls
 from .supervisor import Supervisor
@@ -43,33 +63,56 @@ class Engine(Recalls):
     Index writers are threads by default; with worker_mode="process" they are
     worker processes under a Supervisor that restarts any that dies."""
 
-    def __init__(self, config: EngineConfig | None = None, **options):
+    def __init__(self, config: EngineConfig | None = None, *, data_dir: str | None = None, **options):
         if config is not None and options:
             raise InvalidArgument("pass either a config or options, not both")
         self.config = config if config is not None else EngineConfig.from_env(**options)
+        if data_dir is not None:
+            self.config = dataclasses.replace(self.config, data_dir=str(data_dir))
         self.ef_search = self.config.ef_search
         self.name = self.config.name or f"e{os.getpid()}-{secrets.token_hex(4)}"
-        self.catalog = Catalog.create(self.name)
+        self.datadir = DataDir(self.config.data_dir, f"engine {self.name}") if self.config.durable else None
+        try:
+            self.catalog = Catalog.create(self.name)
+        except BaseException:
+            self.datadir and self.datadir.close()
+            raise
         self._segments: list[Segment] = []
-        self._finalizer = weakref.finalize(self, _release, self.catalog, self._segments)
+        self._finalizer = weakref.finalize(self, _release, self.catalog, self._segments, self.datadir)
         self.directory = SegmentDirectory(self.catalog, self._segments.__getitem__)
         self.reader = Reader(self.directory)
         self.writer = EngineWriter(self.catalog, self.config, self._on_new_segment)
         self._write_lock = threading.Lock()
         self._progress = threading.Condition()
         self._stop = False
-        n = self.config.worker_count
-        if self.config.worker_mode == "process":
-            self.supervisor = Supervisor.for_index_workers(self.catalog, n, self.directory.segments)
-            self._indexing = self.supervisor
-        else:
-            self.supervisor = None
-            self._indexing = IndexThreads(self.catalog, n, self.directory.targets, self._progress)
+        self.checkpointer = None
+        self.recovered: recovery.Recovered | None = None
         try:
+            if self.datadir is not None:
+                self._open_data_dir()
+            n = self.config.worker_count
+            if self.config.worker_mode == "process":
+                self.supervisor = Supervisor.for_index_workers(self.catalog, n, self.directory.segments)
+                self._indexing = self.supervisor
+            else:
+                self.supervisor = None
+                self._indexing = IndexThreads(self.catalog, n, self.directory.targets, self._progress)
             self._indexing.start()
         except BaseException:
+            self.writer.close()
             self._finalizer()
             raise
+
+    def _open_data_dir(self) -> None:
+        """Recover what the directory holds, then log from where it ends."""
+        self.recovered = recovery.cold(self.writer, self.datadir, self._on_new_segment,
+                                       self._segments.__getitem__)
+        log.info("engine %s recovered %s", self.name, self.recovered.summary())
+        c = self.config
+        self.writer.wal = WalWriter(self.datadir.wal, c.fsync, c.fsync_interval_ms, c.wal_file_bytes,
+                                    int(self.catalog.header[WAL_LSN]) + 1, self.catalog.committed_generation)
+        self.checkpointer = Checkpointer(self.catalog, self.datadir, c, self.directory.segments)
+        self.checkpointer.start()
 
     # -- context ---------------------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -87,10 +130,25 @@ class Engine(Recalls):
             self._progress.notify_all()
         with self._write_lock:  # let an observe in flight finish
             self._indexing.stop()
+            if self.checkpointer is not None:
+                self.checkpointer.stop()
+                try:
+                    self.checkpointer.checkpoint()
+                except OSError as e:  # the log still holds everything
+                    log.error("engine %s: the checkpoint on close failed (%s); the next start "
+                              "replays the log", self.name, e)
         self.reader.close()
         self.directory.close()
         self.writer.close()
         self._finalizer()
+
+    def checkpoint(self) -> dict:
+        """Write a checkpoint now; returns its manifest (number, generation,
+        observations, seconds, ...)."""
+        self._check_open()
+        if self.checkpointer is None:
+            raise InvalidArgument("this engine has no data directory (memory only)")
+        return self.checkpointer.checkpoint()
 
     def _check_open(self) -> None:
         if self._stop:
@@ -133,6 +191,8 @@ class Engine(Recalls):
             if existing is not None and existing.params != params:  # created meanwhile
                 params, batch = self.writer.prepare(space, ids, vectors, what, when, confidence)
             ack, _ = self.writer.write(params, batch)
+            if self.config.fsync == "always" and self.writer.wal is not None:
+                self.writer.wal.sync()
         with self._progress:
             self._progress.notify_all()
         return ack
@@ -193,16 +253,20 @@ class Engine(Recalls):
                          "busy_s": round(float(r[W_BUSY_NS]) * 1e-9, 3), "restarts": int(r[W_RESTARTS]),
                          "claimed_segment": int(r[W_CLAIMED])}
                         for i, r in enumerate(rows)],
+            "durability": durability_stats(self.catalog, self.config),
         }
 
 
-def _release(catalog: Catalog, segments: list[Segment]) -> None:
+def _release(catalog: Catalog, segments: list[Segment], datadir: DataDir | None) -> None:
     """Unmap the segments and remove all of the engine's shared memory (also at
-    interpreter exit, for an engine never closed)."""
+    interpreter exit, for an engine never closed), and release the data
+    directory."""
     for seg in segments:
         seg.close()
     segments.clear()
     catalog.close()
+    if datadir is not None:
+        datadir.close()
 
 
 __all__ = ["Engine", "Ack", "Memory"]

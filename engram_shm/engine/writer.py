@@ -2,6 +2,11 @@
 segments and the committed generation. The embedded engine holds one; the
 server's front process holds one, and a restarted front rebuilds its state from
 the shared memory it finds (`recover`). Not thread-safe: callers serialise.
+
+With a write-ahead log (`wal`), a batch is logged after its rows are written
+and before they are published: the log is the commit point. A batch whose
+record is whole in the log is committed, whatever a crash left in shared
+memory (engine/recovery.py replays it); one that is not was never acked.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import numpy as np
 from ..config import EngineConfig
 from ..errors import InvalidArgument, SpaceExists
 from ..observations import Batch, Limits, prepare
-from ..store.catalog import Catalog, SpaceParams
+from ..store import wal as walfile
+from ..store.catalog import WAL_LSN, Catalog, SpaceParams
 from ..store.prefault import Prefaulter
 from ..store.segment import Segment
 from ..store.space import SpaceWriter
+from ..store.wal import WalWriter
 
 MAX_DIM = 65536
 
@@ -50,6 +57,7 @@ class EngineWriter:
         self.on_new_segment = on_new_segment
         self.spaces: dict[str, SpaceWriter] = {}
         self.prefault = Prefaulter()
+        self.wal: WalWriter | None = None
 
     def params(self, name: str, dim: int, dtype: str | None = None, metric: str | None = None,
                M: int | None = None, ef_construction: int | None = None,
@@ -72,6 +80,7 @@ class EngineWriter:
             if existing.params != params:
                 raise SpaceExists(f"space {params.name!r} exists as {dataclasses.asdict(existing.params)}")
             return existing
+        self._log(walfile.SPACE, dataclasses.asdict(params))
         writer = self._space_writer(self.catalog.add_space(params), params)
         self.spaces[params.name] = writer
         return writer
@@ -93,16 +102,41 @@ class EngineWriter:
                         metric=shape.metric, dtype=shape.dtype, limits=self.limits)
         return dataclasses.replace(shape, dim=batch.dim) if writer is None else shape, batch
 
-    def write(self, params: SpaceParams, batch: Batch) -> tuple[Ack, list[tuple[Segment, int]]]:
-        """Store a batch prepared for `params`, creating the space if needed.
-        Also returns where it went: (segment, end slot) pairs, which are in the
+    def write(self, params: SpaceParams, batch: Batch, session: str | None = None,
+              seq: int | None = None) -> tuple[Ack, list[tuple[Segment, int]]]:
+        """Store a batch prepared for `params`, creating the space if needed,
+        and log it (with the session and the last sequence it covers). Also
+        returns where it went: (segment, end slot) pairs, which are in the
         graph once each segment's INDEXED reaches its end slot."""
         writer = self.create_space(params)
         writer.check_new_ids(batch.ids)
         first = self.catalog.committed_generation + 1
-        spans = writer.append(batch, first)
+        log = None
+        if self.wal is not None:
+            def log(vectors):
+                meta = {"space": params.name, "gen": first, "n": batch.n, "dim": batch.dim,
+                        "dtype": params.dtype, "session": session, "seq": seq,
+                        "bytes": int(batch.record_ends[-1])}
+                self._log(walfile.BATCH, meta, [*vectors, batch.when, batch.confidence, batch.id_lens,
+                                                batch.record_ends, batch.records])
+        spans = writer.append(batch, first, log=log)
         self.catalog.publish_generation(first + batch.n - 1)
         return Ack(params.name, first, first + batch.n - 1), spans
+
+    def replay_batch(self, params: SpaceParams, batch: Batch, first: int) -> None:
+        """Store a logged batch again with its own generations and stored
+        vectors (recovery); it is not logged twice."""
+        self.create_space(params).append(batch, first, stored=True)
+        self.catalog.publish_generation(max(self.catalog.committed_generation, first + batch.n - 1))
+
+    def log_session(self, key: str, state: int, priority: str) -> None:
+        """Log a session's state change (sessions are restored from the log)."""
+        self._log(walfile.SESSION, {"key": key, "state": state, "priority": priority})
+
+    def _log(self, kind: int, meta: dict, blobs=()) -> None:
+        if self.wal is not None:
+            lsn = self.wal.append(kind, meta, blobs, self.catalog.committed_generation)
+            self.catalog.header[WAL_LSN] = lsn
 
     def recover(self, open_segment: Callable[[int], Segment]) -> int:
         """Adopt the spaces and segments already in the catalog (a writer
@@ -126,6 +160,10 @@ class EngineWriter:
         return sum(w.count for w in self.spaces.values())
 
     def close(self) -> None:
-        """Stop background work (before the segments are unmapped)."""
+        """Stop background work (before the segments are unmapped) and close
+        the log."""
         self.prefault.close()
         self.spaces.clear()
+        if self.wal is not None:
+            self.wal.close()
+            self.wal = None

@@ -8,6 +8,9 @@ lets any local process find an engine's spaces and segments.
 |          |       |                       |         | COMMITTED_GEN, N_SPACES, N_SEGMENTS, |
 |          |       |                       |         | STOPPED (1 once the engine closed);  |
 |          |       |                       | front   | FRONT_PID, FRONT_INCARNATION (ready) |
+|          |       |                       | writer  | WAL_LSN, CHECKPOINT_REQUEST          |
+|          |       |                       | checkp. | CHECKPOINT_DONE (request answered),  |
+|          |       |                       |         | _ERRNO (0 = ok), _GENERATION, _NS    |
 | spaces   | int64 | [MAX_SPACES, 8]       | owner   | dim, dtype, metric, M, ef_c, seed,   |
 |          |       |                       |         | name length, creation time           |
 | names    | uint8 | [MAX_SPACES, 128]     | owner   | space name, UTF-8                    |
@@ -48,6 +51,10 @@ NAME_BYTES = 128
 (MAGIC, VERSION_WORD, OWNER_PID, OWNER_START, CREATED_NS) = range(5)
 COMMITTED_GEN, N_SPACES, N_SEGMENTS, STOPPED = 8, 9, 10, 11
 FRONT_PID, FRONT_INCARNATION = 16, 17  # written by the server's front process when ready
+# The writer's log position (lsn of its last record) and checkpoint requests
+# (a counter the writer bumps); the checkpointer answers on its own line.
+WAL_LSN, CHECKPOINT_REQUEST = 20, 21
+CHECKPOINT_DONE, CHECKPOINT_ERRNO, CHECKPOINT_GENERATION, CHECKPOINT_NS = 24, 25, 26, 27
 (S_DIM, S_DTYPE, S_METRIC, S_M, S_EFC, S_SEED, S_NAME_LEN, S_CREATED) = range(8)
 (W_PID, W_INCARNATION, W_INSERTED, W_BUSY_NS, W_HEARTBEAT_NS, W_CLAIMED, W_RESTARTS) = range(7)
 

@@ -31,6 +31,7 @@ from .layout import (
     MAX_GEN,
     MAX_LEVEL,
     MIN_GEN,
+    REWRITES,
     SEALED,
     UPPER_USED,
     SegmentLayout,
@@ -106,7 +107,8 @@ class SpaceWriter:
         self.segments.append(seg)
         if not seg.sealed:
             self.open.append(seg)
-        self.ids.update(seg.ids(np.arange(seg.accepted)))
+        live = np.nonzero(seg.r.generation[:seg.accepted] != BURIED)[0]
+        self.ids.update(seg.ids(live))
 
     def bury_uncommitted(self, committed: int) -> int:
         """Hide rows published past the committed generation (a batch cut short
@@ -123,6 +125,7 @@ class SpaceWriter:
             if len(orphans):
                 self.ids.difference_update(seg.ids(orphans))
                 gens[orphans] = BURIED
+                seg.header[REWRITES] += 1
         return highest
 
     def check_new_ids(self, ids: list[str]) -> None:
@@ -130,19 +133,27 @@ class SpaceWriter:
             dup = next(i for i in ids if i in self.ids)
             raise DuplicateId(f"id {dup!r} is already stored in space {self.params.name!r}", id=dup)
 
-    def append(self, batch: Batch, first_generation: int) -> list[tuple[Segment, int]]:
+    def append(self, batch: Batch, first_generation: int, stored: bool = False,
+               log: Callable[[list[np.ndarray]], None] | None = None) -> list[tuple[Segment, int]]:
         """Store a prepared batch with generations first_generation.. (ids must
         have passed `check_new_ids`); returns (segment, end slot) per placement.
-        Raises before publishing anything if a needed segment cannot be created
-        or a vector is refused (NaN or infinity, zero under cosine, beyond f16)."""
+        Raises before publishing anything if a needed segment cannot be created,
+        a vector is refused (NaN or infinity, zero under cosine, beyond f16) or
+        `log` raises. `log` gets the stored vectors (a view per placement, in
+        batch order) after they are written and before anything is published.
+        `stored` vectors are already in storage form (a log replay): they are
+        copied bit for bit, not scaled again."""
         generations = np.arange(first_generation, first_generation + batch.n, dtype=np.uint64)
         levels = draw_levels(self.params.seed, generations, self.params.M, MAX_LEVEL)
         placements, full = self._plan(batch, levels)
+        rule = (False, np.inf) if stored else self.vector_rule
         for p in placements:
             reason, value = append_rows(p.segment.w, batch, first_generation, levels, p.lo, p.hi,
-                                        p.at.slot, p.at.arena, p.at.upper, *self.vector_rule)
+                                        p.at.slot, p.at.arena, p.at.upper, *rule)
             if reason != ROW_OK:  # nothing is published: the rows written stay unseen
                 raise_bad_row(reason, value, "vector")
+        if log is not None:
+            log([p.segment.w.vectors[p.at.slot:p.at.slot + p.hi - p.lo] for p in placements])
         for p in placements:
             self._publish(p, generations)
         for seg in self.open[:]:

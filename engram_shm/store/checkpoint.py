@@ -1,0 +1,298 @@
+"""Checkpoints: every segment of an engine, copied to the data directory while
+ingestion and recall go on, made atomic by a manifest written last.
+
+    checkpoints/ckpt-<n>/seg-<index>.bin   one file per segment
+    checkpoints/ckpt-<n>/MANIFEST.json     written last; names every file with
+                                           its size and crc32c
+
+A segment file is the segment's 512-byte header, then each column's used
+prefix in layout order (store/layout.py): rows [0, ACCEPTED) of the per-row
+columns, rows [0, UPPER_USED) of `upper`, bytes [0, ARENA_USED) of the arena.
+Checkpoints stay proportional to what is stored, and a segment that has not
+changed since the previous checkpoint (sealed, fully indexed, same counters)
+is hard-linked from it instead of copied again.
+
+A consistent copy needs no pause (DESIGN 6): rows below ACCEPTED never change,
+and the graph changes only under the segment's writer claim, which the copy
+takes (the compare-and-swap index writers use) while it copies the graph
+columns, then releases. The manifest records, read in this order: the log's
+last lsn L, the sessions, and the committed generation G. Rows past G in a
+copied segment are tentative: recovery buries them and replays their batches
+from the log, which holds every batch past G and every session change past L.
+
+A checkpoint directory is written as `ckpt-<n>.tmp`, every file fsynced, the
+manifest written and fsynced, the directory renamed to `ckpt-<n>` and its
+parent fsynced: a directory without the suffix is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+
+import crc32c
+import numpy as np
+
+from ..errors import Corrupt, DataDirCorrupt
+from ..kernels.atomics import compare_and_swap
+from . import shm
+from .catalog import CHECKPOINT_REQUEST, WAL_LSN, Catalog, SpaceParams, segment_name
+from .datadir import fsync_dir
+from .layout import (
+    ACCEPTED,
+    ARENA_USED,
+    ENTRY,
+    HEADER_WORDS,
+    INDEXED,
+    MAX_GEN,
+    METRIC,
+    MIN_GEN,
+    REPAIR,
+    REWRITES,
+    SEALED,
+    SEGMENT_NO,
+    SPACE,
+    UPPER_USED,
+    WRITER,
+    SegmentLayout,
+)
+from .segment import Segment
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+PREFIX = "ckpt-"
+TMP = ".tmp"
+MANIFEST = "MANIFEST.json"
+CLAIM_TOKEN = 1 << 62  # the checkpointer's writer claim; index writers' tokens are small
+GRAPH_COLUMNS = ("parent", "links0", "upper")
+CLAIM_WAIT_S = 0.0005
+
+
+def complete(directory: str) -> list[tuple[int, str]]:
+    """(number, path) of the complete checkpoints, newest first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = [(int(n[len(PREFIX):]), os.path.join(directory, n)) for n in names
+             if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()]
+    return sorted(found, reverse=True)
+
+
+def read_manifest(path: str) -> dict:
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise DataDirCorrupt(f"checkpoint {path}: unreadable manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataDirCorrupt(f"checkpoint {path}: unknown format {manifest.get('format')!r}")
+    return manifest
+
+
+def _prefixes(layout: SegmentLayout, accepted: int, upper_used: int, arena_used: int):
+    """(column name, rows or bytes of it in the file) in layout order."""
+    for name, _, shape in layout.columns():
+        if name == "upper":
+            yield name, upper_used
+        elif name == "arena":
+            yield name, arena_used
+        else:
+            yield name, accepted
+
+
+class _Image:
+    """A consistent copy of one segment: its header and graph columns copied
+    under the writer claim, the rest read from shared memory as it stands
+    (immutable below the copied ACCEPTED)."""
+
+    def __init__(self, seg: Segment, stop=lambda: False):
+        while compare_and_swap(seg.header, WRITER, 0, CLAIM_TOKEN) != 0:
+            if stop():
+                raise InterruptedError("checkpoint stopped")
+            time.sleep(CLAIM_WAIT_S)
+        try:
+            header = seg.header.copy()
+            accepted = int(header[ACCEPTED])
+            w = seg.w
+            self.upper_used = int(np.count_nonzero(w.level[:accepted] > 0))
+            self.graph = {"parent": w.parent[:accepted].copy(), "links0": w.links0[:accepted].copy(),
+                          "upper": w.upper[:self.upper_used].copy()}
+        finally:
+            seg.header[WRITER] = 0
+        self.seg = seg
+        self.accepted = accepted
+        self.arena_used = int(seg.r.text_end[accepted - 1]) if accepted else 0
+        header[[UPPER_USED, ARENA_USED, WRITER]] = [self.upper_used, self.arena_used, 0]
+        self.header = header
+
+    def key(self) -> list[int]:
+        """What decides whether an older copy of the segment is still exact."""
+        h = self.header
+        return [int(h[ACCEPTED]), int(h[INDEXED]), int(h[SEALED]), int(h[REWRITES]), self.seg.layout.capacity]
+
+    def reusable(self) -> bool:
+        h = self.header
+        return bool(h[SEALED]) and h[INDEXED] == h[ACCEPTED] and h[REPAIR] == 0
+
+    def write(self, path: str) -> tuple[int, int]:
+        """Write the file, fsynced; returns (bytes, crc32c)."""
+        crc, size = 0, 0
+        with open(path, "wb") as f:
+            for part in self._parts():
+                view = memoryview(part).cast("B")
+                f.write(view)
+                crc = crc32c.crc32c(view, value=crc)
+                size += view.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        return size, crc
+
+    def _parts(self):
+        yield self.header
+        for name, n in _prefixes(self.seg.layout, self.accepted, self.upper_used, self.arena_used):
+            yield self.graph[name] if name in self.graph else getattr(self.seg.r, name)[:n]
+
+
+def take(catalog: Catalog, segments: list[Segment], sessions, directory: str,
+         stop=lambda: False) -> dict:
+    """Write a checkpoint of every segment of `catalog` (`segments`: writable
+    mappings, in catalog order); `sessions()` lists the sessions. Returns the
+    manifest of the complete checkpoint."""
+    started = time.time()
+    lsn = int(catalog.header[WAL_LSN])
+    session_rows = sessions()
+    generation = catalog.committed_generation
+    spaces = [asdict(catalog.space(i)) for i in range(catalog.n_spaces)]
+    segments = segments[:catalog.n_segments]
+    previous = _newest_manifest(directory)
+    number = previous["number"] + 1 if previous else 1
+    tmp = os.path.join(directory, f"{PREFIX}{number:08d}{TMP}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    reused = {s["index"]: s for s in previous["segments"]} if previous else {}
+    entries = []
+    for index, seg in enumerate(segments):
+        image = _Image(seg, stop)
+        file = f"seg-{index:06d}.bin"
+        old = reused.get(index)
+        if old is not None and image.reusable() and old["key"] == image.key():
+            os.link(os.path.join(directory, f"{PREFIX}{previous['number']:08d}", old["file"]),
+                    os.path.join(tmp, file))
+            size, crc = old["bytes"], old["crc32c"]
+        else:
+            size, crc = image.write(os.path.join(tmp, file))
+        entries.append({"index": index, "file": file, "bytes": size, "crc32c": crc, "key": image.key(),
+                        "space": int(image.header[SPACE]), "number": int(image.header[SEGMENT_NO]),
+                        "accepted": image.accepted, "indexed": int(image.header[INDEXED])})
+    manifest = {"format": FORMAT, "number": number, "engine": catalog.engine, "generation": generation,
+                "wal_lsn": lsn, "created": started, "seconds": 0.0, "spaces": spaces,
+                "segments": entries, "sessions": session_rows,
+                "observations": int(sum(e["accepted"] for e in entries))}
+    manifest["seconds"] = round(time.time() - started, 3)
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    final = os.path.join(directory, f"{PREFIX}{number:08d}")
+    os.rename(tmp, final)
+    fsync_dir(directory)
+    return manifest
+
+
+def _newest_manifest(directory: str) -> dict | None:
+    for _, path in complete(directory):
+        try:
+            return read_manifest(path)
+        except DataDirCorrupt:
+            continue
+    return None
+
+
+def prune(directory: str, keep: int) -> dict | None:
+    """Remove all but the newest `keep` complete checkpoints and any left
+    half-written; returns the manifest of the oldest one kept (the log must
+    be kept back to it)."""
+    for name in os.listdir(directory):
+        if name.endswith(TMP):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    found = complete(directory)
+    for _, path in found[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+    for _, path in reversed(found[:keep]):
+        try:
+            return read_manifest(path)
+        except DataDirCorrupt:
+            continue
+    return None
+
+
+def request(catalog: Catalog) -> int:
+    """Ask the engine's checkpointer for a checkpoint; returns the request
+    number it answers in CHECKPOINT_DONE."""
+    catalog.header[CHECKPOINT_REQUEST] += 1
+    return int(catalog.header[CHECKPOINT_REQUEST])
+
+
+# -- loading -----------------------------------------------------------------------
+def load(path: str, manifest: dict, engine: str) -> list[Segment]:
+    """Create the checkpoint's segments in shared memory (named for catalog
+    indexes 0..), each file checked against its crc32c. On any fault the
+    blocks made so far are removed and DataDirCorrupt is raised."""
+    made: list[Segment] = []
+    try:
+        for entry in manifest["segments"]:
+            made.append(_load_segment(os.path.join(path, entry["file"]), entry,
+                                      segment_name(engine, entry["index"])))
+    except BaseException as e:
+        for seg in made:
+            _discard(seg)
+        if isinstance(e, (OSError, ValueError, Corrupt)):
+            raise DataDirCorrupt(f"checkpoint {path}: {e}") from None
+        raise
+    return made
+
+
+def _discard(seg: Segment) -> None:
+    name = seg.name
+    seg.close()
+    shm.unlink(name)
+
+
+def _load_segment(path: str, entry: dict, name: str) -> Segment:
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_WORDS * 8), np.int64).copy()
+        if len(header) != HEADER_WORDS:
+            raise ValueError(f"{entry['file']} is cut short")
+        layout = SegmentLayout.from_header(header, sys.maxsize)
+        seg = Segment.create(name, layout, int(header[METRIC]), int(header[SPACE]), int(header[SEGMENT_NO]))
+        try:
+            crc = crc32c.crc32c(memoryview(header).cast("B"))
+            size = header.nbytes
+            for column, n in _prefixes(layout, int(header[ACCEPTED]), int(header[UPPER_USED]),
+                                       int(header[ARENA_USED])):
+                view = memoryview(getattr(seg.w, column)[:n]).cast("B")
+                if f.readinto(view) != view.nbytes:
+                    raise ValueError(f"{entry['file']} is cut short in column {column}")
+                crc = crc32c.crc32c(view, value=crc)
+                size += view.nbytes
+            if f.read(1) or size != entry["bytes"] or crc != entry["crc32c"]:
+                raise ValueError(f"{entry['file']} does not match its checksum")
+            for word in (ACCEPTED, ARENA_USED, UPPER_USED, SEALED, MIN_GEN, MAX_GEN, REWRITES, INDEXED,
+                         ENTRY, REPAIR):
+                seg.header[word] = header[word]
+        except BaseException:
+            _discard(seg)
+            raise
+    return seg
+
+
+def space_params(manifest: dict) -> list[SpaceParams]:
+    return [SpaceParams(**s) for s in manifest["spaces"]]
