@@ -20,7 +20,8 @@ from .errors import EngramError, InvalidArgument
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options (also ENGRAM_<OPTION> variables)")
     for f in dataclasses.fields(EngineConfig):
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
+        flags = ["--" + f.name.replace("_", "-")] + (["--data"] if f.name == "data_dir" else [])
+        group.add_argument(*flags, dest=f.name, type=type(f.default),
                            default=None, metavar=type(f.default).__name__.upper(),
                            help=f"{f.metadata['help']} [{env_var(f.name)}, default {f.default!r}]")
 
@@ -66,18 +67,46 @@ def cmd_demo(args) -> int:
     return 0
 
 
+DEFAULT_DATA_DIR = "./engram-data"
+
+
 def cmd_serve(args) -> int:
     from .transport.server import Server
 
-    server = Server(config_from(args))
+    config = config_from(args)
+    if not config.data_dir:
+        config = dataclasses.replace(config, data_dir=DEFAULT_DATA_DIR)
+    server = Server(config)
+    if server.recovered is not None:
+        print(f"recovered {server.recovered.summary()}", flush=True)
 
     def ready(s):
+        where = (f"data in {s.config.data_dir} (fsync {s.config.fsync})" if s.config.durable else
+                 "MEMORY ONLY (--data none): nothing survives a stop")
         print(f"engram-shm serving engine {s.name} on {s.config.endpoint} "
-              f"({s.config.worker_count} index workers); Ctrl-C stops", flush=True)
+              f"({s.config.worker_count} index workers); {where}; Ctrl-C stops", flush=True)
 
     server.serve_forever(ready)
     print("stopped; shared memory removed", flush=True)
     return 0
+
+
+def cmd_checkpoint(args) -> int:
+    from .transport.client import Client
+
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        started = time.monotonic()
+        generation = client.checkpoint()
+    print(f"checkpoint complete at generation {generation} in {time.monotonic() - started:.2f} s")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .store.verify import verify
+
+    report = verify(args.dir, progress=sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else report["summary"])
+    return 0 if report["ok"] else 1
 
 
 def _read_observations(path: str):
@@ -192,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("--consistency", default="strong", choices=["strong", "indexed"])
     recall.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     recall.set_defaults(func=cmd_recall)
+
+    ckpt = sub.add_parser("checkpoint", help="ask a running server for a checkpoint; returns when "
+                                             "it is complete")
+    ckpt.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
+    ckpt.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it")
+    ckpt.set_defaults(func=cmd_checkpoint)
+
+    verify = sub.add_parser("verify", help="check a data directory offline (checkpoints, log "
+                                           "records, checksums) and report what it holds")
+    verify.add_argument("dir")
+    verify.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    verify.set_defaults(func=cmd_verify)
 
     gc = sub.add_parser("gc", help="remove shared memory left by engines that are no longer "
                                    "running (never a running engine's)")

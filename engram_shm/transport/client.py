@@ -20,7 +20,7 @@ import numpy as np
 import zmq
 
 from ..engine.reader import Memory
-from ..errors import EngramError, Internal, SessionPaused, from_dict
+from ..errors import EngramError, Internal, InvalidArgument, SessionPaused, from_dict
 from . import protocol as p
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -103,6 +103,8 @@ class Client:
         self.capabilities = ack["capabilities"]
         self.max_batch = ack["max_batch"]
         self.last_acked = ack["last_sequence"]
+        self.fsync = ack.get("fsync", "none")
+        self.durable_seq = ack.get("durable_seq", 0)
         self.limit = 0  # a new connection starts from the server's grant
         self._grant(ack)
         # Batches the server acked before we lost the connection are done;
@@ -130,6 +132,9 @@ class Client:
                 if time.monotonic() >= deadline:
                     raise
         self._drive()
+
+    def _durable(self, msg: dict) -> None:
+        self.durable_seq = max(self.durable_seq, msg.get("durable_seq", 0))
 
     def _grant(self, msg: dict) -> None:
         self.limit = max(self.limit, msg.get("limit", 0))
@@ -198,16 +203,21 @@ class Client:
                                None if all(c is None for c in confidence) else
                                [1.0 if c is None else c for c in confidence])
 
-    def flush(self, timeout: float | None = None) -> int:
+    def flush(self, timeout: float | None = None, durable: bool = False) -> int:
         """Send everything queued and wait until all of it is acked; returns the
-        last acked sequence. Raises the first refusal seen since the last call.
-        A silent server is reconnected to; with `timeout`, waiting gives up once
-        the server has been silent past it."""
+        last acked sequence. With `durable`, also wait until the server has it
+        on disk per its fsync policy (`durable_seq`; docs/protocol.md). Raises
+        the first refusal seen since the last call. A silent server is
+        reconnected to; with `timeout`, waiting gives up once the server has
+        been silent past it."""
         for space in list(self._pending):
             self._flush_pending(space)
         if self.paused and self._queue:
             raise SessionPaused("the session is paused: resume() before flushing", queued=len(self._queue))
-        self._progress_until(lambda: not self._queue, timeout)
+        if durable and self.fsync == "none":
+            raise InvalidArgument("the server keeps no data directory: nothing becomes durable")
+        self._progress_until(lambda: not self._queue and (not durable or self.durable_seq >= self.last_acked),
+                             timeout)
         self._raise_errors()
         return self.last_acked
 
@@ -262,8 +272,11 @@ class Client:
             if b is not None and b.start is not None and b.end > self.last_acked:
                 b.start = None  # acked for a shorter range than sent: resend the rest
             self._grant(msg)
+            self._durable(msg)
         elif op == "status":
             self._grant(msg)
+        elif op == "durable":
+            self._durable(msg)
         elif op == "indexed":
             self.indexed_up_to = max(self.indexed_up_to, msg["up_to"])
         elif op == "error" and msg.get("rid") in self._by_rid:
@@ -271,7 +284,8 @@ class Client:
         elif msg.get("rid") in self._replies:
             reply = self._replies[msg["rid"]]
             reply.messages.append(msg)
-            reply.done = op in ("error", "init_ack", "paused", "resumed", "closed", "pong", "stats") \
+            reply.done = op in ("error", "init_ack", "paused", "resumed", "closed", "pong", "stats",
+                                "checkpointed") \
                 or (op == "recall_result" and not msg.get("more"))
         # anything else answers a request already abandoned (a timeout): ignore
 
@@ -356,6 +370,11 @@ class Client:
         self._grant(self._request({"op": "resume", "session": self.session})[0])
         self.paused = False
         self._drive()
+
+    def checkpoint(self, timeout: float | None = None) -> int:
+        """Have the server write a checkpoint; returns its generation once it
+        is complete."""
+        return self._request({"op": "checkpoint"}, timeout=timeout)[0]["generation"]
 
     def ping(self) -> float:
         return self._request({"op": "ping"})[0]["time"]

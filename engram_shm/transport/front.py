@@ -8,6 +8,12 @@ every few milliseconds does its upkeep: pressure levels and status pushes,
 indexed notifications, drained closes, idle expiry. Any fault in one message
 is answered with an error code; the loop itself never stops on bad input.
 
+With a data directory the front is the log's writer: every batch and session
+change is logged before it is answered. Under fsync="always" the replies of
+a turn (every message read in one go) wait for one fsync that covers them
+all: group commit. Each ack carries the session's `durable_seq`, and
+`durable` pushes tell a session when the background fsync has covered more.
+
     python -m engram_shm.transport.front ENGINE CONFIG_JSON INCARNATION
 """
 
@@ -26,6 +32,7 @@ from ..config import EngineConfig
 from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
 from ..engine.writer import EngineWriter
+from ..engine import recovery
 from ..errors import (
     EngineClosed,
     EngramError,
@@ -34,14 +41,27 @@ from ..errors import (
     NoCredit,
     Overloaded,
     SequenceGap,
+    StorageError,
 )
 from ..kernels.warm import warm
 from ..store import shm
-from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog, segment_name
+from ..store import checkpoint
+from ..store.catalog import (
+    CHECKPOINT_DONE,
+    CHECKPOINT_ERRNO,
+    CHECKPOINT_GENERATION,
+    FRONT_INCARNATION,
+    FRONT_PID,
+    WAL_LSN,
+    Catalog,
+    segment_name,
+)
+from ..store.datadir import storage_error
 from ..store.segment import Segment
+from ..store.wal import WalWriter
 from . import protocol as p
 from .credit import credit_for, level_of, retry_after_ms
-from .sessions import ACTIVE, CLOSED, PAUSED, Session, SessionTable, table_name
+from .sessions import ACTIVE, CLOSED, FREE, PAUSED, Session, SessionTable, table_name
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +87,23 @@ class Front:
             return self._segments[index]
 
         self.writer = EngineWriter(catalog, config, self._on_new_segment)
-        recovered = self.writer.recover(open_segment)
+        self.wal: WalWriter | None = None
+        if config.durable:
+            report = recovery.warm(self.writer, os.path.join(config.data_dir, "wal"), open_segment)
+            sessions.merge(report.sessions)
+            self.wal = self.writer.wal = WalWriter(
+                os.path.join(config.data_dir, "wal"), config.fsync, config.fsync_interval_ms,
+                config.wal_file_bytes, int(catalog.header[WAL_LSN]) + 1, catalog.committed_generation)
+            recovered = report.observations
+        else:
+            recovered = self.writer.recover(open_segment)
         self.directory = SegmentDirectory(catalog, open_segment)
         self.reader = Reader(self.directory)
         self.memory_pressure = 0.0
         self.counters = {"received": 0, "replies_dropped": 0, "errors": 0, "observations": 0}
         self.stopping = False
+        self._held: list | None = None  # replies waiting for the turn's fsync (fsync=always)
+        self._checkpoints: list[tuple[int, bytes, object]] = []  # (request, identity, rid)
         log.info("front of %s: %d observations and %d sessions recovered", catalog.engine,
                  recovered, len(sessions.live))
 
@@ -93,15 +124,20 @@ class Front:
         self.sock = sock
         ready()
         last_upkeep = 0.0
+        group_commit = self.wal is not None and self.config.fsync == "always"
         try:
             while not self.stopping:
                 if sock.poll(int(UPKEEP_S * 1000)):
+                    if group_commit:
+                        self._held = []
                     for _ in range(MAX_RECV_PER_TURN):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
                         self.handle(frames)
+                    if group_commit:
+                        self._commit_turn()
                 now = time.monotonic()
                 if now - last_upkeep >= UPKEEP_S:
                     last_upkeep = now
@@ -132,7 +168,24 @@ class Front:
             err = Internal(f"internal error: {type(e).__name__}: {e}")
             self.send(identity, {"op": "error", "rid": rid, "session": session_key, **err.to_dict()})
 
+    def _commit_turn(self) -> None:
+        """One fsync for everything the turn logged, then its replies."""
+        held, self._held = self._held, None
+        try:
+            self.wal.sync()
+        except StorageError:
+            # The kernel may have dropped the pages it failed to write: nothing
+            # logged since the last good fsync is known to be on disk. Stop
+            # without answering; the restarted front replays the log's tail.
+            log.critical("fsync of the write-ahead log failed; the front exits unanswered")
+            os._exit(70)
+        for identity, header, payload in held:
+            self.send(identity, header, *payload)
+
     def send(self, identity: bytes, header: dict, *payload) -> None:
+        if self._held is not None:
+            self._held.append((identity, header, payload))
+            return
         try:
             self.sock.send_multipart([identity, *p.pack(header, *payload)], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or not reading
@@ -150,6 +203,11 @@ class Front:
         else:
             session = self.sessions.open(p.field(header, "priority", str, "normal"), identity)
             resumed = False
+            try:
+                self.writer.log_session(session.key, ACTIVE, session.priority)
+            except StorageError:
+                self.sessions.discard(session)
+                raise
         session.notify_indexed = notify
         last = self.sessions.last_seq(session)
         session.limit = last  # a new connection starts from a fresh grant (below)
@@ -160,18 +218,19 @@ class Front:
                              "max_batch": self.config.max_batch,
                              "max_frame_bytes": self.config.max_frame_bytes,
                              "idle_timeout_s": self.config.session_idle_s,
-                             **self._grant(session)})
+                             "fsync": self.config.fsync if self.wal is not None else "none",
+                             **self._durable(session), **self._grant(session)})
 
     def op_pause(self, identity, header, payload) -> None:
         self._no_payload(header, payload)
         session = self.sessions.get(header.get("session"), identity, allow_paused=True)
-        self.sessions.set_state(session, PAUSED)
+        self._set_state(session, PAUSED)
         self.send(identity, {"op": "paused", "rid": header.get("rid"), "session": session.key})
 
     def op_resume(self, identity, header, payload) -> None:
         self._no_payload(header, payload)
         session = self.sessions.get(header.get("session"), identity, allow_paused=True)
-        self.sessions.set_state(session, ACTIVE)
+        self._set_state(session, ACTIVE)
         self.send(identity, {"op": "resumed", "rid": header.get("rid"), "session": session.key,
                              **self._grant(session)})
 
@@ -179,12 +238,17 @@ class Front:
         self._no_payload(header, payload)
         session = self.sessions.get(header.get("session"), identity, allow_paused=True)
         drain = p.field(header, "drain", bool, True)
-        self.sessions.set_state(session, CLOSED)
+        self._set_state(session, CLOSED)
         session.close_rid, session.close_owner = header.get("rid"), identity
         session.draining = drain
         self._pop_indexed(session)
         if not drain or not session.unindexed:
             self._closed(session)
+
+    def _set_state(self, session: Session, state: int) -> None:
+        """Change a session's state, logged first: a restart restores it."""
+        self.writer.log_session(session.key, state, session.priority)
+        self.sessions.set_state(session, state)
 
     def _closed(self, session: Session) -> None:
         session.draining = False
@@ -227,7 +291,8 @@ class Front:
             raise SequenceGap(f"expected seq {last + 1}, got {seq}", expected=last + 1)
         if n and end <= last:  # a re-send of what was acked: ack again, store nothing
             self.send(identity, {"op": "ack", "rid": header.get("rid"), "session": session.key,
-                                 "from": seq, "to": end, "duplicate": True, **self._grant(session)})
+                                 "from": seq, "to": end, "duplicate": True, **self._durable(session),
+                                 **self._grant(session)})
             return
         skip = last + 1 - seq  # an overlapping re-send: store only the new tail
         if end > session.limit:
@@ -236,14 +301,33 @@ class Front:
                                             _tail(what, skip), _tail(when, skip),
                                             _tail(confidence, skip))
         self._check_room(params.name, batch.n)
-        ack, spans = self.writer.write(params, batch)
+        ack, spans = self.writer.write(params, batch, session.key, end)
         self.sessions.set_last_seq(session, end)
+        if self.wal is not None:
+            session.logged.append((self.wal.written, end))
         self.counters["observations"] += batch.n
         session.space = params.name
         session.unindexed.append((end, spans))
         self.send(identity, {"op": "ack", "rid": header.get("rid"), "session": session.key,
                              "from": seq, "to": end, "first_generation": ack.first_generation,
-                             "last_generation": ack.last_generation, **self._grant(session)})
+                             "last_generation": ack.last_generation, **self._durable(session),
+                             **self._grant(session)})
+
+    def _durable(self, session: Session) -> dict:
+        """{"durable_seq": the session's last sequence on disk per the fsync
+        policy}, or nothing for a memory-only server. Under "always" a reply
+        leaves only after its turn's fsync; under "never" the log reaches the
+        OS before the ack, which survives the engine's processes but not the
+        machine."""
+        if self.wal is None:
+            return {}
+        synced = self.wal.synced
+        while session.logged and session.logged[0][0] <= synced:
+            session.durable = session.logged.popleft()[1]
+        if self.config.fsync != "interval":
+            session.logged.clear()
+            session.durable = self.sessions.last_seq(session)
+        return {"durable_seq": session.durable}
 
     def _check_room(self, space: str, n: int) -> None:
         writer = self.writer.spaces.get(space)
@@ -295,6 +379,29 @@ class Front:
                                  "more": part < len(parts) - 1, "part": part,
                                  "snapshot_generation": generation})
 
+    def op_checkpoint(self, identity, header, payload) -> None:
+        """Ask the checkpointer for a checkpoint; answered once it is complete."""
+        self._no_payload(header, payload)
+        if self.wal is None:
+            raise InvalidArgument("this server keeps no data directory (--data none)")
+        self._checkpoints.append((checkpoint.request(self.catalog), identity, header.get("rid")))
+
+    def _answer_checkpoints(self) -> None:
+        h = self.catalog.header
+        done = int(h[CHECKPOINT_DONE])
+        waiting = []
+        for number, identity, rid in self._checkpoints:
+            if number > done:
+                waiting.append((number, identity, rid))
+            elif h[CHECKPOINT_ERRNO]:
+                err = storage_error(OSError(int(h[CHECKPOINT_ERRNO]), os.strerror(int(h[CHECKPOINT_ERRNO]))),
+                                    "the checkpoint")
+                self.send(identity, {"op": "error", "rid": rid, **err.to_dict()})
+            else:
+                self.send(identity, {"op": "checkpointed", "rid": rid,
+                                     "generation": int(h[CHECKPOINT_GENERATION])})
+        self._checkpoints = waiting
+
     def op_ping(self, identity, header, payload) -> None:
         self.send(identity, {"op": "pong", "rid": header.get("rid"), "time": time.time()})
 
@@ -319,6 +426,12 @@ class Front:
             self._upkeep_session(session)
         for session in self.sessions.expire(self.config.session_idle_s):
             log.info("session %s expired", session.key)
+            try:
+                self.writer.log_session(session.key, FREE, session.priority)
+            except StorageError as e:  # a restart may bring it back, to expire again
+                log.warning("could not log the expiry of session %s: %s", session.key, e)
+        if self._checkpoints:
+            self._answer_checkpoints()
 
     def _upkeep_session(self, session: Session) -> None:
         indexed_to = self._pop_indexed(session)
@@ -326,6 +439,11 @@ class Front:
             self.send(session.owner, {"op": "indexed", "session": session.key, "up_to": indexed_to})
         if session.draining and not session.unindexed:
             self._closed(session)
+        if session.logged and session.owner is not None:
+            before = session.durable
+            durable = self._durable(session)
+            if session.durable > before:
+                self.send(session.owner, {"op": "durable", "session": session.key, **durable})
         if self.sessions.state(session) == ACTIVE and session.owner is not None:
             level, limit = session.level, session.limit
             stalled = limit <= self.sessions.last_seq(session)

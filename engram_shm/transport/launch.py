@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,18 +27,26 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0):
+def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data: str | None = None,
+                   port: int | None = None, preexec_fn=None):
     """Yields (endpoint, engine name, process) of a server run with extra CLI
-    flags; on exit stops it and checks its shared memory is gone."""
-    port = free_port()
+    flags; on exit stops it and checks its shared memory is gone. `data` is
+    its data directory (kept); without, a fresh one is made and removed, so
+    servers never share one. `port` reuses an endpoint (a restart)."""
+    port = port or free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     name = f"t-srv-{port}"
+    own_data = data is None and "--data" not in flags
+    if own_data:
+        data = tempfile.mkdtemp(prefix=f"engram-{name}-")
+    data_flags = ("--data", data) if data is not None else ()
     # The server's output goes to a file (a pipe nobody reads could block it).
     log_path = os.path.join(tempfile.gettempdir(), f"engram-{name}.log")
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", "serve", "--endpoint",
-                                 endpoint, "--name", name, "--workers", str(workers), *flags],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                 endpoint, "--name", name, "--workers", str(workers), *data_flags, *flags],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=preexec_fn)
     proc.output = lambda: pathlib.Path(log_path).read_text()
     try:
         deadline = time.monotonic() + startup_s
@@ -62,4 +71,6 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         collect_stale(name, min_age_s=0)
+        if own_data:
+            shutil.rmtree(data, ignore_errors=True)
         assert shm.list_blocks(name) == [], f"server {name} left shared memory behind"

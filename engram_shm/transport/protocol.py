@@ -21,13 +21,13 @@ from ..errors import (
     WrongType,
 )
 
-VERSION = "1.0"
+VERSION = "1.1"
 MAJOR = int(VERSION.split(".")[0])
 
 CLIENT_OPS = frozenset({"init", "observe", "observe_batch", "pause", "resume", "close", "recall",
-                        "ping", "stats"})
-SERVER_OPS = frozenset({"init_ack", "ack", "indexed", "status", "paused", "resumed", "closed",
-                        "recall_result", "pong", "stats", "error"})
+                        "ping", "stats", "checkpoint"})
+SERVER_OPS = frozenset({"init_ack", "ack", "indexed", "durable", "status", "paused", "resumed", "closed",
+                        "recall_result", "pong", "stats", "checkpointed", "error"})
 CAPABILITIES = ("observe", "observe_batch", "recall_stream", "resume", "priority",
                 "indexed_notifications", "f16_payload")
 PRIORITIES = ("high", "normal", "low")

@@ -2,10 +2,15 @@
 (catalog, session table; segments are created by the front), and supervises
 the front process and one index worker per core, restarting any that dies.
 
+With a data directory (the default for `serve`: ./engram-data), the server
+holds the directory's lock, brings the engine back from it before any child
+starts (engine/recovery.py: newest loadable checkpoint, then the log), and
+runs the checkpointer; the front is the log's writer.
+
 Shutdown (SIGINT or SIGTERM): the front stops taking observations and exits
 (everything it accepted was acked as it went), indexing is given up to
-`drain_timeout_s` to catch up, workers stop, and every block of the engine is
-removed. A second signal skips the drain.
+`drain_timeout_s` to catch up, workers stop, a last checkpoint is taken, and
+every block of the engine is removed. A second signal skips the drain.
 """
 
 from __future__ import annotations
@@ -13,17 +18,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import signal
 import threading
 import time
 
 from ..config import EngineConfig
+from ..engine import recovery
+from ..engine.checkpointer import Checkpointer
 from ..engine.directory import SegmentDirectory
 from ..engine.supervisor import ChildSpec, Supervisor, index_worker_specs
+from ..engine.writer import EngineWriter
 from ..store import shm
 from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog
-from .sessions import create_table
+from ..store.datadir import DataDir
+from ..store.segment import Segment
+from .sessions import SessionTable, create_table
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +48,20 @@ class Server:
     def __init__(self, config: EngineConfig):
         if not config.name:
             config = dataclasses.replace(config, name=default_name(config.endpoint))
+        if config.durable:  # children get an absolute path, whatever their cwd
+            config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
         self.config = config
         self.name = config.name
-        self.catalog = Catalog.create(self.name)
-        self.directory = SegmentDirectory(self.catalog, writable=True)  # CAS on claims
-        self._sessions = None
+        self.datadir = DataDir(config.data_dir, f"server {self.name}") if config.durable else None
+        self.catalog = self.directory = self._sessions = self.sessions = self.checkpointer = None
+        self.recovered: recovery.Recovered | None = None
         try:
+            self.catalog = Catalog.create(self.name)
+            self.directory = SegmentDirectory(self.catalog, writable=True)  # CAS on claims
             self._sessions = create_table(self.name)
+            self.sessions = SessionTable(self._sessions)
+            if self.datadir is not None:
+                self._recover()
             specs = [self._front_spec()] + index_worker_specs(self.catalog, config.worker_count,
                                                                self.directory.segments)
             self.supervisor = Supervisor(specs)
@@ -52,6 +70,27 @@ class Server:
             raise
         self._signals = 0
         self._stop = threading.Event()
+
+    def _recover(self) -> None:
+        """Fill the fresh shared memory from the data directory before any
+        child starts; the front adopts it as it would after its own crash."""
+        loaded: list[Segment] = []
+
+        def keep(index: int, seg: Segment) -> None:
+            assert index == len(loaded)
+            loaded.append(seg)
+
+        writer = EngineWriter(self.catalog, self.config, keep)
+        try:
+            self.recovered = recovery.cold(writer, self.datadir, keep, loaded.__getitem__)
+            self.sessions.merge(self.recovered.sessions)
+        finally:
+            writer.close()
+            for seg in loaded:
+                seg.close()
+        log.info("engine %s recovered %s", self.name, self.recovered.summary())
+        self.checkpointer = Checkpointer(self.catalog, self.datadir, self.config, self.directory.segments,
+                                         self.sessions.snapshot)
 
     def _front_spec(self) -> ChildSpec:
         config_json = json.dumps(dataclasses.asdict(self.config))
@@ -68,6 +107,8 @@ class Server:
 
     def start(self) -> None:
         self.supervisor.start()
+        if self.checkpointer is not None:
+            self.checkpointer.start()
         log.info("engram-shm %s serving on %s with %d index workers", self.name, self.config.endpoint,
                  self.config.worker_count)
 
@@ -98,11 +139,28 @@ class Server:
         if left:
             log.warning("stopping with %d observations not yet indexed", left)
         self.supervisor.stop()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
+            try:
+                manifest = self.checkpointer.checkpoint()
+                log.info("final checkpoint %d: %d observations", manifest["number"],
+                         manifest["observations"])
+            except OSError as e:  # the log still holds everything
+                log.error("the final checkpoint failed (%s); the next start replays the log", e)
         self._release()
 
     def _release(self) -> None:
-        self.directory.close()
-        if self._sessions is not None:
+        if self.directory is not None:
+            self.directory.close()
+        if self.sessions is not None:
+            self.sessions.close()  # also unmaps the block
+            self._sessions = self.sessions = None
+        elif self._sessions is not None:
             shm.close(self._sessions)
             self._sessions = None
-        self.catalog.close()
+        if self.catalog is not None:
+            self.catalog.close()
+            self.catalog = None
+        if self.datadir is not None:
+            self.datadir.close()
+            self.datadir = None

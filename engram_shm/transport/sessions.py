@@ -56,6 +56,9 @@ class Session:
     close_rid: object = None
     close_owner: bytes | None = None
     draining: bool = False
+    # (log position after a batch, its last seq) not yet known to be on disk
+    logged: collections.deque = field(default_factory=collections.deque)
+    durable: int = 0  # last sequence known to be on disk
 
 
 class SessionTable:
@@ -66,26 +69,58 @@ class SessionTable:
         self.live: dict[str, Session] = {}
         for row in np.nonzero(self.rows[:, R_STATE] != FREE)[0].tolist():
             key = self.keys[row].tobytes().hex()
-            self.live[key] = Session(key, row, PRIORITIES[int(self.rows[row, R_PRIORITY])])
+            self.live[key] = Session(key, row, PRIORITIES[int(self.rows[row, R_PRIORITY])],
+                                     durable=int(self.rows[row, R_LAST_SEQ]))
 
     # -- lifecycle ---------------------------------------------------------------
     def open(self, priority: str, owner: bytes) -> Session:
         if priority not in PRIORITIES:
             raise WrongType(f"priority must be one of {PRIORITIES}, got {priority!r}", field="priority")
+        return self._add(secrets.token_bytes(16).hex(), ACTIVE, priority, 0, owner)
+
+    def _add(self, key: str, state: int, priority: str, last_seq: int, owner: bytes | None) -> Session:
         free = np.nonzero(self.rows[:, R_STATE] == FREE)[0]
         if not len(free):
             raise SessionLimit(f"the server holds {MAX_SESSIONS} sessions; close some or wait for "
                                "idle ones to expire", retry_after_ms=1000)
         row = int(free[0])
-        raw = secrets.token_bytes(16)
         now = time.time_ns()
-        self.keys[row] = np.frombuffer(raw, np.uint8)
+        self.keys[row] = np.frombuffer(bytes.fromhex(key), np.uint8)
         self.rows[row, [R_LAST_SEQ, R_PRIORITY, R_CREATED, R_SEEN]] = [
-            0, PRIORITIES.index(priority), now, now]
-        self.rows[row, R_STATE] = ACTIVE
-        session = Session(raw.hex(), row, priority, owner)
-        self.live[session.key] = session
+            last_seq, PRIORITIES.index(priority), now, now]
+        self.rows[row, R_STATE] = state
+        session = Session(key, row, priority, owner, durable=last_seq)
+        self.live[key] = session
         return session
+
+    def discard(self, session: Session) -> None:
+        """Forget a session (one whose opening could not be logged)."""
+        self.rows[session.row, R_STATE] = FREE
+        self.live.pop(session.key, None)
+
+    # -- durability ----------------------------------------------------------------
+    def snapshot(self) -> list[dict]:
+        """Every session as a checkpoint records it."""
+        rows = np.nonzero(self.rows[:, R_STATE] != FREE)[0].tolist()
+        return [{"key": self.keys[r].tobytes().hex(), "state": int(self.rows[r, R_STATE]),
+                 "priority": PRIORITIES[int(self.rows[r, R_PRIORITY])],
+                 "last_seq": int(self.rows[r, R_LAST_SEQ])} for r in rows]
+
+    def merge(self, recovered: dict[str, dict]) -> None:
+        """Apply sessions recovered from a data directory: states as given
+        (a session the log only knows from its batches comes back active),
+        sequences only forward."""
+        for key, entry in recovered.items():
+            session = self.live.get(key)
+            last = int(entry.get("last_seq", 0))
+            if session is None:
+                self._add(key, int(entry.get("state", ACTIVE)), entry.get("priority", "normal"), last, None)
+                continue
+            if "state" in entry:
+                self.rows[session.row, R_STATE] = int(entry["state"])
+            if last > self.last_seq(session):
+                self.set_last_seq(session, last)
+                session.durable = max(session.durable, last)
 
     def resume(self, key: str, owner: bytes) -> Session:
         """Give a session to a new connection (a reconnect)."""
