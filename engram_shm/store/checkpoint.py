@@ -146,6 +146,8 @@ class _Image:
         crc, size = 0, 0
         with open(path, "wb") as f:
             for part in self._parts():
+                if part.size == 0:  # an empty prefix (memoryview cannot cast it)
+                    continue
                 view = memoryview(part).cast("B")
                 f.write(view)
                 crc = crc32c.crc32c(view, value=crc)
@@ -278,7 +280,10 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
             size = header.nbytes
             for column, n in _prefixes(layout, int(header[ACCEPTED]), int(header[UPPER_USED]),
                                        int(header[ARENA_USED])):
-                view = memoryview(getattr(seg.w, column)[:n]).cast("B")
+                part = getattr(seg.w, column)[:n]
+                if part.size == 0:
+                    continue
+                view = memoryview(part).cast("B")
                 if f.readinto(view) != view.nbytes:
                     raise ValueError(f"{entry['file']} is cut short in column {column}")
                 crc = crc32c.crc32c(view, value=crc)

@@ -1,0 +1,326 @@
+"""Durability with real processes: a data directory, its log and checkpoints,
+and restarts after clean stops, kills of the whole engine, torn logs,
+corrupt checkpoints and a full disk."""
+
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from engram_shm import Client, Engine
+from engram_shm.config import EngineConfig
+from engram_shm.errors import DataDirInUse, StorageFull
+from engram_shm.store import checkpoint, shm, wal
+from engram_shm.store.catalog import Catalog
+from engram_shm.store.verify import verify
+from engram_shm.synthetic import clustered
+from engram_shm.transport import protocol as p
+from engram_shm.transport.front import Front
+from engram_shm.transport.launch import free_port, running_server
+from engram_shm.transport.sessions import SessionTable, create_table, table_name
+
+DIM = 32
+
+
+def own_top_hits(recall, space, vectors, ids):
+    return [i for i, v in zip(ids, vectors) if recall(space, v, k=1)[0].id != i]
+
+
+# -- the embedded engine ------------------------------------------------------------
+def test_embedded_engine_comes_back_after_a_clean_close(tmp_path):
+    data = clustered(3000, DIM, seed=101)
+    ids = [f"e{i}" for i in range(3000)]
+    texts = [f"text {i} é" for i in range(3000)]
+    when = np.arange(3000, dtype=np.float64) + 1.7e9
+    conf = np.linspace(0, 1, 3000)
+    with Engine(data_dir=tmp_path, workers=2) as e:
+        e.observe("notes", ids[:2000], data[:2000], what=texts[:2000], when=when[:2000],
+                  confidence=conf[:2000])
+        e.checkpoint()
+        e.observe("notes", ids[2000:], data[2000:], what=texts[2000:], when=when[2000:],
+                  confidence=conf[2000:])
+        assert e.wait_indexed(60)
+        generation = e.generation
+        before = [e.recall("notes", data[i], k=5, consistency=generation) for i in range(0, 3000, 30)]
+    with Engine(data_dir=tmp_path, workers=2) as e:
+        assert e.generation == generation
+        assert e.recovered.checkpoint is not None and e.recovered.replayed_observations == 0
+        after = [e.recall("notes", data[i], k=5, consistency=generation) for i in range(0, 3000, 30)]
+        assert after == before  # ids, similarities, texts, timestamps, confidences, generations
+        e.observe("notes", "new", data[0] + 1)  # and it goes on from there
+        assert e.generation == generation + 1
+
+
+def test_a_data_directory_has_one_engine(tmp_path):
+    with Engine(data_dir=tmp_path, workers=1):
+        with pytest.raises(DataDirInUse):
+            Engine(data_dir=tmp_path, workers=1)
+
+
+CRASHER = """
+import sys
+from engram_shm import Engine
+from engram_shm.synthetic import clustered
+data = clustered(4000, {dim}, seed=102)
+e = Engine(data_dir=sys.argv[1], workers=1, fsync="always", wal_file_bytes=1 << 16,
+           checkpoints_kept=2)
+for b, lo in enumerate(range(0, 4000, 500)):
+    e.observe("s", [f"c{{i}}" for i in range(lo, lo + 500)], data[lo:lo + 500])
+    if b in (1, 4):
+        e.checkpoint()
+print("done", flush=True)
+sys.stdin.read()
+"""
+
+
+def crashed_engine(directory) -> np.ndarray:
+    """An engine that wrote 4000 observations in 8 batches, with checkpoints
+    after the 2nd and the 5th, then was SIGKILLed; returns its vectors."""
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER.format(dim=DIM), str(directory)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "done"
+    finally:
+        proc.kill()
+        proc.wait()
+    return clustered(4000, DIM, seed=102)
+
+
+def last_batch_record(directory) -> wal.Record:
+    files = wal.log_files(os.path.join(directory, "wal"))
+    scan, records = wal.scan_file(files[-1])
+    return [r for r in records if r.kind == wal.BATCH][-1], files[-1]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_a_torn_log_tail_is_cut_and_everything_before_it_recovered(tmp_path, damage):
+    data = crashed_engine(tmp_path)
+    record, path = last_batch_record(tmp_path)
+    assert record.meta["gen"] == 3501
+    if damage == "truncated":
+        os.truncate(path, record.offset + 100)
+    else:
+        with open(path, "r+b") as f:
+            f.seek(record.offset + 5000)
+            byte = f.read(1)
+            f.seek(record.offset + 5000)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    assert not verify(str(tmp_path))["ok"]
+    with Engine(data_dir=tmp_path, workers=1) as e:
+        assert e.recovered.cut, "the torn record was not reported"
+        assert e.stats()["spaces"]["s"]["count"] == 3500
+        assert own_top_hits(e.recall, "s", data[:3500:7], [f"c{i}" for i in range(0, 3500, 7)]) == []
+        e.observe("s", [f"c{i}" for i in range(3500, 4000)], data[3500:])  # the lost batch, sent again
+    assert verify(str(tmp_path))["ok"]
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    data = crashed_engine(tmp_path)
+    found = checkpoint.complete(os.path.join(tmp_path, "checkpoints"))
+    assert [n for n, _ in found] == [2, 1]
+    seg = os.path.join(found[0][1], "seg-000000.bin")
+    with open(seg, "r+b") as f:
+        f.seek(700)
+        f.write(b"\xde\xad\xbe\xef")
+    report = verify(str(tmp_path))
+    assert not report["ok"] and report["recoverable"] and report["loads_checkpoint"] == 1
+    with Engine(data_dir=tmp_path, workers=1) as e:
+        assert e.recovered.checkpoint == 1 and e.recovered.skipped_checkpoints
+        assert e.stats()["spaces"]["s"]["count"] == 4000
+        assert own_top_hits(e.recall, "s", data[::9], [f"c{i}" for i in range(0, 4000, 9)]) == []
+
+
+def test_verify_reads_a_healthy_directory(tmp_path):
+    crashed_engine(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "engram_shm.cli", "verify", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "OK" in r.stdout and "checkpoint 2: ok" in r.stdout
+
+
+# -- the server ------------------------------------------------------------------------
+class Replies:
+    """Stands in for the front's ROUTER socket."""
+
+    def __init__(self):
+        self.all = []
+
+    def send_multipart(self, frames, flags=0):
+        self.all.append(msgpack.unpackb(frames[1], raw=False))
+
+
+def front_on(name, config, catalog):
+    front = Front(config, catalog, SessionTable(shm.attach(table_name(name))))
+    front.sock = Replies()
+    return front
+
+
+def test_a_resend_after_a_front_died_before_recording_the_sequence_is_acked(tmp_path):
+    """The front is killed after it logged and committed a batch but before it
+    recorded the session's sequence: the restarted front learns the sequence
+    from the log, and the client's re-send is acked, not refused as duplicate."""
+    name = f"t-resend-{os.getpid()}"
+    config = EngineConfig(name=name, data_dir=str(tmp_path))
+    os.makedirs(tmp_path / "wal")
+    catalog = Catalog.create(name)
+    shm.close(create_table(name))
+    try:
+        front = front_on(name, config, catalog)
+        who = zmq.Frame(b"\0client")
+        front.handle([who, zmq.Frame(p.pack({"op": "init"})[0])])
+        session = front.sock.all[-1]["session"]
+        fields, frame = p.vector_payload(clustered(10, DIM, seed=103))
+        message = [who, zmq.Frame(p.pack({"op": "observe_batch", "session": session, "seq": 1, "space": "r",
+                                           "ids": [f"r{i}" for i in range(10)], **fields})[0]), zmq.Frame(frame)]
+        front.handle(message)
+        assert front.sock.all[-1]["op"] == "ack"
+        front.sessions.set_last_seq(front.sessions.live[session], 0)  # as if killed before this
+        front.close()  # unmaps; shared memory and the log stay as the dead front left them
+        restarted = front_on(name, config, catalog)
+        restarted.handle([who, zmq.Frame(p.pack({"op": "init", "resume": session})[0])])
+        assert restarted.sock.all[-1]["last_sequence"] == 10
+        restarted.handle(message)
+        reply = restarted.sock.all[-1]
+        assert reply["op"] == "ack" and reply.get("duplicate"), reply
+        assert restarted.stats()["spaces"]["r"]["count"] == 10
+        restarted.close()
+    finally:
+        catalog.close()
+
+
+def test_a_clean_stop_and_restart_answers_the_same(tmp_path):
+    data = clustered(5000, DIM, seed=104)
+    ids = [f"s{i}" for i in range(5000)]
+    port = free_port()
+    with running_server(data=str(tmp_path), port=port) as (endpoint, name, proc):
+        with Client(endpoint) as c:
+            c.observe_batch("same", ids, data, what=[f"w{i}" for i in range(5000)],
+                            when=np.arange(5000.0), confidence=np.linspace(0, 1, 5000))
+            c.flush()
+            cues = data[::50] + 0.01
+            generation = c.stats()["generation"]
+            before = [c.recall("same", q, k=10, consistency="snapshot", generation=generation) for q in cues]
+    with running_server(data=str(tmp_path), port=port) as (endpoint, name, proc):
+        assert "recovered 5000 observations from checkpoint" in proc.output()
+        with Client(endpoint) as c:
+            after = [c.recall("same", q, k=10, consistency="snapshot", generation=generation) for q in cues]
+            assert len(after) == 100 and after == before
+            assert after[3][0].what == "w150" and after[3][0].when == 150.0
+
+
+def stream_while_killing(tmp_path, fsync: str, kills: int, seed: int):
+    """Stream with one Client while the whole engine (its process group) is
+    SIGKILLed `kills` times at random moments and restarted on the same data
+    directory and port; then check that everything is there exactly once.
+    Returns the kills done and, per resume of the client's session, (the
+    sequence the client had acked, the sequence the restarted server knew)."""
+    rng = random.Random(seed)
+    batch, most = 100, 1500
+    data = clustered(batch * most, DIM, clusters=200, seed=seed)
+    ids = [f"k{i}" for i in range(batch * most)]
+    port = free_port()
+    resumed, errors, sent = [], [], []
+    killing_done, streamed = threading.Event(), threading.Event()
+    box = {}
+
+    def stream():
+        try:
+            c = box["c"] = Client(f"tcp://127.0.0.1:{port}", batch_size=batch, timeout=10)
+            handshake = c._handshake
+
+            def watched(resume, timeout=None):
+                before = c.last_acked
+                handshake(resume, timeout)
+                if resume:
+                    resumed.append((before, c.last_acked))
+
+            c._handshake = watched
+            for lo in range(0, len(ids), batch):
+                if killing_done.is_set() and lo >= 20 * batch:
+                    break
+                c.observe_batch("chaos", ids[lo:lo + batch], data[lo:lo + batch])
+                sent.append(lo + batch)
+                time.sleep(rng.uniform(0.005, 0.03))
+            c.flush(timeout=120)
+        except Exception as e:  # reported below
+            errors.append(e)
+        finally:
+            streamed.set()
+
+    cm = running_server("--fsync", fsync, data=str(tmp_path), port=port)
+    killed = 0
+    try:
+        _, _, proc = cm.__enter__()
+        streamer = threading.Thread(target=stream)
+        streamer.start()
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.3, 1.5))
+            if streamed.is_set():
+                break
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed += 1
+            cm.__exit__(None, None, None)
+            cm = running_server("--fsync", fsync, data=str(tmp_path), port=port)
+            _, _, proc = cm.__enter__()
+        killing_done.set()
+        streamer.join(300)
+        assert not errors, errors
+        n = sent[-1]
+        c = box["c"]
+        assert c.last_acked == n
+        assert c.stats()["spaces"]["chaos"]["count"] == n  # none stored twice, none lost
+        misses = own_top_hits(c.recall, "chaos", data[:n], ids[:n])
+        c.close()
+        assert misses == [], f"{len(misses)} of {n} acked observations not found: {misses[:5]}"
+        return killed, resumed
+    finally:
+        killing_done.set()
+        cm.__exit__(None, None, None)
+
+
+def test_whole_engine_killed_five_times_under_fsync_always_loses_nothing(tmp_path):
+    kills, resumed = stream_while_killing(tmp_path, "always", kills=5, seed=105)
+    assert kills == 5
+    assert resumed and all(server >= acked for acked, server in resumed), resumed
+    print(f"fsync=always: {kills} kills, resumes (client acked, server knew): {resumed}")
+
+
+def test_whole_engine_killed_under_fsync_interval_loses_at_most_the_last_interval(tmp_path):
+    kills, resumed = stream_while_killing(tmp_path, "interval", kills=5, seed=106)
+    lost = max((acked - server for acked, server in resumed), default=0)
+    print(f"fsync=interval: {kills} kills, worst acked-but-lost: {max(lost, 0)} observations")
+    assert lost <= 100  # one batch: a SIGKILL keeps what was written to the OS; power loss would not
+
+
+def test_a_full_disk_is_refused_with_a_code_and_nothing_unwritten_is_acked(tmp_path):
+    limit = 3 << 20
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    data = clustered(6000, 256, seed=107)
+    with running_server("--fsync", "always", data=str(tmp_path), preexec_fn=small_files) as (endpoint, name, proc):
+        front = subprocess.run(["pgrep", "-f", f"engram_shm.transport.front {name}"],
+                               capture_output=True, text=True).stdout.split()
+        with Client(endpoint, batch_size=250) as c:
+            with pytest.raises(StorageFull) as refused:
+                c.observe_batch("full", [f"f{i}" for i in range(6000)], data)
+                c.flush()
+            assert refused.value.retryable and refused.value.details["ids"]
+            acked = c.last_acked
+            assert 0 < acked < 6000
+            assert c.stats()["spaces"]["full"]["count"] == acked  # stored = acked, nothing more
+            assert own_top_hits(c.recall, "full", data[:acked:25], [f"f{i}" for i in range(0, acked, 25)]) == []
+            after = subprocess.run(["pgrep", "-f", f"engram_shm.transport.front {name}"],
+                                   capture_output=True, text=True).stdout.split()
+            assert after == front  # the front did not crash
