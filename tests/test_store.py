@@ -14,7 +14,8 @@ from engram_shm.store import shm
 from engram_shm.store.catalog import Catalog, SpaceParams, collect_stale, segment_name
 from engram_shm.store.layout import ENTRY, MAX_LEVEL, SegmentLayout
 from engram_shm.store.segment import Segment
-from engram_shm.store.space import SpaceWriter
+from engram_shm.store.space import SegmentSizes, SpaceWriter
+from engram_shm.synthetic import clustered
 
 import naive
 
@@ -132,7 +133,7 @@ def test_space_writer_splits_large_batches_over_open_segments():
     segments = []
     try:
         params = SpaceParams("s", 4, "f32", "cosine", 4, 20, 1)
-        w = SpaceWriter(cat, cat.add_space(params), params, 1000, 64000, writers=3,
+        w = SpaceWriter(cat, cat.add_space(params), params, SegmentSizes(1000, 64, 64), writers=3,
                         on_new_segment=lambda i, s: segments.append(s))
         batch = prepare([f"i{i}" for i in range(2500)], np.ones((2500, 4)), dim=4,
                         metric="cosine", dtype="f32")
@@ -148,6 +149,43 @@ def test_space_writer_splits_large_batches_over_open_segments():
         for s in segments:
             s.close()
         cat.close()
+
+
+def test_segment_sizes_grow_from_small_to_the_configured_capacity():
+    sizes = SegmentSizes(131072, 256, 256 + 65536)
+    assert [sizes.capacity(i) for i in range(9)] == \
+        [64, 256, 1024, 4096, 16384, 65536, 131072, 131072, 131072]
+    assert [SegmentSizes(1000, 256, 1).capacity(i) for i in range(4)] == [64, 256, 1000, 1000]
+    params = SpaceParams("s", 8, "f16", "cosine", 16, 100, 1)
+    assert sizes.layout(0, params).arena_capacity == 256 + 65536  # one maximal record fits
+    assert sizes.layout(4, params).arena_capacity == 16384 * 256
+    assert sizes.layout(6, params) == SegmentLayout(131072, 8, "f16", 16, 131072 * 256)
+
+
+def test_a_growing_space_gets_ever_larger_segments_and_finds_every_observation():
+    n = 5000
+    data = clustered(n, 32, seed=41)
+    ids = [f"g{i}" for i in range(n)]
+    with Engine(workers=2, segment_capacity=4096) as e:
+        for lo in range(0, n, 500):
+            e.observe("grow", ids[lo:lo + 500], data[lo:lo + 500])
+        assert e.wait_indexed(120)
+        space = e.writer.spaces["grow"]
+        capacities = [s.layout.capacity for s in space.segments]
+        assert capacities[:4] == [64, 256, 1024, 4096], capacities
+        assert capacities == [space.sizes.capacity(i) for i in range(len(capacities))], capacities
+        for seg in space.segments:
+            again = Segment.attach(seg.name)  # each header carries its own size
+            try:
+                assert again.layout == seg.layout and again.accepted == seg.accepted
+            finally:
+                again.close()
+            assert not seg.sealed or seg.accepted == seg.layout.capacity, seg.name
+            assert seg.indexed == seg.accepted
+            assert naive.graph_violations(seg.graph_r, seg.indexed, 16) == [], seg.name
+        assert sum(s.accepted for s in space.segments) == n
+        misses = [i for i in range(n) if e.recall("grow", data[i], k=1)[0].id != ids[i]]
+        assert misses == []
 
 
 def test_a_batch_lands_in_the_columns_as_the_naive_write_would():
