@@ -1,6 +1,7 @@
 import multiprocessing as mp
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from engram_shm.observations import prepare
 from engram_shm.store import shm
 from engram_shm.store.catalog import Catalog, SpaceParams, collect_stale, segment_name
 from engram_shm.store.layout import ENTRY, MAX_LEVEL, SegmentLayout
+from engram_shm.store.prefault import MIN_WINDOW_BYTES, WINDOW_BYTES, Prefaulter
 from engram_shm.store.segment import Segment
 from engram_shm.store.space import SegmentSizes, SpaceWriter
 from engram_shm.synthetic import clustered
@@ -186,6 +188,46 @@ def test_a_growing_space_gets_ever_larger_segments_and_finds_every_observation()
         assert sum(s.accepted for s in space.segments) == n
         misses = [i for i in range(n) if e.recall("grow", data[i], k=1)[0].id != ids[i]]
         assert misses == []
+
+
+def settled_shm_bytes(engine: str) -> int:
+    """/dev/shm bytes an engine's blocks occupy (pages touched), read once the
+    background prefaulter has stopped adding pages."""
+    last = -1
+    for _ in range(200):
+        total = sum(shm.block_bytes(b) for b in shm.list_blocks(engine))
+        if total == last:
+            break
+        last = total
+        time.sleep(0.05)
+    return total
+
+
+def test_the_prefaulter_populates_ahead_in_proportion_to_what_was_written():
+    MiB = 1 << 20
+    block = shm.create("engram_t-prefault_000000", 64 * MiB)
+    column = np.ndarray((64 * MiB,), np.uint8, buffer=block.buf)
+    prefault = Prefaulter()
+    try:
+        def populated_after(used):
+            """Bytes populated once `used` bytes are reported written (the test
+            writes none, so only the prefaulter's pages count)."""
+            prefault.ahead(1, column.ctypes.data, used, column.nbytes)
+            return settled_shm_bytes("t-prefault")
+
+        small = populated_after(4096)
+        if small == 0:
+            pytest.skip("this kernel has no MADV_POPULATE_WRITE")
+        assert small == MIN_WINDOW_BYTES  # the floor, not 16 MiB, past one page written
+        assert populated_after(MiB) == small + MiB  # as much again as written
+        assert populated_after(32 * MiB) == small + MiB + WINDOW_BYTES  # the ceiling
+        assert populated_after(36 * MiB) == small + MiB + WINDOW_BYTES  # over half left: no refill
+        assert populated_after(42 * MiB) == small + MiB + 26 * MiB  # refilled to 42 + 16
+        assert populated_after(60 * MiB) == small + MiB + 30 * MiB  # never past the column
+    finally:
+        prefault.close()
+        del column
+        shm.destroy(block)
 
 
 def test_a_batch_lands_in_the_columns_as_the_naive_write_would():
