@@ -230,6 +230,24 @@ def test_the_prefaulter_populates_ahead_in_proportion_to_what_was_written():
         shm.destroy(block)
 
 
+def test_a_thousand_spaces_of_one_observation_take_kilobytes_each():
+    # Every space used to start with a full 131,072-slot segment: ~6.8 MB per
+    # space of one 128-d observation, 16 MB at 768-d.
+    vectors = np.random.default_rng(5).normal(size=(1000, 768))
+    with Engine(workers=2) as e:  # default f16, threads
+        for i in range(1000):
+            e.observe(f"space-{i}", f"obs-{i}", vectors[i])
+        assert e.wait_indexed(60)
+        blocks = shm.list_blocks(e.name)
+        assert shm.block_name(e.name, "catalog") in blocks and len(blocks) == 1001
+        total = settled_shm_bytes(e.name)
+        print(f"\n1000 spaces of one 768-d f16 observation: {total / 2**20:.1f} MiB of /dev/shm "
+              f"in {len(blocks)} blocks, {total / 1000 / 1024:.1f} KiB per space")
+        assert total < 256 * 2**20, f"{total / 2**20:.1f} MiB for 1000 one-observation spaces"
+        for i in (0, 500, 999):
+            assert e.recall(f"space-{i}", vectors[i], k=1)[0].id == f"obs-{i}"
+
+
 def test_a_batch_lands_in_the_columns_as_the_naive_write_would():
     data = np.random.default_rng(8).normal(size=(40, 6))
     ident = [f"id{i}" + "ü" * (i % 3) for i in range(40)]  # multi-byte ids hash by their bytes
