@@ -1,6 +1,7 @@
 import multiprocessing as mp
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ from engram_shm.observations import prepare
 from engram_shm.store import shm
 from engram_shm.store.catalog import Catalog, SpaceParams, collect_stale, segment_name
 from engram_shm.store.layout import ENTRY, MAX_LEVEL, SegmentLayout
+from engram_shm.store.prefault import MIN_WINDOW_BYTES, WINDOW_BYTES, Prefaulter
 from engram_shm.store.segment import Segment
-from engram_shm.store.space import SpaceWriter
+from engram_shm.store.space import SegmentSizes, SpaceWriter
+from engram_shm.synthetic import clustered
 
 import naive
 
@@ -132,7 +135,7 @@ def test_space_writer_splits_large_batches_over_open_segments():
     segments = []
     try:
         params = SpaceParams("s", 4, "f32", "cosine", 4, 20, 1)
-        w = SpaceWriter(cat, cat.add_space(params), params, 1000, 64000, writers=3,
+        w = SpaceWriter(cat, cat.add_space(params), params, SegmentSizes(1000, 64, 64), writers=3,
                         on_new_segment=lambda i, s: segments.append(s))
         batch = prepare([f"i{i}" for i in range(2500)], np.ones((2500, 4)), dim=4,
                         metric="cosine", dtype="f32")
@@ -148,6 +151,101 @@ def test_space_writer_splits_large_batches_over_open_segments():
         for s in segments:
             s.close()
         cat.close()
+
+
+def test_segment_sizes_grow_from_small_to_the_configured_capacity():
+    sizes = SegmentSizes(131072, 256, 256 + 65536)
+    assert [sizes.capacity(i) for i in range(9)] == \
+        [64, 256, 1024, 4096, 16384, 65536, 131072, 131072, 131072]
+    assert [SegmentSizes(1000, 256, 1).capacity(i) for i in range(4)] == [64, 256, 1000, 1000]
+    params = SpaceParams("s", 8, "f16", "cosine", 16, 100, 1)
+    assert sizes.layout(0, params).arena_capacity == 256 + 65536  # one maximal record fits
+    assert sizes.layout(4, params).arena_capacity == 16384 * 256
+    assert sizes.layout(6, params) == SegmentLayout(131072, 8, "f16", 16, 131072 * 256)
+
+
+def test_a_growing_space_gets_ever_larger_segments_and_finds_every_observation():
+    n = 5000
+    data = clustered(n, 32, seed=41)
+    ids = [f"g{i}" for i in range(n)]
+    with Engine(workers=2, segment_capacity=4096) as e:
+        for lo in range(0, n, 500):
+            e.observe("grow", ids[lo:lo + 500], data[lo:lo + 500])
+        assert e.wait_indexed(120)
+        space = e.writer.spaces["grow"]
+        capacities = [s.layout.capacity for s in space.segments]
+        assert capacities[:4] == [64, 256, 1024, 4096], capacities
+        assert capacities == [space.sizes.capacity(i) for i in range(len(capacities))], capacities
+        for seg in space.segments:
+            again = Segment.attach(seg.name)  # each header carries its own size
+            try:
+                assert again.layout == seg.layout and again.accepted == seg.accepted
+            finally:
+                again.close()
+            assert not seg.sealed or seg.accepted == seg.layout.capacity, seg.name
+            assert seg.indexed == seg.accepted
+            assert naive.graph_violations(seg.graph_r, seg.indexed, 16) == [], seg.name
+        assert sum(s.accepted for s in space.segments) == n
+        misses = [i for i in range(n) if e.recall("grow", data[i], k=1)[0].id != ids[i]]
+        assert misses == []
+
+
+def settled_shm_bytes(engine: str) -> int:
+    """/dev/shm bytes an engine's blocks occupy (pages touched), read once the
+    background prefaulter has stopped adding pages."""
+    last = -1
+    for _ in range(200):
+        total = sum(shm.block_bytes(b) for b in shm.list_blocks(engine))
+        if total == last:
+            break
+        last = total
+        time.sleep(0.05)
+    return total
+
+
+def test_the_prefaulter_populates_ahead_in_proportion_to_what_was_written():
+    MiB = 1 << 20
+    block = shm.create("engram_t-prefault_000000", 64 * MiB)
+    column = np.ndarray((64 * MiB,), np.uint8, buffer=block.buf)
+    prefault = Prefaulter()
+    try:
+        def populated_after(used):
+            """Bytes populated once `used` bytes are reported written (the test
+            writes none, so only the prefaulter's pages count)."""
+            prefault.ahead(1, column.ctypes.data, used, column.nbytes)
+            return settled_shm_bytes("t-prefault")
+
+        small = populated_after(4096)
+        if small == 0:
+            pytest.skip("this kernel has no MADV_POPULATE_WRITE")
+        assert small == MIN_WINDOW_BYTES  # the floor, not 16 MiB, past one page written
+        assert populated_after(MiB) == small + MiB  # as much again as written
+        assert populated_after(32 * MiB) == small + MiB + WINDOW_BYTES  # the ceiling
+        assert populated_after(36 * MiB) == small + MiB + WINDOW_BYTES  # over half left: no refill
+        assert populated_after(42 * MiB) == small + MiB + 26 * MiB  # refilled to 42 + 16
+        assert populated_after(60 * MiB) == small + MiB + 30 * MiB  # never past the column
+    finally:
+        prefault.close()
+        del column
+        shm.destroy(block)
+
+
+def test_a_thousand_spaces_of_one_observation_take_kilobytes_each():
+    # Every space used to start with a full 131,072-slot segment: ~6.8 MB per
+    # space of one 128-d observation, 16 MB at 768-d.
+    vectors = np.random.default_rng(5).normal(size=(1000, 768))
+    with Engine(workers=2) as e:  # default f16, threads
+        for i in range(1000):
+            e.observe(f"space-{i}", f"obs-{i}", vectors[i])
+        assert e.wait_indexed(60)
+        blocks = shm.list_blocks(e.name)
+        assert shm.block_name(e.name, "catalog") in blocks and len(blocks) == 1001
+        total = settled_shm_bytes(e.name)
+        print(f"\n1000 spaces of one 768-d f16 observation: {total / 2**20:.1f} MiB of /dev/shm "
+              f"in {len(blocks)} blocks, {total / 1000 / 1024:.1f} KiB per space")
+        assert total < 256 * 2**20, f"{total / 2**20:.1f} MiB for 1000 one-observation spaces"
+        for i in (0, 500, 999):
+            assert e.recall(f"space-{i}", vectors[i], k=1)[0].id == f"obs-{i}"
 
 
 def test_a_batch_lands_in_the_columns_as_the_naive_write_would():

@@ -24,7 +24,7 @@ from ..store import wal as walfile
 from ..store.catalog import WAL_LSN, Catalog, SpaceParams
 from ..store.prefault import Prefaulter
 from ..store.segment import Segment
-from ..store.space import SpaceWriter
+from ..store.space import SegmentSizes, SpaceWriter
 from ..store.wal import WalWriter
 
 MAX_DIM = 65536
@@ -87,8 +87,9 @@ class EngineWriter:
 
     def _space_writer(self, index: int, params: SpaceParams) -> SpaceWriter:
         c = self.config
-        arena = max(c.segment_capacity * c.text_bytes_per_observation, c.max_id_bytes + c.max_text_bytes)
-        return SpaceWriter(self.catalog, index, params, c.segment_capacity, arena, c.worker_count,
+        sizes = SegmentSizes(c.segment_capacity, c.text_bytes_per_observation,
+                             c.max_id_bytes + c.max_text_bytes)
+        return SpaceWriter(self.catalog, index, params, sizes, c.worker_count,
                            self.on_new_segment, self.prefault)
 
     def prepare(self, space: str, ids, vectors, what=None, when=None,

@@ -8,6 +8,13 @@ cursor with madvise(MADV_POPULATE_WRITE), called through ctypes so that it
 runs without the GIL, in parallel with the writer. Populating changes no byte,
 so it is safe next to the writer. Kernels without it (before Linux 5.14) fall
 back to faulting on write, as before.
+
+How far ahead is proportional to what the segment holds: populated pages are
+memory spent, and a space that received one observation must not own megabytes
+of pages it may never write. The window is the bytes written so far, at least
+MIN_WINDOW_BYTES and at most WINDOW_BYTES: a segment filled at a high rate soon
+has the full window (256 x 768 f16 batches reach it after 43 batches), while
+a trickle has at most max(MIN_WINDOW_BYTES, what it wrote) populated unwritten.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ log = logging.getLogger(__name__)
 
 MADV_POPULATE_WRITE = 23
 PAGE = 4096
-WINDOW_BYTES = 16 << 20  # keep this much populated ahead of the cursor
-LOW_WATER_BYTES = 8 << 20  # refill when less than this is left
+WINDOW_BYTES = 16 << 20  # populated ahead of the cursor at most
+# ... and at least this much (16 pages), so that the first writes of a segment do
+# not wake the thread for a page or two each time.
+MIN_WINDOW_BYTES = 64 << 10
 
 
 class Prefaulter:
@@ -39,14 +48,17 @@ class Prefaulter:
 
     def ahead(self, key: int, base: int, used: int, limit: int) -> None:
         """The region [base, base + limit) is written from its start; `used`
-        bytes are written. Keep WINDOW_BYTES past them populated."""
+        bytes are written. Keep a window past them populated, as large as
+        `used` within [MIN_WINDOW_BYTES, WINDOW_BYTES]; refill it when less than
+        half of it is left."""
         if self._madvise is None:
             return
+        window = min(WINDOW_BYTES, max(MIN_WINDOW_BYTES, used))
         with self._wake:
             _, done, _ = self._targets.get(key, (base, used, used))
-            if done - used >= LOW_WATER_BYTES:
+            if done - used >= window // 2:
                 return
-            self._targets[key] = (base, max(done, used), min(limit, used + WINDOW_BYTES))
+            self._targets[key] = (base, max(done, used), min(limit, used + window))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="engram-prefault", daemon=True)
                 self._thread.start()

@@ -5,6 +5,8 @@ A space keeps up to `writers` open segments (one per index writer), so that a
 single hot space is indexed by every core; chunks of a batch go to the open
 segment with the smallest unindexed window, and a new segment opens when every
 open one already has a chunk's worth of backlog. Full segments are sealed.
+Segments are sized to the data (`SegmentSizes`): a space's first is small and
+each next one larger, up to the configured capacity.
 
 Writes follow the publication order of DESIGN 3: every column of a slot is
 written before the segment's ACCEPTED count covers it. The caller publishes the
@@ -42,6 +44,43 @@ from .segment import Segment
 CHUNK = 256
 BURIED = np.iinfo(np.uint64).max  # the generation of a row no snapshot will ever include
 
+# The size schedule of a space's segments: its first segment has FIRST_SEGMENT_SLOTS
+# slots and each next one SEGMENT_GROWTH times more, up to the configured capacity.
+# Why: creating a segment touches memory in proportion to its capacity (the
+# parent column is filled with -1, every column gets its first page, the
+# prefaulter works ahead of the cursor) and a checkpoint copies segments, so a
+# space of one observation must not own 131,072 slots (6.8 MB at 128-d, 16 MB at
+# 768-d). Smaller first segments than 64 slots would save little: each of the 13
+# columns costs at least a 4 KiB page once written, and 64 slots of 768-d f16
+# are 96 KiB of vectors, the same order. Growing 4x reaches 131,072 slots in
+# six steps, so a large space has about six segments more than before (each one
+# more graph a recall searches; they hold 87,360 slots together, so they are
+# small and fast), and each segment has about 3x the slots of all before it: the
+# number of segments grows with the log of the space's size until the largest.
+FIRST_SEGMENT_SLOTS = 64
+SEGMENT_GROWTH = 4
+
+
+@dataclass(frozen=True)
+class SegmentSizes:
+    """How large each segment of a space is (segment numbers count from 0)."""
+    largest: int  # slots of the largest segment (config segment_capacity)
+    text_bytes_per_slot: int  # the text arena reserves this per slot ...
+    record_bytes: int  # ... but never less than one maximal record (max id + max text)
+
+    def capacity(self, number: int) -> int:
+        slots = FIRST_SEGMENT_SLOTS
+        for _ in range(number):
+            if slots >= self.largest:
+                break
+            slots *= SEGMENT_GROWTH
+        return min(slots, self.largest)
+
+    def layout(self, number: int, params: SpaceParams) -> SegmentLayout:
+        capacity = self.capacity(number)
+        arena = max(capacity * self.text_bytes_per_slot, self.record_bytes)
+        return SegmentLayout(capacity, params.dim, params.dtype, params.M, arena)
+
 
 @dataclass
 class _Cursor:
@@ -61,13 +100,13 @@ class _Placement:
 
 
 class SpaceWriter:
-    def __init__(self, catalog: Catalog, index: int, params: SpaceParams, capacity: int,
-                 arena_capacity: int, writers: int, on_new_segment: Callable[[int, Segment], None],
+    def __init__(self, catalog: Catalog, index: int, params: SpaceParams, sizes: SegmentSizes,
+                 writers: int, on_new_segment: Callable[[int, Segment], None],
                  prefault: Prefaulter | None = None):
         self.catalog = catalog
         self.index = index
         self.params = params
-        self.layout = SegmentLayout(capacity, params.dim, params.dtype, params.M, arena_capacity)
+        self.sizes = sizes
         self.writers = writers
         self.on_new_segment = on_new_segment
         self.segments: list[Segment] = []
@@ -157,7 +196,7 @@ class SpaceWriter:
         for p in placements:
             self._publish(p, generations)
         for seg in self.open[:]:
-            if id(seg) in full or seg.accepted == self.layout.capacity:
+            if id(seg) in full or seg.accepted == seg.layout.capacity:
                 seg.header[SEALED] = 1
                 self.open.remove(seg)
                 if self.prefault is not None:
@@ -181,14 +220,15 @@ class SpaceWriter:
                                                      int(seg.header[UPPER_USED])))
             start = int(ends[lo - 1]) if lo else 0
             m = hi - lo
-            if at.slot + m > self.layout.capacity or \
-                    at.arena + int(ends[hi - 1]) - start > self.layout.arena_capacity or \
-                    at.upper + int(upper_cum[hi] - upper_cum[lo]) > self.layout.upper_capacity:
-                m = min(m, self.layout.capacity - at.slot,
-                        int(np.searchsorted(ends[lo:hi] - start, self.layout.arena_capacity - at.arena,
+            L = seg.layout
+            if at.slot + m > L.capacity or \
+                    at.arena + int(ends[hi - 1]) - start > L.arena_capacity or \
+                    at.upper + int(upper_cum[hi] - upper_cum[lo]) > L.upper_capacity:
+                m = min(m, L.capacity - at.slot,
+                        int(np.searchsorted(ends[lo:hi] - start, L.arena_capacity - at.arena,
                                             side="right")),
                         int(np.searchsorted(upper_cum[lo + 1:hi + 1] - upper_cum[lo],
-                                            self.layout.upper_capacity - at.upper, side="right")))
+                                            L.upper_capacity - at.upper, side="right")))
             if m < hi - lo:
                 full.add(id(seg))
             if m == 0:
@@ -203,7 +243,8 @@ class SpaceWriter:
 
     def _route(self, cursors: dict[int, _Cursor], full: set[int]) -> Segment:
         """The open segment with the smallest window (counting rows planned),
-        or a new one when all have a chunk of backlog and a writer is free."""
+        or a new one (sized by the schedule) when all have a chunk of backlog
+        and a writer is free."""
         def load(seg):
             at = cursors.get(id(seg))
             return (at.slot if at else seg.accepted) - seg.indexed
@@ -216,9 +257,10 @@ class SpaceWriter:
 
     def _new_segment(self) -> Segment:
         index = self.catalog.reserve_segment()
-        seg = Segment.create(segment_name(self.catalog.engine, index), self.layout,
-                             METRIC_CODES[self.params.metric], self.index,
-                             len(self.segments))
+        number = len(self.segments)
+        seg = Segment.create(segment_name(self.catalog.engine, index),
+                             self.sizes.layout(number, self.params),
+                             METRIC_CODES[self.params.metric], self.index, number)
         self.segments.append(seg)
         self.open.append(seg)
         self.on_new_segment(index, seg)  # before the catalog publishes it
