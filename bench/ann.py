@@ -51,7 +51,9 @@ def run_engram(data, queries, exact, dtype) -> dict:
 
     n, dim = data.shape
     ids = [str(i) for i in range(n)]
-    with Engine(workers=1, segment_capacity=max(n, 64), ring_capacity=max(n, 64), dtype=dtype,
+    # One segment (one graph) of n, as hnswlib and faiss build one index.
+    with Engine(workers=1, segment_capacity=max(n, 64), first_segment_capacity=max(n, 64),
+                ring_capacity=max(n, 64), dtype=dtype,
                 M=M, ef_construction=EF_CONSTRUCTION, ef_search=EF) as engine:
         engine.create_space("bench", dim=dim)
         start = time.perf_counter()

@@ -251,6 +251,43 @@ COLUMNS = [("system", "system", ""), ("batch", "batch", "d"), ("dim", "dim", "d"
            ("sender us/batch", "sender_cpu_us_per_batch", "d")]
 
 
+def served(system: str, data: np.ndarray, batches, args, *flags: str) -> dict:
+    """The rate `engram-shm serve` (with `flags`) accepts the batches at, with
+    10 recalls a second alongside."""
+    n = len(data)
+    with running_server("--max-credit", str(CREDIT), *flags) as (endpoint, _, server):
+        latencies, stop = [], threading.Event()
+        reader = threading.Thread(target=recall_while, args=(endpoint, data[0], stop, latencies))
+        reader.start()
+        try:
+            seconds, cpu = send_all(endpoint, batches, front_pid(server))
+        finally:
+            stop.set()
+            reader.join()
+    return row(system, n, args.batch, args.dim, seconds, **cpu, recalls=len(latencies),
+               **percentiles_ms(latencies, "recall"))
+
+
+FSYNC_COLUMNS = [("system", "system", ""), ("obs/s", "obs_per_s", ".0f"), ("x never", "x obs_per_s", ".2f"),
+                 ("receiver us/batch", "receiver_cpu_us_per_batch", "d"),
+                 ("its loop", "receiver_main_us_per_batch", "d"),
+                 ("recall p99 ms", "recall_p99_ms", ".2f")]
+
+
+def fsync_policies(policies: list[str], data: np.ndarray, batches, args) -> list[dict]:
+    """One server per fsync policy on the same batches (each with its own
+    data directory), and a memory-only one for reference; the table gives
+    each rate as a ratio to `never`'s."""
+    ring = str(2 * len(data) + 1024)
+    policies = sorted(policies, key=lambda policy: policy != "never")  # the base row first
+    rows = [emit(served(f"engram_shm_fsync_{policy}", data, batches, args, "--ring-capacity", ring,
+                        "--fsync", policy)) for policy in policies]
+    rows.append(emit(served("engram_shm_memory_only", data, batches, args, "--ring-capacity", ring,
+                            "--data", "none")))
+    print(table(f"ingest by fsync policy (x {rows[0]['system']})", rows, FSYNC_COLUMNS))
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, default=600)
@@ -258,6 +295,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a small run (20 batches x 64 dims)")
+    ap.add_argument("--fsync", help="instead: the server's accepted rate under each of these fsync "
+                                    "policies (comma-separated: always,interval,never) and memory-only, "
+                                    "as ratios to never")
     ap.add_argument("--raw-server", help=argparse.SUPPRESS)
     ap.add_argument("--raw-store-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -270,6 +310,8 @@ def main(argv=None) -> list[dict]:
     data = clustered(n, args.dim, seed=args.seed)
     batches = messages(data, args.batch)
     print(f"# {args.batches} batches of {args.batch} x {args.dim} float32 observations", flush=True)
+    if args.fsync:
+        return fsync_policies(args.fsync.split(","), data, batches, args)
 
     rows = []
     for system, store_bytes in (("raw_zmq", 0), ("raw_zmq_shm", n * args.dim * 2)):
@@ -277,17 +319,7 @@ def main(argv=None) -> list[dict]:
         rows.append(emit(row(system, n, args.batch, args.dim, seconds, **cpu)))
 
     ring = str(2 * n + 1024)  # no backpressure: the rate of accepting is measured
-    with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, server):
-        latencies, stop = [], threading.Event()
-        reader = threading.Thread(target=recall_while, args=(endpoint, data[0], stop, latencies))
-        reader.start()
-        try:
-            seconds, cpu = send_all(endpoint, batches, front_pid(server))
-        finally:
-            stop.set()
-            reader.join()
-        rows.append(emit(row("engram_shm", n, args.batch, args.dim, seconds, **cpu,
-                             recalls=len(latencies), **percentiles_ms(latencies, "recall"))))
+    rows.append(emit(served("engram_shm", data, batches, args, "--ring-capacity", ring)))
     with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, server):
         with Client(endpoint, batch_size=args.batch, timeout=120) as c:
             ids = [f"o{i}" for i in range(n)]

@@ -39,8 +39,10 @@ class EngineConfig:
     ef_search: int = _opt(64, "HNSW beam width of recall (raised to k when k is larger)",
                           lo=1, hi=4096)
     segment_capacity: int = _opt(131072, "observations of the largest shared-memory segment; "
-                                         "a space's first segment holds 64 and each next one 4x "
-                                         "more, up to this", lo=64, hi=1 << 26)
+                                         "a space's first segment holds first_segment_capacity and "
+                                         "each next one 4x more, up to this", lo=64, hi=1 << 26)
+    first_segment_capacity: int = _opt(64, "slots of a space's first segment; each next one has 4x "
+                                           "more, up to segment_capacity", lo=16, hi=1 << 26)
     ring_capacity: int = _opt(65536, "bound of a space's accepted-but-unindexed window; "
                                      "observe waits (embedded) or refuses credit (server) beyond it",
                               lo=64, hi=1 << 30)

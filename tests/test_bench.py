@@ -42,3 +42,13 @@ def test_ingest_quick_compares_with_the_raw_transport():
         assert {"bench", "system", "batch", "dim", "obs_per_s"} <= set(r) and r["obs_per_s"] > 0
         assert r["receiver_cpu_us_per_batch"] >= 0 and r["sender_cpu_us_per_batch"] >= 0
     assert "x raw_zmq" in out and "receiver us/batch" in out
+
+
+def test_ingest_quick_compares_fsync_policies():
+    out = subprocess.run([sys.executable, "-m", "bench.ingest", "--quick", "--fsync", "always,interval,never"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["system"] for r in rows] == ["engram_shm_fsync_never", "engram_shm_fsync_always",
+                                           "engram_shm_fsync_interval", "engram_shm_memory_only"]
+    assert all(r["obs_per_s"] > 0 for r in rows)
+    assert "x never" in out

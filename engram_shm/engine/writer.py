@@ -88,7 +88,7 @@ class EngineWriter:
     def _space_writer(self, index: int, params: SpaceParams) -> SpaceWriter:
         c = self.config
         sizes = SegmentSizes(c.segment_capacity, c.text_bytes_per_observation,
-                             c.max_id_bytes + c.max_text_bytes)
+                             c.max_id_bytes + c.max_text_bytes, c.first_segment_capacity)
         return SpaceWriter(self.catalog, index, params, sizes, c.worker_count,
                            self.on_new_segment, self.prefault)
 

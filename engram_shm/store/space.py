@@ -44,8 +44,9 @@ from .segment import Segment
 CHUNK = 256
 BURIED = np.iinfo(np.uint64).max  # the generation of a row no snapshot will ever include
 
-# The size schedule of a space's segments: its first segment has FIRST_SEGMENT_SLOTS
-# slots and each next one SEGMENT_GROWTH times more, up to the configured capacity.
+# The size schedule of a space's segments: its first segment has
+# first_segment_capacity slots (config, default 64) and each next one
+# SEGMENT_GROWTH times more, up to segment_capacity.
 # Why: creating a segment touches memory in proportion to its capacity (the
 # parent column is filled with -1, every column gets its first page, the
 # prefaulter works ahead of the cursor) and a checkpoint copies segments, so a
@@ -57,7 +58,6 @@ BURIED = np.iinfo(np.uint64).max  # the generation of a row no snapshot will eve
 # more graph a recall searches; they hold 87,360 slots together, so they are
 # small and fast), and each segment has about 3x the slots of all before it: the
 # number of segments grows with the log of the space's size until the largest.
-FIRST_SEGMENT_SLOTS = 64
 SEGMENT_GROWTH = 4
 
 
@@ -67,9 +67,10 @@ class SegmentSizes:
     largest: int  # slots of the largest segment (config segment_capacity)
     text_bytes_per_slot: int  # the text arena reserves this per slot ...
     record_bytes: int  # ... but never less than one maximal record (max id + max text)
+    first: int = 64  # slots of a space's first segment (config first_segment_capacity)
 
     def capacity(self, number: int) -> int:
-        slots = FIRST_SEGMENT_SLOTS
+        slots = self.first
         for _ in range(number):
             if slots >= self.largest:
                 break
