@@ -19,6 +19,7 @@ import time
 
 from ..kernels.warm import warm
 from ..store.catalog import W_INCARNATION, W_PID, Catalog
+from . import lifeline
 from .directory import SegmentDirectory
 from .indexer import IndexWriter, token_for
 
@@ -37,6 +38,7 @@ class _Stop:
 
 
 def run(engine: str, worker: int, workers: int, incarnation: int) -> None:
+    lifeline.bind_to_parent()  # first; the orphan check below only runs while idle
     stop = _Stop()
     os.nice(WORKER_NICENESS)  # the front and recalls come first; indexing takes what is left
     signal.signal(signal.SIGTERM, stop)

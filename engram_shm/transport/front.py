@@ -23,6 +23,7 @@ import time
 import zmq
 
 from ..config import EngineConfig
+from ..engine import lifeline
 from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
 from ..engine.writer import EngineWriter
@@ -361,6 +362,7 @@ def _tail(values, skip: int):
 
 
 def main(argv=None) -> None:
+    lifeline.bind_to_parent()  # first: an orphaned front must not go on acking
     argv = sys.argv[1:] if argv is None else argv
     engine, config_json, incarnation = argv[0], argv[1], int(argv[2])
     config = EngineConfig(**json.loads(config_json))
