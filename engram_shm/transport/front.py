@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..kernels.warm import warm
 from ..store import shm
-from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog, segment_name
+from ..store.catalog import FRONT_INCARNATION, FRONT_PID, FRONT_START, Catalog, process_start, segment_name
 from ..store.segment import Segment
 from . import protocol as p
 from .credit import credit_for, level_of, retry_after_ms
@@ -380,6 +380,7 @@ def main(argv=None) -> None:
 
     def ready():
         catalog.header[FRONT_INCARNATION] = incarnation
+        catalog.header[FRONT_START] = process_start(os.getpid())  # with the pid: liveness
         catalog.header[FRONT_PID] = os.getpid()
 
     try:
