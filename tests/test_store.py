@@ -1,6 +1,8 @@
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,7 +14,19 @@ from engram_shm.kernels.rows import append_rows, draw_levels
 from engram_shm.kernels.vectors import ROW_NON_FINITE, ROW_OK
 from engram_shm.observations import prepare
 from engram_shm.store import shm
-from engram_shm.store.catalog import Catalog, SpaceParams, collect_stale, segment_name
+from engram_shm.store.catalog import (
+    FRONT_PID,
+    FRONT_START,
+    OWNER_PID,
+    OWNER_START,
+    W_PID,
+    W_START,
+    Catalog,
+    SpaceParams,
+    collect_stale,
+    process_start,
+    segment_name,
+)
 from engram_shm.store.layout import ENTRY, MAX_LEVEL, SegmentLayout
 from engram_shm.store.prefault import MIN_WINDOW_BYTES, WINDOW_BYTES, Prefaulter
 from engram_shm.store.segment import Segment
@@ -119,6 +133,47 @@ def test_stale_blocks_of_a_killed_engine_are_collected_and_live_ones_kept():
         assert shm.list_blocks("t-killed") == []
         assert alive.recall("s", np.ones(4), k=1)[0].id == "a"
         assert shm.list_blocks("t-alive")
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+@pytest.mark.parametrize("role", ["front", "worker"])
+def test_an_engine_whose_owner_died_lives_while_its_front_or_a_worker_does(role):
+    """An orphaned child still maps (and may write) the engine's memory: nothing
+    is collected until it is gone too, and a zombie counts as gone."""
+    name = "t-orphan-child"
+    owner = _sleeper()
+    owner_start = process_start(owner.pid)
+    owner.kill()
+    owner.wait()
+    child = _sleeper()
+    cat = Catalog.create(name)
+    try:
+        shm.close(shm.create(segment_name(name, 0), 4096))
+        cat.header[[OWNER_PID, OWNER_START]] = [owner.pid, owner_start]
+        if role == "front":
+            cat.header[[FRONT_START, FRONT_PID]] = [process_start(child.pid), child.pid]
+        else:
+            cat.workers[3, [W_START, W_PID]] = [process_start(child.pid), child.pid]
+        assert not cat.owner_alive() and cat.engine_alive()
+        assert collect_stale(name, min_age_s=0) == []
+        assert len(shm.list_blocks(name)) == 2
+        child.kill()
+        deadline = time.monotonic() + 10
+        while process_start(child.pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not cat.engine_alive()  # a zombie (not yet waited for) is dead
+        assert sorted(collect_stale(name, min_age_s=0)) == sorted([f"engram_{name}_000000",
+                                                                   f"engram_{name}_catalog"])
+    finally:
+        child.kill()
+        child.wait()
+        cat.owner = False  # only unmap: the blocks are collected (or removed below)
+        cat.close()
+        for block in shm.list_blocks(name):
+            shm.unlink(block)
 
 
 def test_levels_are_reproducible_and_geometric():

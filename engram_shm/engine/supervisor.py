@@ -7,6 +7,12 @@ is restarted with an exponential back-off instead of in a tight loop.
 Children are fresh interpreters (`python -m ...`): the `spawn` model without
 multiprocessing's re-import of the parent's __main__, which would break
 scripts that lack a main guard and slow every start.
+
+Children die with this process (lifeline.py: the pid in ENGRAM_PARENT_PID,
+PR_SET_PDEATHSIG). That signal comes when the *thread* that forked a child
+exits, so every child is spawned by the watcher thread, which stops its
+children before it ends: never by the thread that called `start()`, which may
+be a short-lived one (an embedded Engine can be created in any thread).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ..kernels.warm import warm
 from ..store.catalog import W_INCARNATION, W_PID, W_RESTARTS, Catalog
 from ..store.segment import Segment
 from .indexer import release_claims, token_for
+from .lifeline import PARENT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,7 @@ class _Child:
         self.restarts = 0
         self.ever_ready = False
         self.last_exit: int | None = None
+        self.spawn_error: OSError | None = None
 
 
 def index_worker_specs(catalog: Catalog, workers: int,
@@ -102,7 +110,7 @@ class Supervisor:
         warm()
         with self._lock:
             for child in self._children:
-                self._spawn(child)
+                child.restart_at = 0.0  # the watcher spawns it at once (see the module docstring)
         self._watcher = threading.Thread(target=self._watch, name="engram-supervisor", daemon=True)
         self._watcher.start()
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -113,20 +121,27 @@ class Supervisor:
                 looping = [c for c in self._children if c.ever_ready is False
                            and c.restarts >= STARTUP_DEATHS]
             if looping or time.monotonic() > deadline:
-                why = (f"died {looping[0].restarts} times while starting (last exit code "
-                       f"{looping[0].last_exit})" if looping else
-                       f"was not ready within {READY_TIMEOUT_S:.0f} s")
+                if not looping:
+                    why = f"was not ready within {READY_TIMEOUT_S:.0f} s"
+                elif looping[0].spawn_error is not None:
+                    why = f"could not be started {looping[0].restarts} times ({looping[0].spawn_error})"
+                else:
+                    why = (f"died {looping[0].restarts} times while starting (last exit code "
+                           f"{looping[0].last_exit})")
                 self.stop()
                 raise IndexFailed(f"{(looping or self._children)[0].spec.name} {why}")
             time.sleep(0.01)
 
     def _spawn(self, child: _Child) -> None:
+        """Start a child; only the watcher thread calls this (PDEATHSIG)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        env[PARENT_ENV] = str(os.getpid())
         child.started = time.monotonic()
         child.ready_s = None
         child.process = subprocess.Popen([sys.executable, *child.spec.argv(child.incarnation)], env=env,
                                          stdin=subprocess.DEVNULL)
+        child.spawn_error = None
 
     def _check_ready(self, child: _Child) -> bool:
         if child.ready_s is None and child.process is not None and \
@@ -136,35 +151,49 @@ class Supervisor:
         return child.ready_s is not None
 
     def _watch(self) -> None:
-        while not self._stopping.wait(WATCH_S):
+        while True:
             try:
                 self._watch_once()
             except Exception:  # the supervisor must outlive any one failure
                 log.exception("supervisor: watching the children failed; retrying")
+            if self._stopping.wait(WATCH_S):
+                return
 
     def _watch_once(self) -> None:
         now = time.monotonic()
         with self._lock:
+            if self._stopping.is_set():  # stop() owns the children now
+                return
             for child in self._children:
                 if child.process is not None:
                     self._check_ready(child)
                     if child.process.poll() is not None:
                         self._reap(child, now)
                 elif child.restart_at is not None and now >= child.restart_at:
-                    child.incarnation += 1
                     child.restart_at = None
-                    self._spawn(child)
+                    try:
+                        self._spawn(child)
+                    except OSError as e:  # no memory, too many processes: try again later
+                        child.spawn_error = e
+                        self._back_off(child, now, lived=0.0)
+                        log.error("%s could not be started (%s); retrying in %.2f s", child.spec.name,
+                                  e, child.restart_at - now)
 
     def _reap(self, child: _Child, now: float) -> None:
         p, child.process = child.process, None
         child.last_exit = p.returncode
         child.spec.on_exit(child.incarnation)
-        child.restarts += 1
+        child.incarnation += 1
         lived = now - child.started
-        child.backoff = BACKOFF_MIN_S if lived > STABLE_S else min(child.backoff * 2, BACKOFF_MAX_S)
-        child.restart_at = now + (0.0 if lived > STABLE_S else child.backoff)
+        self._back_off(child, now, lived)
         log.warning("%s (pid %d) died with exit code %s after %.1f s; restarting", child.spec.name,
                     p.pid, p.returncode, lived)
+
+    @staticmethod
+    def _back_off(child: _Child, now: float, lived: float) -> None:
+        child.restarts += 1
+        child.backoff = BACKOFF_MIN_S if lived > STABLE_S else min(child.backoff * 2, BACKOFF_MAX_S)
+        child.restart_at = now + (0.0 if lived > STABLE_S else child.backoff)
 
     def pids(self) -> list[int | None]:
         """Current pid of each child (None while one is being restarted)."""
@@ -176,14 +205,16 @@ class Supervisor:
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Stop every child: SIGTERM, then SIGKILL for any still running after
-        `grace_s`."""
-        self._stopping.set()
+        `grace_s`. They are stopped before the watcher thread ends: its end
+        would SIGKILL the children it spawned (PDEATHSIG), with no grace."""
+        with self._lock:
+            self._stopping.set()
+            procs = [c.process for c in self._children if c.process is not None]
+            for c in self._children:
+                c.process = c.restart_at = None
+        self._terminate(procs, grace_s)
         if self._watcher is not None:
             self._watcher.join()
-        procs = [c.process for c in self._children if c.process is not None]
-        for c in self._children:
-            c.process = None
-        self._terminate(procs, grace_s)
 
     def stop_child(self, index: int, grace_s: float = STOP_GRACE_S) -> None:
         """Stop one child for good (it is not restarted)."""

@@ -18,7 +18,8 @@ import sys
 import time
 
 from ..kernels.warm import warm
-from ..store.catalog import W_INCARNATION, W_PID, Catalog
+from ..store.catalog import W_INCARNATION, W_PID, W_START, Catalog, process_start
+from . import lifeline
 from .directory import SegmentDirectory
 from .indexer import IndexWriter, token_for
 
@@ -37,6 +38,7 @@ class _Stop:
 
 
 def run(engine: str, worker: int, workers: int, incarnation: int) -> None:
+    lifeline.bind_to_parent()  # first; the orphan check below only runs while idle
     stop = _Stop()
     os.nice(WORKER_NICENESS)  # the front and recalls come first; indexing takes what is left
     signal.signal(signal.SIGTERM, stop)
@@ -47,6 +49,7 @@ def run(engine: str, worker: int, workers: int, incarnation: int) -> None:
     row = catalog.workers[worker]
     writer = IndexWriter(worker, workers, token_for(worker, incarnation), row)
     row[W_INCARNATION] = incarnation
+    row[W_START] = process_start(os.getpid())  # with the pid: liveness (Catalog.engine_alive)
     row[W_PID] = os.getpid()  # last: the supervisor's ready signal
     parent = os.getppid()
     idle = IDLE_MIN_S

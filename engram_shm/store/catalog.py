@@ -7,7 +7,8 @@ lets any local process find an engine's spaces and segments.
 |          |       |                       |         | time, limits; then on its own line:  |
 |          |       |                       |         | COMMITTED_GEN, N_SPACES, N_SEGMENTS, |
 |          |       |                       |         | STOPPED (1 once the engine closed);  |
-|          |       |                       | front   | FRONT_PID, FRONT_INCARNATION (ready) |
+|          |       |                       | front   | FRONT_INCARNATION, FRONT_START (its  |
+|          |       |                       |         | start time), then FRONT_PID (ready)  |
 |          |       |                       | writer  | WAL_LSN, CHECKPOINT_REQUEST          |
 |          |       |                       | checkp. | CHECKPOINT_DONE (request answered),  |
 |          |       |                       |         | _ERRNO (0 = ok), _GENERATION, _NS    |
@@ -19,12 +20,18 @@ lets any local process find an engine's spaces and segments.
 |          |       |                       |         | nodes inserted, busy ns, heartbeat   |
 |          |       |                       |         | ns, claimed segment (-1), restarts   |
 |          |       |                       |         | (restarts: written by the supervisor |
-|          |       |                       |         | while the worker is down)            |
+|          |       |                       |         | while the worker is down), start     |
+|          |       |                       |         | time (written before the pid)        |
 
 Rows are written completely before N_SPACES / N_SEGMENTS count them, and a
 generation is published in COMMITTED_GEN only after every observation up to it
 is in a published slot: a reader that reads COMMITTED_GEN first and the counts
 after sees everything up to that generation.
+
+Liveness: an engine lives while any of its processes does, its owner, its
+front or one of its index workers, each known by pid and start time (a reused
+pid is another process). `collect_stale` removes only the blocks of engines
+with none left: an orphaned child still maps, and may write, the memory.
 """
 
 from __future__ import annotations
@@ -50,13 +57,13 @@ MAX_WORKERS = 256
 NAME_BYTES = 128
 (MAGIC, VERSION_WORD, OWNER_PID, OWNER_START, CREATED_NS) = range(5)
 COMMITTED_GEN, N_SPACES, N_SEGMENTS, STOPPED = 8, 9, 10, 11
-FRONT_PID, FRONT_INCARNATION = 16, 17  # written by the server's front process when ready
+FRONT_PID, FRONT_INCARNATION, FRONT_START = 16, 17, 18  # written by the server's front process
 # The writer's log position (lsn of its last record) and checkpoint requests
 # (a counter the writer bumps); the checkpointer answers on its own line.
 WAL_LSN, CHECKPOINT_REQUEST = 20, 21
 CHECKPOINT_DONE, CHECKPOINT_ERRNO, CHECKPOINT_GENERATION, CHECKPOINT_NS = 24, 25, 26, 27
 (S_DIM, S_DTYPE, S_METRIC, S_M, S_EFC, S_SEED, S_NAME_LEN, S_CREATED) = range(8)
-(W_PID, W_INCARNATION, W_INSERTED, W_BUSY_NS, W_HEARTBEAT_NS, W_CLAIMED, W_RESTARTS) = range(7)
+(W_PID, W_INCARNATION, W_INSERTED, W_BUSY_NS, W_HEARTBEAT_NS, W_CLAIMED, W_RESTARTS, W_START) = range(8)
 
 
 @dataclass(frozen=True)
@@ -88,14 +95,20 @@ def segment_name(engine: str, index: int) -> str:
 
 
 def process_start(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot (None if gone): with the
-    pid it identifies a process even after the pid is reused."""
+    """Start time of a process in clock ticks since boot (None if gone, or a
+    zombie: it has exited and waits to be reaped): with the pid it identifies a
+    process even after the pid is reused."""
+    if pid <= 0:
+        return None
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
 
 
 class Catalog:
@@ -196,6 +209,16 @@ class Catalog:
         pid, start = int(self.header[OWNER_PID]), int(self.header[OWNER_START])
         return process_start(pid) == start
 
+    def engine_alive(self) -> bool:
+        """Whether any process of the engine lives: its owner, its front, or
+        one of its index workers (each recorded with its start time)."""
+        if self.owner_alive():
+            return True
+        h = self.header
+        rows = self.workers[self.workers[:, W_PID] > 0]
+        known = [(h[FRONT_PID], h[FRONT_START]), *zip(rows[:, W_PID], rows[:, W_START])]
+        return any(pid > 0 and process_start(int(pid)) == int(start) for pid, start in known)
+
     def close(self) -> None:
         """Unmap. The owner also removes every block of the engine: segments
         are created by whichever process writes, but their lifetime is the
@@ -216,10 +239,12 @@ class Catalog:
 
 
 def collect_stale(engine: str | None = None, min_age_s: float = 10.0) -> list[str]:
-    """Unlink the blocks of engines whose owner process is gone (all engines, or
-    one). Blocks of a running engine are never touched; an engine's segments
-    with no catalog are collected once older than `min_age_s` (a catalog is
-    always created before its segments and removed after them)."""
+    """Unlink the blocks of engines whose processes are all gone (all engines,
+    or one; see `Catalog.engine_alive`). Blocks of a running engine, or of one
+    whose owner died but whose front or a worker still runs, are never
+    touched; an engine's segments with no catalog are collected once older
+    than `min_age_s` (a catalog is always created before its segments and
+    removed after them)."""
     removed = []
     blocks = shm.list_blocks(engine)
     catalogs = {b[len(shm.PREFIX):-len("_catalog")] for b in blocks if b.endswith("_catalog")}
@@ -232,7 +257,7 @@ def collect_stale(engine: str | None = None, min_age_s: float = 10.0) -> list[st
                 live.add(name)  # perhaps still being created
             continue
         try:
-            if cat.owner_alive():
+            if cat.engine_alive():
                 live.add(name)
         finally:
             cat.close()

@@ -29,6 +29,7 @@ import time
 import zmq
 
 from ..config import EngineConfig
+from ..engine import lifeline
 from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
 from ..engine.writer import EngineWriter
@@ -52,8 +53,10 @@ from ..store.catalog import (
     CHECKPOINT_GENERATION,
     FRONT_INCARNATION,
     FRONT_PID,
+    FRONT_START,
     WAL_LSN,
     Catalog,
+    process_start,
     segment_name,
 )
 from ..store.datadir import storage_error
@@ -479,6 +482,7 @@ def _tail(values, skip: int):
 
 
 def main(argv=None) -> None:
+    lifeline.bind_to_parent()  # first: an orphaned front must not go on acking
     argv = sys.argv[1:] if argv is None else argv
     engine, config_json, incarnation = argv[0], argv[1], int(argv[2])
     config = EngineConfig(**json.loads(config_json))
@@ -496,6 +500,7 @@ def main(argv=None) -> None:
 
     def ready():
         catalog.header[FRONT_INCARNATION] = incarnation
+        catalog.header[FRONT_START] = process_start(os.getpid())  # with the pid: liveness
         catalog.header[FRONT_PID] = os.getpid()
 
     try:
