@@ -45,8 +45,9 @@ def test_ingest_quick_compares_with_the_raw_transport():
 
 
 def test_ingest_quick_compares_fsync_policies():
-    out = subprocess.run([sys.executable, "-m", "bench.ingest", "--quick", "--fsync", "always,interval,never"],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "bench.ingest", "--quick", "--fsync",
+                          "always,interval,never"], capture_output=True, text=True, timeout=600,
+                         check=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["system"] for r in rows] == ["engram_shm_fsync_never", "engram_shm_fsync_always",
                                            "engram_shm_fsync_interval", "engram_shm_memory_only"]

@@ -5,7 +5,6 @@ corrupt checkpoints and a full disk."""
 import os
 import random
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -180,8 +179,9 @@ def test_a_resend_after_a_front_died_before_recording_the_sequence_is_acked(tmp_
         front.handle([who, zmq.Frame(p.pack({"op": "init"})[0])])
         session = front.sock.all[-1]["session"]
         fields, frame = p.vector_payload(clustered(10, DIM, seed=103))
-        message = [who, zmq.Frame(p.pack({"op": "observe_batch", "session": session, "seq": 1, "space": "r",
-                                           "ids": [f"r{i}" for i in range(10)], **fields})[0]), zmq.Frame(frame)]
+        header = {"op": "observe_batch", "session": session, "seq": 1, "space": "r",
+                  "ids": [f"r{i}" for i in range(10)], **fields}
+        message = [who, zmq.Frame(p.pack(header)[0]), zmq.Frame(frame)]
         front.handle(message)
         assert front.sock.all[-1]["op"] == "ack"
         front.sessions.set_last_seq(front.sessions.live[session], 0)  # as if killed before this
@@ -309,7 +309,8 @@ def test_a_full_disk_is_refused_with_a_code_and_nothing_unwritten_is_acked(tmp_p
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     data = clustered(6000, 256, seed=107)
-    with running_server("--fsync", "always", data=str(tmp_path), preexec_fn=small_files) as (endpoint, name, proc):
+    with running_server("--fsync", "always", data=str(tmp_path),
+                        preexec_fn=small_files) as (endpoint, name, proc):
         front = subprocess.run(["pgrep", "-f", f"engram_shm.transport.front {name}"],
                                capture_output=True, text=True).stdout.split()
         with Client(endpoint, batch_size=250) as c:
@@ -320,7 +321,8 @@ def test_a_full_disk_is_refused_with_a_code_and_nothing_unwritten_is_acked(tmp_p
             acked = c.last_acked
             assert 0 < acked < 6000
             assert c.stats()["spaces"]["full"]["count"] == acked  # stored = acked, nothing more
-            assert own_top_hits(c.recall, "full", data[:acked:25], [f"f{i}" for i in range(0, acked, 25)]) == []
+            probe = range(0, acked, 25)
+            assert own_top_hits(c.recall, "full", data[probe], [f"f{i}" for i in probe]) == []
             after = subprocess.run(["pgrep", "-f", f"engram_shm.transport.front {name}"],
                                    capture_output=True, text=True).stdout.split()
             assert after == front  # the front did not crash

@@ -281,7 +281,7 @@ def test_the_prefaulter_populates_ahead_in_proportion_to_what_was_written():
         assert populated_after(60 * MiB) == small + MiB + 30 * MiB  # never past the column
     finally:
         prefault.close()
-        del column
+        column = None  # the view goes before the block
         shm.destroy(block)
 
 

@@ -13,6 +13,7 @@ engine goes on serving, and the next trigger tries again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -97,10 +98,8 @@ class Checkpointer:
     def _wal_bytes(self) -> int:
         total = 0
         for path in wal.log_files(self.datadir.wal):
-            try:
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
                 total += os.path.getsize(path)
-            except FileNotFoundError:
-                pass
         return total
 
     # -- the background thread --------------------------------------------------------

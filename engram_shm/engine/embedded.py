@@ -31,12 +31,12 @@ from dataclasses import asdict
 from ..config import EngineConfig
 from ..errors import EngineClosed, IndexFailed, InvalidArgument, Overloaded
 from ..store.catalog import (
-    WAL_LSN,
     W_BUSY_NS,
     W_CLAIMED,
     W_INSERTED,
     W_PID,
     W_RESTARTS,
+    WAL_LSN,
     Catalog,
     SpaceParams,
 )

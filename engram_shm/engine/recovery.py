@@ -170,4 +170,5 @@ def _batch(record: wal.Record) -> Batch:
     starts = np.concatenate([[0], record_ends[:-1]]).tolist()
     raw = records.tobytes()
     ids = [raw[s:s + n].decode("utf-8") for s, n in zip(starts, id_lens.tolist())]
-    return Batch(ids, vectors.reshape(meta["n"], meta["dim"]), records, record_ends, id_lens, when, confidence)
+    return Batch(ids, vectors.reshape(meta["n"], meta["dim"]), records, record_ends, id_lens, when,
+                 confidence)

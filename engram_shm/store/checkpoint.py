@@ -98,7 +98,7 @@ def read_manifest(path: str) -> dict:
 
 def _prefixes(layout: SegmentLayout, accepted: int, upper_used: int, arena_used: int):
     """(column name, rows or bytes of it in the file) in layout order."""
-    for name, _, shape in layout.columns():
+    for name, _, _ in layout.columns():
         if name == "upper":
             yield name, upper_used
         elif name == "arena":

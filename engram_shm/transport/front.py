@@ -29,11 +29,10 @@ import time
 import zmq
 
 from ..config import EngineConfig
-from ..engine import lifeline
+from ..engine import lifeline, recovery
 from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
 from ..engine.writer import EngineWriter
-from ..engine import recovery
 from ..errors import (
     EngineClosed,
     EngramError,
@@ -45,8 +44,7 @@ from ..errors import (
     StorageError,
 )
 from ..kernels.warm import warm
-from ..store import shm
-from ..store import checkpoint
+from ..store import checkpoint, shm
 from ..store.catalog import (
     CHECKPOINT_DONE,
     CHECKPOINT_ERRNO,
