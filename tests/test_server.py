@@ -17,7 +17,7 @@ from engram_shm.errors import UnknownSession
 from engram_shm.store import shm
 from engram_shm.store.catalog import OWNER_PID, Catalog, process_start
 from engram_shm.synthetic import clustered
-from engram_shm.transport.launch import running_server
+from engram_shm.transport.launch import free_port, running_server
 
 DIM = 16
 
@@ -110,15 +110,20 @@ def test_a_killed_front_is_restarted_and_sessions_resume():
         c.close()
 
 
-def test_a_killed_server_takes_its_children_along_and_a_new_one_takes_its_place(tmp_path):
+def test_a_killed_server_takes_its_children_along_and_a_new_one_recovers_everything(tmp_path):
     """SIGKILL of the server alone (not its process group): the front and the
     workers die with it (PDEATHSIG), so the port and the engine name are free
-    at once, and the next server on them collects the dead engine's memory."""
-    second = None
-    with running_server() as (endpoint, name, proc):
-        with Client(endpoint, timeout=10) as c:
-            c.observe_batch("before", [f"b{i}" for i in range(200)], clustered(200, DIM, seed=85))
-            c.flush()
+    at once, and the next server on them and on the same data directory
+    collects the dead engine's memory and brings back everything it acked."""
+    data = clustered(2000, DIM, seed=85)
+    ids = [f"b{i}" for i in range(2000)]
+    port = free_port()
+    with running_server(data=str(tmp_path), port=port) as (endpoint, name, proc):
+        c = Client(endpoint, timeout=10)
+        c.observe_batch("before", ids, data)
+        c.flush()
+        session = c.session
+        c._sock.close(linger=0)  # the session stays open
         found = children(name)
         assert len(found["front"]) == 1 and len(found["worker"]) == 2, found
         kids = {pid: process_start(pid) for pids in found.values() for pid in pids}
@@ -131,36 +136,19 @@ def test_a_killed_server_takes_its_children_along_and_a_new_one_takes_its_place(
                 time.sleep(0.02)
                 alive = {pid: t for pid, t in kids.items() if process_start(pid) == t}  # a zombie is gone
             assert not alive, f"children outlived the killed server by 2 s: {alive} ({found})"
-
-            out = tmp_path / "second.log"
-            with open(out, "w") as log:
-                second = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", "serve", "--endpoint",
-                                           endpoint, "--name", name, "--workers", "2"],
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.monotonic() + 60
-            while True:
-                assert second.poll() is None, out.read_text()[-3000:]
-                try:
-                    with Client(endpoint, timeout=1.0) as c:
-                        c.ping()
-                        spaces = c.stats()["spaces"]
-                    break
-                except Exception:
-                    assert time.monotonic() < deadline, out.read_text()[-3000:]
-                    time.sleep(0.1)
-            assert "before" not in spaces  # a new engine, not the dead one's memory
-            cat = Catalog.attach(name)
-            try:
-                assert cat.header[OWNER_PID] == second.pid
-            finally:
-                cat.close()
-            second.send_signal(signal.SIGINT)
-            assert second.wait(60) == 0, out.read_text()[-3000:]
         finally:
-            if second is not None and second.poll() is None:
-                os.killpg(second.pid, signal.SIGKILL)
-                second.wait()
             for pid, t in kids.items():  # only if the test failed: do not leave them running
                 if process_start(pid) == t:
                     os.kill(pid, signal.SIGKILL)
-        # running_server's exit (the server is already dead) checks that nothing of `name` is left
+    with running_server(data=str(tmp_path), port=port) as (endpoint, name, second):
+        cat = Catalog.attach(name)
+        try:
+            assert cat.header[OWNER_PID] == second.pid  # a new engine, not the dead one's memory
+        finally:
+            cat.close()
+        with Client(endpoint, timeout=10) as c:
+            assert c.stats()["spaces"]["before"]["count"] == 2000
+            assert [m.id for m in (c.recall("before", data[i], k=1)[0] for i in range(0, 2000, 40))] == \
+                ids[::40]
+            c._handshake(session)  # the dead server's open session resumes where it was
+            assert c.last_acked == 2000 and c.durable_seq == 2000
