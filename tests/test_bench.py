@@ -53,3 +53,13 @@ def test_ingest_quick_compares_fsync_policies():
                                            "engram_shm_fsync_interval", "engram_shm_memory_only"]
     assert all(r["obs_per_s"] > 0 for r in rows)
     assert "x never" in out
+
+
+def test_restart_quick_comes_back_after_a_crash_and_a_clean_stop():
+    out = subprocess.run([sys.executable, "-m", "bench.restart", "--quick"], capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["crash", "clean"]
+    for r in rows:
+        assert r["ready_s"] > 0 and r["recovery_s"] is not None and r["own_top_hit"] >= 0.99, r
+    assert rows[0]["log_tail"] > 0 and rows[1]["log_tail"] == 0
