@@ -198,7 +198,8 @@ class WalWriter:
         self._lock_fd = lock(os.path.join(directory, "LOCK"), "the write-ahead log writer")
         self._fd = None
         self._io = threading.Lock()  # the fd against a concurrent sync
-        self.broken: StorageError | None = None
+        self.broken: StorageError | None = None  # a failed write whose cut failed: retried
+        self.failed: StorageError | None = None  # a failed fsync: final (see sync)
         try:
             self.next_lsn = max(next_lsn, self._cut_torn_tail() + 1)
             self.written = self.synced = 0  # bytes appended, and made durable, by this writer
@@ -255,6 +256,8 @@ class WalWriter:
     def append(self, kind: int, meta: dict, blobs=(), start_generation: int = 0) -> int:
         """Append one record; returns its lsn. Raises StorageFull/StorageError
         with nothing of the record left in the log."""
+        if self.failed is not None:
+            raise self.failed
         if self.broken is not None:
             self._heal()
         packed = msgpack.packb(meta, use_bin_type=True)
@@ -318,7 +321,8 @@ class WalWriter:
                 # After a failed fsync the kernel may have dropped the dirty
                 # pages: nothing written since the last good sync is known to
                 # be on disk, so the writer must stop (PostgreSQL's lesson).
-                raise storage_error(e, "syncing the write-ahead log") from None
+                self.failed = storage_error(e, "syncing the write-ahead log")
+                raise self.failed from None
             self.synced = max(self.synced, target)
 
     def _sync_every(self, period: float) -> None:
@@ -326,8 +330,8 @@ class WalWriter:
             try:
                 self.sync()
             except StorageError:
-                log.exception("background fsync of the write-ahead log failed")
-                self.broken = self.broken or StorageError("the write-ahead log could not be synced")
+                log.exception("background fsync of the write-ahead log failed; no more appends")
+                return
 
     def close(self) -> None:
         """Sync, close the file and release the log's lock."""

@@ -422,6 +422,9 @@ class Front:
 
     # -- upkeep ------------------------------------------------------------------------------
     def upkeep(self) -> None:
+        if self.wal is not None and self.wal.failed is not None:
+            log.critical("the background fsync of the write-ahead log failed; the front exits")
+            os._exit(70)  # the restarted front replays the log's tail (see _commit_turn)
         self.memory_pressure = shm.fill()
         for session in list(self.sessions.live.values()):
             self._upkeep_session(session)
