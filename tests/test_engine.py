@@ -70,7 +70,8 @@ def test_observe_then_recall_finds_each_own_vector(engine):
 
 def test_read_your_writes_of_unindexed_observations():
     data = clustered(600, DIM, seed=22)
-    with Engine(workers=1) as engine:  # one writer: one open segment, all of it held below
+    # One writer and a first segment that holds everything: one open segment, all of it held below.
+    with Engine(workers=1, first_segment_capacity=1024) as engine:
         engine.observe("ryw", ids("old", 100), data[:100])
         with indexing_held(engine, "ryw"):
             engine.observe("ryw", ids("new", 500), data[100:])
