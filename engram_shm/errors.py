@@ -103,8 +103,8 @@ EngineNotFound = _error("EngineNotFound", "engine_not_found")
 EngineClosed = _error("EngineClosed", "engine_closed")
 IndexFailed = _error("IndexFailed", "index_failed")
 Corrupt = _error("Corrupt", "corrupt")
-StorageFull = _error("StorageFull", "storage_full")
 StorageError = _error("StorageError", "storage_error")
+StorageFull = _error("StorageFull", "storage_full", StorageError)  # a storage error: a full disk
 DataDirInUse = _error("DataDirInUse", "data_dir_in_use")
 DataDirCorrupt = _error("DataDirCorrupt", "data_dir_corrupt")
 

@@ -20,7 +20,7 @@ from engram_shm import Client, Engine
 from engram_shm.config import EngineConfig
 from engram_shm.errors import DataDirInUse, StorageFull
 from engram_shm.store import checkpoint, shm, wal
-from engram_shm.store.catalog import Catalog
+from engram_shm.store.catalog import Catalog, collect_stale
 from engram_shm.store.verify import verify
 from engram_shm.synthetic import clustered
 from engram_shm.transport import protocol as p
@@ -71,7 +71,7 @@ import sys
 from engram_shm import Engine
 from engram_shm.synthetic import clustered
 data = clustered(4000, {dim}, seed=102)
-e = Engine(data_dir=sys.argv[1], workers=1, fsync="always", wal_file_bytes=1 << 16,
+e = Engine(name="{name}", data_dir=sys.argv[1], workers=1, fsync="always", wal_file_bytes=1 << 16,
            checkpoints_kept=2)
 for b, lo in enumerate(range(0, 4000, 500)):
     e.observe("s", [f"c{{i}}" for i in range(lo, lo + 500)], data[lo:lo + 500])
@@ -85,13 +85,15 @@ sys.stdin.read()
 def crashed_engine(directory) -> np.ndarray:
     """An engine that wrote 4000 observations in 8 batches, with checkpoints
     after the 2nd and the 5th, then was SIGKILLed; returns its vectors."""
-    proc = subprocess.Popen([sys.executable, "-c", CRASHER.format(dim=DIM), str(directory)],
+    name = f"t-crash-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER.format(dim=DIM, name=name), str(directory)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "done"
     finally:
         proc.kill()
         proc.wait()
+        collect_stale(name, min_age_s=0)  # what the killed engine left in /dev/shm
     return clustered(4000, DIM, seed=102)
 
 
@@ -316,13 +318,13 @@ def test_whole_engine_killed_five_times_under_fsync_interval_loses_nothing_acked
 
 
 def test_a_full_disk_is_refused_with_a_code_and_nothing_unwritten_is_acked(tmp_path):
-    limit = 3 << 20
+    limit = 2 << 20  # files of the server, its log among them, stop growing here
 
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    data = clustered(6000, 256, seed=107)
-    with running_server("--fsync", "always", data=str(tmp_path),
+    data = clustered(6000, 256, seed=107)  # 3 MB of f16 vectors: more than the log may hold
+    with running_server("--fsync", "always", "--segment-capacity", "1024", data=str(tmp_path),
                         preexec_fn=small_files) as (endpoint, name, proc):
         front = subprocess.run(["pgrep", "-f", f"engram_shm.transport.front {name}"],
                                capture_output=True, text=True).stdout.split()

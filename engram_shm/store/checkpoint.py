@@ -8,9 +8,11 @@ ingestion and recall go on, made atomic by a manifest written last.
 A segment file is the segment's 512-byte header, then each column's used
 prefix in layout order (store/layout.py): rows [0, ACCEPTED) of the per-row
 columns, rows [0, UPPER_USED) of `upper`, bytes [0, ARENA_USED) of the arena.
-Checkpoints stay proportional to what is stored, and a segment that has not
-changed since the previous checkpoint (sealed, fully indexed, same counters)
-is hard-linked from it instead of copied again.
+Checkpoints stay proportional to what is stored. Each one is a full,
+independent copy (as a Redis RDB snapshot is): hard-linking the files of
+unchanged segments from the previous checkpoint would save writes, but one
+damaged file would then damage every checkpoint kept, and the fallback to
+the previous checkpoint would be worth nothing.
 
 A consistent copy needs no pause (DESIGN 6): rows below ACCEPTED never change,
 and the graph changes only under the segment's writer claim, which the copy
@@ -53,7 +55,6 @@ from .layout import (
     METRIC,
     MIN_GEN,
     REPAIR,
-    REWRITES,
     SEALED,
     SEGMENT_NO,
     SPACE,
@@ -132,15 +133,6 @@ class _Image:
         header[[UPPER_USED, ARENA_USED, WRITER]] = [self.upper_used, self.arena_used, 0]
         self.header = header
 
-    def key(self) -> list[int]:
-        """What decides whether an older copy of the segment is still exact."""
-        h = self.header
-        return [int(h[ACCEPTED]), int(h[INDEXED]), int(h[SEALED]), int(h[REWRITES]), self.seg.layout.capacity]
-
-    def reusable(self) -> bool:
-        h = self.header
-        return bool(h[SEALED]) and h[INDEXED] == h[ACCEPTED] and h[REPAIR] == 0
-
     def write(self, path: str) -> tuple[int, int]:
         """Write the file, fsynced; returns (bytes, crc32c)."""
         crc, size = 0, 0
@@ -173,24 +165,16 @@ def take(catalog: Catalog, segments: list[Segment], sessions, directory: str,
     generation = catalog.committed_generation
     spaces = [asdict(catalog.space(i)) for i in range(catalog.n_spaces)]
     segments = segments[:catalog.n_segments]
-    previous = _newest_manifest(directory)
-    number = previous["number"] + 1 if previous else 1
+    number = max((n for n, _ in complete(directory)), default=0) + 1
     tmp = os.path.join(directory, f"{PREFIX}{number:08d}{TMP}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    reused = {s["index"]: s for s in previous["segments"]} if previous else {}
     entries = []
     for index, seg in enumerate(segments):
         image = _Image(seg, stop)
         file = f"seg-{index:06d}.bin"
-        old = reused.get(index)
-        if old is not None and image.reusable() and old["key"] == image.key():
-            os.link(os.path.join(directory, f"{PREFIX}{previous['number']:08d}", old["file"]),
-                    os.path.join(tmp, file))
-            size, crc = old["bytes"], old["crc32c"]
-        else:
-            size, crc = image.write(os.path.join(tmp, file))
-        entries.append({"index": index, "file": file, "bytes": size, "crc32c": crc, "key": image.key(),
+        size, crc = image.write(os.path.join(tmp, file))
+        entries.append({"index": index, "file": file, "bytes": size, "crc32c": crc,
                         "space": int(image.header[SPACE]), "number": int(image.header[SEGMENT_NO]),
                         "accepted": image.accepted, "indexed": int(image.header[INDEXED])})
     manifest = {"format": FORMAT, "number": number, "engine": catalog.engine, "generation": generation,
@@ -207,15 +191,6 @@ def take(catalog: Catalog, segments: list[Segment], sessions, directory: str,
     os.rename(tmp, final)
     fsync_dir(directory)
     return manifest
-
-
-def _newest_manifest(directory: str) -> dict | None:
-    for _, path in complete(directory):
-        try:
-            return read_manifest(path)
-        except DataDirCorrupt:
-            continue
-    return None
 
 
 def prune(directory: str, keep: int) -> dict | None:
@@ -290,8 +265,7 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
                 size += view.nbytes
             if f.read(1) or size != entry["bytes"] or crc != entry["crc32c"]:
                 raise ValueError(f"{entry['file']} does not match its checksum")
-            for word in (ACCEPTED, ARENA_USED, UPPER_USED, SEALED, MIN_GEN, MAX_GEN, REWRITES, INDEXED,
-                         ENTRY, REPAIR):
+            for word in (ACCEPTED, ARENA_USED, UPPER_USED, SEALED, MIN_GEN, MAX_GEN, INDEXED, ENTRY, REPAIR):
                 seg.header[word] = header[word]
         except BaseException:
             _discard(seg)

@@ -14,8 +14,6 @@ another process's counters.
 | UPPER_USED  | front         | rows of `upper` handed out                            |
 | SEALED      | front         | 1 once the segment takes no more appends              |
 | MIN/MAX_GEN | front         | generation range held                                 |
-| REWRITES    | front         | times rows below ACCEPTED were changed (buried after  |
-|             |               | a crash): a checkpoint cannot reuse an older copy     |
 | INDEXED     | index writer  | nodes [0, INDEXED) are in the graph                   |
 | ENTRY       | index writer  | (top level << 32) | entry node; -1 while empty        |
 | REPAIR      | index writer  | journal of the link list being rewritten (hnsw.py)    |
@@ -60,7 +58,7 @@ ALIGN = 64
 # Header words, grouped by writer on 64-byte lines.
 (MAGIC, VERSION, CAPACITY, DIM, DTYPE, METRIC, M_WORD, MAX_LEVEL_WORD,
  UPPER_CAP, ARENA_CAP, SPACE, SEGMENT_NO, CREATED_NS) = range(13)
-ACCEPTED, ARENA_USED, UPPER_USED, SEALED, MIN_GEN, MAX_GEN, REWRITES = range(16, 23)
+ACCEPTED, ARENA_USED, UPPER_USED, SEALED, MIN_GEN, MAX_GEN = range(16, 22)
 INDEXED, ENTRY, REPAIR = 24, 25, 26
 WRITER = 32
 

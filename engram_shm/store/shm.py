@@ -11,6 +11,7 @@ attaching process exits, which would pull memory from under a running engine.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -75,7 +76,13 @@ def create(name: str, size: int) -> shared_memory.SharedMemory:
             f"/dev/shm has {free / 2**20:.0f} MiB free, a new segment needs {size / 2**20:.0f} MiB; "
             "enlarge it (docker: --shm-size) or lower segment_capacity",
             free_bytes=free, needed_bytes=size)
-    return _open(name, create=True, size=size)
+    try:
+        return _open(name, create=True, size=size)
+    except OSError as e:  # a file size limit, or tmpfs out of room meanwhile
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise
+        raise ShmFull(f"/dev/shm refused a segment of {size / 2**20:.1f} MiB: {e.strerror}",
+                      free_bytes=free, needed_bytes=size) from None
 
 
 def attach(name: str) -> shared_memory.SharedMemory:

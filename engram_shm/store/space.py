@@ -33,7 +33,6 @@ from .layout import (
     MAX_GEN,
     MAX_LEVEL,
     MIN_GEN,
-    REWRITES,
     SEALED,
     UPPER_USED,
     SegmentLayout,
@@ -165,7 +164,6 @@ class SpaceWriter:
             if len(orphans):
                 self.ids.difference_update(seg.ids(orphans))
                 gens[orphans] = BURIED
-                seg.header[REWRITES] += 1
         return highest
 
     def check_new_ids(self, ids: list[str]) -> None:

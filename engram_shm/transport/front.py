@@ -204,11 +204,7 @@ class Front:
         else:
             session = self.sessions.open(p.field(header, "priority", str, "normal"), identity)
             resumed = False
-            try:
-                self.writer.log_session(session.key, ACTIVE, session.priority)
-            except StorageError:
-                self.sessions.discard(session)
-                raise
+            self._log_session(session, ACTIVE)
         session.notify_indexed = notify
         last = self.sessions.last_seq(session)
         session.limit = last  # a new connection starts from a fresh grant (below)
@@ -248,8 +244,19 @@ class Front:
 
     def _set_state(self, session: Session, state: int) -> None:
         """Change a session's state, logged first: a restart restores it."""
-        self.writer.log_session(session.key, state, session.priority)
+        self._log_session(session, state)
         self.sessions.set_state(session, state)
+
+    def _log_session(self, session: Session, state: int) -> None:
+        """Log a session's change, best effort: a full disk must not stop a
+        client from opening, pausing or closing a session. Unlogged, a change
+        is lost on a restart of the whole engine (a session then comes back
+        as it was, and expires), while its batches stay safe: each carries
+        its session, and is refused if it cannot be logged."""
+        try:
+            self.writer.log_session(session.key, state, session.priority)
+        except StorageError as e:
+            log.warning("session %s: its change to state %d is not logged: %s", session.key, state, e)
 
     def _closed(self, session: Session) -> None:
         session.draining = False
@@ -430,10 +437,7 @@ class Front:
             self._upkeep_session(session)
         for session in self.sessions.expire(self.config.session_idle_s):
             log.info("session %s expired", session.key)
-            try:
-                self.writer.log_session(session.key, FREE, session.priority)
-            except StorageError as e:  # a restart may bring it back, to expire again
-                log.warning("could not log the expiry of session %s: %s", session.key, e)
+            self._log_session(session, FREE)
         if self._checkpoints:
             self._answer_checkpoints()
 

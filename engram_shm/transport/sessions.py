@@ -93,11 +93,6 @@ class SessionTable:
         self.live[key] = session
         return session
 
-    def discard(self, session: Session) -> None:
-        """Forget a session (one whose opening could not be logged)."""
-        self.rows[session.row, R_STATE] = FREE
-        self.live.pop(session.key, None)
-
     # -- durability ----------------------------------------------------------------
     def snapshot(self) -> list[dict]:
         """Every session as a checkpoint records it."""
