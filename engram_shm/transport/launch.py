@@ -70,7 +70,13 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        # A killed server's children may take a moment to die, and collect_stale
+        # never touches the memory of an engine with a live process.
+        deadline = time.monotonic() + 10
         collect_stale(name, min_age_s=0)
+        while shm.list_blocks(name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            collect_stale(name, min_age_s=0)
         if own_data:
             shutil.rmtree(data, ignore_errors=True)
         assert shm.list_blocks(name) == [], f"server {name} left shared memory behind"
