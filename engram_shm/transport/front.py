@@ -30,6 +30,7 @@ import zmq
 
 from ..config import EngineConfig
 from ..engine import lifeline, recovery
+from ..engine.checkpointer import durability_stats
 from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
 from ..engine.writer import EngineWriter
@@ -420,7 +421,8 @@ class Front:
         spaces = {name: w.stats() for name, w in self.writer.spaces.items()}
         return {"engine": self.catalog.engine, "generation": self.catalog.committed_generation,
                 "sessions": len(self.sessions.live), "spaces": spaces, **self.counters,
-                "memory_pressure": round(self.memory_pressure, 4)}
+                "memory_pressure": round(self.memory_pressure, 4),
+                "durability": durability_stats(self.catalog, self.config)}
 
     @staticmethod
     def _no_payload(header, payload) -> None:
