@@ -108,3 +108,26 @@ def levels(seed: int, generations: np.ndarray, M: int, max_level: int) -> np.nda
         z = z ^ (z >> np.uint64(31))
     u = 1.0 - (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
     return np.minimum(np.floor(-np.log(u) / np.log(M)), max_level).astype(np.int32)
+
+
+class IdIndex:
+    """The id index as a dict of lists: hash -> refs (segment number << 32 |
+    slot) of the rows holding it, buried rows left out."""
+
+    BURIED = np.iinfo(np.uint64).max
+
+    def __init__(self):
+        self.refs: dict[int, list[int]] = {}
+
+    def insert_rows(self, id_hash: np.ndarray, generation: np.ndarray, segment_no: int, lo: int,
+                    hi: int) -> None:
+        for s in range(lo, hi):
+            if int(generation[s]) != self.BURIED:
+                self.refs.setdefault(int(id_hash[s]), []).append(segment_no << 32 | s)
+
+    def lookup(self, query) -> list[tuple[int, int]]:
+        """Every (query row, ref) whose row holds the query row's hash."""
+        return sorted((row, ref) for row, h in enumerate(query) for ref in self.refs.get(int(h), []))
+
+    def __len__(self) -> int:
+        return sum(map(len, self.refs.values()))

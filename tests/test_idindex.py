@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engram_shm.errors import InvalidArgument
+from engram_shm.kernels import idindex
+from engram_shm.kernels.idindex import BURIED
+from engram_shm.observations import prepare
+
+import naive
+
+U64 = st.integers(0, 2 ** 64 - 1)
+# Few distinct hashes, so that entries share hashes (crafted collisions) and
+# home positions, besides arbitrary ones.
+HASH = st.one_of(st.integers(0, 5), st.sampled_from([2 ** 64 - 1, 2 ** 63, 64, 128]), U64)
+
+
+def pairs(result):
+    rows, refs = result
+    return sorted(zip(rows.tolist(), refs.tolist()))
+
+
+def column(values) -> np.ndarray:
+    return np.array(values, dtype=np.uint64)
+
+
+def check_table(t: idindex.IdTable, ref: naive.IdIndex) -> None:
+    cap = t.hashes.shape[0]
+    assert cap & (cap - 1) == 0 and cap >= idindex.MIN_CAPACITY
+    assert int(t.used[0]) == len(ref) == int((t.refs != idindex.EMPTY).sum())
+    assert 2 * int(t.used[0]) <= cap, "load above 1/2"
+    stored = sorted(ref.refs)
+    assert pairs(idindex.lookup(t, column(stored))) == ref.lookup(stored)
+
+
+segments = st.lists(st.tuples(st.lists(HASH, max_size=60), st.lists(st.booleans(), max_size=60),
+                              st.integers(0, 3)), max_size=8)
+
+
+@given(segments, st.lists(HASH, max_size=20))
+def test_insert_and_lookup_match_the_dict_of_lists(batches, query):
+    t, ref = idindex.new_table(), naive.IdIndex()
+    for number, (hashes, buried, lo) in enumerate(batches):
+        id_hash = column(hashes)
+        gens = np.arange(1, len(hashes) + 1, dtype=np.uint64)
+        gens[np.array(buried[:len(hashes)] + [False] * (len(hashes) - len(buried)), bool)] = BURIED
+        lo = min(lo, len(hashes))
+        t = idindex.insert_rows(t, id_hash, gens, number, lo, len(hashes))
+        ref.insert_rows(id_hash, gens, number, lo, len(hashes))
+        check_table(t, ref)
+    assert pairs(idindex.lookup(t, column(query))) == ref.lookup(query)
+
+
+def test_equal_hashes_of_different_refs_are_all_kept_and_found():
+    t = idindex.new_table()
+    same = column([7] * 40)  # one hash for 40 rows: a chain past the table's first size
+    t = idindex.insert_rows(t, same, np.ones(40, np.uint64), 3, 0, 40)
+    assert t.hashes.shape[0] == 128, "grown by doubling from 64"
+    assert pairs(idindex.lookup(t, column([7, 8]))) == [(0, 3 << 32 | s) for s in range(40)]
+
+
+def test_the_table_grows_by_doubling_and_keeps_every_entry():
+    t, ref = idindex.new_table(), naive.IdIndex()
+    rng = np.random.default_rng(5)
+    caps = []
+    for number in range(12):
+        hashes = rng.integers(0, 2 ** 64 - 1, 500, dtype=np.uint64, endpoint=True)
+        gens = np.ones(500, np.uint64)
+        t = idindex.insert_rows(t, hashes, gens, number, 0, 500)
+        ref.insert_rows(hashes, gens, number, 0, 500)
+        caps.append(t.hashes.shape[0])
+    assert caps[-1] == idindex.capacity_for(6000) == 16384 and caps == sorted(caps)
+    check_table(t, ref)
+
+
+def test_insert_kernel_reports_a_full_table_instead_of_looping():
+    t = idindex.new_table()
+    n = t.hashes.shape[0] + 1
+    status = idindex._insert_rows(t.hashes, t.refs, t.used, np.arange(n, dtype=np.uint64),
+                                  np.ones(n, np.uint64), 0, 0, n)
+    assert status == idindex.FULL and int(t.used[0]) == t.hashes.shape[0]
+    assert idindex._lookup(t.hashes, t.refs, column([n + 5]), np.empty(1, np.int64),
+                           np.empty(1, np.int64)) == 0  # a full table ends probes too
+
+
+def test_more_matches_than_queries_are_all_returned():
+    t = idindex.insert_rows(idindex.new_table(), column([9] * 5), np.ones(5, np.uint64), 0, 0, 5)
+    assert pairs(idindex.lookup(t, column([9]))) == [(0, s) for s in range(5)]
+
+
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=30, unique=True),
+       st.lists(st.text(max_size=8), min_size=30, max_size=30))
+def test_lookup_ids_hashes_each_id_like_the_ingest_kernel(ids, texts):
+    batch = prepare(ids, np.ones((len(ids), 2)), texts[:len(ids)], dim=2, metric="l2", dtype="f32")
+    hashes = column([naive.fnv1a(i.encode("utf-8")) for i in ids])
+    t, ref = idindex.new_table(), naive.IdIndex()
+    stored = slice(0, len(ids), 2)  # every other id is stored
+    t = idindex.insert_rows(t, hashes[stored], np.ones(len(hashes[stored]), np.uint64), 1, 0,
+                            len(hashes[stored]))
+    ref.insert_rows(hashes[stored], np.ones(len(hashes[stored]), np.uint64), 1, 0, len(hashes[stored]))
+    found = pairs(idindex.lookup_ids(t, batch.records, batch.record_ends, batch.id_lens))
+    assert found == ref.lookup(hashes)
+    assert {row for row, _ in found} >= set(range(0, len(ids), 2))
+
+
+def test_wrappers_check_their_inputs():
+    t = idindex.new_table()
+    ones = np.ones(4, np.uint64)
+    with pytest.raises(InvalidArgument):
+        idindex.insert_rows(t, ones.astype(np.int64), ones, 0, 0, 4)
+    with pytest.raises(InvalidArgument):
+        idindex.insert_rows(t, ones, ones, 0, 2, 5)
+    with pytest.raises(InvalidArgument):
+        idindex.lookup(idindex.IdTable(t.hashes[:48], t.refs[:48], t.used), ones)
+    with pytest.raises(InvalidArgument):
+        idindex.lookup(t, ones.astype(np.float64))
+    records = np.frombuffer(b"abcdef", np.uint8)
+    with pytest.raises(InvalidArgument):  # an id longer than its record
+        idindex.lookup_ids(t, records, np.array([2, 6], np.int64), np.array([3, 1], np.int32))
+    with pytest.raises(InvalidArgument):  # records shorter than the ends say
+        idindex.lookup_ids(t, records, np.array([2, 9], np.int64), np.array([1, 1], np.int32))
