@@ -21,7 +21,7 @@ def test_a_restarted_writer_recovers_spaces_ids_and_buries_unacked_rows():
         fresh = EngineWriter(e.catalog, e.config, e._on_new_segment)
         assert fresh.recover(e._segments.__getitem__) == 900
         w = fresh.spaces["s"]
-        assert len(w.ids) == 600 and "a599" in w.ids and "b0" not in w.ids
+        assert w.index_ids() == 600 and w.find_id("a599") and w.find_id("b0") is None
         assert e.generation == committed + 300  # never hand out a generation twice
         gens = np.concatenate([s.r.generation[:s.accepted] for s in w.segments])
         assert (gens == BURIED).sum() == 300

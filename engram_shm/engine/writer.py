@@ -110,7 +110,7 @@ class EngineWriter:
         returns where it went: (segment, end slot) pairs, which are in the
         graph once each segment's INDEXED reaches its end slot."""
         writer = self.create_space(params)
-        writer.check_new_ids(batch.ids)
+        writer.check_new_ids(batch)
         first = self.catalog.committed_generation + 1
         log = None
         if self.wal is not None:
@@ -145,9 +145,10 @@ class EngineWriter:
 
         A writer killed inside a batch may have published some of its rows but
         not the batch's generation: those rows were never acked. They are made
-        invisible for good (generation = max) and their ids released, so the
-        client's re-send is stored; the committed generation moves past them so
-        no generation is handed out twice."""
+        invisible for good (generation = max) and their ids released (each
+        space's id index is rebuilt without them), so the client's re-send is
+        stored; the committed generation moves past them so no generation is
+        handed out twice."""
         for index in range(self.catalog.n_spaces):
             params = self.catalog.space(index)
             self.spaces[params.name] = self._space_writer(index, params)
@@ -158,6 +159,8 @@ class EngineWriter:
         committed = self.catalog.committed_generation
         highest = max((w.bury_uncommitted(committed) for w in self.spaces.values()), default=0)
         self.catalog.publish_generation(max(committed, highest))
+        for w in self.spaces.values():
+            w.index_ids()  # from the id_hash columns, now rather than at the first write
         return sum(w.count for w in self.spaces.values())
 
     def close(self) -> None:

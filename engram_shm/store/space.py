@@ -11,6 +11,13 @@ each next one larger, up to the configured capacity.
 Writes follow the publication order of DESIGN 3: every column of a slot is
 written before the segment's ACCEPTED count covers it. The caller publishes the
 committed generation after `append` returns.
+
+Ids are unique per space. The writer finds stored ids through an id index
+(kernels/idindex.py): a hash table over the segments' id_hash column, held in
+the writer's memory and rebuilt from those columns when a writer adopts
+segments (a restart), without decoding any id. Only an id whose hash is
+already present is compared with the stored id, so two ids with one hash are
+both stored.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DuplicateId
+from ..kernels import idindex
+from ..kernels.idindex import BURIED
 from ..kernels.policy import METRIC_CODES
 from ..kernels.rows import append_rows, draw_levels
 from ..kernels.vectors import ROW_OK
@@ -41,7 +50,7 @@ from .prefault import Prefaulter
 from .segment import Segment
 
 CHUNK = 256
-BURIED = np.iinfo(np.uint64).max  # the generation of a row no snapshot will ever include
+_LOW32 = 0xFFFFFFFF
 
 # The size schedule of a space's segments: its first segment has
 # first_segment_capacity slots (config, default 64) and each next one
@@ -111,7 +120,7 @@ class SpaceWriter:
         self.on_new_segment = on_new_segment
         self.segments: list[Segment] = []
         self.open: list[Segment] = []
-        self.ids: set[str] = set()
+        self._id_table: idindex.IdTable | None = idindex.new_table()  # None: rebuild before use
         self.prefault = prefault
         self.vector_rule = vector_rule(params.metric, params.dtype)
 
@@ -141,13 +150,13 @@ class SpaceWriter:
                 "shm_bytes": sum(shm.block_bytes(s.name) for s in self.segments)}
 
     def adopt(self, seg: Segment) -> None:
-        """Take over a segment written before (a restarted writer): its ids,
-        and its place among the open segments unless sealed."""
+        """Take over a segment written before (a restarted writer): its place
+        among the open segments unless sealed; its ids join the index when it
+        is next used (`index_ids`)."""
         self.segments.append(seg)
         if not seg.sealed:
             self.open.append(seg)
-        live = np.nonzero(seg.r.generation[:seg.accepted] != BURIED)[0]
-        self.ids.update(seg.ids(live))
+        self._id_table = None
 
     def bury_uncommitted(self, committed: int) -> int:
         """Hide rows published past the committed generation (a batch cut short
@@ -162,14 +171,45 @@ class SpaceWriter:
             highest = max(highest, int(gens[live].max()))
             orphans = np.nonzero(live & (gens > committed))[0]
             if len(orphans):
-                self.ids.difference_update(seg.ids(orphans))
                 gens[orphans] = BURIED
+                self._id_table = None  # buried ids leave the index by a rebuild (rare)
         return highest
 
-    def check_new_ids(self, ids: list[str]) -> None:
-        if not self.ids.isdisjoint(ids):
-            dup = next(i for i in ids if i in self.ids)
+    def index_ids(self) -> int:
+        """Make the id index current (after `adopt` or `bury_uncommitted` it is
+        rebuilt from the segments' id_hash columns, skipping buried rows);
+        returns the number of ids stored."""
+        if self._id_table is None:
+            table = idindex.new_table(sum(s.accepted for s in self.segments))
+            for number, seg in enumerate(self.segments):
+                table = idindex.insert_rows(table, seg.r.id_hash, seg.r.generation, number, 0, seg.accepted)
+            self._id_table = table
+        return int(self._id_table.used[0])
+
+    def find_id(self, id: str) -> tuple[Segment, int] | None:
+        """Where the id is stored in this space: (segment, slot), or None."""
+        raw = np.frombuffer(id.encode("utf-8"), np.uint8)
+        n = np.array([len(raw)], np.int64)
+        for _, seg, slot in self._stored(raw, n, n.astype(np.int32), [id]):
+            return seg, slot
+        return None
+
+    def check_new_ids(self, batch: Batch) -> None:
+        """Raise DuplicateId if an id of the batch is already stored."""
+        for row, _, _ in self._stored(batch.records, batch.record_ends, batch.id_lens, batch.ids):
+            dup = batch.ids[row]
             raise DuplicateId(f"id {dup!r} is already stored in space {self.params.name!r}", id=dup)
+
+    def _stored(self, records: np.ndarray, record_ends: np.ndarray, id_lens: np.ndarray, ids: list[str]):
+        """(row, segment, slot) of each of `ids` (encoded in records as in a
+        Batch) that is stored: the index gives the rows whose hash is present,
+        and only those stored ids are read and compared."""
+        self.index_ids()
+        rows, refs = idindex.lookup_ids(self._id_table, records, record_ends, id_lens)
+        for row, ref in zip(rows.tolist(), refs.tolist()):
+            seg, slot = self.segments[ref >> 32], ref & _LOW32
+            if seg.ids(np.array([slot]))[0] == ids[row]:
+                yield row, seg, slot
 
     def append(self, batch: Batch, first_generation: int, stored: bool = False,
                log: Callable[[list[np.ndarray]], None] | None = None) -> list[tuple[Segment, int]]:
@@ -181,6 +221,7 @@ class SpaceWriter:
         batch order) after they are written and before anything is published.
         `stored` vectors are already in storage form (a log replay): they are
         copied bit for bit, not scaled again."""
+        self.index_ids()  # before publishing: a rebuild must not see the rows, then get them again
         generations = np.arange(first_generation, first_generation + batch.n, dtype=np.uint64)
         levels = draw_levels(self.params.seed, generations, self.params.M, MAX_LEVEL)
         placements, full = self._plan(batch, levels)
@@ -200,7 +241,7 @@ class SpaceWriter:
                 self.open.remove(seg)
                 if self.prefault is not None:
                     self.prefault.forget(id(seg))
-        self.ids.update(batch.ids)
+        self._index_placements(placements)
         return [(p.segment, p.end.slot) for p in placements]
 
     # -- planning --------------------------------------------------------------
@@ -267,6 +308,14 @@ class SpaceWriter:
         return seg
 
     # -- publishing --------------------------------------------------------------
+    def _index_placements(self, placements: list[_Placement]) -> None:
+        """Enter published rows into the (current) id index, by segment number
+        and slot."""
+        for p in placements:
+            r = p.segment.r
+            self._id_table = idindex.insert_rows(self._id_table, r.id_hash, r.generation,
+                                                 self.segments.index(p.segment), p.at.slot, p.end.slot)
+
     def _publish(self, p: _Placement, generations: np.ndarray) -> None:
         header = p.segment.header
         if p.at.slot == 0:
