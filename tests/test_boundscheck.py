@@ -28,6 +28,6 @@ def test_kernel_tests_pass_with_bounds_checking(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          *(os.path.join(here, f) for f in ("test_heap.py", "test_distance.py", "test_hnsw.py",
-                                           "test_store.py", "test_engine.py"))],
+                                           "test_idindex.py", "test_store.py", "test_engine.py"))],
         env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from . import hnsw
+from . import hnsw, idindex
 from .atomics import compare_and_swap
 from .distance import distances
 from .rows import append_rows, draw_levels
@@ -39,6 +39,18 @@ def _warm_append(dtype, dim: int) -> None:
         append_rows(cols, batch, 1, levels, 0, n, 0, 0, 0, True, np.inf)
 
 
+def _warm_ids() -> None:
+    """The id index as the space writer uses it: rows entered from a segment's
+    read-only columns, a table grown (rehash), a batch's ids looked up."""
+    from ..observations import prepare
+
+    n = idindex.MIN_CAPACITY
+    id_hash, gens = _readonly(np.arange(n, dtype=np.uint64)), _readonly(np.ones(n, np.uint64))
+    table = idindex.insert_rows(idindex.new_table(), id_hash, gens, 0, 0, n)
+    batch = prepare(["a", "b"], np.ones((2, 2), np.float32), dim=2, metric="l2", dtype="f32")
+    idindex.lookup_ids(table, batch.records, batch.record_ends, batch.id_lens)
+
+
 def warm(readers: bool = True) -> float:
     """Seconds it took to make every kernel ready in this process (only the
     writers' when `readers` is False: an index worker never searches)."""
@@ -63,5 +75,6 @@ def warm(readers: bool = True) -> float:
             hnsw.search(_readonly(store), _readonly(gens), ro, data[0], 2, 4, n, 0, 0, n, "cosine", sc)
             distances(store, data[0], "l2")
         _warm_append(dtype, dim)
+    _warm_ids()
     compare_and_swap(np.zeros(1, np.int64), 0, 0, 0)
     return time.perf_counter() - start
