@@ -30,9 +30,9 @@ def column(values) -> np.ndarray:
 
 
 def check_table(t: idindex.IdTable, ref: naive.IdIndex) -> None:
-    cap = t.hashes.shape[0]
+    cap = t.entries.shape[0]
     assert cap & (cap - 1) == 0 and cap >= idindex.MIN_CAPACITY
-    assert int(t.used[0]) == len(ref) == int((t.refs != idindex.EMPTY).sum())
+    assert int(t.used[0]) == len(ref) == int((t.entries[:, 1] != idindex.EMPTY).sum())
     assert 2 * int(t.used[0]) <= cap, "load above 1/2"
     stored = sorted(ref.refs)
     assert pairs(idindex.lookup(t, column(stored))) == ref.lookup(stored)
@@ -60,7 +60,7 @@ def test_equal_hashes_of_different_refs_are_all_kept_and_found():
     t = idindex.new_table()
     same = column([7] * 40)  # one hash for 40 rows: a chain past the table's first size
     t = idindex.insert_rows(t, same, np.ones(40, np.uint64), 3, 0, 40)
-    assert t.hashes.shape[0] == 128, "grown by doubling from 64"
+    assert t.entries.shape[0] == 128, "grown by doubling from 64"
     assert pairs(idindex.lookup(t, column([7, 8]))) == [(0, 3 << 32 | s) for s in range(40)]
 
 
@@ -73,18 +73,18 @@ def test_the_table_grows_by_doubling_and_keeps_every_entry():
         gens = np.ones(500, np.uint64)
         t = idindex.insert_rows(t, hashes, gens, number, 0, 500)
         ref.insert_rows(hashes, gens, number, 0, 500)
-        caps.append(t.hashes.shape[0])
+        caps.append(t.entries.shape[0])
     assert caps[-1] == idindex.capacity_for(6000) == 16384 and caps == sorted(caps)
     check_table(t, ref)
 
 
 def test_insert_kernel_reports_a_full_table_instead_of_looping():
     t = idindex.new_table()
-    n = t.hashes.shape[0] + 1
-    status = idindex._insert_rows(t.hashes, t.refs, t.used, np.arange(n, dtype=np.uint64),
+    n = t.entries.shape[0] + 1
+    status = idindex._insert_rows(t.entries, t.used, np.arange(n, dtype=np.uint64),
                                   np.ones(n, np.uint64), 0, 0, n)
-    assert status == idindex.FULL and int(t.used[0]) == t.hashes.shape[0]
-    assert idindex._lookup(t.hashes, t.refs, column([n + 5]), np.empty(1, np.int64),
+    assert status == idindex.FULL and int(t.used[0]) == t.entries.shape[0]
+    assert idindex._lookup(t.entries, column([n + 5]), np.empty(1, np.int64),
                            np.empty(1, np.int64)) == 0  # a full table ends probes too
 
 
@@ -99,10 +99,10 @@ def test_lookup_ids_hashes_each_id_like_the_ingest_kernel(ids, texts):
     batch = prepare(ids, np.ones((len(ids), 2)), texts[:len(ids)], dim=2, metric="l2", dtype="f32")
     hashes = column([naive.fnv1a(i.encode("utf-8")) for i in ids])
     t, ref = idindex.new_table(), naive.IdIndex()
-    stored = slice(0, len(ids), 2)  # every other id is stored
-    t = idindex.insert_rows(t, hashes[stored], np.ones(len(hashes[stored]), np.uint64), 1, 0,
-                            len(hashes[stored]))
-    ref.insert_rows(hashes[stored], np.ones(len(hashes[stored]), np.uint64), 1, 0, len(hashes[stored]))
+    stored = np.ascontiguousarray(hashes[::2])  # every other id is stored
+    gens = np.ones(len(stored), np.uint64)
+    t = idindex.insert_rows(t, stored, gens, 1, 0, len(stored))
+    ref.insert_rows(stored, gens, 1, 0, len(stored))
     found = pairs(idindex.lookup_ids(t, batch.records, batch.record_ends, batch.id_lens))
     assert found == ref.lookup(hashes)
     assert {row for row, _ in found} >= set(range(0, len(ids), 2))
@@ -116,7 +116,9 @@ def test_wrappers_check_their_inputs():
     with pytest.raises(InvalidArgument):
         idindex.insert_rows(t, ones, ones, 0, 2, 5)
     with pytest.raises(InvalidArgument):
-        idindex.lookup(idindex.IdTable(t.hashes[:48], t.refs[:48], t.used), ones)
+        idindex.lookup(idindex.IdTable(t.entries[:48], t.used), ones)
+    with pytest.raises(InvalidArgument):
+        idindex.lookup(t, np.ones(8, np.uint64)[::2])
     with pytest.raises(InvalidArgument):
         idindex.lookup(t, ones.astype(np.float64))
     records = np.frombuffer(b"abcdef", np.uint8)
@@ -124,6 +126,8 @@ def test_wrappers_check_their_inputs():
         idindex.lookup_ids(t, records, np.array([2, 6], np.int64), np.array([3, 1], np.int32))
     with pytest.raises(InvalidArgument):  # records shorter than the ends say
         idindex.lookup_ids(t, records, np.array([2, 9], np.int64), np.array([1, 1], np.int32))
+    with pytest.raises(InvalidArgument):  # ends going backwards
+        idindex.lookup_ids(t, records, np.array([4, 2], np.int64), np.array([1, 1], np.int32))
 
 
 # -- the index in the writer ---------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 from . import hnsw, idindex
 from .atomics import compare_and_swap
 from .distance import distances
+from .ids import fnv1a_range
 from .rows import append_rows, draw_levels
 from .vectors import check_store_rows
 
@@ -41,13 +42,16 @@ def _warm_append(dtype, dim: int) -> None:
 
 def _warm_ids() -> None:
     """The id index as the space writer uses it: rows entered from a segment's
-    read-only columns, a table grown (rehash), a batch's ids looked up."""
+    read-only columns, a table grown (rehash), a batch's ids looked up, with
+    more candidates than ids (a collision: the second pass)."""
     from ..observations import prepare
 
-    n = idindex.MIN_CAPACITY
-    id_hash, gens = _readonly(np.arange(n, dtype=np.uint64)), _readonly(np.ones(n, np.uint64))
-    table = idindex.insert_rows(idindex.new_table(), id_hash, gens, 0, 0, n)
     batch = prepare(["a", "b"], np.ones((2, 2), np.float32), dim=2, metric="l2", dtype="f32")
+    n = idindex.MIN_CAPACITY
+    id_hash = np.arange(n, dtype=np.uint64)
+    id_hash[:3] = fnv1a_range(batch.records, 0, 1)  # "a", three times
+    table = idindex.insert_rows(idindex.new_table(), _readonly(id_hash), _readonly(np.ones(n, np.uint64)),
+                                0, 0, n)
     idindex.lookup_ids(table, batch.records, batch.record_ends, batch.id_lens)
 
 
