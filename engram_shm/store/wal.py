@@ -208,11 +208,12 @@ class WalWriter:
             unlock(self._lock_fd)
             raise storage_error(e, "opening the write-ahead log") from None
         self._stop = threading.Event()
-        self._syncer = None
-        if policy == "interval":
-            self._syncer = threading.Thread(target=self._sync_every, args=(interval_ms / 1000,),
-                                            name="engram-wal-sync", daemon=True)
-            self._syncer.start()
+        self._period = interval_ms / 1000 if policy == "interval" else None
+        self._wanted = threading.Condition()
+        self._want = False
+        self.on_synced = lambda: None  # called by the sync thread after each sync
+        self._syncer = threading.Thread(target=self._sync_thread, name="engram-wal-sync", daemon=True)
+        self._syncer.start()
 
     @property
     def last_lsn(self) -> int:
@@ -325,21 +326,40 @@ class WalWriter:
                 raise self.failed from None
             self.synced = max(self.synced, target)
 
-    def _sync_every(self, period: float) -> None:
-        while not self._stop.wait(period):
+    def request_sync(self) -> None:
+        """Have the sync thread make everything appended so far durable, then
+        call `on_synced`: a caller that holds its acks until then never waits
+        for the disk itself, and one fsync covers every record appended
+        before it starts (group commit)."""
+        with self._wanted:
+            self._want = True
+            self._wanted.notify()
+
+    def _sync_thread(self) -> None:
+        """Syncs on request, and under fsync="interval" every period too."""
+        while True:
+            with self._wanted:
+                if not self._want and not self._stop.is_set():
+                    self._wanted.wait(self._period)
+                if self._stop.is_set():
+                    return
+                self._want = False
             try:
                 self.sync()
             except StorageError:
-                log.exception("background fsync of the write-ahead log failed; no more appends")
+                log.exception("fsync of the write-ahead log failed; no more appends")
+                self.on_synced()
                 return
+            self.on_synced()
 
     def close(self) -> None:
         """Sync, close the file and release the log's lock."""
         if self._lock_fd is None:
             return
-        self._stop.set()
-        if self._syncer is not None:
-            self._syncer.join()
+        with self._wanted:
+            self._stop.set()
+            self._wanted.notify()
+        self._syncer.join()
         try:
             self.sync()
         except StorageError:

@@ -19,6 +19,8 @@ all: group commit. Each ack carries the session's `durable_seq`, and
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 import os
@@ -104,7 +106,8 @@ class Front:
         self.memory_pressure = 0.0
         self.counters = {"received": 0, "replies_dropped": 0, "errors": 0, "observations": 0}
         self.stopping = False
-        self._held: list | None = None  # replies waiting for the turn's fsync (fsync=always)
+        self._held: list | None = None  # replies of the turn being read (fsync=always)
+        self._waiting: collections.deque = collections.deque()  # (log position, replies) to sync
         self._checkpoints: list[tuple[int, bytes, object]] = []  # (request, identity, rid)
         log.info("front of %s: %d observations and %d sessions recovered", catalog.engine,
                  recovered, len(sessions.live))
@@ -126,10 +129,17 @@ class Front:
         self.sock = sock
         ready()
         last_upkeep = 0.0
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
         group_commit = self.wal is not None and self.config.fsync == "always"
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if group_commit:  # the log's sync thread wakes the loop when a sync is done
+            self.wal.on_synced = lambda: _poke(wake_w)
+            poller.register(wake_r, zmq.POLLIN)
         try:
             while not self.stopping:
-                if sock.poll(int(UPKEEP_S * 1000)):
+                events = dict(poller.poll(int(UPKEEP_S * 1000)))
+                if sock in events:
                     if group_commit:
                         self._held = []
                     for _ in range(MAX_RECV_PER_TURN):
@@ -140,13 +150,25 @@ class Front:
                         self.handle(frames)
                     if group_commit:
                         self._commit_turn()
+                if wake_r in events:
+                    while _drain(wake_r):
+                        pass
+                    self._release()
                 now = time.monotonic()
                 if now - last_upkeep >= UPKEEP_S:
                     last_upkeep = now
                     self.upkeep()
+            if self._waiting:
+                self.wal.request_sync()
+                deadline = time.monotonic() + 10
+                while self._waiting and time.monotonic() < deadline and self.wal.failed is None:
+                    time.sleep(0.001)
+                    self._release()
         finally:
             sock.close()
             ctx.term()
+            os.close(wake_r)
+            os.close(wake_w)
 
     def handle(self, frames) -> None:
         self.counters["received"] += 1
@@ -171,18 +193,29 @@ class Front:
             self.send(identity, {"op": "error", "rid": rid, "session": session_key, **err.to_dict()})
 
     def _commit_turn(self) -> None:
-        """One fsync for everything the turn logged, then its replies."""
+        """Group commit: the turn's replies wait for a sync of everything it
+        logged, which the log's sync thread does while the loop reads on;
+        one fsync covers every turn that ended before it started."""
         held, self._held = self._held, None
-        try:
-            self.wal.sync()
-        except StorageError:
+        if held:
+            self._waiting.append((self.wal.written, held))
+            if self.wal.written > self.wal.synced:
+                self.wal.request_sync()
+            else:
+                self._release()
+
+    def _release(self) -> None:
+        """Send the held replies whose records are on disk, in order."""
+        if self.wal.failed is not None:
             # The kernel may have dropped the pages it failed to write: nothing
             # logged since the last good fsync is known to be on disk. Stop
             # without answering; the restarted front replays the log's tail.
             log.critical("fsync of the write-ahead log failed; the front exits unanswered")
             os._exit(70)
-        for identity, header, payload in held:
-            self.send(identity, header, *payload)
+        synced = self.wal.synced
+        while self._waiting and self._waiting[0][0] <= synced:
+            for identity, header, payload in self._waiting.popleft()[1]:
+                self.send(identity, header, *payload)
 
     def send(self, identity: bytes, header: dict, *payload) -> None:
         if self._held is not None:
@@ -482,6 +515,18 @@ class Front:
         for seg in self._segments:
             seg.close()
         self._segments.clear()
+
+
+def _poke(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError):  # the pipe is full: the loop is awake anyway
+        os.write(fd, b"\0")
+
+
+def _drain(fd: int) -> bool:
+    try:
+        return bool(os.read(fd, 4096))
+    except BlockingIOError:
+        return False
 
 
 def _tail(values, skip: int):
