@@ -177,6 +177,8 @@ def send_all(endpoint: str, batches: list[tuple[dict, bytes]], receiver_pid: int
                 limit = max(limit, reply["limit"])
             elif reply["op"] == "status":
                 limit = max(limit, reply["limit"])
+            elif reply["op"] == "durable":
+                pass  # the background fsync caught up
             else:
                 raise RuntimeError(f"refused: {reply}")
         elapsed = time.perf_counter() - start
