@@ -1,7 +1,13 @@
 """Ingest benchmark: engram_shm's accepted rate against the raw transport
 ceiling, in one run, on the same messages.
 
-    python -m bench.ingest [--batches 200] [--batch 256] [--dim 768] [--quick]
+    python -m bench.ingest [--batches 600] [--batch 256] [--dim 768] [--quick]
+    python -m bench.ingest --fsync always,interval,never
+
+The servers keep a data directory (fsync=interval, the default) unless told
+otherwise: the figures include the write-ahead log. With --fsync, the same
+batches go instead to one server per fsync policy and to a memory-only one,
+and the table gives each rate as a ratio to `never`.
 
 - raw_zmq: a pyzmq ROUTER process that receives the same msgpack batches,
   unpacks the header, copies the vectors out of the frame and acks with
