@@ -17,7 +17,6 @@ import contextlib
 import errno
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -86,7 +85,7 @@ class Checkpointer:
         if oldest is None:
             return
         files = wal.log_files(self.datadir.wal)
-        heads = [_file_head(path) for path in files]
+        heads = [wal.file_head(path) for path in files]
         for path, following in zip(files, heads[1:]):
             if following is None:
                 break
@@ -145,17 +144,6 @@ class Checkpointer:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-
-
-def _file_head(path: str) -> tuple[int, int] | None:
-    """(first lsn, start generation) of a log file, None if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(wal.FILE_HEADER.size)
-        magic, version, _, first_lsn, start_generation = wal.FILE_HEADER.unpack(head)
-    except (OSError, struct.error):
-        return None
-    return (first_lsn, start_generation) if magic == wal.MAGIC else None
 
 
 def durability_stats(catalog: Catalog, config: EngineConfig) -> dict:

@@ -149,15 +149,33 @@ def scan_file(path: str) -> tuple[FileScan, Iterator[Record]]:
     with open(path, "rb") as f:
         data = bytearray(os.fstat(f.fileno()).st_size)  # writable: replayed arrays are kernel inputs
         del data[f.readinto(data):]
-    if len(data) < FILE_HEADER.size:
-        scan = FileScan(path, 0, 0, size=len(data), good_end=0, problem="the file header is cut short")
+    head = _head(data)
+    if head is None:
+        scan = FileScan(path, 0, 0, size=len(data), good_end=0,
+                        problem="the file header is cut short, has no log magic or an unknown version")
         return scan, iter(())
-    magic, version, _, first_lsn, start_gen = FILE_HEADER.unpack_from(data)
+    first_lsn, start_gen = head
     scan = FileScan(path, first_lsn, start_gen, size=len(data), last_lsn=first_lsn - 1)
-    if magic != MAGIC or version != VERSION:
-        scan.good_end, scan.problem = 0, "the file has no log magic or an unknown version"
-        return scan, iter(())
     return scan, _parse(data, path, scan)
+
+
+def _head(data: bytes) -> tuple[int, int] | None:
+    """(first lsn, start generation) from a file's first bytes, None if they
+    are not a header of this version."""
+    if len(data) < FILE_HEADER.size:
+        return None
+    magic, version, _, first_lsn, start_gen = FILE_HEADER.unpack_from(data)
+    return (first_lsn, start_gen) if magic == MAGIC and version == VERSION else None
+
+
+def file_head(path: str) -> tuple[int, int] | None:
+    """A log file's (first lsn, start generation), read from its header
+    alone; None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return _head(f.read(FILE_HEADER.size))
+    except OSError:
+        return None
 
 
 def read_log(directory: str, scans: list[FileScan] | None = None) -> Iterator[Record]:
@@ -275,7 +293,7 @@ class WalWriter:
             if self._size >= self.file_bytes:
                 self.sync()  # the file is complete: durable before the next one starts
                 self._open_file(start_generation)
-            self._write_all([head + struct.pack("<I", crc), *parts])
+            self._write_all([head + struct.pack("<I", crc), *parts], RECORD_HEADER.size + length)
         except OSError as e:
             raise storage_error(e, "appending to the write-ahead log") from None
         self.next_lsn += 1
@@ -285,11 +303,10 @@ class WalWriter:
             self.synced = self.written
         return self.next_lsn - 1
 
-    def _write_all(self, parts: list) -> None:
+    def _write_all(self, parts: list, total: int) -> None:
         """writev until everything is written; on failure, cut what was
         written of this record, so the log never holds a partial one."""
         start = self._size
-        total = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
         done = 0
         try:
             while done < total:
