@@ -130,9 +130,10 @@ class EngineWriter:
         self.create_space(params).append(batch, first, stored=True)
         self.catalog.publish_generation(max(self.catalog.committed_generation, first + batch.n - 1))
 
-    def log_session(self, key: str, state: int, priority: str) -> None:
+    def log_session(self, key: str, state: int, priority: str, principal: str) -> None:
         """Log a session's state change (sessions are restored from the log)."""
-        self._log(walfile.SESSION, {"key": key, "state": state, "priority": priority})
+        self._log(walfile.SESSION, {"key": key, "state": state, "priority": priority,
+                                    "principal": principal})
 
     def _log(self, kind: int, meta: dict, blobs=()) -> None:
         if self.wal is not None:

@@ -65,7 +65,7 @@ from ..store.segment import Segment
 from ..store.wal import WalWriter
 from . import protocol as p
 from .credit import credit_for, level_of, retry_after_ms
-from .sessions import ACTIVE, CLOSED, FREE, PAUSED, Session, SessionTable, table_name
+from .sessions import ACTIVE, ANONYMOUS, CLOSED, FREE, PAUSED, Session, SessionTable, table_name
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class Front:
         self.memory_pressure = 0.0
         self.counters = {"received": 0, "replies_dropped": 0, "errors": 0, "observations": 0}
         self.stopping = False
+        self.principal = ANONYMOUS  # the client key of the message being handled
         self._held: list | None = None  # replies of the turn being read (fsync=always)
         self._waiting: collections.deque = collections.deque()  # (log position, replies) to sync
         self._checkpoints: list[tuple[int, bytes, object]] = []  # (request, identity, rid)
@@ -233,10 +234,10 @@ class Front:
         resume = p.field(header, "resume", str, None)
         notify = p.field(header, "notify_indexed", bool, False)
         if resume is not None:
-            session = self.sessions.resume(resume, identity)
+            session = self.sessions.resume(resume, identity, self.principal)
             resumed = True
         else:
-            session = self.sessions.open(p.field(header, "priority", str, "normal"), identity)
+            session = self.sessions.open(p.field(header, "priority", str, "normal"), identity, self.principal)
             resumed = False
             self._log_session(session, ACTIVE)
         session.notify_indexed = notify
@@ -288,7 +289,7 @@ class Front:
         as it was, and expires), while its batches stay safe: each carries
         its session, and is refused if it cannot be logged."""
         try:
-            self.writer.log_session(session.key, state, session.priority)
+            self.writer.log_session(session.key, state, session.priority, session.principal)
         except StorageError as e:
             log.warning("session %s: its change to state %d is not logged: %s", session.key, state, e)
 

@@ -9,8 +9,11 @@ Block `engram_<engine>_sessions` (created by the server, written by the front):
 | rows  | int64 | [MAX_SESSIONS, 8]| state, last acked seq, priority, created ns,   |
 |       |       |                  | last seen ns                                   |
 | keys  | uint8 | [MAX_SESSIONS,16]| the session id's 16 random bytes               |
+| principals | uint8 | [MAX_SESSIONS, 64] | the client key that opened it (UTF-8,   |
+|       |       |                  | zero-padded; "anonymous" without auth)         |
 
-State 0 marks a free row. Everything else about a session (its connection,
+State 0 marks a free row. Only the principal that opened a session may use
+or resume it (docs/security.md). Everything else about a session (its connection,
 granted limit, pending close) lives in the front's memory.
 """
 
@@ -31,6 +34,9 @@ MAX_SESSIONS = 4096
 FREE, ACTIVE, PAUSED, CLOSED = 0, 1, 2, 3
 R_STATE, R_LAST_SEQ, R_PRIORITY, R_CREATED, R_SEEN = range(5)
 _ROWS_BYTES = MAX_SESSIONS * 8 * 8
+_KEYS_BYTES = MAX_SESSIONS * 16
+PRINCIPAL_BYTES = 64
+ANONYMOUS = "anonymous"  # the principal of every client of a server without authentication
 
 
 def table_name(engine: str) -> str:
@@ -38,7 +44,7 @@ def table_name(engine: str) -> str:
 
 
 def create_table(engine: str):
-    return shm.create(table_name(engine), _ROWS_BYTES + MAX_SESSIONS * 16)
+    return shm.create(table_name(engine), _ROWS_BYTES + _KEYS_BYTES + MAX_SESSIONS * PRINCIPAL_BYTES)
 
 
 @dataclass(eq=False)
@@ -47,6 +53,7 @@ class Session:
     row: int
     priority: str
     owner: bytes | None = None
+    principal: str = ANONYMOUS
     limit: int = 0
     level: str = "normal"
     space: str | None = None
@@ -66,19 +73,22 @@ class SessionTable:
         self.block = block
         self.rows = np.ndarray((MAX_SESSIONS, 8), np.int64, buffer=block.buf)
         self.keys = np.ndarray((MAX_SESSIONS, 16), np.uint8, buffer=block.buf, offset=_ROWS_BYTES)
+        self.principals = np.ndarray((MAX_SESSIONS, PRINCIPAL_BYTES), np.uint8, buffer=block.buf,
+                                     offset=_ROWS_BYTES + _KEYS_BYTES)
         self.live: dict[str, Session] = {}
         for row in np.nonzero(self.rows[:, R_STATE] != FREE)[0].tolist():
             key = self.keys[row].tobytes().hex()
             self.live[key] = Session(key, row, PRIORITIES[int(self.rows[row, R_PRIORITY])],
-                                     durable=int(self.rows[row, R_LAST_SEQ]))
+                                     principal=self._principal(row), durable=int(self.rows[row, R_LAST_SEQ]))
 
     # -- lifecycle ---------------------------------------------------------------
-    def open(self, priority: str, owner: bytes) -> Session:
+    def open(self, priority: str, owner: bytes, principal: str = ANONYMOUS) -> Session:
         if priority not in PRIORITIES:
             raise WrongType(f"priority must be one of {PRIORITIES}, got {priority!r}", field="priority")
-        return self._add(secrets.token_bytes(16).hex(), ACTIVE, priority, 0, owner)
+        return self._add(secrets.token_bytes(16).hex(), ACTIVE, priority, 0, owner, principal)
 
-    def _add(self, key: str, state: int, priority: str, last_seq: int, owner: bytes | None) -> Session:
+    def _add(self, key: str, state: int, priority: str, last_seq: int, owner: bytes | None,
+             principal: str) -> Session:
         free = np.nonzero(self.rows[:, R_STATE] == FREE)[0]
         if not len(free):
             raise SessionLimit(f"the server holds {MAX_SESSIONS} sessions; close some or wait for "
@@ -86,10 +96,13 @@ class SessionTable:
         row = int(free[0])
         now = time.time_ns()
         self.keys[row] = np.frombuffer(bytes.fromhex(key), np.uint8)
+        raw = principal.encode("utf-8")[:PRINCIPAL_BYTES]
+        self.principals[row] = 0
+        self.principals[row, :len(raw)] = np.frombuffer(raw, np.uint8)
         self.rows[row, [R_LAST_SEQ, R_PRIORITY, R_CREATED, R_SEEN]] = [
             last_seq, PRIORITIES.index(priority), now, now]
         self.rows[row, R_STATE] = state
-        session = Session(key, row, priority, owner, durable=last_seq)
+        session = Session(key, row, priority, owner, principal, durable=last_seq)
         self.live[key] = session
         return session
 
@@ -98,7 +111,7 @@ class SessionTable:
         """Every session as a checkpoint records it."""
         rows = np.nonzero(self.rows[:, R_STATE] != FREE)[0].tolist()
         return [{"key": self.keys[r].tobytes().hex(), "state": int(self.rows[r, R_STATE]),
-                 "priority": PRIORITIES[int(self.rows[r, R_PRIORITY])],
+                 "priority": PRIORITIES[int(self.rows[r, R_PRIORITY])], "principal": self._principal(r),
                  "last_seq": int(self.rows[r, R_LAST_SEQ])} for r in rows]
 
     def merge(self, recovered: dict[str, dict]) -> None:
@@ -109,7 +122,8 @@ class SessionTable:
             session = self.live.get(key)
             last = int(entry.get("last_seq", 0))
             if session is None:
-                self._add(key, int(entry.get("state", ACTIVE)), entry.get("priority", "normal"), last, None)
+                self._add(key, int(entry.get("state", ACTIVE)), entry.get("priority", "normal"), last, None,
+                          entry.get("principal", ANONYMOUS))
                 continue
             if "state" in entry:
                 self.rows[session.row, R_STATE] = int(entry["state"])
@@ -117,10 +131,11 @@ class SessionTable:
                 self.set_last_seq(session, last)
                 session.durable = max(session.durable, last)
 
-    def resume(self, key: str, owner: bytes) -> Session:
-        """Give a session to a new connection (a reconnect)."""
+    def resume(self, key: str, owner: bytes, principal: str = ANONYMOUS) -> Session:
+        """Give a session to a new connection (a reconnect) of the principal
+        that opened it; to any other principal it does not exist."""
         session = self.live.get(key)
-        if session is None:
+        if session is None or session.principal != principal:
             raise UnknownSession(f"no session {key!r} (never opened, or expired)", session=key)
         if self.state(session) == CLOSED:
             raise SessionClosed(f"session {key!r} is closed", session=key)
@@ -145,6 +160,9 @@ class SessionTable:
             raise SessionPaused(f"session {key!r} is paused", session=key)
         self.touch(session)
         return session
+
+    def _principal(self, row: int) -> str:
+        return self.principals[row].tobytes().rstrip(b"\0").decode("utf-8", "replace")
 
     def set_state(self, session: Session, state: int) -> None:
         self.rows[session.row, R_STATE] = state
@@ -172,6 +190,6 @@ class SessionTable:
         return gone
 
     def close(self) -> None:
-        self.rows = self.keys = None
+        self.rows = self.keys = self.principals = None
         self.live.clear()
         shm.close(self.block)
