@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
 import time
 import tomllib
@@ -21,8 +23,10 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options (also ENGRAM_<OPTION> variables)")
     for f in dataclasses.fields(EngineConfig):
         flags = ["--" + f.name.replace("_", "-")] + (["--data"] if f.name == "data_dir" else [])
-        group.add_argument(*flags, dest=f.name, type=type(f.default),
-                           default=None, metavar=type(f.default).__name__.upper(),
+        kind = type(f.default)
+        shape = {"action": argparse.BooleanOptionalAction} if kind is bool else \
+            {"type": kind, "metavar": kind.__name__.upper()}
+        group.add_argument(*flags, dest=f.name, default=None, **shape,
                            help=f"{f.metadata['help']} [{env_var(f.name)}, default {f.default!r}]")
 
 
@@ -83,8 +87,13 @@ def cmd_serve(args) -> int:
     def ready(s):
         where = (f"data in {s.config.data_dir} (fsync {s.config.fsync})" if s.config.durable else
                  "MEMORY ONLY (--data none): nothing survives a stop")
+        access = (f"clients need a key (server key {s.server_key_file})" if s.server_key_file else
+                  "no authentication")
         print(f"engram-shm serving engine {s.name} on {s.config.endpoint} "
-              f"({s.config.worker_count} index workers); {where}; Ctrl-C stops", flush=True)
+              f"({s.config.worker_count} index workers); {where}; {access}; Ctrl-C stops", flush=True)
+        if s.exposed:
+            print(f"WARNING: --insecure: {s.config.endpoint} is open to every machine that reaches it, "
+                  "without authentication", file=sys.stderr, flush=True)
 
     server.serve_forever(ready)
     print("stopped; shared memory removed", flush=True)
@@ -99,6 +108,52 @@ def cmd_checkpoint(args) -> int:
         generation = client.checkpoint()
     print(f"checkpoint complete at generation {generation} in {time.monotonic() - started:.2f} s")
     return 0
+
+
+def _keys_dir(args):
+    from .auth.keys import KeysDir
+
+    data = args.data_dir if args.data_dir not in (None, "") else DEFAULT_DATA_DIR
+    return KeysDir(args.keys_dir or (os.path.join(data, "keys") if data != "none" else ""))
+
+
+def cmd_keys(args) -> int:
+    from .auth.acl import Acl
+
+    keys = _keys_dir(args)
+    if args.action == "new":
+        path = keys.new(args.name)
+        print(f"key {args.name!r} accepted; its key pair (secret: hand it to the client, then delete "
+              f"it here) is {path}\nthe server's public key is {keys.server_public_file}\n"
+              f"grant it spaces in {keys.acl}, then `engram-shm keys reload`")
+    elif args.action == "add":
+        if not args.public_key:
+            raise InvalidArgument("keys add NAME PUBLIC_KEY_FILE: the client's public key file is missing")
+        print(f"key {args.name!r} accepted from {args.public_key} as {keys.add(args.name, args.public_key)}")
+    elif args.action == "list":
+        acl = Acl.load(keys.acl)
+        for row in keys.listing():
+            grants = {g.pattern: sorted(g.rights) for g in acl.grants.get(row["name"], ())}
+            print(json.dumps({**row, "grants": grants}))
+    elif args.action == "revoke":
+        keys.revoke(args.name)
+        print(f"key {args.name!r} revoked")
+    if args.action in ("reload", "revoke", "new", "add"):
+        Acl.load(keys.acl)  # a broken ACL is reported here, not only in the server's log
+        print(_signal_server(args, signal.SIGHUP))
+    return 0
+
+
+def _signal_server(args, signum) -> str:
+    """Send `signum` to the server holding the data directory's lock."""
+    from .store.datadir import holder_pid
+
+    data = args.data_dir if args.data_dir not in (None, "") else DEFAULT_DATA_DIR
+    pid = holder_pid(os.path.join(data, "LOCK")) if data != "none" else None
+    if pid is None:
+        return f"no server holds {data}: the change applies when one starts (or send it SIGHUP)"
+    os.kill(pid, signum)
+    return f"the server (pid {pid}) reloads its keys and ACL"
 
 
 def cmd_verify(args) -> int:
@@ -227,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
     ckpt.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it")
     ckpt.set_defaults(func=cmd_checkpoint)
+
+    keys = sub.add_parser("keys", help="client keys and their access (--auth curve; docs/security.md)")
+    keys.add_argument("action", choices=["new", "add", "list", "revoke", "reload"],
+                      help="new NAME: make and accept a key pair; add NAME PUBLIC_KEY_FILE: accept a "
+                           "client's own key; list; revoke NAME; reload: have the running server read "
+                           "the keys and acl.toml again (new, add and revoke reload too)")
+    keys.add_argument("name", nargs="?", help="the key's name (new, add, revoke)")
+    keys.add_argument("public_key", nargs="?", help="add: the client's public key file")
+    keys.add_argument("--data", dest="data_dir", help=f"data directory (default {DEFAULT_DATA_DIR})")
+    keys.add_argument("--keys-dir", help="keys directory (default DATA/keys)")
+    keys.set_defaults(func=cmd_keys)
 
     verify = sub.add_parser("verify", help="check a data directory offline (checkpoints, log "
                                            "records, checksums) and report what it holds")

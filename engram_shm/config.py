@@ -18,6 +18,7 @@ DTYPES = ("f32", "f16")
 METRICS = ("cosine", "ip", "l2")
 WORKER_MODES = ("thread", "process")
 FSYNC_POLICIES = ("always", "interval", "never")
+AUTH_MODES = ("none", "curve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,47}$")
 
 
@@ -78,6 +79,12 @@ class EngineConfig:
                                                 "the next one", lo=1 << 16, hi=1 << 50)
     checkpoint_interval_s: float = _opt(300.0, "seconds after which a checkpoint is taken if "
                                                "anything was logged since the last", lo=0.1, hi=1e9)
+    auth: str = _opt("none", "client authentication: none, or curve (libzmq CURVE keys checked "
+                             "through ZAP against keys_dir; docs/security.md): " + ", ".join(AUTH_MODES))
+    keys_dir: str = _opt("", "directory of the server key pair, accepted client keys and the ACL "
+                             "(acl.toml); empty means <data_dir>/keys")
+    insecure: bool = _opt(False, "allow binding a non-loopback address without authentication "
+                                 "(anyone who reaches the port can read and write every space)")
     checkpoints_kept: int = _opt(2, "complete checkpoints kept (a corrupt newest one falls back to "
                                     "the one before, with the log kept since it)", lo=1, hi=100)
 
@@ -97,11 +104,21 @@ class EngineConfig:
             raise InvalidArgument(f"metric {self.metric!r} is not one of {METRICS}")
         if self.fsync not in FSYNC_POLICIES:
             raise InvalidArgument(f"fsync {self.fsync!r} is not one of {FSYNC_POLICIES}")
+        if self.auth not in AUTH_MODES:
+            raise InvalidArgument(f"auth {self.auth!r} is not one of {AUTH_MODES}")
 
     @property
     def durable(self) -> bool:
         """Whether this engine keeps a data directory."""
         return self.data_dir not in ("", "none")
+
+    @property
+    def keys_path(self) -> str:
+        """Where the keys and the ACL live ("" when neither keys_dir nor a data
+        directory says)."""
+        if self.keys_dir:
+            return self.keys_dir
+        return os.path.join(self.data_dir, "keys") if self.durable else ""
 
     @property
     def worker_count(self) -> int:
@@ -119,12 +136,20 @@ class EngineConfig:
         return cls(**values)
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+
+
 def env_var(field_name: str) -> str:
     return "ENGRAM_" + field_name.upper()
 
 
 def parse_value(f: dataclasses.Field, raw: str):
     kind = type(f.default)
+    if kind is bool:
+        if raw.lower() not in _BOOLS:
+            raise InvalidArgument(f"{env_var(f.name)}={raw!r} is not a boolean ({'/'.join(_BOOLS)})")
+        return _BOOLS[raw.lower()]
     try:
         return kind(raw)
     except ValueError:

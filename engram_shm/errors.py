@@ -46,6 +46,11 @@ CODES: dict[str, tuple[bool, str]] = {
     "engine_closed": (False, "the engine has been closed"),
     "index_failed": (False, "an index writer failed; see the message"),
     "corrupt": (False, "shared memory does not hold what its header says"),
+    # security (docs/security.md)
+    "unauthenticated": (False, "the client's key is unknown or revoked, or the client and the server "
+                               "disagree on authentication"),
+    "forbidden": (False, "the client's key holds no grant of that right on that space (acl.toml)"),
+    "insecure_bind": (False, "binding a non-loopback address without authentication needs --insecure"),
     # durability (docs/durability.md)
     "storage_full": (True, "the data directory's disk is full (or a file size limit was hit); "
                            "nothing of the request was acked"),
@@ -103,6 +108,9 @@ EngineNotFound = _error("EngineNotFound", "engine_not_found")
 EngineClosed = _error("EngineClosed", "engine_closed")
 IndexFailed = _error("IndexFailed", "index_failed")
 Corrupt = _error("Corrupt", "corrupt")
+Unauthenticated = _error("Unauthenticated", "unauthenticated")
+Forbidden = _error("Forbidden", "forbidden")
+InsecureBind = _error("InsecureBind", "insecure_bind")
 StorageError = _error("StorageError", "storage_error")
 StorageFull = _error("StorageFull", "storage_full", StorageError)  # a storage error: a full disk
 DataDirInUse = _error("DataDirInUse", "data_dir_in_use")

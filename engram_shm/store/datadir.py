@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 
 from ..errors import DataDirInUse, StorageError, StorageFull
 
@@ -56,6 +57,23 @@ def lock(path: str, holder: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{holder} (pid {os.getpid()})\n".encode(), 0)
     return fd
+
+
+def holder_pid(path: str) -> int | None:
+    """The pid of the process holding the flock of `path`, or None if no one
+    holds it (the file names a holder only while it is locked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # we got it: nobody holds it
+    except BlockingIOError:
+        match = re.search(rb"\(pid (\d+)\)", os.pread(fd, 200, 0))
+        return int(match.group(1)) if match else None
+    finally:
+        os.close(fd)
 
 
 def unlock(fd: int | None) -> None:

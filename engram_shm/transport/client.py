@@ -12,15 +12,18 @@ the refusal is raised by the next call. Not thread-safe: one client per thread.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from ..auth.keys import load_pair, load_public
 from ..engine.reader import Memory
-from ..errors import EngramError, Internal, InvalidArgument, SessionPaused, from_dict
+from ..errors import EngramError, Internal, InvalidArgument, SessionPaused, Unauthenticated, from_dict
 from . import protocol as p
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -30,6 +33,9 @@ RESEND_CODES = {"no_credit", "overloaded", "sequence_gap", "internal", "shm_full
 # restarted front lost who owned it, and ZeroMQ reconnected the socket by
 # itself): take the session over with init{resume}, then resend.
 RESUME_CODES = {"not_session_owner"}
+CLIENT_KEY_ENV, SERVER_KEY_ENV = "ENGRAM_CLIENT_KEY", "ENGRAM_SERVER_KEY"
+_MONITORS = itertools.count()
+HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
 class ClientTimeout(Internal):
@@ -59,7 +65,11 @@ class _Reply:
 class Client:
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, priority: str = "normal",
                  batch_size: int = 256, timeout: float = 30.0, payload_dtype: str = "f32",
-                 notify_indexed: bool = False, context: zmq.Context | None = None):
+                 notify_indexed: bool = False, context: zmq.Context | None = None,
+                 client_key: str | None = None, server_key: str | None = None):
+        """`client_key` (the client's .key_secret file) and `server_key` (the
+        server's public .key file) authenticate with CURVE; they default to
+        the files named by ENGRAM_CLIENT_KEY and ENGRAM_SERVER_KEY."""
         if payload_dtype not in ("f32", "f16"):
             raise ValueError("payload_dtype is f32 or f16")
         self.endpoint = endpoint
@@ -69,6 +79,9 @@ class Client:
         self.payload_dtype = np.float16 if payload_dtype == "f16" else np.float32
         self.notify_indexed = notify_indexed
         self._ctx = context or zmq.Context.instance()
+        self._curve = _curve_keys(client_key or os.environ.get(CLIENT_KEY_ENV),
+                                  server_key or os.environ.get(SERVER_KEY_ENV))
+        self._monitor = None
         self._rids = itertools.count(1)
         self._queue: list[_Batch] = []  # sent or waiting, not yet acked, in sequence order
         self._by_rid: dict[int, _Batch] = {}
@@ -92,7 +105,39 @@ class Client:
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
+        if self._curve is not None:
+            self._sock.curve_publickey, self._sock.curve_secretkey, self._sock.curve_serverkey = self._curve
+        # A refused handshake is silent on the socket itself: watch for it,
+        # so that a wrong or missing key is an error, not a timeout.
+        self._monitor = self._sock.get_monitor_socket(
+            HANDSHAKE_FAILURES, f"inproc://engram-client-monitor.{os.getpid()}.{next(_MONITORS)}")
         self._sock.connect(self.endpoint)
+
+    def _close_socket(self) -> None:
+        if self._sock is not None and not self._sock.closed:
+            self._sock.disable_monitor()
+            self._sock.close(linger=0)
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+
+    def _check_handshake(self) -> None:
+        """Raise Unauthenticated if the server refused our key, or speaks
+        another security mechanism. Other handshake failures (a server dying
+        mid-handshake) are left to ZeroMQ's reconnection."""
+        if not self._monitor.poll(0):
+            return
+        event = recv_monitor_message(self._monitor)
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = "the server refused this client's key (unknown or revoked)"
+        elif event["value"] != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return
+        elif self._curve is None:
+            why = "the server requires authentication: give a key pair (client_key/server_key or " \
+                  f"{CLIENT_KEY_ENV}/{SERVER_KEY_ENV})"
+        else:
+            why = "the handshake failed: the server may not use CURVE, or server_key is not its key"
+        self._close_socket()
+        raise Unauthenticated(f"{self.endpoint}: {why}")
 
     def _handshake(self, resume: str | None, timeout: float | None = None) -> None:
         header = {"op": "init", "priority": self.priority, "notify_indexed": self.notify_indexed}
@@ -121,8 +166,7 @@ class Client:
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         while True:
             self.reconnects += 1
-            if self._sock is not None:
-                self._sock.close(linger=0)
+            self._close_socket()
             self._connect()
             try:
                 self._handshake(self.session, timeout=min(self.timeout,
@@ -254,6 +298,7 @@ class Client:
     def _pump(self, timeout: float) -> bool:
         """Handle the replies that arrive within `timeout` s; True if any did."""
         got = False
+        self._check_handshake()
         try:
             while self._sock.poll(int(timeout * 1000) if not got else 0):
                 frames = self._sock.recv_multipart()
@@ -390,7 +435,7 @@ class Client:
             return self._request({"op": "close", "session": self.session, "drain": drain},
                                  timeout=timeout)[0]["last_sequence"]
         finally:
-            self._sock.close(linger=0)
+            self._close_socket()
 
     def __enter__(self) -> "Client":
         return self
@@ -400,4 +445,15 @@ class Client:
             if exc[0] is None:
                 self.close()
             else:
-                self._sock.close(linger=0)
+                self._close_socket()
+
+
+def _curve_keys(client_key: str | None, server_key: str | None) -> tuple[bytes, bytes, bytes] | None:
+    """(public, secret, server public) from key files, or None without keys."""
+    if client_key is None and server_key is None:
+        return None
+    if client_key is None or server_key is None:
+        raise InvalidArgument("CURVE needs both the client's key pair and the server's public key "
+                              f"(client_key and server_key, or {CLIENT_KEY_ENV} and {SERVER_KEY_ENV})")
+    public, secret = load_pair(client_key)
+    return public, secret, load_public(server_key)

@@ -30,6 +30,7 @@ import time
 
 import zmq
 
+from ..auth.gate import gate_for
 from ..config import EngineConfig
 from ..engine import lifeline, recovery
 from ..engine.checkpointer import durability_stats
@@ -45,6 +46,7 @@ from ..errors import (
     Overloaded,
     SequenceGap,
     StorageError,
+    Unauthenticated,
 )
 from ..kernels.warm import warm
 from ..store import checkpoint, shm
@@ -107,6 +109,8 @@ class Front:
         self.counters = {"received": 0, "replies_dropped": 0, "errors": 0, "observations": 0}
         self.stopping = False
         self.principal = ANONYMOUS  # the client key of the message being handled
+        self.gate = gate_for(config)
+        self.reload_requested = False  # SIGHUP: read the keys and the ACL again
         self._held: list | None = None  # replies of the turn being read (fsync=always)
         self._waiting: collections.deque = collections.deque()  # (log position, replies) to sync
         self._checkpoints: list[tuple[int, bytes, object]] = []  # (request, identity, rid)
@@ -126,6 +130,7 @@ class Front:
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.config.max_frame_bytes + (1 << 20))
         sock.setsockopt(zmq.LINGER, 2000)
+        self.gate.start(ctx, sock)
         sock.bind(endpoint)
         self.sock = sock
         ready()
@@ -167,6 +172,7 @@ class Front:
                     self._release()
         finally:
             sock.close()
+            self.gate.stop()
             ctx.term()
             os.close(wake_r)
             os.close(wake_w)
@@ -178,6 +184,7 @@ class Front:
         try:
             if len(frames) < 2:
                 raise p.Malformed("a message needs a header frame")
+            self.principal = self.gate.principal_of(frames[1])
             header = p.unpack_header(frames[1].buffer)
             rid = header.get("rid")
             session_key = header.get("session")
@@ -233,6 +240,7 @@ class Front:
         self._no_payload(header, payload)
         resume = p.field(header, "resume", str, None)
         notify = p.field(header, "notify_indexed", bool, False)
+        self.gate.check_admitted(self.principal)
         if resume is not None:
             session = self.sessions.resume(resume, identity, self.principal)
             resumed = True
@@ -309,6 +317,7 @@ class Front:
         session = self.sessions.get(header.get("session"), identity)
         seq = p.field(header, "seq", int)
         space = p.field(header, "space", str)
+        self.gate.check(self.principal, space, "observe")
         vectors = p.vectors(header, payload, self.config.max_frame_bytes, single)
         if single:
             ids = [p.field(header, "obs_id", str)]
@@ -401,6 +410,7 @@ class Front:
     # -- recall ----------------------------------------------------------------------------
     def op_recall(self, identity, header, payload) -> None:
         space = p.field(header, "space", str)
+        self.gate.check(self.principal, space, "recall")
         k = p.field(header, "k", int, 10)
         batch = p.field(header, "batch", int, 100)
         if batch < 1:
@@ -425,6 +435,7 @@ class Front:
     def op_checkpoint(self, identity, header, payload) -> None:
         """Ask the checkpointer for a checkpoint; answered once it is complete."""
         self._no_payload(header, payload)
+        self.gate.check_engine(self.principal)
         if self.wal is None:
             raise InvalidArgument("this server keeps no data directory (--data none)")
         self._checkpoints.append((checkpoint.request(self.catalog), identity, header.get("rid")))
@@ -449,13 +460,15 @@ class Front:
         self.send(identity, {"op": "pong", "rid": header.get("rid"), "time": time.time()})
 
     def op_stats(self, identity, header, payload) -> None:
-        self.send(identity, {"op": "stats", "rid": header.get("rid"), "stats": self.stats()})
+        self.send(identity, {"op": "stats", "rid": header.get("rid"), "stats": self.stats(self.principal)})
 
-    def stats(self) -> dict:
-        spaces = {name: w.stats() for name, w in self.writer.spaces.items()}
+    def stats(self, principal: str = ANONYMOUS) -> dict:
+        """The engine's figures, with the spaces `principal` may see."""
+        spaces = {name: w.stats() for name, w in self.writer.spaces.items()
+                  if self.gate.visible(principal, name)}
         return {"engine": self.catalog.engine, "generation": self.catalog.committed_generation,
                 "sessions": len(self.sessions.live), "spaces": spaces, **self.counters,
-                "memory_pressure": round(self.memory_pressure, 4),
+                "memory_pressure": round(self.memory_pressure, 4), "auth": self.gate.auth,
                 "durability": durability_stats(self.catalog, self.config)}
 
     @staticmethod
@@ -469,6 +482,9 @@ class Front:
             log.critical("the background fsync of the write-ahead log failed; the front exits")
             os._exit(70)  # the restarted front replays the log's tail (see _commit_turn)
         self.memory_pressure = shm.fill()
+        if self.reload_requested:
+            self.reload_requested = False
+            self._reload_access()
         for session in list(self.sessions.live.values()):
             self._upkeep_session(session)
         for session in self.sessions.expire(self.config.session_idle_s):
@@ -494,6 +510,18 @@ class Front:
             grant = self._grant(session)
             if session.level != level or (stalled and session.limit > limit):
                 self.send(session.owner, {"op": "status", "session": session.key, **grant})
+
+    def _reload_access(self) -> None:
+        """Read the keys and the ACL again; the sessions of every key whose
+        access changed are closed (their data stays)."""
+        changed = self.gate.reload()
+        for session in list(self.sessions.live.values()):
+            if session.principal in changed and self.sessions.state(session) != CLOSED:
+                self._set_state(session, CLOSED)
+                session.draining = False
+                if session.owner is not None:
+                    self.send(session.owner, {"op": "error", "session": session.key, **Unauthenticated(
+                        f"the access of key {session.principal!r} changed: session closed").to_dict()})
 
     @staticmethod
     def _pop_indexed(session: Session) -> int:
@@ -548,7 +576,11 @@ def main(argv=None) -> None:
     def stop(signum, frame):
         front.stopping = True
 
+    def reload(signum, frame):
+        front.reload_requested = True
+
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, reload)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
 
     def ready():

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 
+from ..errors import Unauthenticated
 from ..store import shm
 from ..store.catalog import collect_stale
 from .client import Client
@@ -56,6 +57,8 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
             try:
                 with Client(endpoint, timeout=1.0) as c:
                     c.ping()
+                break
+            except Unauthenticated:  # it answered the handshake: up, with --auth
                 break
             except Exception:
                 if time.monotonic() > deadline:

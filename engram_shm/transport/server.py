@@ -11,6 +11,7 @@ Shutdown (SIGINT or SIGTERM): the front stops taking observations and exits
 (everything it accepted was acked as it went), indexing is given up to
 `drain_timeout_s` to catch up, workers stop, a last checkpoint is taken, and
 every block of the engine is removed. A second signal skips the drain.
+SIGHUP has the front read its keys and ACL again (docs/security.md).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import signal
 import threading
 import time
 
+from ..auth.gate import check_bind
+from ..auth.keys import KeysDir
 from ..config import EngineConfig
 from ..engine import recovery
 from ..engine.checkpointer import Checkpointer
@@ -50,8 +53,14 @@ class Server:
             config = dataclasses.replace(config, name=default_name(config.endpoint))
         if config.durable:  # children get an absolute path, whatever their cwd
             config = dataclasses.replace(config, data_dir=os.path.abspath(config.data_dir))
+        self.exposed = check_bind(config)  # before anything is created
         self.config = config
         self.name = config.name
+        self.server_key_file = None
+        if config.auth == "curve":
+            keys = KeysDir(config.keys_path)
+            keys.server_key(create=True)  # made on first use: clients need its public half
+            self.server_key_file = keys.server_public_file
         self.datadir = DataDir(config.data_dir, f"server {self.name}") if config.durable else None
         self.catalog = self.directory = self._sessions = self.sessions = self.checkpointer = None
         self.recovered: recovery.Recovered | None = None
@@ -112,6 +121,12 @@ class Server:
         log.info("engram-shm %s serving on %s with %d index workers", self.name, self.config.endpoint,
                  self.config.worker_count)
 
+    def reload_access(self, signum=None, frame=None) -> None:
+        """SIGHUP: the front reads the keys and the ACL again."""
+        front = self.supervisor.pids()[0]
+        if front is not None:
+            os.kill(front, signal.SIGHUP)
+
     def request_stop(self, signum=None, frame=None) -> None:
         self._signals += 1
         self._stop.set()
@@ -120,6 +135,7 @@ class Server:
         """Run until SIGINT/SIGTERM (or request_stop), then shut down cleanly."""
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGHUP, self.reload_access)
         try:
             self.start()
             on_ready(self)
