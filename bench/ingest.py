@@ -3,11 +3,14 @@ ceiling, in one run, on the same messages.
 
     python -m bench.ingest [--batches 600] [--batch 256] [--dim 768] [--quick]
     python -m bench.ingest --fsync always,interval,never
+    python -m bench.ingest --auth
 
 The servers keep a data directory (fsync=interval, the default) unless told
 otherwise: the figures include the write-ahead log. With --fsync, the same
 batches go instead to one server per fsync policy and to a memory-only one,
-and the table gives each rate as a ratio to `never`.
+and the table gives each rate as a ratio to `never`. With --auth, they go to
+a server without authentication and to one with `--auth curve` (every frame
+encrypted and authenticated by libzmq's CURVE), as a ratio to the former.
 
 - raw_zmq: a pyzmq ROUTER process that receives the same msgpack batches,
   unpacks the header, copies the vectors out of the frame and acks with
@@ -42,6 +45,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -51,6 +55,7 @@ import psutil
 import zmq
 
 from engram_shm import Client
+from engram_shm.auth.keys import KeysDir, load_pair, load_public
 from engram_shm.config import EngineConfig
 from engram_shm.kernels.warm import warm
 from engram_shm.store import shm
@@ -159,12 +164,17 @@ def numbered(batches: list[tuple[dict, bytes]], session: str):
         seq += n
 
 
-def send_all(endpoint: str, batches: list[tuple[dict, bytes]], receiver_pid: int) -> tuple[float, dict]:
-    """Pipeline the batches within the granted credit. Returns the seconds until
-    all are acked and `cpu_per_batch`, both counted from the session's start
-    (the receiver is up by then)."""
+def send_all(endpoint: str, batches: list[tuple[dict, bytes]], receiver_pid: int,
+             keys: dict | None = None) -> tuple[float, dict]:
+    """Pipeline the batches within the granted credit (as the client of
+    `keys`, if given). Returns the seconds until all are acked and
+    `cpu_per_batch`, both counted from the session's start (the receiver is
+    up by then)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if keys:
+        sock.curve_publickey, sock.curve_secretkey = load_pair(keys["client_key"])
+        sock.curve_serverkey = load_public(keys["server_key"])
     sock.connect(endpoint)
     sock.send_multipart(p.pack({"op": "init"}))
     ack = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
@@ -231,8 +241,9 @@ def loop_only(batches: list[tuple[dict, bytes]], ring: int) -> tuple[float, dict
         catalog.close()
 
 
-def recall_while(endpoint: str, cue: np.ndarray, stop: threading.Event, out: list) -> None:
-    with Client(endpoint) as c:
+def recall_while(endpoint: str, cue: np.ndarray, stop: threading.Event, out: list,
+                 keys: dict | None = None) -> None:
+    with Client(endpoint, **(keys or {})) as c:
         while not stop.wait(0.1):
             t = time.perf_counter()
             try:
@@ -259,16 +270,17 @@ COLUMNS = [("system", "system", ""), ("batch", "batch", "d"), ("dim", "dim", "d"
            ("sender us/batch", "sender_cpu_us_per_batch", "d")]
 
 
-def served(system: str, data: np.ndarray, batches, args, *flags: str) -> dict:
+def served(system: str, data: np.ndarray, batches, args, *flags: str, keys: dict | None = None,
+           data_dir: str | None = None) -> dict:
     """The rate `engram-shm serve` (with `flags`) accepts the batches at, with
     10 recalls a second alongside."""
     n = len(data)
-    with running_server("--max-credit", str(CREDIT), *flags) as (endpoint, _, server):
+    with running_server("--max-credit", str(CREDIT), *flags, data=data_dir) as (endpoint, _, server):
         latencies, stop = [], threading.Event()
-        reader = threading.Thread(target=recall_while, args=(endpoint, data[0], stop, latencies))
+        reader = threading.Thread(target=recall_while, args=(endpoint, data[0], stop, latencies, keys))
         reader.start()
         try:
-            seconds, cpu = send_all(endpoint, batches, front_pid(server))
+            seconds, cpu = send_all(endpoint, batches, front_pid(server), keys)
         finally:
             stop.set()
             reader.join()
@@ -276,7 +288,7 @@ def served(system: str, data: np.ndarray, batches, args, *flags: str) -> dict:
                **percentiles_ms(latencies, "recall"))
 
 
-FSYNC_COLUMNS = [("system", "system", ""), ("obs/s", "obs_per_s", ".0f"), ("x never", "x obs_per_s", ".2f"),
+SERVER_COLUMNS = [("system", "system", ""), ("obs/s", "obs_per_s", ".0f"), ("x first", "x obs_per_s", ".2f"),
                  ("receiver us/batch", "receiver_cpu_us_per_batch", "d"),
                  ("its loop", "receiver_main_us_per_batch", "d"),
                  ("recall p99 ms", "recall_p99_ms", ".2f")]
@@ -292,7 +304,24 @@ def fsync_policies(policies: list[str], data: np.ndarray, batches, args) -> list
                         "--fsync", policy)) for policy in policies]
     rows.append(emit(served("engram_shm_memory_only", data, batches, args, "--ring-capacity", ring,
                             "--data", "none")))
-    print(table(f"ingest by fsync policy (x {rows[0]['system']})", rows, FSYNC_COLUMNS))
+    print(table(f"ingest by fsync policy (x {rows[0]['system']})", rows, SERVER_COLUMNS))
+    return rows
+
+
+def authentication(data: np.ndarray, batches, args) -> list[dict]:
+    """The same batches to a server without authentication and to one with
+    CURVE (a key granted every space); the table gives the ratio."""
+    ring = str(2 * len(data) + 1024)
+    rows = [emit(served("engram_shm_auth_none", data, batches, args, "--ring-capacity", ring))]
+    with tempfile.TemporaryDirectory(prefix="engram-bench-auth-") as data_dir:
+        keys = KeysDir(os.path.join(data_dir, "keys"))
+        client_key = keys.new("bench")
+        with open(keys.acl, "w") as f:
+            f.write('[grants.bench]\n"*" = ["admin"]\n')
+        rows.append(emit(served("engram_shm_auth_curve", data, batches, args, "--ring-capacity", ring,
+                                "--auth", "curve", data_dir=data_dir,
+                                keys={"client_key": client_key, "server_key": keys.server_public_file})))
+    print(table(f"ingest by authentication (x {rows[0]['system']})", rows, SERVER_COLUMNS))
     return rows
 
 
@@ -306,6 +335,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--fsync", help="instead: the server's accepted rate under each of these fsync "
                                     "policies (comma-separated: always,interval,never) and memory-only, "
                                     "as ratios to never")
+    ap.add_argument("--auth", action="store_true", help="instead: the server's accepted rate without "
+                                                        "authentication and with CURVE, as a ratio")
     ap.add_argument("--raw-server", help=argparse.SUPPRESS)
     ap.add_argument("--raw-store-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -320,6 +351,8 @@ def main(argv=None) -> list[dict]:
     print(f"# {args.batches} batches of {args.batch} x {args.dim} float32 observations", flush=True)
     if args.fsync:
         return fsync_policies(args.fsync.split(","), data, batches, args)
+    if args.auth:
+        return authentication(data, batches, args)
 
     rows = []
     for system, store_bytes in (("raw_zmq", 0), ("raw_zmq_shm", n * args.dim * 2)):

@@ -52,7 +52,15 @@ def test_ingest_quick_compares_fsync_policies():
     assert [r["system"] for r in rows] == ["engram_shm_fsync_never", "engram_shm_fsync_always",
                                            "engram_shm_fsync_interval", "engram_shm_memory_only"]
     assert all(r["obs_per_s"] > 0 for r in rows)
-    assert "x never" in out
+    assert "x first" in out and "x engram_shm_fsync_never" in out
+
+
+def test_ingest_quick_compares_curve_with_no_authentication():
+    out = subprocess.run([sys.executable, "-m", "bench.ingest", "--quick", "--auth"], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["system"] for r in rows] == ["engram_shm_auth_none", "engram_shm_auth_curve"]
+    assert all(r["obs_per_s"] > 0 and r["recalls"] >= 0 for r in rows)
 
 
 def test_restart_quick_comes_back_after_a_crash_and_a_clean_stop():
