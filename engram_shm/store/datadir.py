@@ -89,8 +89,8 @@ class DataDir:
         self.wal = os.path.join(self.path, "wal")
         self.checkpoints = os.path.join(self.path, "checkpoints")
         try:
-            for d in (self.path, self.wal, self.checkpoints):
-                os.makedirs(d, exist_ok=True)
+            for d in (self.path, self.wal, self.checkpoints):  # people's data: the owner's only
+                os.makedirs(d, mode=0o700, exist_ok=True)
         except OSError as e:
             raise storage_error(e, f"creating the data directory {self.path}") from None
         if not os.access(self.path, os.W_OK):
