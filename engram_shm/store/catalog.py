@@ -185,8 +185,8 @@ class Catalog:
     def add_space(self, p: SpaceParams, owner: str = ANONYMOUS) -> int:
         index = self.n_spaces
         if index >= MAX_SPACES:
-            raise SpaceLimit(f"the engine holds the maximum of {MAX_SPACES} spaces", limit="catalog",
-                             max=MAX_SPACES)
+            raise SpaceLimit(f"the engine holds the maximum of {MAX_SPACES} spaces", quota="catalog_spaces",
+                             limit=MAX_SPACES)
         raw = p.name.encode("utf-8")
         self.names[index, :len(raw)] = np.frombuffer(raw, np.uint8)
         principal = owner.encode("utf-8")[:PRINCIPAL_BYTES]
@@ -214,8 +214,8 @@ class Catalog:
         """Index for the next segment; it counts once `add_segment` publishes it."""
         index = self.n_segments
         if index >= MAX_SEGMENTS:
-            raise SpaceLimit(f"the engine holds the maximum of {MAX_SEGMENTS} segments", limit="segments",
-                             max=MAX_SEGMENTS)
+            raise SpaceLimit(f"the engine holds the maximum of {MAX_SEGMENTS} segments",
+                             quota="catalog_segments", limit=MAX_SEGMENTS)
         return index
 
     def add_segment(self, index: int, space: int, number: int) -> None:
@@ -280,10 +280,11 @@ def collect_stale(engine: str | None = None, min_age_s: float = 10.0) -> list[st
         except EngineNotFound:
             continue
         except Corrupt as e:
-            # An engine of another engram_shm version: its liveness is not ours
-            # to read, so its memory is never ours to remove. No magic yet:
-            # perhaps still being created.
-            if e.details["other_version"] or _age(catalog_name(name)) < min_age_s:
+            # No magic yet: perhaps still being created. Another version: only
+            # its header is known to us (its owner and front are enough: its
+            # workers die with its owner).
+            if (e.details["other_version"] and _owner_or_front_alive(name)) or \
+                    _age(catalog_name(name)) < min_age_s:
                 live.add(name)
             continue
         try:
@@ -305,6 +306,21 @@ def collect_stale(engine: str | None = None, min_age_s: float = 10.0) -> list[st
     if removed:
         log.info("collected %d stale shared memory blocks", len(removed))
     return removed
+
+
+def _owner_or_front_alive(engine: str) -> bool:
+    """Liveness from the header words every catalog version has kept in place
+    (OWNER_PID/START, FRONT_PID/START), for a catalog of another version."""
+    try:
+        block = shm.attach(catalog_name(engine))
+    except FileNotFoundError:
+        return False
+    try:
+        h = np.ndarray((64,), np.int64, buffer=block.buf).copy()
+    finally:
+        shm.close(block)
+    return any(pid > 0 and process_start(int(pid)) == int(start)
+               for pid, start in ((h[OWNER_PID], h[OWNER_START]), (h[FRONT_PID], h[FRONT_START])))
 
 
 def _engine_of(block: str) -> str | None:
