@@ -61,11 +61,11 @@ class Ledger:
         total, cap = len(self.spaces), self.config.max_spaces
         if total >= cap:
             raise SpaceLimit(f"the engine holds its maximum of {cap} spaces (max_spaces)",
-                             limit="max_spaces", count=total, max=cap)
+                             quota="max_spaces", used=total, limit=cap)
         held, cap = self.spaces_of[owner], limits_for(self.config, owner).spaces
         if held >= cap:
             raise SpaceLimit(f"key {owner!r} owns its maximum of {cap} spaces (max_spaces_per_key)",
-                             limit="max_spaces_per_key", key=owner, count=held, max=cap)
+                             quota="max_spaces_per_key", key=owner, used=held, limit=cap)
         self._admit(Usage(), owner, shm_bytes, disk_bytes)
 
     def admit(self, space: str, shm_bytes: int = 0, disk_bytes: int = 0) -> None:
@@ -92,14 +92,14 @@ class Ledger:
         and /dev/shm (shared with every other user) under memory_ceiling full."""
         if self.shm_bytes + size > self.ceiling:
             raise ShmFull(f"the engine's segments would take {self.shm_bytes + size} bytes, past its "
-                          f"memory_ceiling of {self.ceiling}", limit="memory_ceiling",
-                          used_bytes=self.shm_bytes, needed_bytes=size, ceiling_bytes=self.ceiling,
-                          retry_after_ms=1000)
+                          f"memory_ceiling of {self.ceiling}", quota="memory_ceiling", used=self.shm_bytes,
+                          needed=size, limit=self.ceiling, retry_after_ms=1000)
         total, free = shm.total_bytes(), shm.free_bytes()
         if total - free + size > self.config.memory_ceiling * total:
             raise ShmFull(f"/dev/shm would be more than {self.config.memory_ceiling:.0%} full with a new "
-                          f"segment of {size} bytes ({free} free of {total})", limit="memory_ceiling",
-                          free_bytes=free, needed_bytes=size, retry_after_ms=1000)
+                          f"segment of {size} bytes ({free} free of {total})", quota="memory_ceiling",
+                          used=total - free, needed=size, limit=int(self.config.memory_ceiling * total),
+                          retry_after_ms=1000)
 
     # -- accounting: after the fact ------------------------------------------------
     def add_space(self, name: str, owner: str) -> None:

@@ -71,7 +71,7 @@ class EngineWriter:
         top = self.config.max_dim
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= top:
             raise InvalidArgument(f"dim must be an integer in [1, {top}] (max_dim), got {dim!r}",
-                                  field="dim", limit="max_dim", max=top)
+                                  field="dim", quota="max_dim", limit=top)
         c = self.config
         probe = dataclasses.replace(c, dtype=dtype or c.dtype, metric=metric or c.metric, M=M or c.M,
                                     ef_construction=ef_construction or c.ef_construction,

@@ -263,13 +263,13 @@ class Front:
         held, cap = len(self.sessions.live), self.config.max_sessions
         if held >= cap:
             raise SessionLimit(f"the server holds its maximum of {cap} sessions (max_sessions); close "
-                               "some or wait for idle ones to expire", limit="max_sessions", count=held,
-                               max=cap, retry_after_ms=1000)
+                               "some or wait for idle ones to expire", quota="max_sessions", used=held,
+                               limit=cap, retry_after_ms=1000)
         held, cap = self.sessions.count(principal), limits_for(self.config, principal).sessions
         if held >= cap:
             raise SessionLimit(f"key {principal!r} holds its maximum of {cap} sessions "
                                "(max_sessions_per_key); close some or wait for idle ones to expire",
-                               limit="max_sessions_per_key", key=principal, count=held, max=cap,
+                               quota="max_sessions_per_key", key=principal, used=held, limit=cap,
                                retry_after_ms=1000)
 
     def op_pause(self, identity, header, payload) -> None:
