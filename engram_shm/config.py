@@ -59,6 +59,24 @@ class EngineConfig:
                                  "normal pressure", lo=1, hi=1 << 24)
     max_batch: int = _opt(4096, "largest batch of one message", lo=1, hi=1 << 20)
     max_frame_bytes: int = _opt(64 << 20, "largest payload frame accepted", lo=1024, hi=1 << 31)
+    max_key_credit: int = _opt(262144, "credit one key's sessions may hold together (each also at most "
+                                       "max_credit), so that one key cannot claim every window",
+                               lo=1, hi=1 << 30)
+    max_sessions: int = _opt(4096, "sessions the server holds at once (closed ones until they expire); "
+                                   "at most the session table's 4096", lo=1, hi=4096)
+    max_sessions_per_key: int = _opt(1024, "sessions one key holds at once (closed ones until they "
+                                           "expire)", lo=1, hi=4096)
+    max_spaces: int = _opt(4096, "spaces of the engine; at most the catalog's 4096", lo=1, hi=4096)
+    max_spaces_per_key: int = _opt(1024, "spaces one key may create (own)", lo=1, hi=4096)
+    max_dim: int = _opt(65536, "largest vector dimension of a space", lo=1, hi=65536)
+    space_quota_bytes: int = _opt(16 << 30, "bytes one space may take: its segments' shared memory plus, "
+                                            "with a data directory, its rows as the log holds them",
+                                  lo=1 << 16, hi=1 << 50)
+    key_quota_bytes: int = _opt(64 << 30, "bytes the spaces one key owns may take together, counted as "
+                                          "space_quota_bytes counts", lo=1 << 16, hi=1 << 50)
+    memory_ceiling: float = _opt(0.9, "share of min(/dev/shm size, RAM) the engine's segments may take, "
+                                      "and the fill of /dev/shm past which no segment is created",
+                                 lo=1e-6, hi=1.0)
     session_idle_s: float = _opt(300.0, "seconds without a message after which a session expires",
                                  lo=0.1, hi=1e9)
     drain_timeout_s: float = _opt(60.0, "on shutdown, how long the server waits for indexing "

@@ -23,7 +23,7 @@ CODES: dict[str, tuple[bool, str]] = {
     "not_session_owner": (False, "the session belongs to another connection"),
     "sequence_gap": (True, "seq is past the next expected number (see expected)"),
     "no_credit": (True, "the message passes the granted credit limit"),
-    "session_limit": (True, "the server holds its maximum of open sessions"),
+    "session_limit": (True, "the server or the key holds its maximum of sessions (see limit)"),
     "internal": (True, "the server failed on this request; it stays up"),
     # observations, recall, engine
     "invalid_argument": (False, "an argument has the wrong type or an out-of-range value"),
@@ -38,9 +38,12 @@ CODES: dict[str, tuple[bool, str]] = {
     "duplicate_id": (False, "the id is already stored in the space (ids are unique per space)"),
     "unknown_space": (False, "no space of that name exists"),
     "space_exists": (False, "a space of that name exists with other parameters"),
-    "space_limit": (False, "the engine holds the maximum number of spaces or segments"),
+    "space_limit": (False, "the engine or the key holds its maximum of spaces, or the engine of "
+                           "segments (see limit)"),
+    "quota_exceeded": (False, "a space or a key would pass its quota of bytes (see quota, used, limit)"),
     "overloaded": (True, "the space's unindexed window is full; retry after retry_after_ms"),
-    "shm_full": (True, "shared memory (/dev/shm) has no room for a new segment"),
+    "shm_full": (True, "shared memory (/dev/shm, or the engine's memory_ceiling) has no room for a new "
+                       "segment"),
     "engine_in_use": (False, "an engine of that name is already running"),
     "engine_not_found": (False, "no running engine of that name"),
     "engine_closed": (False, "the engine has been closed"),
@@ -101,6 +104,7 @@ DuplicateId = _error("DuplicateId", "duplicate_id", InvalidInput)
 UnknownSpace = _error("UnknownSpace", "unknown_space", InvalidInput)
 SpaceExists = _error("SpaceExists", "space_exists", InvalidInput)
 SpaceLimit = _error("SpaceLimit", "space_limit")
+QuotaExceeded = _error("QuotaExceeded", "quota_exceeded")
 Overloaded = _error("Overloaded", "overloaded")
 ShmFull = _error("ShmFull", "shm_full")
 EngineInUse = _error("EngineInUse", "engine_in_use")

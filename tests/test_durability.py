@@ -318,23 +318,24 @@ def test_whole_engine_killed_five_times_under_fsync_interval_loses_nothing_acked
 
 
 def test_a_full_disk_is_refused_with_a_code_and_nothing_unwritten_is_acked(tmp_path):
-    limit = 2 << 20  # files of the server, its log among them, stop growing here
+    limit = 3 << 20  # files of the server, its log among them, stop growing here (its 2.1 MB
+    # catalog block, a file of /dev/shm, must still fit)
 
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    data = clustered(6000, 256, seed=107)  # 3 MB of f16 vectors: more than the log may hold
+    data = clustered(9000, 256, seed=107)  # 4.6 MB of f16 vectors: more than the log may hold
     with running_server("--fsync", "always", "--segment-capacity", "1024", data=str(tmp_path),
                         preexec_fn=small_files) as (endpoint, name, proc):
         front = subprocess.run(["pgrep", "-f", f"engram_shm.transport.front {name}"],
                                capture_output=True, text=True).stdout.split()
         with Client(endpoint, batch_size=250) as c:
             with pytest.raises(StorageFull) as refused:
-                c.observe_batch("full", [f"f{i}" for i in range(6000)], data)
+                c.observe_batch("full", [f"f{i}" for i in range(9000)], data)
                 c.flush()
             assert refused.value.retryable and refused.value.details["ids"]
             acked = c.last_acked
-            assert 0 < acked < 6000
+            assert 0 < acked < 9000
             assert c.stats()["spaces"]["full"]["count"] == acked  # stored = acked, nothing more
             probe = range(0, acked, 25)
             assert own_top_hits(c.recall, "full", data[probe], [f"f{i}" for i in probe]) == []

@@ -18,6 +18,7 @@ from engram_shm.errors import (
     InsecureBind,
     InvalidArgument,
     SessionClosed,
+    SpaceLimit,
     Unauthenticated,
     UnknownSession,
 )
@@ -36,6 +37,12 @@ ACL = """
 
 [grants.ops]
 "*" = ["admin"]
+
+[grants.erin]
+"team-e/*" = ["observe"]
+
+[limits.erin]
+spaces = 2
 """
 
 
@@ -45,7 +52,7 @@ def secured(tmp_path_factory):
     (accepted, no grant); yields (endpoint, data dir, key files, proc)."""
     data = tmp_path_factory.mktemp("secured")
     keys = KeysDir(str(data / "keys"))
-    files = {name: keys.new(name) for name in ("alice", "bob", "ops", "carol")}
+    files = {name: keys.new(name) for name in ("alice", "bob", "ops", "carol", "erin")}
     with open(keys.acl, "w") as f:
         f.write(ACL)
     with running_server("--auth", "curve", data=str(data)) as (endpoint, name, proc):
@@ -150,6 +157,21 @@ def test_revoking_a_key_and_reloading_the_acl_take_effect_without_a_restart(secu
     assert keys_cli(data, "reload").returncode == 0
     live._close_socket()
     bob._close_socket()
+
+
+def test_the_acl_sets_a_key_s_own_limits(secured):
+    vectors = clustered(3, DIM, seed=92)
+    with client(secured, "erin") as erin:
+        for i in range(2):
+            erin.observe_batch(f"team-e/{i}", [f"e{i}"], vectors[i:i + 1])
+        erin.flush()
+        with pytest.raises(SpaceLimit) as refused:
+            erin.observe_batch("team-e/2", ["e2"], vectors[2:3])
+            erin.flush()
+        assert refused.value.details["quota"] == "max_spaces_per_key" and refused.value.details["limit"] == 2
+    with client(secured, "alice") as alice:  # the default (1024) for everyone else
+        alice.observe_batch("team-a/third", ["x"], vectors[:1])
+        assert alice.flush() == 1
 
 
 def test_keys_from_the_environment(secured, monkeypatch):

@@ -21,7 +21,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from ..errors import EngramError, Forbidden, InsecureBind, Unauthenticated
-from ..transport.sessions import ANONYMOUS
+from ..limits import ANONYMOUS
 from .acl import Acl
 from .keys import KeysDir
 
@@ -48,11 +48,17 @@ class OpenGate:
     def check_admitted(self, principal: str) -> None:
         pass
 
+    def is_admin(self, principal: str) -> bool:
+        return True
+
     def visible(self, principal: str, space: str) -> bool:
         return True
 
     def reload(self) -> set[str]:
         return set()
+
+    def limits(self) -> dict[str, dict]:
+        return {}
 
     def stop(self) -> None:
         pass
@@ -101,6 +107,9 @@ class CurveGate:
     def check_engine(self, principal: str) -> None:
         self.acl.check_engine(principal)
 
+    def is_admin(self, principal: str) -> bool:
+        return self.acl.is_engine_admin(principal)
+
     def check_admitted(self, principal: str) -> None:
         """A key the ACL grants nothing is refused a session at once."""
         if not self.acl.holds_any(principal):
@@ -122,11 +131,15 @@ class CurveGate:
         by_name = {name: key for key, name in accepted.items()}
         old_by_name = {name: key for key, name in self.accepted.items()}
         changed = {n for n in names if by_name.get(n) != old_by_name.get(n)
-                   or acl.grants.get(n) != self.acl.grants.get(n)}
+                   or acl.grants.get(n) != self.acl.grants.get(n)}  # new limits apply without closing
         self.acl, self.accepted = acl, accepted
         log.warning("keys and ACL reloaded: %d keys; access changed for %s", len(accepted),
                     sorted(changed) or "nobody")
         return changed
+
+    def limits(self) -> dict[str, dict]:
+        """Per-key limits of the ACL ([limits.NAME])."""
+        return self.acl.limits
 
     def stop(self) -> None:
         if self._authenticator is not None:

@@ -242,7 +242,7 @@ class Engine(Recalls):
         spaces = {}
         for name, w in list(self.writer.spaces.items()):
             counts = w.stats()
-            spaces[name] = {**asdict(w.params), **counts,
+            spaces[name] = {**asdict(w.params), **counts, "owner": self.writer.ledger.owners[name],
                             "pressure": counts["window"] / self.config.ring_capacity}
         rows = self.catalog.workers[:self.config.worker_count]
         return {
@@ -254,6 +254,7 @@ class Engine(Recalls):
                          "claimed_segment": int(r[W_CLAIMED])}
                         for i, r in enumerate(rows)],
             "durability": durability_stats(self.catalog, self.config),
+            "keys": self.writer.ledger.usage(),
         }
 
 

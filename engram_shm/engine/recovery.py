@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import DataDirCorrupt
 from ..observations import Batch
 from ..store import checkpoint, wal
-from ..store.catalog import CHECKPOINT_GENERATION, CHECKPOINT_NS, WAL_LSN, SpaceParams
+from ..store.catalog import CHECKPOINT_GENERATION, CHECKPOINT_NS, WAL_LSN, params_and_owner
 from ..store.datadir import DataDir
 from ..store.segment import Segment
 from .writer import EngineWriter
@@ -82,8 +82,8 @@ def cold(writer: EngineWriter, datadir: DataDir, keep: Callable[[int, Segment], 
             log.error("%s; falling back to the checkpoint before it", e)
             report.skipped_checkpoints.append(str(e))
             continue
-        for params in checkpoint.space_params(manifest):
-            catalog.add_space(params)
+        for params, owner in checkpoint.spaces(manifest):
+            catalog.add_space(params, owner)
         for entry, seg in zip(manifest["segments"], segments):
             keep(entry["index"], seg)
             catalog.add_segment(entry["index"], entry["space"], entry["number"])
@@ -144,7 +144,7 @@ def _replay(writer: EngineWriter, records, generation: int, report: Recovered) -
         report.log_records += 1
         meta = record.meta
         if record.kind == wal.SPACE:
-            writer.create_space(SpaceParams(**meta))
+            writer.replay_space(*params_and_owner(meta))
         elif record.kind == wal.BATCH:
             if meta["gen"] > generation:
                 params = writer.spaces[meta["space"]].params

@@ -12,6 +12,7 @@ memory (engine/recovery.py replays it); one that is not was never acked.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..errors import InvalidArgument, SpaceExists
+from ..limits import ANONYMOUS
 from ..observations import Batch, Limits, prepare
 from ..store import wal as walfile
 from ..store.catalog import WAL_LSN, Catalog, SpaceParams
@@ -26,8 +28,7 @@ from ..store.prefault import Prefaulter
 from ..store.segment import Segment
 from ..store.space import SegmentSizes, SpaceWriter
 from ..store.wal import WalWriter
-
-MAX_DIM = 65536
+from .ledger import Ledger
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class EngineWriter:
         self.limits = Limits(config.max_id_bytes, config.max_text_bytes)
         self.on_new_segment = on_new_segment
         self.spaces: dict[str, SpaceWriter] = {}
+        self.ledger = Ledger(config)
+        self.sizes = SegmentSizes(config.segment_capacity, config.text_bytes_per_observation,
+                                  config.max_id_bytes + config.max_text_bytes, config.first_segment_capacity)
         self.prefault = Prefaulter()
         self.wal: WalWriter | None = None
 
@@ -64,8 +68,10 @@ class EngineWriter:
                seed: int | None = None) -> SpaceParams:
         """Space parameters, unset ones from the engine's defaults, all checked."""
         check_space_name(name)
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= MAX_DIM:
-            raise InvalidArgument(f"dim must be an integer in [1, {MAX_DIM}], got {dim!r}")
+        top = self.config.max_dim
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= top:
+            raise InvalidArgument(f"dim must be an integer in [1, {top}] (max_dim), got {dim!r}",
+                                  field="dim", quota="max_dim", limit=top)
         c = self.config
         probe = dataclasses.replace(c, dtype=dtype or c.dtype, metric=metric or c.metric, M=M or c.M,
                                     ef_construction=ef_construction or c.ef_construction,
@@ -73,24 +79,41 @@ class EngineWriter:
         return SpaceParams(name, int(dim), probe.dtype, probe.metric, probe.M,
                            probe.ef_construction, probe.seed)
 
-    def create_space(self, params: SpaceParams) -> SpaceWriter:
-        """The space with these parameters, created if new (idempotent)."""
-        existing = self.spaces.get(params.name)
+    def create_space(self, params: SpaceParams, owner: str = ANONYMOUS, rows_bytes: int = 0) -> SpaceWriter:
+        """The space with these parameters, created for `owner` if new
+        (idempotent). A new space is admitted with its first segment and
+        `rows_bytes` more (the batch that creates it) against the limits."""
+        existing = self._existing(params)
         if existing is not None:
-            if existing.params != params:
-                raise SpaceExists(f"space {params.name!r} exists as {dataclasses.asdict(existing.params)}")
             return existing
-        self._log(walfile.SPACE, dataclasses.asdict(params))
-        writer = self._space_writer(self.catalog.add_space(params), params)
+        self.ledger.admit_space(owner, self.sizes.layout(0, params).size, rows_bytes)
+        self._log(walfile.SPACE, {**dataclasses.asdict(params), "owner": owner})
+        return self._add_space(params, owner)
+
+    def replay_space(self, params: SpaceParams, owner: str) -> None:
+        """Create a logged space again (recovery): admitted when it was logged."""
+        if self._existing(params) is None:
+            self._add_space(params, owner)
+
+    def _existing(self, params: SpaceParams) -> SpaceWriter | None:
+        existing = self.spaces.get(params.name)
+        if existing is not None and existing.params != params:
+            raise SpaceExists(f"space {params.name!r} exists as {dataclasses.asdict(existing.params)}")
+        return existing
+
+    def _add_space(self, params: SpaceParams, owner: str) -> SpaceWriter:
+        writer = self._space_writer(self.catalog.add_space(params, owner), params)
+        self.ledger.add_space(params.name, owner)
         self.spaces[params.name] = writer
         return writer
 
     def _space_writer(self, index: int, params: SpaceParams) -> SpaceWriter:
-        c = self.config
-        sizes = SegmentSizes(c.segment_capacity, c.text_bytes_per_observation,
-                             c.max_id_bytes + c.max_text_bytes, c.first_segment_capacity)
-        return SpaceWriter(self.catalog, index, params, sizes, c.worker_count,
-                           self.on_new_segment, self.prefault)
+        return SpaceWriter(self.catalog, index, params, self.sizes, self.config.worker_count,
+                           functools.partial(self._segment_created, params.name), self.prefault)
+
+    def _segment_created(self, space: str, index: int, seg: Segment) -> None:
+        self.ledger.charge(space, shm_bytes=seg.layout.size)
+        self.on_new_segment(index, seg)
 
     def prepare(self, space: str, ids, vectors, what=None, when=None,
                 confidence=None) -> tuple[SpaceParams, Batch]:
@@ -101,15 +124,22 @@ class EngineWriter:
         shape = writer.params if writer else self.params(space, 1)
         batch = prepare(ids, vectors, what, when, confidence, dim=shape.dim if writer else None,
                         metric=shape.metric, dtype=shape.dtype, limits=self.limits)
-        return dataclasses.replace(shape, dim=batch.dim) if writer is None else shape, batch
+        return self.params(space, batch.dim) if writer is None else shape, batch
 
     def write(self, params: SpaceParams, batch: Batch, session: str | None = None,
-              seq: int | None = None) -> tuple[Ack, list[tuple[Segment, int]]]:
-        """Store a batch prepared for `params`, creating the space if needed,
-        and log it (with the session and the last sequence it covers). Also
-        returns where it went: (segment, end slot) pairs, which are in the
-        graph once each segment's INDEXED reaches its end slot."""
-        writer = self.create_space(params)
+              seq: int | None = None, owner: str = ANONYMOUS) -> tuple[Ack, list[tuple[Segment, int]]]:
+        """Store a batch prepared for `params`, creating the space for `owner`
+        if needed, and log it (with the session and the last sequence it
+        covers). The batch, and every segment it opens, is admitted against
+        the space's and its owner's quotas first. Also returns where it went:
+        (segment, end slot) pairs, which are in the graph once each segment's
+        INDEXED reaches its end slot."""
+        rows_bytes = self.ledger.batch_bytes(params, batch)
+        writer = self._existing(params)
+        if writer is None:
+            writer = self.create_space(params, owner, rows_bytes)
+        else:
+            self.ledger.admit(params.name, disk_bytes=rows_bytes)
         writer.check_new_ids(batch)
         first = self.catalog.committed_generation + 1
         log = None
@@ -120,14 +150,17 @@ class EngineWriter:
                         "bytes": int(batch.record_ends[-1])}
                 self._log(walfile.BATCH, meta, [*vectors, batch.when, batch.confidence, batch.id_lens,
                                                 batch.record_ends, batch.records])
-        spans = writer.append(batch, first, log=log)
+        spans = writer.append(batch, first, log=log,
+                              admit=functools.partial(self.ledger.admit, params.name))
+        self.ledger.charge(params.name, disk_bytes=rows_bytes)
         self.catalog.publish_generation(first + batch.n - 1)
         return Ack(params.name, first, first + batch.n - 1), spans
 
     def replay_batch(self, params: SpaceParams, batch: Batch, first: int) -> None:
         """Store a logged batch again with its own generations and stored
         vectors (recovery); it is not logged twice."""
-        self.create_space(params).append(batch, first, stored=True)
+        self.spaces[params.name].append(batch, first, stored=True)
+        self.ledger.charge(params.name, disk_bytes=self.ledger.batch_bytes(params, batch))
         self.catalog.publish_generation(max(self.catalog.committed_generation, first + batch.n - 1))
 
     def log_session(self, key: str, state: int, priority: str, principal: str) -> None:
@@ -153,10 +186,13 @@ class EngineWriter:
         for index in range(self.catalog.n_spaces):
             params = self.catalog.space(index)
             self.spaces[params.name] = self._space_writer(index, params)
+            self.ledger.add_space(params.name, self.catalog.space_owner(index))
         by_index = {w.index: w for w in self.spaces.values()}
         for seg_index in range(self.catalog.n_segments):
             seg = open_segment(seg_index)
-            by_index[self.catalog.segment_space(seg_index)].adopt(seg)
+            space = by_index[self.catalog.segment_space(seg_index)]
+            space.adopt(seg)
+            self.ledger.charge_segment(space.params.name, seg)
         committed = self.catalog.committed_generation
         highest = max((w.bury_uncommitted(committed) for w in self.spaces.values()), default=0)
         self.catalog.publish_generation(max(committed, highest))

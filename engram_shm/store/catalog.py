@@ -15,6 +15,9 @@ lets any local process find an engine's spaces and segments.
 | spaces   | int64 | [MAX_SPACES, 8]       | owner   | dim, dtype, metric, M, ef_c, seed,   |
 |          |       |                       |         | name length, creation time           |
 | names    | uint8 | [MAX_SPACES, 128]     | owner   | space name, UTF-8                    |
+| owners   | uint8 | [MAX_SPACES, 64]      | owner   | the principal that created the space |
+|          |       |                       |         | (UTF-8, zero-padded; its quotas and  |
+|          |       |                       |         | space count charge it)               |
 | segments | int64 | [MAX_SEGMENTS, 2]     | owner   | space index, number within the space |
 | workers  | int64 | [MAX_WORKERS, 8]      | worker  | per index writer: pid, incarnation,  |
 |          |       |                       |         | nodes inserted, busy ns, heartbeat   |
@@ -45,12 +48,13 @@ import numpy as np
 
 from ..config import DTYPES, METRICS
 from ..errors import Corrupt, EngineInUse, EngineNotFound, SpaceLimit
+from ..limits import ANONYMOUS, PRINCIPAL_BYTES
 from . import shm
 
 log = logging.getLogger(__name__)
 
 MAGIC_VALUE = 0x454E4752414D4354  # "ENGRAMCT"
-VERSION = 1
+VERSION = 2  # 2: the owners region
 MAX_SPACES = 4096
 MAX_SEGMENTS = 65536
 MAX_WORKERS = 256
@@ -77,13 +81,23 @@ class SpaceParams:
     seed: int
 
 
+def params_and_owner(entry: dict) -> tuple[SpaceParams, str]:
+    """A space's parameters and owner as a checkpoint manifest or a SPACE log
+    record keeps them (one written before spaces had owners gives it to the
+    anonymous key)."""
+    fields = dict(entry)
+    owner = fields.pop("owner", ANONYMOUS)
+    return SpaceParams(**fields), owner
+
+
 def _layout():
     header = 64 * 8
     spaces = MAX_SPACES * 8 * 8
     names = MAX_SPACES * NAME_BYTES
+    owners = MAX_SPACES * PRINCIPAL_BYTES
     segments = MAX_SEGMENTS * 2 * 8
     workers = MAX_WORKERS * 8 * 8
-    return header, spaces, names, segments, workers
+    return header, spaces, names, owners, segments, workers
 
 
 def catalog_name(engine: str) -> str:
@@ -116,13 +130,14 @@ class Catalog:
         self.engine = engine
         self.block = block
         self.owner = owner
-        h, s, n, g, _ = _layout()
+        h, s, n, o, g, _ = _layout()
         buf = block.buf
         self.header = np.ndarray((64,), np.int64, buffer=buf)
         self.spaces = np.ndarray((MAX_SPACES, 8), np.int64, buffer=buf, offset=h)
         self.names = np.ndarray((MAX_SPACES, NAME_BYTES), np.uint8, buffer=buf, offset=h + s)
-        self.segments = np.ndarray((MAX_SEGMENTS, 2), np.int64, buffer=buf, offset=h + s + n)
-        self.workers = np.ndarray((MAX_WORKERS, 8), np.int64, buffer=buf, offset=h + s + n + g)
+        self.owners = np.ndarray((MAX_SPACES, PRINCIPAL_BYTES), np.uint8, buffer=buf, offset=h + s + n)
+        self.segments = np.ndarray((MAX_SEGMENTS, 2), np.int64, buffer=buf, offset=h + s + n + o)
+        self.workers = np.ndarray((MAX_WORKERS, 8), np.int64, buffer=buf, offset=h + s + n + o + g)
 
     @classmethod
     def create(cls, engine: str) -> "Catalog":
@@ -145,11 +160,14 @@ class Catalog:
             block = shm.attach(catalog_name(engine))
         except FileNotFoundError:
             raise EngineNotFound(f"no engine {engine!r} is running on this machine") from None
-        cat = cls(engine, block, owner=False)
-        if cat.header[MAGIC] != MAGIC_VALUE or cat.header[VERSION_WORD] != VERSION:
-            cat.close()
-            raise Corrupt(f"catalog of engine {engine!r} has no magic or an unknown version")
-        return cat
+        header = np.ndarray((2,), np.int64, buffer=block.buf)  # MAGIC, VERSION_WORD
+        magic, version = int(header[MAGIC]), int(header[VERSION_WORD])
+        del header
+        if magic != MAGIC_VALUE or version != VERSION:  # checked first: the layout depends on it
+            shm.close(block)
+            raise Corrupt(f"catalog of engine {engine!r} has no magic or another version ({version})",
+                          other_version=magic == MAGIC_VALUE)
+        return cls(engine, block, owner=False)
 
     # -- generations -------------------------------------------------------
     @property
@@ -164,12 +182,15 @@ class Catalog:
     def n_spaces(self) -> int:
         return int(self.header[N_SPACES])
 
-    def add_space(self, p: SpaceParams) -> int:
+    def add_space(self, p: SpaceParams, owner: str = ANONYMOUS) -> int:
         index = self.n_spaces
         if index >= MAX_SPACES:
-            raise SpaceLimit(f"the engine holds the maximum of {MAX_SPACES} spaces")
+            raise SpaceLimit(f"the engine holds the maximum of {MAX_SPACES} spaces", quota="catalog_spaces",
+                             limit=MAX_SPACES)
         raw = p.name.encode("utf-8")
         self.names[index, :len(raw)] = np.frombuffer(raw, np.uint8)
+        principal = owner.encode("utf-8")[:PRINCIPAL_BYTES]
+        self.owners[index, :len(principal)] = np.frombuffer(principal, np.uint8)
         self.spaces[index] = [p.dim, DTYPES.index(p.dtype), METRICS.index(p.metric), p.M,
                               p.ef_construction, p.seed, len(raw), time.time_ns()]
         self.header[N_SPACES] = index + 1
@@ -181,6 +202,9 @@ class Catalog:
         return SpaceParams(name, int(row[S_DIM]), DTYPES[row[S_DTYPE]], METRICS[row[S_METRIC]],
                            int(row[S_M]), int(row[S_EFC]), int(row[S_SEED]))
 
+    def space_owner(self, index: int) -> str:
+        return self.owners[index].tobytes().rstrip(b"\0").decode("utf-8", "replace")
+
     # -- segments ------------------------------------------------------------
     @property
     def n_segments(self) -> int:
@@ -190,7 +214,8 @@ class Catalog:
         """Index for the next segment; it counts once `add_segment` publishes it."""
         index = self.n_segments
         if index >= MAX_SEGMENTS:
-            raise SpaceLimit(f"the engine holds the maximum of {MAX_SEGMENTS} segments")
+            raise SpaceLimit(f"the engine holds the maximum of {MAX_SEGMENTS} segments",
+                             quota="catalog_segments", limit=MAX_SEGMENTS)
         return index
 
     def add_segment(self, index: int, space: int, number: int) -> None:
@@ -227,7 +252,7 @@ class Catalog:
             return
         if self.owner:
             self.header[STOPPED] = 1  # attached readers stop answering from stale memory
-        self.header = self.spaces = self.names = self.segments = self.workers = None
+        self.header = self.spaces = self.names = self.owners = self.segments = self.workers = None
         block, self.block = self.block, None
         if self.owner:
             for name in shm.list_blocks(self.engine):
@@ -252,9 +277,15 @@ def collect_stale(engine: str | None = None, min_age_s: float = 10.0) -> list[st
     for name in catalogs:
         try:
             cat = Catalog.attach(name)
-        except (EngineNotFound, Corrupt):
-            if _age(catalog_name(name)) < min_age_s:
-                live.add(name)  # perhaps still being created
+        except EngineNotFound:
+            continue
+        except Corrupt as e:
+            # No magic yet: perhaps still being created. Another version: only
+            # its header is known to us (its owner and front are enough: its
+            # workers die with its owner).
+            if (e.details["other_version"] and _owner_or_front_alive(name)) or \
+                    _age(catalog_name(name)) < min_age_s:
+                live.add(name)
             continue
         try:
             if cat.engine_alive():
@@ -275,6 +306,21 @@ def collect_stale(engine: str | None = None, min_age_s: float = 10.0) -> list[st
     if removed:
         log.info("collected %d stale shared memory blocks", len(removed))
     return removed
+
+
+def _owner_or_front_alive(engine: str) -> bool:
+    """Liveness from the header words every catalog version has kept in place
+    (OWNER_PID/START, FRONT_PID/START), for a catalog of another version."""
+    try:
+        block = shm.attach(catalog_name(engine))
+    except FileNotFoundError:
+        return False
+    try:
+        h = np.ndarray((64,), np.int64, buffer=block.buf).copy()
+    finally:
+        shm.close(block)
+    return any(pid > 0 and process_start(int(pid)) == int(start)
+               for pid, start in ((h[OWNER_PID], h[OWNER_START]), (h[FRONT_PID], h[FRONT_START])))
 
 
 def _engine_of(block: str) -> str | None:

@@ -43,7 +43,7 @@ import numpy as np
 from ..errors import Corrupt, DataDirCorrupt
 from ..kernels.atomics import compare_and_swap
 from . import shm
-from .catalog import CHECKPOINT_REQUEST, WAL_LSN, Catalog, SpaceParams, segment_name
+from .catalog import CHECKPOINT_REQUEST, WAL_LSN, Catalog, SpaceParams, params_and_owner, segment_name
 from .datadir import fsync_dir
 from .layout import (
     ACCEPTED,
@@ -163,7 +163,7 @@ def take(catalog: Catalog, segments: list[Segment], sessions, directory: str,
     lsn = int(catalog.header[WAL_LSN])
     session_rows = sessions()
     generation = catalog.committed_generation
-    spaces = [asdict(catalog.space(i)) for i in range(catalog.n_spaces)]
+    spaces = [{**asdict(catalog.space(i)), "owner": catalog.space_owner(i)} for i in range(catalog.n_spaces)]
     segments = segments[:catalog.n_segments]
     number = max((n for n, _ in complete(directory)), default=0) + 1
     tmp = os.path.join(directory, f"{PREFIX}{number:08d}{TMP}")
@@ -273,5 +273,7 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
     return seg
 
 
-def space_params(manifest: dict) -> list[SpaceParams]:
-    return [SpaceParams(**s) for s in manifest["spaces"]]
+def spaces(manifest: dict) -> list[tuple[SpaceParams, str]]:
+    """(parameters, owner) of each space (a manifest without owners, written
+    before spaces had them, gives them all to the anonymous key)."""
+    return [params_and_owner(s) for s in manifest["spaces"]]

@@ -60,6 +60,12 @@ def free_bytes() -> int:
     return st.f_bavail * st.f_frsize
 
 
+def total_bytes() -> int:
+    """Size of /dev/shm."""
+    st = os.statvfs(SHM_DIR)
+    return st.f_blocks * st.f_frsize
+
+
 def fill() -> float:
     """Share of /dev/shm in use."""
     st = os.statvfs(SHM_DIR)

@@ -212,19 +212,21 @@ class SpaceWriter:
                 yield row, seg, slot
 
     def append(self, batch: Batch, first_generation: int, stored: bool = False,
-               log: Callable[[list[np.ndarray]], None] | None = None) -> list[tuple[Segment, int]]:
+               log: Callable[[list[np.ndarray]], None] | None = None,
+               admit: Callable[[int], None] | None = None) -> list[tuple[Segment, int]]:
         """Store a prepared batch with generations first_generation.. (ids must
         have passed `check_new_ids`); returns (segment, end slot) per placement.
         Raises before publishing anything if a needed segment cannot be created,
         a vector is refused (NaN or infinity, zero under cosine, beyond f16) or
-        `log` raises. `log` gets the stored vectors (a view per placement, in
+        `log` raises. `admit(bytes)` is asked before each new segment is
+        created and refuses it by raising. `log` gets the stored vectors (a view per placement, in
         batch order) after they are written and before anything is published.
         `stored` vectors are already in storage form (a log replay): they are
         copied bit for bit, not scaled again."""
         self.index_ids()  # before publishing: a rebuild must not see the rows, then get them again
         generations = np.arange(first_generation, first_generation + batch.n, dtype=np.uint64)
         levels = draw_levels(self.params.seed, generations, self.params.M, MAX_LEVEL)
-        placements, full = self._plan(batch, levels)
+        placements, full = self._plan(batch, levels, admit)
         rule = (False, np.inf) if stored else self.vector_rule
         for p in placements:
             reason, value = append_rows(p.segment.w, batch, first_generation, levels, p.lo, p.hi,
@@ -245,7 +247,8 @@ class SpaceWriter:
         return [(p.segment, p.end.slot) for p in placements]
 
     # -- planning --------------------------------------------------------------
-    def _plan(self, batch: Batch, levels: np.ndarray) -> tuple[list[_Placement], set[int]]:
+    def _plan(self, batch: Batch, levels: np.ndarray,
+              admit: Callable[[int], None] | None) -> tuple[list[_Placement], set[int]]:
         """Where each chunk goes, and the (ids of) segments found full."""
         upper_cum = np.concatenate([[0], np.cumsum(levels > 0)])
         ends = batch.record_ends
@@ -255,7 +258,7 @@ class SpaceWriter:
         lo = 0
         while lo < batch.n:
             hi = min(batch.n, lo + CHUNK)
-            seg = self._route(cursors, full)
+            seg = self._route(cursors, full, admit)
             at = cursors.setdefault(id(seg), _Cursor(seg.accepted, int(seg.header[ARENA_USED]),
                                                      int(seg.header[UPPER_USED])))
             start = int(ends[lo - 1]) if lo else 0
@@ -281,7 +284,8 @@ class SpaceWriter:
             lo += m
         return placements, full
 
-    def _route(self, cursors: dict[int, _Cursor], full: set[int]) -> Segment:
+    def _route(self, cursors: dict[int, _Cursor], full: set[int],
+               admit: Callable[[int], None] | None) -> Segment:
         """The open segment with the smallest window (counting rows planned),
         or a new one (sized by the schedule) when all have a chunk of backlog
         and a writer is free."""
@@ -292,14 +296,16 @@ class SpaceWriter:
         candidates = [s for s in self.open if id(s) not in full]
         best = min(candidates, key=load, default=None)
         if best is None or (load(best) >= CHUNK and len(candidates) < self.writers):
-            best = self._new_segment()
+            best = self._new_segment(admit)
         return best
 
-    def _new_segment(self) -> Segment:
+    def _new_segment(self, admit: Callable[[int], None] | None) -> Segment:
         index = self.catalog.reserve_segment()
         number = len(self.segments)
-        seg = Segment.create(segment_name(self.catalog.engine, index),
-                             self.sizes.layout(number, self.params),
+        layout = self.sizes.layout(number, self.params)
+        if admit is not None:
+            admit(layout.size)
+        seg = Segment.create(segment_name(self.catalog.engine, index), layout,
                              METRIC_CODES[self.params.metric], self.index, number)
         self.segments.append(seg)
         self.open.append(seg)

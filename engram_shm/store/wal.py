@@ -10,7 +10,7 @@ A file `<first lsn, 20 digits>.wal` is a 32-byte header, then records:
 | body          | n     | u64 lsn, u8 kind, u32 meta length, msgpack meta, blobs     |
 
 Every record has the next log sequence number (lsn), across files. Kinds:
-SPACE (meta: the space's parameters), SESSION (meta: key, state, priority) and
+SPACE (meta: the space's parameters and owner), SESSION (meta: key, state, priority) and
 BATCH (meta: space, first generation, n, dim, dtype, session, last sequence,
 record bytes; blobs: the vectors in their storage dtype, as stored, then when
 f64[n], confidence f32[n], id_lens i32[n], record_ends i64[n], the UTF-8

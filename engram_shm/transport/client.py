@@ -23,7 +23,15 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ..auth.keys import load_pair, load_public
 from ..engine.reader import Memory
-from ..errors import EngramError, Internal, InvalidArgument, SessionPaused, Unauthenticated, from_dict
+from ..errors import (
+    EngramError,
+    Internal,
+    InvalidArgument,
+    Oversize,
+    SessionPaused,
+    Unauthenticated,
+    from_dict,
+)
 from . import protocol as p
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
@@ -147,6 +155,7 @@ class Client:
         self.session = ack["session"]
         self.capabilities = ack["capabilities"]
         self.max_batch = ack["max_batch"]
+        self.max_frame_bytes = ack["max_frame_bytes"]
         self.last_acked = ack["last_sequence"]
         self.fsync = ack.get("fsync", "none")
         self.durable_seq = ack.get("durable_seq", 0)
@@ -194,11 +203,16 @@ class Client:
             self._flush_pending(space)
 
     def observe_batch(self, space: str, ids, vectors, what=None, when=None, confidence=None) -> None:
-        """Send a batch (split to the server's max_batch and our batch_size)."""
+        """Send a batch (split to the server's max_batch and max_frame_bytes,
+        and to our batch_size)."""
         vectors = np.asarray(vectors, dtype=self.payload_dtype)
         if vectors.ndim != 2 or len(ids) != len(vectors):
             raise ValueError("vectors must be (n, dim) with one id per row")
-        step = min(self.batch_size, self.max_batch)
+        row_bytes = max(1, vectors.shape[1] * vectors.itemsize)
+        if row_bytes > self.max_frame_bytes:  # refused here: the server would drop such frames unanswered
+            raise Oversize(f"one vector of {row_bytes} bytes exceeds the server's max_frame_bytes "
+                           f"{self.max_frame_bytes}")
+        step = min(self.batch_size, self.max_batch, self.max_frame_bytes // row_bytes)
         for lo in range(0, len(ids), step):
             sl = slice(lo, lo + step)
             header = {"op": "observe_batch", "space": space, "ids": list(ids[sl])}

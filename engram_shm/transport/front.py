@@ -45,6 +45,7 @@ from ..errors import (
     NoCredit,
     Overloaded,
     SequenceGap,
+    SessionLimit,
     StorageError,
     Unauthenticated,
 )
@@ -74,6 +75,7 @@ log = logging.getLogger(__name__)
 UPKEEP_S = 0.02
 MAX_RECV_PER_TURN = 256
 MIN_CREDIT = 256
+HEADER_BYTES_PER_OBSERVATION = 64  # msgpack framing of one observation's id, text, when and confidence
 
 
 class Front:
@@ -92,6 +94,7 @@ class Front:
                 self._segments.append(Segment.attach(name, writable=True))
             return self._segments[index]
 
+        self.gate = gate_for(config)
         self.writer = EngineWriter(catalog, config, self._on_new_segment)
         self.wal: WalWriter | None = None
         if config.durable:
@@ -103,14 +106,15 @@ class Front:
             recovered = report.observations
         else:
             recovered = self.writer.recover(open_segment)
+        self.writer.ledger.overrides = self.gate.limits()
         self.directory = SegmentDirectory(catalog, open_segment)
         self.reader = Reader(self.directory)
         self.memory_pressure = 0.0
         self.counters = {"received": 0, "replies_dropped": 0, "errors": 0, "observations": 0}
         self.stopping = False
         self.principal = ANONYMOUS  # the client key of the message being handled
-        self.gate = gate_for(config)
         self.reload_requested = False  # SIGHUP: read the keys and the ACL again
+        self.key_credit: collections.Counter[str] = collections.Counter()  # credit held per key
         self._held: list | None = None  # replies of the turn being read (fsync=always)
         self._waiting: collections.deque = collections.deque()  # (log position, replies) to sync
         self._checkpoints: list[tuple[int, bytes, object]] = []  # (request, identity, rid)
@@ -128,7 +132,7 @@ class Front:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
-        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.config.max_frame_bytes + (1 << 20))
+        sock.setsockopt(zmq.MAXMSGSIZE, max_part_bytes(self.config))
         sock.setsockopt(zmq.LINGER, 2000)
         self.gate.start(ctx, sock)
         sock.bind(endpoint)
@@ -245,6 +249,7 @@ class Front:
             session = self.sessions.resume(resume, identity, self.principal)
             resumed = True
         else:
+            self._admit_session(self.principal)
             session = self.sessions.open(p.field(header, "priority", str, "normal"), identity, self.principal)
             resumed = False
             self._log_session(session, ACTIVE)
@@ -260,6 +265,20 @@ class Front:
                              "idle_timeout_s": self.config.session_idle_s,
                              "fsync": self.config.fsync if self.wal is not None else "none",
                              **self._durable(session), **self._grant(session)})
+
+    def _admit_session(self, principal: str) -> None:
+        """Refuse a new session past max_sessions, or past the key's limit."""
+        held, cap = len(self.sessions.live), self.config.max_sessions
+        if held >= cap:
+            raise SessionLimit(f"the server holds its maximum of {cap} sessions (max_sessions); close "
+                               "some or wait for idle ones to expire", quota="max_sessions", used=held,
+                               limit=cap, retry_after_ms=1000)
+        held, cap = self.sessions.count(principal), self.writer.ledger.limits(principal).sessions
+        if held >= cap:
+            raise SessionLimit(f"key {principal!r} holds its maximum of {cap} sessions "
+                               "(max_sessions_per_key); close some or wait for idle ones to expire",
+                               quota="max_sessions_per_key", key=principal, used=held, limit=cap,
+                               retry_after_ms=1000)
 
     def op_pause(self, identity, header, payload) -> None:
         self._no_payload(header, payload)
@@ -279,6 +298,7 @@ class Front:
         session = self.sessions.get(header.get("session"), identity, allow_paused=True)
         drain = p.field(header, "drain", bool, True)
         self._set_state(session, CLOSED)
+        self._hold_credit(session, 0)
         session.close_rid, session.close_owner = header.get("rid"), identity
         session.draining = drain
         self._pop_indexed(session)
@@ -353,7 +373,7 @@ class Front:
                                             _tail(what, skip), _tail(when, skip),
                                             _tail(confidence, skip))
         self._check_room(params.name, batch.n)
-        ack, spans = self.writer.write(params, batch, session.key, end)
+        ack, spans = self.writer.write(params, batch, session.key, end, owner=session.principal)
         self.sessions.set_last_seq(session, end)
         if self.wal is not None:
             session.logged.append((self.wal.written, end))
@@ -395,17 +415,27 @@ class Front:
         return max(space, self.memory_pressure)
 
     def _grant(self, session: Session) -> dict:
-        """Fresh credit for a session; the granted limit never shrinks."""
+        """Fresh credit for a session, within what its key may still hold
+        (max_key_credit over all its sessions); the granted limit never
+        shrinks."""
         pressure = self._pressure(session)
         level = level_of(pressure)
         last = self.sessions.last_seq(session)
         credit = credit_for(level, session.priority, self.config.max_credit, MIN_CREDIT)
-        session.limit = max(session.limit, last + credit)
+        others = self.key_credit[session.principal] - session.credit_held
+        room = max(0, self.writer.ledger.limits(session.principal).credit - others)
+        session.limit = max(session.limit, last + min(credit, room))
+        self._hold_credit(session, session.limit - last)
         session.level = level
         grant = {"credit": session.limit - last, "limit": session.limit, "level": level}
         if level == "overloaded":
             grant["retry_after_ms"] = retry_after_ms(pressure)
         return grant
+
+    def _hold_credit(self, session: Session, credit: int) -> None:
+        """Count `credit` as what the session holds of its key's credit."""
+        self.key_credit[session.principal] += credit - session.credit_held
+        session.credit_held = credit
 
     # -- recall ----------------------------------------------------------------------------
     def op_recall(self, identity, header, payload) -> None:
@@ -463,11 +493,15 @@ class Front:
         self.send(identity, {"op": "stats", "rid": header.get("rid"), "stats": self.stats(self.principal)})
 
     def stats(self, principal: str = ANONYMOUS) -> dict:
-        """The engine's figures, with the spaces `principal` may see."""
-        spaces = {name: w.stats() for name, w in self.writer.spaces.items()
+        """The engine's figures, with the spaces `principal` may see, and the
+        usage of every key for an engine admin (else of its own)."""
+        owners = self.writer.ledger.owners
+        spaces = {name: {**w.stats(), "owner": owners[name]} for name, w in self.writer.spaces.items()
                   if self.gate.visible(principal, name)}
+        usage = {key: used for key, used in self.writer.ledger.usage().items()
+                 if key == principal or self.gate.is_admin(principal)}
         return {"engine": self.catalog.engine, "generation": self.catalog.committed_generation,
-                "sessions": len(self.sessions.live), "spaces": spaces, **self.counters,
+                "sessions": len(self.sessions.live), "spaces": spaces, "keys": usage, **self.counters,
                 "memory_pressure": round(self.memory_pressure, 4), "auth": self.gate.auth,
                 "durability": durability_stats(self.catalog, self.config)}
 
@@ -489,6 +523,7 @@ class Front:
             self._upkeep_session(session)
         for session in self.sessions.expire(self.config.session_idle_s):
             log.info("session %s expired", session.key)
+            self._hold_credit(session, 0)
             self._log_session(session, FREE)
         if self._checkpoints:
             self._answer_checkpoints()
@@ -506,15 +541,17 @@ class Front:
                 self.send(session.owner, {"op": "durable", "session": session.key, **durable})
         if self.sessions.state(session) == ACTIVE and session.owner is not None:
             level, limit = session.level, session.limit
-            stalled = limit <= self.sessions.last_seq(session)
             grant = self._grant(session)
-            if session.level != level or (stalled and session.limit > limit):
+            # The limit grows here only when the level eased or the key's other
+            # sessions gave credit back: either way the client waits for it.
+            if session.level != level or session.limit > limit:
                 self.send(session.owner, {"op": "status", "session": session.key, **grant})
 
     def _reload_access(self) -> None:
         """Read the keys and the ACL again; the sessions of every key whose
         access changed are closed (their data stays)."""
         changed = self.gate.reload()
+        self.writer.ledger.overrides = self.gate.limits()
         for session in list(self.sessions.live.values()):
             if session.principal in changed and self.sessions.state(session) != CLOSED:
                 self._set_state(session, CLOSED)
@@ -544,6 +581,16 @@ class Front:
         for seg in self._segments:
             seg.close()
         self._segments.clear()
+
+
+def max_part_bytes(config: EngineConfig) -> int:
+    """ZMQ_MAXMSGSIZE of the front's socket. libzmq applies it to each frame,
+    not to a whole message, and drops the connection of a peer that sends a
+    larger frame, unanswered: it must admit the largest header (a batch of
+    max_batch maximal ids and texts) and leave room above max_frame_bytes for
+    frames refused with `oversize`."""
+    header = config.max_batch * (config.max_id_bytes + config.max_text_bytes + HEADER_BYTES_PER_OBSERVATION)
+    return max(header, 2 * config.max_frame_bytes) + (1 << 16)
 
 
 def _poke(fd: int) -> None:

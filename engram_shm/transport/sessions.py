@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import NotSessionOwner, SessionClosed, SessionLimit, SessionPaused, UnknownSession, WrongType
+from ..limits import ANONYMOUS, PRINCIPAL_BYTES
 from ..store import shm
 from .protocol import PRIORITIES
 
@@ -35,8 +36,6 @@ FREE, ACTIVE, PAUSED, CLOSED = 0, 1, 2, 3
 R_STATE, R_LAST_SEQ, R_PRIORITY, R_CREATED, R_SEEN = range(5)
 _ROWS_BYTES = MAX_SESSIONS * 8 * 8
 _KEYS_BYTES = MAX_SESSIONS * 16
-PRINCIPAL_BYTES = 64
-ANONYMOUS = "anonymous"  # the principal of every client of a server without authentication
 
 
 def table_name(engine: str) -> str:
@@ -66,6 +65,7 @@ class Session:
     # (log position after a batch, its last seq) not yet known to be on disk
     logged: collections.deque = field(default_factory=collections.deque)
     durable: int = 0  # last sequence known to be on disk
+    credit_held: int = 0  # granted beyond the last ack, counted in its key's credit
 
 
 class SessionTable:
@@ -160,6 +160,10 @@ class SessionTable:
             raise SessionPaused(f"session {key!r} is paused", session=key)
         self.touch(session)
         return session
+
+    def count(self, principal: str) -> int:
+        """Rows held by the sessions of `principal`."""
+        return sum(1 for s in self.live.values() if s.principal == principal)
 
     def _principal(self, row: int) -> str:
         return self.principals[row].tobytes().rstrip(b"\0").decode("utf-8", "replace")
