@@ -402,7 +402,8 @@ class Front:
         credit = credit_for(level, session.priority, self.config.max_credit, MIN_CREDIT)
         session.limit = max(session.limit, last + credit)
         session.level = level
-        grant = {"credit": session.limit - last, "limit": session.limit, "level": level}
+        grant = {"credit": session.limit - last, "limit": session.limit, "level": level,
+                 "pressure": round(pressure, 4)}
         if level == "overloaded":
             grant["retry_after_ms"] = retry_after_ms(pressure)
         return grant
