@@ -3,19 +3,24 @@ for field, and its extensions (docs/protocol.md, "WebSocket")."""
 
 import contextlib
 import json
+import pathlib
 import re
 import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from engram_shm import Client
-from engram_shm.errors import CODES
+from engram_shm.auth.gate import check_bind
+from engram_shm.config import EngineConfig
+from engram_shm.errors import CODES, InsecureBind, InvalidArgument
 from engram_shm.synthetic import clustered
 from engram_shm.transport import jsonstream as js
 from engram_shm.transport.launch import free_port, running_server
+from engram_shm.transport.ws_bridge import allowed_origins
 
 DIM = 32
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -309,3 +314,37 @@ def ws_hostile(server):
     client.drain = drain
     yield client
     client.close()
+
+
+DOC = (pathlib.Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+
+
+def test_the_document_states_the_websocket_version_and_every_message():
+    section = DOC.split("## WebSocket")[1].split("\n## ")[0]
+    assert re.search(r"WebSocket version \*\*(\d+\.\d+)\*\*", section).group(1) == js.VERSION
+    assert f"- {js.VERSION}:" in section.split("WebSocket changelog:")[1]
+    for kind in js.CLIENT_TYPES | js.SERVER_TYPES:
+        assert f"`{kind}`" in section, kind
+
+
+def test_the_bridge_is_refused_with_curve_and_exposed_only_when_insecure():
+    with pytest.raises(InvalidArgument, match="WebSocket"):
+        EngineConfig(ws_port=7432, auth="curve")
+    assert check_bind(EngineConfig(ws_port=7432)) is False
+    with pytest.raises(InsecureBind, match=re.escape("ws://0.0.0.0:7432")):
+        check_bind(EngineConfig(ws_port=7432, ws_host="0.0.0.0"))
+    assert check_bind(EngineConfig(ws_port=7432, ws_host="0.0.0.0", insecure=True)) is True
+    assert allowed_origins(EngineConfig(ws_origins="*")) is None
+    assert "https://app.example" in allowed_origins(EngineConfig(ws_origins="https://app.example"))
+
+
+def test_pages_from_other_origins_are_refused(server):
+    with pytest.raises(InvalidStatus) as refused, connect(server[1], origin="https://elsewhere.example"):
+        pass
+    assert refused.value.response.status_code == 403
+    with connect(server[1], origin="http://localhost:8000") as ws:
+        ws.send(json.dumps({"type": "init"}))
+        assert json.loads(ws.recv(timeout=REPLY_TIMEOUT_S))["type"] in ("init_ack", "heartbeat")
+    with pytest.raises(InvalidStatus) as missing, connect(server[1].replace("/v1/stream", "/v2/other")):
+        pass
+    assert missing.value.response.status_code == 404
