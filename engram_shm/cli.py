@@ -75,6 +75,7 @@ DEFAULT_DATA_DIR = "./engram-data"
 
 
 def cmd_serve(args) -> int:
+    from .auth.gate import exposed_addresses
     from .transport.server import Server
 
     config = config_from(args)
@@ -89,11 +90,13 @@ def cmd_serve(args) -> int:
                  "MEMORY ONLY (--data none): nothing survives a stop")
         access = (f"clients need a key (server key {s.server_key_file})" if s.server_key_file else
                   "no authentication")
-        print(f"engram-shm serving engine {s.name} on {s.config.endpoint} "
+        stream = f" and ws://{s.config.ws_host}:{s.config.ws_port}/v1/stream" if s.config.ws_port else ""
+        print(f"engram-shm serving engine {s.name} on {s.config.endpoint}{stream} "
               f"({s.config.worker_count} index workers); {where}; {access}; Ctrl-C stops", flush=True)
-        if s.exposed:
-            print(f"WARNING: --insecure: {s.config.endpoint} is open to every machine that reaches it, "
-                  "without authentication", file=sys.stderr, flush=True)
+        for address, local in exposed_addresses(s.config):
+            if not local:
+                print(f"WARNING: --insecure: {address} is open to every machine that reaches it, "
+                      "without authentication", file=sys.stderr, flush=True)
 
     server.serve_forever(ready)
     print("stopped; shared memory removed", flush=True)

@@ -103,6 +103,14 @@ class EngineConfig:
                              "(acl.toml); empty means <data_dir>/keys")
     insecure: bool = _opt(False, "allow binding a non-loopback address without authentication "
                                  "(anyone who reaches the port can read and write every space)")
+    ws_port: int = _opt(0, "TCP port of the WebSocket bridge serving Engram's JSON stream on /v1/stream "
+                           "(Engram's default is 7432); 0 runs no bridge", lo=0, hi=65535)
+    ws_host: str = _opt("127.0.0.1", "address the WebSocket bridge binds; a non-loopback one needs "
+                                     "--insecure (the bridge has no authentication)")
+    ws_heartbeat_s: float = _opt(30.0, "seconds between the bridge's heartbeat messages on each "
+                                       "WebSocket connection", lo=0.01, hi=86400.0)
+    ws_origins: str = _opt("", "comma-separated browser origins allowed to open a WebSocket besides "
+                               "loopback pages (http://127.0.0.1:*, http://localhost:*); * allows any")
     checkpoints_kept: int = _opt(2, "complete checkpoints kept (a corrupt newest one falls back to "
                                     "the one before, with the log kept since it)", lo=1, hi=100)
 
@@ -124,6 +132,9 @@ class EngineConfig:
             raise InvalidArgument(f"fsync {self.fsync!r} is not one of {FSYNC_POLICIES}")
         if self.auth not in AUTH_MODES:
             raise InvalidArgument(f"auth {self.auth!r} is not one of {AUTH_MODES}")
+        if self.ws_port and self.auth != "none":
+            raise InvalidArgument("the WebSocket bridge cannot authenticate its clients yet: --ws-port "
+                                  "needs --auth none (docs/security.md, 'The WebSocket bridge')")
 
     @property
     def durable(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 # code -> (retryable, meaning). The only list of error codes.
 CODES: dict[str, tuple[bool, str]] = {
     # protocol (docs/protocol.md)
-    "malformed": (False, "frame 0 is not a msgpack map"),
+    "malformed": (False, "frame 0 is not a msgpack map (a WebSocket message: not a JSON object)"),
     "unsupported_version": (False, "v is missing or of another major version"),
     "unknown_op": (False, "op is not an operation of this protocol version"),
     "missing_field": (False, "a required header field is absent"),
@@ -25,6 +25,11 @@ CODES: dict[str, tuple[bool, str]] = {
     "no_credit": (True, "the message passes the granted credit limit"),
     "session_limit": (True, "the server or the key holds its maximum of sessions (see limit)"),
     "internal": (True, "the server failed on this request; it stays up"),
+    # the WebSocket bridge's JSON stream (docs/protocol.md, "WebSocket")
+    "not_initialized": (False, "a session message before init on this WebSocket connection"),
+    "session_mismatch": (False, "the message names another session than the connection's"),
+    "duplicate_sequence": (False, "every sequence number of the message is acked already; nothing "
+                                  "was stored again (see expected)"),
     # observations, recall, engine
     "invalid_argument": (False, "an argument has the wrong type or an out-of-range value"),
     "empty_batch": (False, "a batch holds no observations"),
@@ -139,6 +144,9 @@ NotSessionOwner = _error("NotSessionOwner", "not_session_owner", ProtocolError)
 SequenceGap = _error("SequenceGap", "sequence_gap", ProtocolError)
 NoCredit = _error("NoCredit", "no_credit", ProtocolError)
 SessionLimit = _error("SessionLimit", "session_limit", ProtocolError)
+NotInitialized = _error("NotInitialized", "not_initialized", ProtocolError)
+SessionMismatch = _error("SessionMismatch", "session_mismatch", ProtocolError)
+DuplicateSequence = _error("DuplicateSequence", "duplicate_sequence", ProtocolError)
 Internal = _error("Internal", "internal")
 
 

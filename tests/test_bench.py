@@ -71,3 +71,12 @@ def test_restart_quick_comes_back_after_a_crash_and_a_clean_stop():
     for r in rows:
         assert r["ready_s"] > 0 and r["recovery_s"] is not None and r["own_top_hit"] >= 0.99, r
     assert rows[0]["log_tail"] > 0 and rows[1]["log_tail"] == 0
+
+
+def test_websocket_quick_measures_one_connection_against_the_zmq_client():
+    out = subprocess.run([sys.executable, "-m", "bench.websocket", "--quick"], capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["system"] for r in rows] == ["zmq_client", "ws_batch", "ws_single", "json_decode"]
+    assert all(r["obs_per_s"] > 0 and r["dim"] == 768 and r["machine"] and r["date"] for r in rows[:3])
+    assert rows[3]["orjson_us_per_obs"] > 0 and "x zmq_client" in out

@@ -153,13 +153,26 @@ def gate_for(config) -> OpenGate | CurveGate:
 
 def check_bind(config) -> bool:
     """Refuse to expose an unauthenticated server beyond this machine unless
-    told to (`insecure`); returns whether the endpoint is exposed so."""
-    exposed = not is_local(config.endpoint) and config.auth == "none"
+    told to (`insecure`); returns whether an endpoint is exposed so. The
+    WebSocket bridge has no authentication (config.py refuses it with
+    --auth), so a non-loopback ws_host is exposed whatever --auth says."""
+    exposed = [address for address, local in exposed_addresses(config) if not local]
     if exposed and not config.insecure:
-        raise InsecureBind(f"{config.endpoint} is reachable from other machines and --auth is none: "
+        raise InsecureBind(f"{', '.join(exposed)} is reachable from other machines without authentication: "
                            "anyone reaching the port could read and write every space. Use --auth curve "
-                           "(docs/security.md), bind 127.0.0.1, or pass --insecure")
-    return exposed
+                           "(docs/security.md; not for the WebSocket bridge), bind 127.0.0.1, or pass "
+                           "--insecure")
+    return bool(exposed)
+
+
+def exposed_addresses(config) -> list[tuple[str, bool]]:
+    """(address, only this machine can reach it) of every unauthenticated
+    listener of the server: the ZeroMQ endpoint without --auth, and the
+    WebSocket bridge if it runs."""
+    listeners = [] if config.auth != "none" else [(config.endpoint, is_local(config.endpoint))]
+    if config.ws_port:
+        listeners.append((f"ws://{config.ws_host}:{config.ws_port}", is_loopback_host(config.ws_host)))
+    return listeners
 
 
 def is_local(endpoint: str) -> bool:
@@ -171,7 +184,11 @@ def is_local(endpoint: str) -> bool:
     match = re.match(r"^(?:.*;)?\[?([^\[\]]+?)\]?:(\d+|\*)$", address)  # [source;]host:port
     if transport != "tcp" or match is None:
         return False
-    host = match.group(1)
+    return is_loopback_host(match.group(1))
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or address resolves only to loopback addresses."""
     if host == "lo":  # an interface name: ZeroMQ binds its address
         return True
     try:

@@ -427,7 +427,8 @@ class Front:
         session.limit = max(session.limit, last + min(credit, room))
         self._hold_credit(session, session.limit - last)
         session.level = level
-        grant = {"credit": session.limit - last, "limit": session.limit, "level": level}
+        grant = {"credit": session.limit - last, "limit": session.limit, "level": level,
+                 "pressure": round(pressure, 4)}
         if level == "overloaded":
             grant["retry_after_ms"] = retry_after_ms(pressure)
         return grant

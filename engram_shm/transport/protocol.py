@@ -65,7 +65,7 @@ def field(header: dict, name: str, types, default=_MISSING):
     value = header.get(name, _MISSING)
     if value is _MISSING or (value is None and default is not _MISSING):
         if default is _MISSING:
-            raise MissingField(f"{header.get('op')} needs field {name!r}", field=name)
+            raise MissingField(f"{header.get('op') or header.get('type')} needs field {name!r}", field=name)
         return default
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
         names = "/".join(t.__name__ for t in _as_tuple(types))

@@ -12,10 +12,14 @@ Shutdown (SIGINT or SIGTERM): the front stops taking observations and exits
 `drain_timeout_s` to catch up, workers stop, a last checkpoint is taken, and
 every block of the engine is removed. A second signal skips the drain.
 SIGHUP has the front read its keys and ACL again (docs/security.md).
+With `ws_port` set, a third kind of child, the WebSocket bridge
+(ws_bridge.py), serves Engram's JSON stream as a client of the front; it is
+stopped first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -38,6 +42,7 @@ from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog
 from ..store.datadir import DataDir
 from ..store.segment import Segment
 from .sessions import SessionTable, create_table
+from .ws_bridge import ready_file
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,8 @@ class Server:
                 self._recover()
             specs = [self._front_spec()] + index_worker_specs(self.catalog, config.worker_count,
                                                                self.directory.segments)
-            self.supervisor = Supervisor(specs)
+            self.bridge = len(specs) if config.ws_port else None  # its index among the children
+            self.supervisor = Supervisor(specs + ([self._bridge_spec()] if config.ws_port else []))
         except BaseException:
             self._release()
             raise
@@ -114,6 +120,26 @@ class Server:
         return ChildSpec("front", lambda inc: ["-m", "engram_shm.transport.front", self.name,
                                                config_json, str(inc)], ready, on_exit)
 
+    def _bridge_spec(self) -> ChildSpec:
+        """The WebSocket bridge: a client of the front, ready once it listens."""
+        config_json = json.dumps(dataclasses.asdict(self.config))
+        path = ready_file(self.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a previous engine's of this name
+
+        def ready(pid, incarnation):
+            try:
+                with open(path) as f:
+                    return f.read() == f"{pid} {incarnation}"
+            except OSError:
+                return False
+
+        def on_exit(incarnation):
+            log.warning("the WebSocket bridge died; restarting it (its clients resume their sessions)")
+
+        return ChildSpec("ws-bridge", lambda inc: ["-m", "engram_shm.transport.ws_bridge", self.name,
+                                                   config_json, str(inc)], ready, on_exit)
+
     def start(self) -> None:
         self.supervisor.start()
         if self.checkpointer is not None:
@@ -145,6 +171,8 @@ class Server:
             self.shutdown()
 
     def shutdown(self) -> None:
+        if self.bridge is not None:  # first: its clients see the connection close, not a silent front
+            self.supervisor.stop_child(self.bridge)
         log.info("shutting down: stopping the front")
         self.supervisor.stop_child(0)
         deadline = time.monotonic() + self.config.drain_timeout_s
@@ -166,6 +194,8 @@ class Server:
         self._release()
 
     def _release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ready_file(self.name))
         if self.directory is not None:
             self.directory.close()
         if self.sessions is not None:
