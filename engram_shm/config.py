@@ -18,6 +18,8 @@ DTYPES = ("f32", "f16")
 METRICS = ("cosine", "ip", "l2")
 WORKER_MODES = ("thread", "process")
 FSYNC_POLICIES = ("always", "interval", "never")
+MAX_K = 10_000  # the largest k a recall takes (engine/reader.py): its heaps are sized by k
+MAX_EF = 65536  # the widest beam of a recall
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,47}$")
 
 
@@ -58,6 +60,19 @@ class EngineConfig:
                                  "normal pressure", lo=1, hi=1 << 24)
     max_batch: int = _opt(4096, "largest batch of one message", lo=1, hi=1 << 20)
     max_frame_bytes: int = _opt(64 << 20, "largest payload frame accepted", lo=1024, hi=1 << 31)
+    recall_workers: int = _opt(0, "server: reader processes that answer recalls off the ingest loop; "
+                                  "0 means one per core", lo=0, hi=256)
+    recall_niceness: int = _opt(5, "server: nice increment of the reader processes, so that "
+                                   "ingestion wins the CPU (index workers run at 10)", lo=0, hi=19)
+    recall_concurrency: int = _opt(64, "server: recalls in flight at once, in total; past it a recall "
+                                       "is refused with busy", lo=1, hi=1 << 20)
+    recall_concurrency_per_key: int = _opt(32, "server: recalls in flight at once per principal "
+                                               "(client key); past it a recall is refused with busy",
+                                           lo=1, hi=1 << 20)
+    max_k: int = _opt(MAX_K, "server: largest k of a recall", lo=1, hi=MAX_K)
+    reply_queue_bytes: int = _opt(64 << 20, "server: replies a connection does not read that wait for "
+                                            "it, in bytes; past it its sessions are closed with "
+                                            "slow_consumer", lo=1 << 16, hi=1 << 40)
     session_idle_s: float = _opt(300.0, "seconds without a message after which a session expires",
                                  lo=0.1, hi=1e9)
     drain_timeout_s: float = _opt(60.0, "on shutdown, how long the server waits for indexing "
@@ -106,6 +121,10 @@ class EngineConfig:
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    @property
+    def recall_worker_count(self) -> int:
+        return self.recall_workers or os.cpu_count() or 1
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "EngineConfig":

@@ -24,6 +24,10 @@ CODES: dict[str, tuple[bool, str]] = {
     "sequence_gap": (True, "seq is past the next expected number (see expected)"),
     "no_credit": (True, "the message passes the granted credit limit"),
     "session_limit": (True, "the server holds its maximum of open sessions"),
+    "busy": (True, "the server holds its maximum of recalls in flight (in total or for this "
+                   "principal), or no recall reader is ready; retry after retry_after_ms"),
+    "slow_consumer": (False, "the connection did not read its replies: more than reply_queue_bytes "
+                             "waited for it, so its sessions were closed"),
     "internal": (True, "the server failed on this request; it stays up"),
     # observations, recall, engine
     "invalid_argument": (False, "an argument has the wrong type or an out-of-range value"),
@@ -127,6 +131,8 @@ NotSessionOwner = _error("NotSessionOwner", "not_session_owner", ProtocolError)
 SequenceGap = _error("SequenceGap", "sequence_gap", ProtocolError)
 NoCredit = _error("NoCredit", "no_credit", ProtocolError)
 SessionLimit = _error("SessionLimit", "session_limit", ProtocolError)
+Busy = _error("Busy", "busy", ProtocolError)
+SlowConsumer = _error("SlowConsumer", "slow_consumer", ProtocolError)
 Internal = _error("Internal", "internal")
 
 
