@@ -66,6 +66,7 @@ class Session:
     # (log position after a batch, its last seq) not yet known to be on disk
     logged: collections.deque = field(default_factory=collections.deque)
     durable: int = 0  # last sequence known to be on disk
+    closed_reason: str | None = None  # why the server closed it (an error code), if it did
 
 
 class SessionTable:
@@ -138,7 +139,7 @@ class SessionTable:
         if session is None or session.principal != principal:
             raise UnknownSession(f"no session {key!r} (never opened, or expired)", session=key)
         if self.state(session) == CLOSED:
-            raise SessionClosed(f"session {key!r} is closed", session=key)
+            raise self._closed(session)
         session.owner = owner
         self.touch(session)
         return session
@@ -152,7 +153,7 @@ class SessionTable:
             raise UnknownSession(f"no session {key!r} (never opened, or expired)", session=key)
         state = self.state(session)
         if state == CLOSED:
-            raise SessionClosed(f"session {key!r} is closed", session=key)
+            raise self._closed(session)
         if session.owner != owner:
             raise NotSessionOwner(f"session {key!r} belongs to another connection; "
                                   "init with resume to take it over", session=key)
@@ -160,6 +161,13 @@ class SessionTable:
             raise SessionPaused(f"session {key!r} is paused", session=key)
         self.touch(session)
         return session
+
+    @staticmethod
+    def _closed(session: Session) -> SessionClosed:
+        if session.closed_reason is None:
+            return SessionClosed(f"session {session.key!r} is closed", session=session.key)
+        return SessionClosed(f"session {session.key!r} was closed by the server: {session.closed_reason}",
+                             session=session.key, reason=session.closed_reason)
 
     def _principal(self, row: int) -> str:
         return self.principals[row].tobytes().rstrip(b"\0").decode("utf-8", "replace")
