@@ -63,3 +63,14 @@ def test_restart_quick_comes_back_after_a_crash_and_a_clean_stop():
     for r in rows:
         assert r["ready_s"] > 0 and r["recovery_s"] is not None and r["own_top_hit"] >= 0.99, r
     assert rows[0]["log_tail"] > 0 and rows[1]["log_tail"] == 0
+
+
+def test_isolation_quick_times_acks_alone_and_under_recall_load():
+    out = subprocess.run([sys.executable, "-m", "bench.isolation", "--quick"], capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["phase"] for r in rows] == ["alone", "recalls"]
+    for r in rows:
+        assert {"machine", "date", "ack_p50_ms", "ack_p99_ms", "batches"} <= set(r) and r["ack_p99_ms"] > 0
+    assert rows[1]["heavy_recalls"] >= 1 and rows[1]["flood_recalls"] >= 1
+    assert "x alone p99" in out and "goal: within 2x" in out
