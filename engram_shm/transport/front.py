@@ -169,9 +169,13 @@ class Front:
                 if readers in events:
                     for _ in range(MAX_RECV_PER_TURN):
                         try:
-                            self.recalls.on_message(readers.recv_multipart(zmq.NOBLOCK, copy=False))
+                            message = readers.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
+                        try:
+                            self.recalls.on_message(message)
+                        except Exception:  # a reader's bug must not cost the front
+                            log.exception("a message from a recall reader could not be handled")
                 if wake_r in events:
                     while _drain(wake_r):
                         pass
