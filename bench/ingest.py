@@ -207,7 +207,7 @@ class _LastReply:
     def __init__(self):
         self.last, self.errors = None, 0
 
-    def send_multipart(self, frames, flags=0):
+    def send_multipart(self, frames, flags=0, copy=True):
         self.last = msgpack.unpackb(frames[1], raw=False)
         self.errors += self.last["op"] == "error"
 
@@ -222,7 +222,7 @@ def loop_only(batches: list[tuple[dict, bytes]], ring: int) -> tuple[float, dict
     try:
         front = Front(EngineConfig(name=name, ring_capacity=ring, max_credit=CREDIT), catalog,
                       SessionTable(create_table(name)))
-        front.sock = replies = _LastReply()
+        front.replies.sock = replies = _LastReply()
         identity = zmq.Frame(b"\0bench")
         front.handle([identity, zmq.Frame(p.pack({"op": "init"})[0])])
         messages = [[identity, *map(zmq.Frame, frames)]

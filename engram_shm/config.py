@@ -19,6 +19,8 @@ METRICS = ("cosine", "ip", "l2")
 WORKER_MODES = ("thread", "process")
 FSYNC_POLICIES = ("always", "interval", "never")
 AUTH_MODES = ("none", "curve")
+MAX_K = 10_000  # the largest k a recall takes (engine/reader.py): its heaps are sized by k
+MAX_EF = 65536  # the widest beam of a recall
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,47}$")
 
 
@@ -77,6 +79,19 @@ class EngineConfig:
     memory_ceiling: float = _opt(0.9, "share of min(/dev/shm size, RAM) the engine's segments may take, "
                                       "and the fill of /dev/shm past which no segment is created",
                                  lo=1e-6, hi=1.0)
+    recall_workers: int = _opt(0, "server: reader processes that answer recalls off the ingest loop; "
+                                  "0 means one per core", lo=0, hi=256)
+    recall_niceness: int = _opt(10, "server: nice increment of the reader processes, so that "
+                                    "ingestion wins the CPU; index workers run at 10", lo=0, hi=19)
+    recall_concurrency: int = _opt(64, "server: recalls in flight at once, in total; past it a recall "
+                                       "is refused with busy", lo=1, hi=1 << 20)
+    recall_concurrency_per_key: int = _opt(32, "server: recalls in flight at once per principal "
+                                               "(client key); past it a recall is refused with busy",
+                                           lo=1, hi=1 << 20)
+    max_k: int = _opt(MAX_K, "server: largest k of a recall", lo=1, hi=MAX_K)
+    reply_queue_bytes: int = _opt(64 << 20, "server: replies a connection does not read that wait for "
+                                            "it, in bytes; past it its sessions are closed with "
+                                            "slow_consumer", lo=1 << 16, hi=1 << 40)
     session_idle_s: float = _opt(300.0, "seconds without a message after which a session expires",
                                  lo=0.1, hi=1e9)
     drain_timeout_s: float = _opt(60.0, "on shutdown, how long the server waits for indexing "
@@ -152,6 +167,10 @@ class EngineConfig:
     @property
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    @property
+    def recall_worker_count(self) -> int:
+        return self.recall_workers or os.cpu_count() or 1
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "EngineConfig":

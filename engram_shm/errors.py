@@ -24,6 +24,10 @@ CODES: dict[str, tuple[bool, str]] = {
     "sequence_gap": (True, "seq is past the next expected number (see expected)"),
     "no_credit": (True, "the message passes the granted credit limit"),
     "session_limit": (True, "the server or the key holds its maximum of sessions (see limit)"),
+    "busy": (True, "the server holds its maximum of recalls in flight (in total or for this "
+                   "principal), or no recall reader is ready; retry after retry_after_ms"),
+    "slow_consumer": (False, "the connection did not read its replies: more than reply_queue_bytes "
+                             "waited for it, so its sessions were closed"),
     "internal": (True, "the server failed on this request; it stays up"),
     # the WebSocket bridge's JSON stream (docs/protocol.md, "WebSocket")
     "not_initialized": (False, "a session message before init on this WebSocket connection"),
@@ -147,6 +151,8 @@ SessionLimit = _error("SessionLimit", "session_limit", ProtocolError)
 NotInitialized = _error("NotInitialized", "not_initialized", ProtocolError)
 SessionMismatch = _error("SessionMismatch", "session_mismatch", ProtocolError)
 DuplicateSequence = _error("DuplicateSequence", "duplicate_sequence", ProtocolError)
+Busy = _error("Busy", "busy", ProtocolError)
+SlowConsumer = _error("SlowConsumer", "slow_consumer", ProtocolError)
 Internal = _error("Internal", "internal")
 
 

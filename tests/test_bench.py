@@ -80,3 +80,14 @@ def test_websocket_quick_measures_one_connection_against_the_zmq_client():
     assert [r["system"] for r in rows] == ["zmq_client", "ws_batch", "ws_single", "json_decode"]
     assert all(r["obs_per_s"] > 0 and r["dim"] == 768 and r["machine"] and r["date"] for r in rows[:3])
     assert rows[3]["orjson_us_per_obs"] > 0 and "x zmq_client" in out
+
+
+def test_isolation_quick_times_acks_alone_and_under_recall_load():
+    out = subprocess.run([sys.executable, "-m", "bench.isolation", "--quick"], capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["phase"] for r in rows] == ["alone", "recalls"]
+    for r in rows:
+        assert {"machine", "date", "ack_p50_ms", "ack_p99_ms", "batches"} <= set(r) and r["ack_p99_ms"] > 0
+    assert rows[1]["heavy_recalls"] >= 1 and rows[1]["flood_recalls"] >= 1
+    assert "x alone p99" in out and "goal: within 2x" in out

@@ -156,13 +156,13 @@ class Replies:
     def __init__(self):
         self.all = []
 
-    def send_multipart(self, frames, flags=0):
+    def send_multipart(self, frames, flags=0, copy=True):
         self.all.append(msgpack.unpackb(frames[1], raw=False))
 
 
 def front_on(name, config, catalog):
     front = Front(config, catalog, SessionTable(shm.attach(table_name(name))))
-    front.sock = Replies()
+    front.replies.sock = Replies()
     return front
 
 
@@ -179,20 +179,20 @@ def test_a_resend_after_a_front_died_before_recording_the_sequence_is_acked(tmp_
         front = front_on(name, config, catalog)
         who = zmq.Frame(b"\0client")
         front.handle([who, zmq.Frame(p.pack({"op": "init"})[0])])
-        session = front.sock.all[-1]["session"]
+        session = front.replies.sock.all[-1]["session"]
         fields, frame = p.vector_payload(clustered(10, DIM, seed=103))
         header = {"op": "observe_batch", "session": session, "seq": 1, "space": "r",
                   "ids": [f"r{i}" for i in range(10)], **fields}
         message = [who, zmq.Frame(p.pack(header)[0]), zmq.Frame(frame)]
         front.handle(message)
-        assert front.sock.all[-1]["op"] == "ack"
+        assert front.replies.sock.all[-1]["op"] == "ack"
         front.sessions.set_last_seq(front.sessions.live[session], 0)  # as if killed before this
         front.close()  # unmaps; shared memory and the log stay as the dead front left them
         restarted = front_on(name, config, catalog)
         restarted.handle([who, zmq.Frame(p.pack({"op": "init", "resume": session})[0])])
-        assert restarted.sock.all[-1]["last_sequence"] == 10
+        assert restarted.replies.sock.all[-1]["last_sequence"] == 10
         restarted.handle(message)
-        reply = restarted.sock.all[-1]
+        reply = restarted.replies.sock.all[-1]
         assert reply["op"] == "ack" and reply.get("duplicate"), reply
         assert restarted.stats()["spaces"]["r"]["count"] == 10
         restarted.close()

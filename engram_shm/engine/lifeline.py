@@ -40,6 +40,14 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 ORPHAN_EXIT_CODE = 3
 
 
+class StopRequest:
+    """A child's SIGTERM handler: it only sets the flag its loop checks."""
+    requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+
 def bind_to_parent() -> int | None:
     """Make this process die when the parent named in ENGRAM_PARENT_PID dies.
     Returns that pid, or None (nothing done) when the variable is unset: a

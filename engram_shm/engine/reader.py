@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import MAX_EF, MAX_K
 from ..errors import InvalidArgument, UnknownSpace
 from ..kernels import hnsw
 from ..observations import prepare_cue
@@ -23,7 +24,6 @@ from ..store.segment import Segment
 from .directory import SegmentDirectory
 
 CONSISTENCIES = ("strong", "indexed")
-MAX_K = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,31 @@ class Memory:
     what: str
     when: float
     generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A recall's answer, best first, before its rows are read: for each
+    result its segment (an index into `segments`), slot and similarity."""
+    generation: int
+    segments: list[Segment]
+    seg_of: np.ndarray
+    slot_of: np.ndarray
+    sims: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.sims)
+
+    def memories(self, lo: int, hi: int) -> list[Memory]:
+        """Results lo..hi-1, read from their segments."""
+        seg_of, slot_of = self.seg_of[lo:hi], self.slot_of[lo:hi]
+        fields = [None] * len(seg_of)
+        for s in set(seg_of.tolist()):
+            rows = np.nonzero(seg_of == s)[0]
+            for row, values in zip(rows, self.segments[s].rows(slot_of[rows])):
+                fields[row] = values
+        return [Memory(ident, sim, conf, what, when, gen)
+                for (ident, what, conf, when, gen), sim in zip(fields, self.sims[lo:hi].tolist())]
 
 
 def similarity(distance: np.ndarray, metric: str) -> np.ndarray:
@@ -93,10 +118,17 @@ class Reader:
                threshold: float | None = None, ef: int = 64) -> tuple[list[Memory], int]:
         """The k most similar observations, best first, and the generation the
         answer is a snapshot of."""
+        found = self.find(space, cue, k, consistency, threshold, ef)
+        return found.memories(0, len(found)), found.generation
+
+    def find(self, space: str, cue, k: int = 10, consistency="strong",
+             threshold: float | None = None, ef: int = 64) -> "Found":
+        """The search of `recall`, whose rows are read on demand (a server
+        streams a large answer part by part as it reads them)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
             raise InvalidArgument(f"k must be an integer in [1, {MAX_K}], got {k!r}")
-        if isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or not 1 <= ef <= 65536:
-            raise InvalidArgument(f"ef must be an integer in [1, 65536], got {ef!r}")
+        if isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or not 1 <= ef <= MAX_EF:
+            raise InvalidArgument(f"ef must be an integer in [1, {MAX_EF}], got {ef!r}")
         index, params = self.space(space)
         q = prepare_cue(cue, params.dim, params.metric)
         generation, scan = self.resolve_generation(consistency)
@@ -115,22 +147,15 @@ class Reader:
             found_slot.append(slots)
             found_seg.append(np.full(len(slots), number, np.int32))
         if not found_d:
-            return [], generation
+            return Found(generation, segments, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
         d = np.concatenate(found_d)
         order = np.argsort(d, kind="stable")[:k]
         sims = similarity(d[order], params.metric)
         if threshold is not None:
             keep = sims >= threshold
             order, sims = order[keep], sims[keep]
-        seg_of = np.concatenate(found_seg)[order]
-        slot_of = np.concatenate(found_slot)[order]
-        fields = [None] * len(order)
-        for s in set(seg_of.tolist()):
-            rows = np.nonzero(seg_of == s)[0]
-            for row, values in zip(rows, segments[s].rows(slot_of[rows])):
-                fields[row] = values
-        return [Memory(ident, sim, conf, what, when, gen)
-                for (ident, what, conf, when, gen), sim in zip(fields, sims.tolist())], generation
+        return Found(generation, segments, np.concatenate(found_seg)[order],
+                     np.concatenate(found_slot)[order], sims)
 
     def close(self) -> None:
         self._spaces.clear()

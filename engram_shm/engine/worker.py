@@ -30,16 +30,9 @@ ORPHAN_CHECK_S = 1.0
 WORKER_NICENESS = 10
 
 
-class _Stop:
-    requested = False
-
-    def __call__(self, signum, frame):
-        self.requested = True
-
-
 def run(engine: str, worker: int, workers: int, incarnation: int) -> None:
     lifeline.bind_to_parent()  # first; the orphan check below only runs while idle
-    stop = _Stop()
+    stop = lifeline.StopRequest()
     os.nice(WORKER_NICENESS)  # the front and recalls come first; indexing takes what is left
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop

@@ -3,10 +3,13 @@ recalls (docs/protocol.md).
 
 One thread runs the loop: it reads what is waiting, answers each message
 (observations are validated, stored in shared memory and acked per batch;
-recalls are answered from the same memory, never waiting for indexing), and
-every few milliseconds does its upkeep: pressure levels and status pushes,
-indexed notifications, drained closes, idle expiry. Any fault in one message
-is answered with an error code; the loop itself never stops on bad input.
+recalls are checked, then answered by reader processes from the same memory,
+never waiting for indexing: recalls.py), and every few milliseconds does its
+upkeep: pressure levels and status pushes, indexed notifications, drained
+closes, idle expiry, readers that died. Any fault in one message is answered
+with an error code; the loop itself never stops on bad input, and never
+waits for a client: replies a client does not read wait in its queue, within
+a bound (replies.py).
 
 With a data directory the front is the log's writer: every batch and session
 change is logged before it is answered. Under fsync="always" the replies of
@@ -14,7 +17,7 @@ a turn (every message read in one go) wait for one fsync that covers them
 all: group commit. Each ack carries the session's `durable_seq`, and
 `durable` pushes tell a session when the background fsync has covered more.
 
-    python -m engram_shm.transport.front ENGINE CONFIG_JSON INCARNATION
+    python -m engram_shm.transport.front ENGINE CONFIG_JSON INCARNATION READERS_ENDPOINT
 """
 
 from __future__ import annotations
@@ -34,20 +37,19 @@ from ..auth.gate import gate_for
 from ..config import EngineConfig
 from ..engine import lifeline, recovery
 from ..engine.checkpointer import durability_stats
-from ..engine.directory import SegmentDirectory
-from ..engine.reader import Reader
 from ..engine.writer import EngineWriter
 from ..errors import (
     EngineClosed,
     EngramError,
+    Forbidden,
     Internal,
     InvalidArgument,
     NoCredit,
     Overloaded,
     SequenceGap,
     SessionLimit,
+    SlowConsumer,
     StorageError,
-    Unauthenticated,
 )
 from ..kernels.warm import warm
 from ..store import checkpoint, shm
@@ -68,6 +70,8 @@ from ..store.segment import Segment
 from ..store.wal import WalWriter
 from . import protocol as p
 from .credit import credit_for, level_of, retry_after_ms
+from .recalls import RecallDispatch
+from .replies import SNDHWM, ReplyQueues
 from .sessions import ACTIVE, ANONYMOUS, CLOSED, FREE, PAUSED, Session, SessionTable, table_name
 
 log = logging.getLogger(__name__)
@@ -86,9 +90,8 @@ class Front:
         self._segments: list[Segment] = []
 
         def open_segment(index: int) -> Segment:
-            """The front's own mapping of a segment: one per segment, shared by
-            its writer (segments it creates arrive via _on_new_segment) and its
-            reader."""
+            """The front's own mapping of a segment, one per segment (segments
+            its writer creates arrive via _on_new_segment)."""
             while len(self._segments) <= index:
                 name = segment_name(catalog.engine, len(self._segments))
                 self._segments.append(Segment.attach(name, writable=True))
@@ -107,14 +110,15 @@ class Front:
         else:
             recovered = self.writer.recover(open_segment)
         self.writer.ledger.overrides = self.gate.limits()
-        self.directory = SegmentDirectory(catalog, open_segment)
-        self.reader = Reader(self.directory)
         self.memory_pressure = 0.0
-        self.counters = {"received": 0, "replies_dropped": 0, "errors": 0, "observations": 0}
+        self.counters = {"received": 0, "errors": 0, "observations": 0}
         self.stopping = False
         self.principal = ANONYMOUS  # the client key of the message being handled
         self.reload_requested = False  # SIGHUP: read the keys and the ACL again
         self.key_credit: collections.Counter[str] = collections.Counter()  # credit held per key
+        self.replies = ReplyQueues(config.reply_queue_bytes, self._slow_consumer)
+        self.recalls = RecallDispatch(config, self.replies.deliver)
+        self._frames: list = []  # the message being handled
         self._held: list | None = None  # replies of the turn being read (fsync=always)
         self._waiting: collections.deque = collections.deque()  # (log position, replies) to sync
         self._checkpoints: list[tuple[int, bytes, object]] = []  # (request, identity, rid)
@@ -126,21 +130,32 @@ class Front:
         self._segments.append(seg)
 
     # -- the loop ----------------------------------------------------------------
-    def serve(self, endpoint: str, ready=lambda: None) -> None:
+    def serve(self, endpoint: str, readers_endpoint: str, ready=lambda: None) -> None:
+        """Run the loop: clients on `endpoint`, recall readers on
+        `readers_endpoint` (recalls.py)."""
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, SNDHWM)
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.MAXMSGSIZE, max_part_bytes(self.config))
         sock.setsockopt(zmq.LINGER, 2000)
         self.gate.start(ctx, sock)
         sock.bind(endpoint)
-        self.sock = sock
+        readers = ctx.socket(zmq.ROUTER)
+        readers.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # No marks: recall_concurrency bounds the jobs out, and so the parts in.
+        readers.setsockopt(zmq.SNDHWM, 0)
+        readers.setsockopt(zmq.RCVHWM, 0)
+        readers.setsockopt(zmq.LINGER, 0)
+        readers.bind(readers_endpoint)
+        self.replies.sock = sock
+        self.recalls.sock = readers
         ready()
         last_upkeep = 0.0
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(readers, zmq.POLLIN)
         group_commit = self.wal is not None and self.config.fsync == "always"
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if group_commit:  # the log's sync thread wakes the loop when a sync is done
@@ -160,6 +175,16 @@ class Front:
                         self.handle(frames)
                     if group_commit:
                         self._commit_turn()
+                if readers in events:
+                    for _ in range(MAX_RECV_PER_TURN):
+                        try:
+                            message = readers.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        try:
+                            self.recalls.on_message(message)
+                        except Exception:  # a reader's bug must not cost the front
+                            log.exception("a message from a recall reader could not be handled")
                 if wake_r in events:
                     while _drain(wake_r):
                         pass
@@ -168,13 +193,17 @@ class Front:
                 if now - last_upkeep >= UPKEEP_S:
                     last_upkeep = now
                     self.upkeep()
+                self.replies.flush()
             if self._waiting:
                 self.wal.request_sync()
                 deadline = time.monotonic() + 10
                 while self._waiting and time.monotonic() < deadline and self.wal.failed is None:
                     time.sleep(0.001)
                     self._release()
+            self.recalls.close()
+            self.replies.flush()
         finally:
+            readers.close()
             sock.close()
             self.gate.stop()
             ctx.term()
@@ -194,6 +223,7 @@ class Front:
             session_key = header.get("session")
             if self.stopping and header["op"] not in ("recall", "ping", "stats"):
                 raise EngineClosed("the server is shutting down")
+            self._frames = frames
             getattr(self, "op_" + header["op"])(identity, header, frames[2:])
         except EngramError as e:
             self.counters["errors"] += 1
@@ -226,18 +256,35 @@ class Front:
             os._exit(70)
         synced = self.wal.synced
         while self._waiting and self._waiting[0][0] <= synced:
-            for identity, header, payload in self._waiting.popleft()[1]:
-                self.send(identity, header, *payload)
+            for identity, frames in self._waiting.popleft()[1]:
+                self.replies.deliver(identity, frames)
 
     def send(self, identity: bytes, header: dict, *payload) -> None:
+        frames = p.pack(header, *payload)
         if self._held is not None:
-            self._held.append((identity, header, payload))
-            return
-        try:
-            self.sock.send_multipart([identity, *p.pack(header, *payload)], zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or not reading
-            self.counters["replies_dropped"] += 1
-            log.debug("reply to a peer dropped: %s", e)
+            self._held.append((identity, frames))
+        else:
+            self.replies.deliver(identity, frames)
+
+    def _slow_consumer(self, identity: bytes) -> None:
+        """A connection left more than reply_queue_bytes of replies unread and
+        they were dropped: its sessions close, logged like any close (their
+        acks may be lost, so the client starts a new session and asks again
+        instead of going on blind), and it is told why, should it read again."""
+        closed = []  # this time, or at an earlier overflow (whose message was dropped too)
+        for session in list(self.sessions.live.values()):
+            if session.owner != identity:
+                continue
+            if self.sessions.state(session) != CLOSED:
+                session.closed_reason = SlowConsumer.code
+                session.draining = False
+                self._set_state(session, CLOSED)
+                log.warning("session %s closed: its connection does not read its replies", session.key)
+            if session.closed_reason == SlowConsumer.code:
+                closed.append(session.key)
+        err = SlowConsumer(f"more than {self.config.reply_queue_bytes} bytes of replies waited unread; "
+                           "they were dropped and this connection's sessions closed", sessions=closed)
+        self.send(identity, {"op": "error", **err.to_dict()})
 
     # -- sessions ------------------------------------------------------------------
     def op_init(self, identity, header, payload) -> None:
@@ -440,28 +487,23 @@ class Front:
 
     # -- recall ----------------------------------------------------------------------------
     def op_recall(self, identity, header, payload) -> None:
-        space = p.field(header, "space", str)
-        self.gate.check(self.principal, space, "recall")
-        k = p.field(header, "k", int, 10)
-        batch = p.field(header, "batch", int, 100)
-        if batch < 1:
-            raise InvalidArgument(f"batch must be >= 1, got {batch}", field="batch")
-        consistency = p.field(header, "consistency", str, "strong")
-        if consistency == "snapshot":
-            consistency = p.field(header, "generation", int)
-        elif consistency not in ("strong", "indexed"):
-            raise InvalidArgument(f"consistency must be strong, indexed or snapshot, got {consistency!r}")
-        threshold = p.field(header, "threshold", (int, float), None)
-        ef = p.field(header, "ef", int, self.config.ef_search)
-        cue = p.vectors(header, payload, self.config.max_frame_bytes, single=True)
-        memories, generation = self.reader.recall(space, cue, k, consistency, threshold, ef)
-        rows = [{"id": m.id, "similarity": m.similarity, "confidence": m.confidence, "what": m.what,
-                 "when": m.when, "generation": m.generation} for m in memories]
-        parts = [rows[i:i + batch] for i in range(0, len(rows), batch)] or [[]]
-        for part, chunk in enumerate(parts):
-            self.send(identity, {"op": "recall_result", "rid": header.get("rid"), "results": chunk,
-                                 "more": part < len(parts) - 1, "part": part,
-                                 "snapshot_generation": generation})
+        """Check the request here, hand it as it came to a reader process
+        (recalls.py), which answers the client through this loop.
+
+        Consistency `strong` holds: every ack this front sent before it
+        received the recall left after the acked batch's generation was
+        published in shared memory (EngineWriter.write publishes, then the
+        ack is sent). This loop hands the recall on after that, in program
+        order, and the reader reads the committed generation only once it
+        has received it. The hand-off is a write to a socket and the receipt
+        a read from it: system calls, which order memory between processes
+        (they are full barriers), so the reader sees that generation or a
+        later one, and with it every slot the generation covers (the
+        publication order of the catalog: reader.py)."""
+        request = p.recall(header, payload, self.config.max_frame_bytes, self.config.max_k,
+                           self.config.ef_search)
+        self.gate.check(self.principal, request.space, "recall")
+        self.recalls.submit(identity, request.rid, self.principal, self._frames[1:])
 
     def op_checkpoint(self, identity, header, payload) -> None:
         """Ask the checkpointer for a checkpoint; answered once it is complete."""
@@ -503,6 +545,7 @@ class Front:
                  if key == principal or self.gate.is_admin(principal)}
         return {"engine": self.catalog.engine, "generation": self.catalog.committed_generation,
                 "sessions": len(self.sessions.live), "spaces": spaces, "keys": usage, **self.counters,
+                **self.replies.stats(), "recall": self.recalls.stats(),
                 "memory_pressure": round(self.memory_pressure, 4), "auth": self.gate.auth,
                 "durability": durability_stats(self.catalog, self.config)}
 
@@ -517,6 +560,7 @@ class Front:
             log.critical("the background fsync of the write-ahead log failed; the front exits")
             os._exit(70)  # the restarted front replays the log's tail (see _commit_turn)
         self.memory_pressure = shm.fill()
+        self.recalls.reap()
         if self.reload_requested:
             self.reload_requested = False
             self._reload_access()
@@ -555,11 +599,13 @@ class Front:
         self.writer.ledger.overrides = self.gate.limits()
         for session in list(self.sessions.live.values()):
             if session.principal in changed and self.sessions.state(session) != CLOSED:
-                self._set_state(session, CLOSED)
+                session.closed_reason = Forbidden.code
                 session.draining = False
+                self._set_state(session, CLOSED)
                 if session.owner is not None:
-                    self.send(session.owner, {"op": "error", "session": session.key, **Unauthenticated(
-                        f"the access of key {session.principal!r} changed: session closed").to_dict()})
+                    self.send(session.owner, {"op": "error", "session": session.key, **Forbidden(
+                        f"the access of key {session.principal!r} changed (revoked, or other grants): "
+                        "session closed").to_dict()})
 
     @staticmethod
     def _pop_indexed(session: Session) -> int:
@@ -575,8 +621,6 @@ class Front:
         return done
 
     def close(self) -> None:
-        self.reader.close()
-        self.directory.close()
         self.writer.close()
         self.sessions.close()
         for seg in self._segments:
@@ -613,7 +657,7 @@ def _tail(values, skip: int):
 def main(argv=None) -> None:
     lifeline.bind_to_parent()  # first: an orphaned front must not go on acking
     argv = sys.argv[1:] if argv is None else argv
-    engine, config_json, incarnation = argv[0], argv[1], int(argv[2])
+    engine, config_json, incarnation, readers_endpoint = argv[0], argv[1], int(argv[2]), argv[3]
     config = EngineConfig(**json.loads(config_json))
     logging.basicConfig(level=os.environ.get("ENGRAM_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -637,7 +681,7 @@ def main(argv=None) -> None:
         catalog.header[FRONT_PID] = os.getpid()
 
     try:
-        front.serve(config.endpoint, ready)
+        front.serve(config.endpoint, readers_endpoint, ready)
     finally:
         front.close()
         catalog.close()

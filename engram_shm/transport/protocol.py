@@ -7,11 +7,15 @@ with np.frombuffer over the received frame, never copied or turned into lists.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import msgpack
 import numpy as np
 
+from ..config import MAX_EF
 from ..errors import (
     BadFrame,
+    InvalidArgument,
     InvalidText,
     Malformed,
     MissingField,
@@ -121,3 +125,48 @@ def vector_payload(array: np.ndarray) -> tuple[dict, bytes | memoryview]:
 
 def _as_tuple(types) -> tuple:
     return types if isinstance(types, tuple) else (types,)
+
+
+@dataclass(frozen=True)
+class Recall:
+    """A recall request, checked."""
+    rid: object
+    space: str
+    k: int
+    batch: int
+    consistency: str | int  # "strong", "indexed", or the generation of a snapshot
+    threshold: float | None
+    ef: int
+    cue: np.ndarray
+
+
+def recall(header: dict, frames: list, max_frame_bytes: int, max_k: int, ef_search: int) -> Recall:
+    """A recall's header and cue frame, checked (the front before it hands the
+    request on, the reader that answers it)."""
+    space = field(header, "space", str)
+    k = field(header, "k", int, 10)
+    if not 1 <= k <= max_k:
+        raise InvalidArgument(f"k must be in [1, {max_k}], got {k}", field="k")
+    batch = field(header, "batch", int, 100)
+    if batch < 1:
+        raise InvalidArgument(f"batch must be >= 1, got {batch}", field="batch")
+    consistency = field(header, "consistency", str, "strong")
+    if consistency == "snapshot":
+        consistency = field(header, "generation", int)
+    elif consistency not in ("strong", "indexed"):
+        raise InvalidArgument(f"consistency must be strong, indexed or snapshot, got {consistency!r}",
+                              field="consistency")
+    threshold = field(header, "threshold", (int, float), None)
+    ef = field(header, "ef", int, ef_search)
+    if not 1 <= ef <= MAX_EF:
+        raise InvalidArgument(f"ef must be in [1, {MAX_EF}], got {ef}", field="ef")
+    cue = vectors(header, frames, max_frame_bytes, single=True)
+    return Recall(header.get("rid"), space, k, batch, consistency, threshold, ef, cue)
+
+
+def recall_result(rid, memories, part: int, more: bool, generation: int) -> bytes:
+    """Frame 0 of one recall_result message (it carries no payload)."""
+    rows = [{"id": m.id, "similarity": m.similarity, "confidence": m.confidence, "what": m.what,
+             "when": m.when, "generation": m.generation} for m in memories]
+    return pack({"op": "recall_result", "rid": rid, "results": rows, "more": more, "part": part,
+                 "snapshot_generation": generation})[0]

@@ -1,6 +1,9 @@
 """`engram-shm serve`: the server process. It owns the engine's shared memory
 (catalog, session table; segments are created by the front), and supervises
-the front process and one index worker per core, restarting any that dies.
+the front process, one index worker per core and the recall readers (one per
+core by default), restarting any that dies. The front talks to its readers
+over an ipc:// socket in a directory private to this server (mode 0700),
+which it creates and removes.
 
 With a data directory (the default for `serve`: ./engram-data), the server
 holds the directory's lock, brings the engine back from it before any child
@@ -25,7 +28,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 
@@ -41,6 +46,7 @@ from ..store import shm
 from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog
 from ..store.datadir import DataDir
 from ..store.segment import Segment
+from .recall_worker import is_ready
 from .sessions import SessionTable, create_table
 from .ws_bridge import ready_file
 
@@ -69,15 +75,20 @@ class Server:
         self.datadir = DataDir(config.data_dir, f"server {self.name}") if config.durable else None
         self.catalog = self.directory = self._sessions = self.sessions = self.checkpointer = None
         self.recovered: recovery.Recovered | None = None
+        self.private_dir: str | None = None
         try:
+            self.private_dir = tempfile.mkdtemp(prefix=f"engram-{self.name}-")  # 0700
+            backend = f"ipc://{self.private_dir}/recall"
             self.catalog = Catalog.create(self.name)
             self.directory = SegmentDirectory(self.catalog, writable=True)  # CAS on claims
             self._sessions = create_table(self.name)
             self.sessions = SessionTable(self._sessions)
             if self.datadir is not None:
                 self._recover()
-            specs = [self._front_spec()] + index_worker_specs(self.catalog, config.worker_count,
-                                                               self.directory.segments)
+            config_json = json.dumps(dataclasses.asdict(config))
+            specs = [self._front_spec(config_json, backend),
+                     *index_worker_specs(self.catalog, config.worker_count, self.directory.segments),
+                     *self._reader_specs(config_json, backend)]
             self.bridge = len(specs) if config.ws_port else None  # its index among the children
             self.supervisor = Supervisor(specs + ([self._bridge_spec()] if config.ws_port else []))
         except BaseException:
@@ -107,9 +118,7 @@ class Server:
         self.checkpointer = Checkpointer(self.catalog, self.datadir, self.config, self.directory.segments,
                                          self.sessions.snapshot)
 
-    def _front_spec(self) -> ChildSpec:
-        config_json = json.dumps(dataclasses.asdict(self.config))
-
+    def _front_spec(self, config_json: str, backend: str) -> ChildSpec:
         def ready(pid, incarnation):
             h = self.catalog.header
             return h[FRONT_PID] == pid and h[FRONT_INCARNATION] == incarnation
@@ -118,7 +127,18 @@ class Server:
             log.warning("the front died; restarting it (sessions and data are in shared memory)")
 
         return ChildSpec("front", lambda inc: ["-m", "engram_shm.transport.front", self.name,
-                                               config_json, str(inc)], ready, on_exit)
+                                               config_json, str(inc), backend], ready, on_exit)
+
+    def _reader_specs(self, config_json: str, backend: str) -> list[ChildSpec]:
+        """The recall readers: the front finds them by their hellos and gives
+        up a dead one's recalls itself, so a death needs no clean-up here."""
+        def spec(i: int) -> ChildSpec:
+            ready_file = os.path.join(self.private_dir, f"reader-{i}.ready")
+            argv = ["-m", "engram_shm.transport.recall_worker", self.name, config_json, backend, str(i)]
+            return ChildSpec(f"recall-{i}", lambda inc: [*argv, str(inc), ready_file],
+                             lambda pid, inc: is_ready(ready_file, pid, inc), lambda inc: None)
+
+        return [spec(i) for i in range(self.config.recall_worker_count)]
 
     def _bridge_spec(self) -> ChildSpec:
         """The WebSocket bridge: a client of the front, ready once it listens."""
@@ -144,8 +164,8 @@ class Server:
         self.supervisor.start()
         if self.checkpointer is not None:
             self.checkpointer.start()
-        log.info("engram-shm %s serving on %s with %d index workers", self.name, self.config.endpoint,
-                 self.config.worker_count)
+        log.info("engram-shm %s serving on %s with %d index workers and %d recall readers", self.name,
+                 self.config.endpoint, self.config.worker_count, self.config.recall_worker_count)
 
     def reload_access(self, signum=None, frame=None) -> None:
         """SIGHUP: the front reads the keys and the ACL again."""
@@ -210,3 +230,6 @@ class Server:
         if self.datadir is not None:
             self.datadir.close()
             self.datadir = None
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            self.private_dir = None

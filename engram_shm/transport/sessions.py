@@ -66,6 +66,7 @@ class Session:
     logged: collections.deque = field(default_factory=collections.deque)
     durable: int = 0  # last sequence known to be on disk
     credit_held: int = 0  # granted beyond the last ack, counted in its key's credit
+    closed_reason: str | None = None  # why the server closed it (an error code), if it did
 
 
 class SessionTable:
@@ -138,7 +139,7 @@ class SessionTable:
         if session is None or session.principal != principal:
             raise UnknownSession(f"no session {key!r} (never opened, or expired)", session=key)
         if self.state(session) == CLOSED:
-            raise SessionClosed(f"session {key!r} is closed", session=key)
+            raise self._closed(session)
         session.owner = owner
         self.touch(session)
         return session
@@ -152,7 +153,7 @@ class SessionTable:
             raise UnknownSession(f"no session {key!r} (never opened, or expired)", session=key)
         state = self.state(session)
         if state == CLOSED:
-            raise SessionClosed(f"session {key!r} is closed", session=key)
+            raise self._closed(session)
         if session.owner != owner:
             raise NotSessionOwner(f"session {key!r} belongs to another connection; "
                                   "init with resume to take it over", session=key)
@@ -164,6 +165,13 @@ class SessionTable:
     def count(self, principal: str) -> int:
         """Rows held by the sessions of `principal`."""
         return sum(1 for s in self.live.values() if s.principal == principal)
+
+    @staticmethod
+    def _closed(session: Session) -> SessionClosed:
+        if session.closed_reason is None:
+            return SessionClosed(f"session {session.key!r} is closed", session=session.key)
+        return SessionClosed(f"session {session.key!r} was closed by the server: {session.closed_reason}",
+                             session=session.key, reason=session.closed_reason)
 
     def _principal(self, row: int) -> str:
         return self.principals[row].tobytes().rstrip(b"\0").decode("utf-8", "replace")

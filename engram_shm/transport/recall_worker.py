@@ -1,0 +1,123 @@
+"""A reader process: answers the recalls the front hands it (recalls.py), off
+the front's loop, with the same Reader as every other process that maps the
+engine's shared memory.
+
+    python -m engram_shm.transport.recall_worker ENGINE CONFIG_JSON BACKEND INDEX INCARNATION READY_FILE
+
+Processes, not threads of the front: the kernels release the GIL, but
+reading the rows of a large answer and packing it is Python, which would
+hold the GIL the front's loop needs. It runs at nice `recall_niceness`, so
+that when cores are short the front (and so every producer's acks) wins.
+It streams each part of an answer as soon as it is packed. The supervisor
+restarts it if it dies; it reports ready by writing its pid and incarnation
+into READY_FILE once the front has answered its hello.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from ..config import EngineConfig
+from ..engine import lifeline
+from ..engine.directory import SegmentDirectory
+from ..engine.reader import Reader
+from ..errors import EngramError, Internal
+from ..kernels.warm import warm
+from ..store.catalog import Catalog
+from . import protocol as p
+from .recalls import HELLO_S, JOB, LAST, PART, WELCOME, hello_frames
+
+log = logging.getLogger(__name__)
+
+
+def answer(sock, reader: Reader, config: EngineConfig, job: bytes, frames: list) -> None:
+    """Search for one recall and send its answer part by part (or an error)."""
+    rid = None
+    try:
+        header = p.unpack_header(frames[0].buffer)
+        rid = header.get("rid")
+        request = p.recall(header, frames[1:], config.max_frame_bytes, config.max_k, config.ef_search)
+        found = reader.find(request.space, request.cue, request.k, request.consistency, request.threshold,
+                            request.ef)
+        parts = max(1, -(-len(found) // request.batch))
+        for part in range(parts):
+            lo = part * request.batch
+            more = part < parts - 1
+            frame = p.recall_result(rid, found.memories(lo, lo + request.batch), part, more, found.generation)
+            sock.send_multipart([PART if more else LAST, job, frame], copy=False)
+    except EngramError as e:
+        sock.send_multipart([LAST, job, p.pack({"op": "error", "rid": rid, **e.to_dict()})[0]])
+    except Exception as e:  # a bug must cost one recall, never the reader
+        log.exception("internal error on a recall")
+        err = Internal(f"internal error: {type(e).__name__}: {e}")
+        sock.send_multipart([LAST, job, p.pack({"op": "error", "rid": rid, **err.to_dict()})[0]])
+
+
+def report_ready(path: str, incarnation: int) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {incarnation}")
+    os.replace(path + ".tmp", path)  # whole or absent
+
+
+def is_ready(path: str, pid: int, incarnation: int) -> bool:
+    """Whether the reader `pid` of this incarnation has reported ready."""
+    try:
+        with open(path) as f:
+            return f.read() == f"{pid} {incarnation}"
+    except FileNotFoundError:
+        return False
+
+
+def run(engine: str, config: EngineConfig, backend: str, index: int, incarnation: int,
+        ready_file: str) -> None:
+    lifeline.bind_to_parent()  # first: an orphan must not go on mapping the engine's memory
+    stop = lifeline.StopRequest()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+    os.nice(config.recall_niceness)
+    warm()
+    catalog = Catalog.attach(engine)
+    directory = SegmentDirectory(catalog)
+    reader = Reader(directory)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"r{index}.{incarnation}".encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)  # the front bounds the recalls in flight, hence their parts
+    sock.connect(backend)
+    hello, next_hello, ready = hello_frames(os.getpid()), 0.0, False
+    try:
+        while not stop.requested:
+            now = time.monotonic()
+            if now >= next_hello:  # also how a restarted front learns of this reader
+                sock.send_multipart(hello)
+                next_hello = now + HELLO_S
+            if not sock.poll(int(HELLO_S * 1000)):
+                continue
+            frames = sock.recv_multipart(copy=False)
+            kind = frames[0].bytes
+            if kind == JOB:
+                answer(sock, reader, config, frames[1].bytes, frames[2:])
+            elif kind == WELCOME and not ready:
+                report_ready(ready_file, incarnation)
+                ready = True
+    finally:
+        sock.close()
+        ctx.term()
+        reader.close()
+        directory.close()
+        catalog.close()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=os.environ.get("ENGRAM_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run(sys.argv[1], EngineConfig(**json.loads(sys.argv[2])), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+        sys.argv[6])
