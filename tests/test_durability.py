@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 
-import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -24,9 +23,10 @@ from engram_shm.store.catalog import Catalog, collect_stale
 from engram_shm.store.verify import verify
 from engram_shm.synthetic import clustered
 from engram_shm.transport import protocol as p
-from engram_shm.transport.front import Front
 from engram_shm.transport.launch import free_port, running_server
-from engram_shm.transport.sessions import SessionTable, create_table, table_name
+from engram_shm.transport.sessions import create_table
+
+from inproc import front_on
 
 DIM = 32
 
@@ -150,22 +150,6 @@ def test_verify_reads_a_healthy_directory(tmp_path):
 
 
 # -- the server ------------------------------------------------------------------------
-class Replies:
-    """Stands in for the front's ROUTER socket."""
-
-    def __init__(self):
-        self.all = []
-
-    def send_multipart(self, frames, flags=0, copy=True):
-        self.all.append(msgpack.unpackb(frames[1], raw=False))
-
-
-def front_on(name, config, catalog):
-    front = Front(config, catalog, SessionTable(shm.attach(table_name(name))))
-    front.replies.sock = Replies()
-    return front
-
-
 def test_a_resend_after_a_front_died_before_recording_the_sequence_is_acked(tmp_path):
     """The front is killed after it logged and committed a batch but before it
     recorded the session's sequence: the restarted front learns the sequence

@@ -22,9 +22,11 @@ from engram_shm.store import checkpoint, shm
 from engram_shm.store.catalog import MAX_SPACES, Catalog
 from engram_shm.synthetic import clustered
 from engram_shm.transport import protocol as p
-from engram_shm.transport.front import Front, max_part_bytes
+from engram_shm.transport.front import max_part_bytes
 from engram_shm.transport.launch import free_port, running_server
-from engram_shm.transport.sessions import MAX_SESSIONS, SessionTable, create_table, table_name
+from engram_shm.transport.sessions import MAX_SESSIONS, create_table
+
+from inproc import front_on
 
 DIM = 16
 
@@ -180,16 +182,6 @@ def test_a_data_directory_from_before_owners_gives_its_spaces_to_anonymous(tmp_p
 
 
 # -- the front, in process, with principals ----------------------------------------------
-class Replies:
-    """Stands in for the front's ROUTER socket."""
-
-    def __init__(self):
-        self.all = []
-
-    def send_multipart(self, frames, flags=0):
-        self.all.append(msgpack.unpackb(frames[1], raw=False))
-
-
 @pytest.fixture
 def front_for():
     """Front(config) in this process; `front.ask(principal, identity, header,
@@ -200,14 +192,13 @@ def front_for():
         name = f"t-lim-{os.getpid()}-{len(made)}"
         catalog = Catalog.create(name)
         shm.close(create_table(name))
-        front = Front(EngineConfig(name=name, **options), catalog, SessionTable(shm.attach(table_name(name))))
-        front.sock = Replies()
+        front = front_on(name, EngineConfig(name=name, **options), catalog)
         made.append((front, catalog))
 
         def ask(principal, identity, header, *payload):
             front.gate.principal_of = lambda frame: principal  # as if CURVE had said who it is
             front.handle([zmq.Frame(identity), *map(zmq.Frame, p.pack(header, *payload))])
-            return front.sock.all[-1]
+            return front.replies.sock.all[-1]
 
         front.ask = ask
         return front
@@ -247,7 +238,7 @@ def test_one_keys_sessions_share_its_credit_and_get_it_back(front_for):
     assert refusal["code"] == "no_credit"
     front.ask("alice", b"a1", {"op": "close", "session": a["session"], "drain": False})
     front.upkeep()
-    status = [m for m in front.sock.all if m["op"] == "status" and m["session"] == c["session"]]
+    status = [m for m in front.replies.sock.all if m["op"] == "status" and m["session"] == c["session"]]
     assert status and status[-1]["credit"] > 0, status  # pushed: the client waits for it
     assert front.key_credit["alice"] == sum(s.credit_held for s in front.sessions.live.values()
                                             if s.principal == "alice") == 1000

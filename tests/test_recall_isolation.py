@@ -2,6 +2,7 @@
 server: correct answers, limits, strong consistency, a reader's death, and a
 client that stops reading (docs/protocol.md, "Recall" and "Replies")."""
 
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -135,6 +136,7 @@ def test_recalls_past_the_concurrency_limit_are_busy_at_once(flags):
         c.flush()
         wait_for("the reader", lambda: len(readers(c)) == 1)
         raw = Raw(endpoint)
+        other, waiting = Client(endpoint), concurrent.futures.ThreadPoolExecutor(1)
         with stopped(reader_pids(c)):
             for rid in range(3):  # taken, and held: the reader is frozen
                 raw.send(*recall_header("limits", data[rid], rid))
@@ -143,11 +145,18 @@ def test_recalls_past_the_concurrency_limit_are_busy_at_once(flags):
             assert (busy["op"], busy["code"], busy["rid"]) == ("error", "busy", 3)
             assert busy["retryable"] and busy["retry_after_ms"] >= 1
             assert c.stats()["recall"]["in_flight"] == 3
+            # The Python client asks again after retry_after_ms until there is room.
+            later = waiting.submit(other.recall, "limits", data[4], k=1)
+            time.sleep(0.3)
+            assert not later.done()
+        assert later.result(timeout=30)[0].id == "l4"
         answers = [raw.recv() for _ in range(3)]  # answered once the reader runs again
         assert sorted(a["rid"] for a in answers) == [0, 1, 2]
         assert all(a["op"] == "recall_result" and a["results"][0]["id"] == f"l{a['rid']}" for a in answers)
         assert c.recall("limits", data[5], k=1)[0].id == "l5"
         raw.close()
+        other.close()
+        waiting.shutdown()
 
 
 def test_a_reader_killed_mid_recall_answers_retryable_and_is_restarted(server):

@@ -24,6 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ..auth.keys import load_pair, load_public
 from ..engine.reader import Memory
 from ..errors import (
+    Busy,
     EngramError,
     Internal,
     InvalidArgument,
@@ -402,7 +403,9 @@ class Client:
                       generation: int | None = None, threshold: float | None = None,
                       ef: int | None = None, batch: int = 100) -> Iterator[list[Memory]]:
         """The answer in parts of `batch` results, best first. Observations this
-        client sent are flushed first, so a strong recall sees them."""
+        client sent are flushed first, so a strong recall sees them. A recall
+        refused with `busy` is asked again after its retry_after_ms, for up
+        to `timeout` s."""
         self.flush()
         header = {"op": "recall", "space": space, "k": k, "consistency": consistency,
                   "batch": batch}
@@ -410,7 +413,16 @@ class Client:
             if value is not None:
                 header[name] = value
         fields, frame = p.vector_payload(np.asarray(cue, dtype=np.float32))
-        for msg in self._request({**header, **fields}, frame):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                answer = self._request({**header, **fields}, frame)
+                break
+            except Busy as e:  # the server's recalls in flight are at their limit: ask again when told
+                if time.monotonic() > deadline:
+                    raise
+                self._pump(e.details.get("retry_after_ms", 50) / 1000)
+        for msg in answer:
             self.snapshot_generation = msg["snapshot_generation"]
             yield [Memory(r["id"], r["similarity"], r["confidence"], r["what"], r["when"],
                           r["generation"]) for r in msg["results"]]

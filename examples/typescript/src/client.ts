@@ -9,6 +9,8 @@
  *   consumes no sequence number, so the client resends from the refused
  *   message on, after `retry_after_ms`; a final one (duplicate_id, wrong
  *   dimensions) drops that message's episodes and is reported to `onError`.
+ *   A recall refused with `busy` (too many in flight) is asked again after
+ *   its `retry_after_ms`.
  * - Resume: when the connection drops it reconnects, sends `init` with
  *   `resume_session_id`, learns the last acked sequence and resends only
  *   what follows: nothing is lost and nothing stored twice.
@@ -84,8 +86,8 @@ export class EngramStream {
   private timer: ReturnType<typeof setTimeout> | null = null;
   private closing = false;
   private waiters: (() => void)[] = [];
-  private recalls = new Map<string | number, { hits: RecallHit[]; resolve: (h: RecallHit[]) => void;
-    reject: (e: Error) => void }>();
+  private recalls = new Map<string | number, { hits: RecallHit[]; request: string;
+    resolve: (h: RecallHit[]) => void; reject: (e: Error) => void }>();
   private nextRequest = 1;
   private opened: { resolve: () => void; reject: (e: Error) => void } | null = null;
   private readonly space: string;
@@ -129,8 +131,9 @@ export class EngramStream {
   recall(cue: number[], k = 10, space = this.space): Promise<RecallHit[]> {
     const requestId = this.nextRequest++;
     return new Promise((resolve, reject) => {
-      this.recalls.set(requestId, { hits: [], resolve, reject });
-      this.ws!.send(JSON.stringify({ type: "recall", request_id: requestId, memory_space_id: space, cue, k }));
+      const request = JSON.stringify({ type: "recall", request_id: requestId, memory_space_id: space, cue, k });
+      this.recalls.set(requestId, { hits: [], request, resolve, reject });
+      this.ws!.send(request);
     });
   }
 
@@ -215,7 +218,12 @@ export class EngramStream {
 
   private onError(msg: ServerMessage): void {
     if (msg.request_id !== undefined && this.recalls.has(msg.request_id)) {
-      this.recalls.get(msg.request_id)!.reject(new Error(`${msg.code}: ${msg.message}`));
+      const pending = this.recalls.get(msg.request_id)!;
+      if (msg.code === "busy") { // too many recalls in flight: ask again when told
+        setTimeout(() => this.ws?.send(pending.request), msg.retry_after_ms ?? 50);
+        return;
+      }
+      pending.reject(new Error(`${msg.code}: ${msg.message}`));
       this.recalls.delete(msg.request_id);
       return;
     }
