@@ -2,14 +2,20 @@ import json
 import subprocess
 import sys
 
+
+def quick(module: str, *flags: str) -> tuple[str, list[dict]]:
+    """A benchmark's --quick run: (what it printed, its JSON lines)."""
+    out = subprocess.run([sys.executable, "-m", module, "--quick", *flags], capture_output=True, text=True,
+                         timeout=600, check=True).stdout
+    return out, [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
 KEYS = {"bench", "system", "n", "dim", "dtype", "insert_per_s", "recall_at_10", "query_p50_ms",
         "query_p99_ms"}
 
 
 def test_ann_quick_runs_all_peers_and_prints_json_lines():
-    out = subprocess.run([sys.executable, "-m", "bench.ann", "--quick"], capture_output=True,
-                         text=True, timeout=600, check=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    out, rows = quick("bench.ann")
     assert {(r["system"], r["dtype"]) for r in rows} == {
         ("hnswlib", "f32"), ("faiss", "f32"), ("engram_shm", "f32"), ("engram_shm", "f16")}
     for r in rows:
@@ -21,9 +27,7 @@ def test_ann_quick_runs_all_peers_and_prints_json_lines():
 
 
 def test_scaling_quick_compares_worker_counts():
-    out = subprocess.run([sys.executable, "-m", "bench.scaling", "--quick"], capture_output=True,
-                         text=True, timeout=600, check=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    out, rows = quick("bench.scaling")
     assert [r["workers"] for r in rows] == [1, 2]
     for r in rows:
         assert {"bench", "workers", "insert_per_s"} <= set(r) and r["bench"] == "scaling"
@@ -33,9 +37,7 @@ def test_scaling_quick_compares_worker_counts():
 
 
 def test_ingest_quick_compares_with_the_raw_transport():
-    out = subprocess.run([sys.executable, "-m", "bench.ingest", "--quick"], capture_output=True,
-                         text=True, timeout=600, check=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    out, rows = quick("bench.ingest")
     assert [r["system"] for r in rows] == ["raw_zmq", "raw_zmq_shm", "engram_shm", "engram_shm_client",
                                            "engram_shm_loop_only"]
     for r in rows:
@@ -45,10 +47,7 @@ def test_ingest_quick_compares_with_the_raw_transport():
 
 
 def test_ingest_quick_compares_fsync_policies():
-    out = subprocess.run([sys.executable, "-m", "bench.ingest", "--quick", "--fsync",
-                          "always,interval,never"], capture_output=True, text=True, timeout=600,
-                         check=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    out, rows = quick("bench.ingest", "--fsync", "always,interval,never")
     assert [r["system"] for r in rows] == ["engram_shm_fsync_never", "engram_shm_fsync_always",
                                            "engram_shm_fsync_interval", "engram_shm_memory_only"]
     assert all(r["obs_per_s"] > 0 for r in rows)
@@ -56,17 +55,13 @@ def test_ingest_quick_compares_fsync_policies():
 
 
 def test_ingest_quick_compares_curve_with_no_authentication():
-    out = subprocess.run([sys.executable, "-m", "bench.ingest", "--quick", "--auth"], capture_output=True,
-                         text=True, timeout=600, check=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    out, rows = quick("bench.ingest", "--auth")
     assert [r["system"] for r in rows] == ["engram_shm_auth_none", "engram_shm_auth_curve"]
     assert all(r["obs_per_s"] > 0 and r["recalls"] >= 0 for r in rows)
 
 
 def test_restart_quick_comes_back_after_a_crash_and_a_clean_stop():
-    out = subprocess.run([sys.executable, "-m", "bench.restart", "--quick"], capture_output=True, text=True,
-                         timeout=600, check=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    out, rows = quick("bench.restart")
     assert [r["case"] for r in rows] == ["crash", "clean"]
     for r in rows:
         assert r["ready_s"] > 0 and r["recovery_s"] is not None and r["own_top_hit"] >= 0.99, r
@@ -74,18 +69,14 @@ def test_restart_quick_comes_back_after_a_crash_and_a_clean_stop():
 
 
 def test_websocket_quick_measures_one_connection_against_the_zmq_client():
-    out = subprocess.run([sys.executable, "-m", "bench.websocket", "--quick"], capture_output=True, text=True,
-                         timeout=600, check=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    out, rows = quick("bench.websocket")
     assert [r["system"] for r in rows] == ["zmq_client", "ws_batch", "ws_single", "json_decode"]
     assert all(r["obs_per_s"] > 0 and r["dim"] == 768 and r["machine"] and r["date"] for r in rows[:3])
     assert rows[3]["orjson_us_per_obs"] > 0 and "x zmq_client" in out
 
 
 def test_isolation_quick_times_acks_alone_and_under_recall_load():
-    out = subprocess.run([sys.executable, "-m", "bench.isolation", "--quick"], capture_output=True, text=True,
-                         timeout=600, check=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    out, rows = quick("bench.isolation")
     assert [r["phase"] for r in rows] == ["alone", "recalls"]
     for r in rows:
         assert {"machine", "date", "ack_p50_ms", "ack_p99_ms", "batches"} <= set(r) and r["ack_p99_ms"] > 0
