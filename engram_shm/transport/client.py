@@ -44,7 +44,12 @@ RESEND_CODES = {"no_credit", "overloaded", "sequence_gap", "internal", "shm_full
 RESUME_CODES = {"not_session_owner"}
 CLIENT_KEY_ENV, SERVER_KEY_ENV = "ENGRAM_CLIENT_KEY", "ENGRAM_SERVER_KEY"
 _MONITORS = itertools.count()
-HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+# Handshakes in a row the server ends without saying why before the client
+# concludes it refuses ours. When one side speaks CURVE and the other not,
+# which side notices first is a race: often the server just hangs up.
+REFUSED_HANDSHAKES = 3
 
 
 class ClientTimeout(Internal):
@@ -119,7 +124,8 @@ class Client:
         # A refused handshake is silent on the socket itself: watch for it,
         # so that a wrong or missing key is an error, not a timeout.
         self._monitor = self._sock.get_monitor_socket(
-            HANDSHAKE_FAILURES, f"inproc://engram-client-monitor.{os.getpid()}.{next(_MONITORS)}")
+            HANDSHAKE_EVENTS, f"inproc://engram-client-monitor.{os.getpid()}.{next(_MONITORS)}")
+        self._failed_handshakes = 0
         self._sock.connect(self.endpoint)
 
     def _close_socket(self) -> None:
@@ -130,23 +136,29 @@ class Client:
             self._monitor.close(linger=0)
 
     def _check_handshake(self) -> None:
-        """Raise Unauthenticated if the server refused our key, or speaks
-        another security mechanism. Other handshake failures (a server dying
-        mid-handshake) are left to ZeroMQ's reconnection."""
-        if not self._monitor.poll(0):
-            return
-        event = recv_monitor_message(self._monitor)
-        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            why = "the server refused this client's key (unknown or revoked)"
-        elif event["value"] != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-            return
-        elif self._curve is None:
-            why = "the server requires authentication: give a key pair (client_key/server_key or " \
-                  f"{CLIENT_KEY_ENV}/{SERVER_KEY_ENV})"
-        else:
-            why = "the handshake failed: the server may not use CURVE, or server_key is not its key"
-        self._close_socket()
-        raise Unauthenticated(f"{self.endpoint}: {why}")
+        """Raise Unauthenticated if the server refused our key, speaks another
+        security mechanism, or ends every handshake (REFUSED_HANDSHAKES in a
+        row, none done). A single failure (a server dying mid-handshake) is
+        left to ZeroMQ's reconnection."""
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._failed_handshakes = 0
+                continue
+            self._failed_handshakes += 1
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                why = "the server refused this client's key (unknown or revoked)"
+            elif value != zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH and \
+                    self._failed_handshakes < REFUSED_HANDSHAKES:
+                continue
+            elif self._curve is None:
+                why = "the server ends every handshake: it requires authentication, so give a key pair " \
+                      f"(client_key/server_key or {CLIENT_KEY_ENV}/{SERVER_KEY_ENV})"
+            else:
+                why = "the server ends every handshake: it may not use CURVE, or server_key is not its key"
+            self._close_socket()
+            raise Unauthenticated(f"{self.endpoint}: {why}")
 
     def _handshake(self, resume: str | None, timeout: float | None = None) -> None:
         header = {"op": "init", "priority": self.priority, "notify_indexed": self.notify_indexed}
