@@ -113,17 +113,17 @@ def cmd_checkpoint(args) -> int:
     return 0
 
 
-def _keys_dir(args):
-    from .auth.keys import KeysDir
-
-    data = args.data_dir if args.data_dir not in (None, "") else DEFAULT_DATA_DIR
-    return KeysDir(args.keys_dir or (os.path.join(data, "keys") if data != "none" else ""))
+def _keys_config(args) -> EngineConfig:
+    """The data and keys directories of `keys` (as `serve` would find them)."""
+    return EngineConfig(data_dir=args.data_dir or DEFAULT_DATA_DIR, keys_dir=args.keys_dir or "")
 
 
 def cmd_keys(args) -> int:
     from .auth.acl import Acl
+    from .auth.keys import KeysDir
 
-    keys = _keys_dir(args)
+    config = _keys_config(args)
+    keys = KeysDir(config.keys_path)
     if args.action == "new":
         path = keys.new(args.name)
         print(f"key {args.name!r} accepted; its key pair (secret: hand it to the client, then delete "
@@ -143,18 +143,17 @@ def cmd_keys(args) -> int:
         print(f"key {args.name!r} revoked")
     if args.action in ("reload", "revoke", "new", "add"):
         Acl.load(keys.acl)  # a broken ACL is reported here, not only in the server's log
-        print(_signal_server(args, signal.SIGHUP))
+        print(_signal_server(config, signal.SIGHUP))
     return 0
 
 
-def _signal_server(args, signum) -> str:
+def _signal_server(config: EngineConfig, signum) -> str:
     """Send `signum` to the server holding the data directory's lock."""
     from .store.datadir import holder_pid
 
-    data = args.data_dir if args.data_dir not in (None, "") else DEFAULT_DATA_DIR
-    pid = holder_pid(os.path.join(data, "LOCK")) if data != "none" else None
+    pid = holder_pid(os.path.join(config.data_dir, "LOCK")) if config.durable else None
     if pid is None:
-        return f"no server holds {data}: the change applies when one starts (or send it SIGHUP)"
+        return f"no server holds {config.data_dir}: the change applies when one starts (or send it SIGHUP)"
     os.kill(pid, signum)
     return f"the server (pid {pid}) reloads its keys and ACL"
 

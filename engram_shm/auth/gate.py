@@ -72,7 +72,6 @@ class CurveGate:
         self.server_public, self.server_secret = keys.server_key(create=True)
         self.accepted = keys.accepted()  # z85 public key -> name; swapped whole on reload
         self.acl = Acl.load(keys.acl)
-        self.refused = 0  # handshakes ZAP refused
         self._authenticator: ThreadAuthenticator | None = None
         if not self.acl.grants:
             log.warning("no grants in %s: every key is forbidden every space until you write one",
@@ -91,7 +90,6 @@ class CurveGate:
         """ZAP's question, from the authenticator's thread: admit this key?"""
         admitted = key in self.accepted
         if not admitted:
-            self.refused += 1
             log.info("refused a connection with an unknown or revoked key %s", key.decode())
         return admitted
 
