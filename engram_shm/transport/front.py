@@ -276,9 +276,7 @@ class Front:
             if session.owner != identity:
                 continue
             if self.sessions.state(session) != CLOSED:
-                session.closed_reason = SlowConsumer.code
-                session.draining = False
-                self._set_state(session, CLOSED)
+                self._close_for(session, SlowConsumer.code)
                 log.warning("session %s closed: its connection does not read its replies", session.key)
             if session.closed_reason == SlowConsumer.code:
                 closed.append(session.key)
@@ -345,7 +343,6 @@ class Front:
         session = self.sessions.get(header.get("session"), identity, allow_paused=True)
         drain = p.field(header, "drain", bool, True)
         self._set_state(session, CLOSED)
-        self._hold_credit(session, 0)
         session.close_rid, session.close_owner = header.get("rid"), identity
         session.draining = drain
         self._pop_indexed(session)
@@ -353,9 +350,19 @@ class Front:
             self._closed(session)
 
     def _set_state(self, session: Session, state: int) -> None:
-        """Change a session's state, logged first: a restart restores it."""
+        """Change a session's state, logged first: a restart restores it. A
+        closed session takes nothing more: its credit goes back to its key."""
         self._log_session(session, state)
         self.sessions.set_state(session, state)
+        if state == CLOSED:
+            self._hold_credit(session, 0)
+
+    def _close_for(self, session: Session, code: str) -> None:
+        """The server closes a session (its data stays); a later message on
+        it gets session_closed with `code` as its reason."""
+        session.closed_reason = code
+        session.draining = False
+        self._set_state(session, CLOSED)
 
     def _log_session(self, session: Session, state: int) -> None:
         """Log a session's change, best effort: a full disk must not stop a
@@ -541,8 +548,8 @@ class Front:
         owners = self.writer.ledger.owners
         spaces = {name: {**w.stats(), "owner": owners[name]} for name, w in self.writer.spaces.items()
                   if self.gate.visible(principal, name)}
-        usage = {key: used for key, used in self.writer.ledger.usage().items()
-                 if key == principal or self.gate.is_admin(principal)}
+        admin = self.gate.is_admin(principal)
+        usage = {key: used for key, used in self.writer.ledger.usage().items() if admin or key == principal}
         return {"engine": self.catalog.engine, "generation": self.catalog.committed_generation,
                 "sessions": len(self.sessions.live), "spaces": spaces, "keys": usage, **self.counters,
                 **self.replies.stats(), "recall": self.recalls.stats(),
@@ -599,9 +606,7 @@ class Front:
         self.writer.ledger.overrides = self.gate.limits()
         for session in list(self.sessions.live.values()):
             if session.principal in changed and self.sessions.state(session) != CLOSED:
-                session.closed_reason = Forbidden.code
-                session.draining = False
-                self._set_state(session, CLOSED)
+                self._close_for(session, Forbidden.code)
                 if session.owner is not None:
                     self.send(session.owner, {"op": "error", "session": session.key, **Forbidden(
                         f"the access of key {session.principal!r} changed (revoked, or other grants): "
