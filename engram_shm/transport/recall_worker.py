@@ -28,6 +28,7 @@ from ..config import EngineConfig
 from ..engine import lifeline
 from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
+from ..engine.readiness import report_ready
 from ..errors import EngramError, Internal
 from ..kernels.warm import warm
 from ..store.catalog import Catalog
@@ -58,21 +59,6 @@ def answer(sock, reader: Reader, config: EngineConfig, job: bytes, frames: list)
         log.exception("internal error on a recall")
         err = Internal(f"internal error: {type(e).__name__}: {e}")
         sock.send_multipart([LAST, job, p.pack({"op": "error", "rid": rid, **err.to_dict()})[0]])
-
-
-def report_ready(path: str, incarnation: int) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{os.getpid()} {incarnation}")
-    os.replace(path + ".tmp", path)  # whole or absent
-
-
-def is_ready(path: str, pid: int, incarnation: int) -> bool:
-    """Whether the reader `pid` of this incarnation has reported ready."""
-    try:
-        with open(path) as f:
-            return f.read() == f"{pid} {incarnation}"
-    except FileNotFoundError:
-        return False
 
 
 def run(engine: str, config: EngineConfig, backend: str, index: int, incarnation: int,

@@ -22,7 +22,6 @@ stopped first.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -40,15 +39,14 @@ from ..config import EngineConfig
 from ..engine import recovery
 from ..engine.checkpointer import Checkpointer
 from ..engine.directory import SegmentDirectory
+from ..engine.readiness import is_ready
 from ..engine.supervisor import ChildSpec, Supervisor, index_worker_specs
 from ..engine.writer import EngineWriter
 from ..store import shm
 from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog
 from ..store.datadir import DataDir
 from ..store.segment import Segment
-from .recall_worker import is_ready
 from .sessions import SessionTable, create_table
-from .ws_bridge import ready_file
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +141,14 @@ class Server:
     def _bridge_spec(self) -> ChildSpec:
         """The WebSocket bridge: a client of the front, ready once it listens."""
         config_json = json.dumps(dataclasses.asdict(self.config))
-        path = ready_file(self.name)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a previous engine's of this name
-
-        def ready(pid, incarnation):
-            try:
-                with open(path) as f:
-                    return f.read() == f"{pid} {incarnation}"
-            except OSError:
-                return False
+        path = os.path.join(self.private_dir, "ws-bridge.ready")
 
         def on_exit(incarnation):
             log.warning("the WebSocket bridge died; restarting it (its clients resume their sessions)")
 
         return ChildSpec("ws-bridge", lambda inc: ["-m", "engram_shm.transport.ws_bridge", self.name,
-                                                   config_json, str(inc)], ready, on_exit)
+                                                   config_json, str(inc), path],
+                         lambda pid, inc: is_ready(path, pid, inc), on_exit)
 
     def start(self) -> None:
         self.supervisor.start()
@@ -214,8 +204,6 @@ class Server:
         self._release()
 
     def _release(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ready_file(self.name))
         if self.directory is not None:
             self.directory.close()
         if self.sessions is not None:

@@ -9,7 +9,7 @@ over, as a reconnecting ZeroMQ client does), and a client that stops reading
 backs up only its own socket. Credit, sequence checks, durability, errors
 and recall are the front's; the bridge only translates (jsonstream.py).
 
-    python -m engram_shm.transport.ws_bridge ENGINE CONFIG_JSON INCARNATION
+    python -m engram_shm.transport.ws_bridge ENGINE CONFIG_JSON INCARNATION READY_FILE
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 from http import HTTPStatus
 
 import msgpack
@@ -33,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ..config import EngineConfig
 from ..engine import lifeline
+from ..engine.readiness import report_ready
 from ..errors import EngramError, Internal, InvalidArgument, NotInitialized, SessionMismatch
 from . import jsonstream as js
 from . import protocol as p
@@ -42,12 +42,6 @@ log = logging.getLogger(__name__)
 PATH = "/v1/stream"
 # Pages served from this machine may connect; others only if ws_origins says.
 LOOPBACK_ORIGIN = re.compile(r"^https?://(localhost|127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\])(:\d+)?$")
-
-
-def ready_file(engine: str) -> str:
-    """Where a bridge says it listens: "pid incarnation" (the supervisor's
-    readiness check; the bridge maps no shared memory to write it in)."""
-    return os.path.join(tempfile.gettempdir(), f"engram-{engine}-ws.ready")
 
 
 def front_address(endpoint: str) -> str:
@@ -262,17 +256,14 @@ class Connection:
 def main(argv=None) -> None:
     lifeline.bind_to_parent()  # first: an orphaned bridge must not hold the port
     argv = sys.argv[1:] if argv is None else argv
-    engine, config_json, incarnation = argv[0], argv[1], int(argv[2])
+    engine, config_json, incarnation, ready_path = argv[0], argv[1], int(argv[2]), argv[3]
     config = EngineConfig(**json.loads(config_json))
     logging.basicConfig(level=os.environ.get("ENGRAM_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
 
     def ready():
-        path = ready_file(engine)
-        with open(path + ".tmp", "w") as f:
-            f.write(f"{os.getpid()} {incarnation}")
-        os.replace(path + ".tmp", path)
+        report_ready(ready_path, incarnation)
         log.info("WebSocket bridge of %s on ws://%s:%d%s", engine, config.ws_host, config.ws_port, PATH)
 
     asyncio.run(Bridge(config).serve(ready))
