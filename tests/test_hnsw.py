@@ -208,3 +208,57 @@ def test_repair_finishes_a_half_rewritten_list(case, draw):
     assert g.state[1] == 0
     assert naive.graph_violations(g, n, M) == []
     assert not hnsw.repair(g, n, sc)
+
+
+def _view(store, gens, g, accepted, indexed):
+    header = np.zeros(64, np.int64)
+    header[hnsw.ACCEPTED], header[hnsw.INDEXED], header[hnsw.MIN_GEN] = accepted, indexed, gens[0]
+    return hnsw.SegmentView(store, gens, g, header)
+
+
+@given(st.lists(st.tuples(st.integers(1, 120), st.floats(0, 1)), min_size=1, max_size=4),
+       st.integers(1, 12), st.sampled_from(["cosine", "l2"]), st.integers(0, 2**31))
+def test_space_search_merges_its_segments_as_the_naive_merge(shapes, k, metric, seed):
+    """One kernel call over several segments, each partly indexed with the rest
+    scanned, returns the top-k of the per-segment searches merged; with
+    nothing indexed it is the exact top-k of every row."""
+    rng = np.random.default_rng(seed)
+    views, parts, first = [], [], 1
+    for n, fraction in shapes:
+        data = rng.normal(size=(n, 8)).astype(np.float32)
+        data /= np.linalg.norm(data, axis=1, keepdims=True)
+        store, _, g, _ = build(data, M=4, ef_c=16, metric=metric, upto=int(n * fraction))
+        gens = np.arange(first, first + n, dtype=np.uint64)
+        first += n
+        views.append(_view(store, gens, g, n, int(n * fraction)))
+        parts.append((store, gens, g, int(n * fraction)))
+    q = rng.normal(size=8).astype(np.float32)
+    q /= np.linalg.norm(q)
+    space = hnsw.SpaceViews(views)
+    sc = hnsw.new_scratch(space.capacity, 8, 4, 64, MAX_LEVEL)
+    d, refs = hnsw.search_space(space, q, k, 16, first, True, metric, sc)
+    merged = []
+    for s, (store, gens, g, indexed) in enumerate(parts):
+        pd, ids = hnsw.search(store, gens, g, q, k, 16, indexed, indexed, len(store), ANY, metric, sc)
+        merged += [(x, (s << 32) | int(i)) for x, i in zip(pd.tolist(), ids)]
+    merged.sort()
+    np.testing.assert_allclose(d, [x for x, _ in merged[:k]], rtol=1e-6, atol=1e-6)
+    assert np.all(np.diff(d) >= 0)
+    exact_views = hnsw.SpaceViews([_view(s, gn, g, len(s), 0) for s, gn, g, _ in parts])
+    d, refs = hnsw.search_space(exact_views, q, k, 16, first, True, metric, sc)
+    rows = np.concatenate([p[0] for p in parts])
+    offsets = np.cumsum([0] + [len(p[0]) for p in parts])
+    exact = naive.distances(rows, q, metric)
+    np.testing.assert_allclose(d, np.sort(exact)[:len(d)], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(exact[offsets[refs >> 32] + (refs & 0xFFFFFFFF)], d, rtol=1e-5, atol=1e-5)
+
+
+def test_space_search_leaves_out_segments_past_the_snapshot():
+    data = clustered(200, 16, seed=3)
+    store, gens, g, sc = build(data)
+    later = gens + np.uint64(1000)
+    space = hnsw.SpaceViews([_view(store, gens, g, 200, 200), _view(store, later, g, 200, 200)])
+    d, refs = hnsw.search_space(space, data[5], 10, 64, 200, True, "cosine", sc)
+    assert set((refs >> 32).tolist()) == {0} and (refs & 0xFFFFFFFF)[0] == 5
+    with pytest.raises(InvalidArgument):
+        hnsw.SpaceViews([_view(store, gens, g, 200, 200), _view(store[:, :8].copy(), gens, g, 200, 200)])

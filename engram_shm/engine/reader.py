@@ -19,7 +19,7 @@ from ..errors import InvalidArgument, UnknownSpace
 from ..kernels import hnsw
 from ..observations import prepare_cue
 from ..store.catalog import SpaceParams
-from ..store.layout import MAX_LEVEL, MIN_GEN
+from ..store.layout import MAX_LEVEL
 from ..store.segment import Segment
 from .directory import SegmentDirectory
 
@@ -81,6 +81,7 @@ class Reader:
         self._spaces: dict[str, tuple[int, SpaceParams]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._views_of: dict[int, tuple[list[Segment], hnsw.SpaceViews]] = {}
 
     def space(self, name: str) -> tuple[int, SpaceParams]:
         found = self._spaces.get(name)
@@ -94,12 +95,22 @@ class Reader:
                 raise UnknownSpace(f"no space named {name!r}", space=name)
         return found
 
-    def _scratch(self, seg: Segment, ef: int) -> hnsw.Scratch:
+    def _scratch(self, views: hnsw.SpaceViews, ef: int) -> hnsw.Scratch:
         cache = getattr(self._local, "scratch", None)
         if cache is None:
             cache = self._local.scratch = hnsw.ScratchCache()
-        L = seg.layout
-        return cache.get(L.capacity, L.dim, L.M, max(ef, 256), MAX_LEVEL)
+        return cache.get(views.capacity, views.dim, views.M, max(ef, 256), MAX_LEVEL)
+
+    def _views(self, index: int) -> tuple[list[Segment], hnsw.SpaceViews | None]:
+        """The space's segments and their kernel views, rebuilt only when a
+        segment was added (segments are never removed while mapped)."""
+        segments = self.directory.of_space(index)
+        cached = self._views_of.get(index)
+        if cached is None or cached[1].n != len(segments):
+            if not segments:
+                return segments, None
+            cached = self._views_of[index] = (segments, hnsw.SpaceViews([s.view for s in segments]))
+        return cached
 
     def resolve_generation(self, consistency) -> tuple[int, bool]:
         """(generation bound, whether to scan unindexed windows)."""
@@ -132,30 +143,17 @@ class Reader:
         index, params = self.space(space)
         q = prepare_cue(cue, params.dim, params.metric)
         generation, scan = self.resolve_generation(consistency)
-        found_d, found_seg, found_slot = [], [], []
-        segments = self.directory.of_space(index)
-        for number, seg in enumerate(segments):
-            n_indexed = seg.indexed
-            n_accepted = seg.accepted
-            if n_accepted == 0 or seg.header[MIN_GEN] > generation:
-                continue
-            lo, hi = (n_indexed, n_accepted) if scan else (0, 0)
-            d, slots = hnsw.search(seg.r.vectors, seg.r.generation, seg.graph_r, q, int(k),
-                                   max(int(ef), int(k)), n_indexed, lo, hi, generation,
-                                   params.metric, self._scratch(seg, max(ef, k)))
-            found_d.append(d)
-            found_slot.append(slots)
-            found_seg.append(np.full(len(slots), number, np.int32))
-        if not found_d:
-            return Found(generation, segments, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0))
-        d = np.concatenate(found_d)
-        order = np.argsort(d, kind="stable")[:k]
-        sims = similarity(d[order], params.metric)
+        segments, views = self._views(index)
+        if views is None:
+            return Found(generation, segments, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+        k, ef = int(k), max(int(ef), int(k))
+        d, refs = hnsw.search_space(views, q, k, ef, generation, scan, params.metric,
+                                    self._scratch(views, ef))
+        sims = similarity(d, params.metric)
         if threshold is not None:
             keep = sims >= threshold
-            order, sims = order[keep], sims[keep]
-        return Found(generation, segments, np.concatenate(found_seg)[order],
-                     np.concatenate(found_slot)[order], sims)
+            refs, sims = refs[keep], sims[keep]
+        return Found(generation, segments, refs >> 32, refs & 0xFFFFFFFF, sims)
 
     def close(self) -> None:
         self._spaces.clear()

@@ -34,8 +34,10 @@ crash keeps its pinned edges and never duplicates a link.
 from collections import namedtuple
 
 import numpy as np
+from numba import typed
 
 from ..errors import InvalidArgument
+from ..store.layout import ACCEPTED, INDEXED, MIN_GEN
 from .atomics import fence
 from .distance import check_query, check_store, dist
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
@@ -43,6 +45,9 @@ from .policy import METRIC_CODES, kernel
 from .scalar import as_f32, prefetch_row
 
 Graph = namedtuple("Graph", "links0 upper level upper_row parent state")
+# One segment as a recall sees it: read-only columns, its graph and its header,
+# whose counters the kernel reads itself.
+SegmentView = namedtuple("SegmentView", "store gens graph header")
 # Caller-owned scratch of one thread: visit marks and heaps sized by capacity,
 # small buffers sized by M and ef.
 Scratch = namedtuple(
@@ -488,6 +493,31 @@ def _search_segment(store, gens, g, q, k, ef, n_indexed, scan_lo, scan_hi, gen_m
     return n_out
 
 
+@kernel
+def _search_space(views, q, k, ef, gen_max, scan, metric, sc, seg_d, seg_i, out_d, out_ref):
+    """Top-k over every segment of a space in one call: each segment's graph
+    over its indexed nodes, and with `scan` an exact scan of its unindexed
+    window, all limited to generation <= gen_max, merged as they come.
+    Writes ascending distances and references (segment << 32 | slot) into
+    out_d/out_ref; returns how many."""
+    n_out = 0
+    for s in range(len(views)):
+        v = views[s]
+        n_indexed = v.header[INDEXED]  # read before accepted: both only grow
+        fence()
+        n_accepted = v.header[ACCEPTED]
+        if n_accepted == 0 or np.uint64(v.header[MIN_GEN]) > gen_max:
+            continue
+        lo = n_indexed if scan else 0
+        hi = n_accepted if scan else 0
+        n = _search_segment(v.store, v.gens, v.graph, q, k, ef, n_indexed, lo, hi, gen_max, metric,
+                            sc, seg_d, seg_i)
+        for i in range(n):
+            n_out = topk_push(out_d, out_ref, n_out, k, seg_d[i], (np.int64(s) << 32) | seg_i[i])
+    topk_finish(out_d, out_ref, n_out)
+    return n_out
+
+
 def new_graph(levels: np.ndarray, M: int, max_level: int) -> Graph:
     """A standalone empty graph for nodes with the given levels (capped at
     max_level), laid out as in a segment; for tests, benchmarks and warm-up."""
@@ -532,19 +562,46 @@ class ScratchCache:
 
 
 def _check_graph(store: np.ndarray, gens: np.ndarray, g: Graph, sc: Scratch) -> int:
+    M = _check_columns(store, gens, g)
+    cap = store.shape[0]
+    if not (sc.visited.shape[0] >= cap and sc.cand_k.shape[0] >= cap and sc.keep_v.shape[0] >= 2 * M + 2
+            and sc.layer_v.shape[0] > g.upper.shape[1] and sc.layer_v.shape[1] >= M):
+        raise InvalidArgument("scratch arrays do not match the store's capacity and M")
+    return M
+
+
+def _check_columns(store: np.ndarray, gens: np.ndarray, g: Graph) -> int:
     check_store(store)
     cap = store.shape[0]
     M = g.upper.shape[2] - 1
     ok = (gens.shape == (cap,) and gens.dtype == np.uint64
           and g.links0.shape == (cap, 2 * M + 1) and g.links0.dtype == np.int32
           and g.level.shape == (cap,) and g.upper_row.shape == (cap,) and g.parent.shape == (cap,)
-          and g.state.shape == (2,) and g.state.dtype == np.int64
-          and sc.visited.shape[0] >= cap and sc.cand_k.shape[0] >= cap
-          and sc.keep_v.shape[0] >= 2 * M + 2
-          and sc.layer_v.shape[0] > g.upper.shape[1] and sc.layer_v.shape[1] >= M)
+          and g.state.shape == (2,) and g.state.dtype == np.int64)
     if not ok:
-        raise InvalidArgument("graph, generation or scratch arrays do not match the store's capacity and M")
+        raise InvalidArgument("graph or generation arrays do not match the store's capacity and M")
     return M
+
+
+class SpaceViews:
+    """The segments of one space as the space kernel takes them: a typed list
+    checked once when built (segments never change shape), with the largest
+    capacity (the scratch a search needs) and the dimension."""
+
+    def __init__(self, views: list[SegmentView]):
+        if not views:
+            raise InvalidArgument("a space view needs at least one segment")
+        for v in views:
+            _check_columns(v.store, v.gens, v.graph)
+            if v.header.shape[0] <= INDEXED or v.header.dtype != np.int64:
+                raise InvalidArgument("segment header is not an int64 array of the layout's words")
+        if len({(v.store.dtype, v.store.shape[1], v.graph.links0.shape[1]) for v in views}) != 1:
+            raise InvalidArgument("the segments of a space share dtype, dimension and M")
+        self.list = typed.List(views)
+        self.capacity = max(v.store.shape[0] for v in views)
+        self.dim = views[0].store.shape[1]
+        self.M = views[0].graph.upper.shape[2] - 1
+        self.n = len(views)
 
 
 def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric: str,
@@ -588,3 +645,22 @@ def search(store, gens, g: Graph, q: np.ndarray, k: int, ef: int, n_indexed: int
     n = _search_segment(store, gens, g, q.reshape(1, -1), k, ef, n_indexed, scan_lo, scan_hi,
                         np.uint64(gen_max), METRIC_CODES[metric], sc, out_d, out_i)
     return out_d[:n], out_i[:n]
+
+
+def search_space(views: SpaceViews, q: np.ndarray, k: int, ef: int, gen_max: int, scan: bool,
+                 metric: str, sc: Scratch):
+    """Top-k of a whole space (distances ascending, segment << 32 | slot
+    references): `search` of every segment, with each one's counters read
+    by the kernel, merged in the kernel. Safe to call while writers append
+    and insert."""
+    check_query(q, views.dim)
+    ef = max(ef, k)
+    if k < 1 or sc.res_k.shape[0] <= ef or sc.visited.shape[0] < views.capacity:
+        raise InvalidArgument(f"k must be >= 1 and the scratch hold ef = {ef} and "
+                              f"{views.capacity} nodes")
+    out_d = np.empty(k, np.float32)
+    out_ref = np.empty(k, np.int64)
+    n = _search_space(views.list, q.reshape(1, -1), k, ef, np.uint64(gen_max), scan,
+                      METRIC_CODES[metric], sc, np.empty(k, np.float32), np.empty(k, np.int32),
+                      out_d, out_ref)
+    return out_d[:n], out_ref[:n]

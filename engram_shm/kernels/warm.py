@@ -76,7 +76,11 @@ def warm(readers: bool = True) -> float:
         hnsw.repair(g, n, sc)
         if readers:
             ro = hnsw.Graph(*map(_readonly, g))
-            hnsw.search(_readonly(store), _readonly(gens), ro, data[0], 2, 4, n, 0, 0, n, "cosine", sc)
+            header = np.zeros(64, np.int64)
+            header[[hnsw.ACCEPTED, hnsw.INDEXED]] = n
+            view = hnsw.SegmentView(_readonly(store), _readonly(gens), ro, _readonly(header))
+            views = hnsw.SpaceViews([view])
+            hnsw.search_space(views, data[0], 2, 4, n, True, "cosine", sc)
             distances(store, data[0], "l2")
         _warm_append(dtype, dim)
     _warm_ids()

@@ -13,7 +13,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from ..kernels.hnsw import Graph
+from ..kernels.hnsw import Graph, SegmentView
 from . import shm
 from .layout import ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout
 
@@ -39,6 +39,9 @@ class Segment:
         self.w = columns(block.buf) if writable else None
         self.vectors_address = self.r.vectors.ctypes.data  # read once: .ctypes costs microseconds
         self.graph_r = self._graph(self.r, np.ndarray((2,), np.int64, buffer=ro, offset=ENTRY * 8))
+        # What the recall kernel reads, header included, through read-only views.
+        self.view = SegmentView(self.r.vectors, self.r.generation, self.graph_r,
+                                np.ndarray((64,), np.int64, buffer=ro))
         self.graph_w = (self._graph(self.w, self.header[ENTRY:ENTRY + 2]) if writable else None)
 
     @staticmethod
@@ -121,7 +124,7 @@ class Segment:
         """Release the views and unmap (the block stays for other processes)."""
         if self.block is None:
             return
-        self.r = self.w = self.graph_r = self.graph_w = self.header = None
+        self.r = self.w = self.graph_r = self.graph_w = self.header = self.view = None
         self._arena_bytes.release()
         block, self.block = self.block, None
         shm.close(block)
