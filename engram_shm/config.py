@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidArgument
 
-DTYPES = ("f32", "f16")
+DTYPES = ("f32", "f16", "int8")  # append only: the catalog stores the index
 METRICS = ("cosine", "ip", "l2")
 WORKER_MODES = ("thread", "process")
 FSYNC_POLICIES = ("always", "interval", "never")

@@ -10,20 +10,22 @@ def quick(module: str, *flags: str) -> tuple[str, list[dict]]:
     return out, [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-KEYS = {"bench", "system", "n", "dim", "dtype", "insert_per_s", "recall_at_10", "query_p50_ms",
-        "query_p99_ms"}
+KEYS = {"bench", "system", "data", "n", "dim", "dtype", "threads", "insert_per_s", "insert_per_cpu_s",
+        "recall_at_10", "query_p50_ms", "query_p99_ms"}
 
 
 def test_ann_quick_runs_all_peers_and_prints_json_lines():
     out, rows = quick("bench.ann")
-    assert {(r["system"], r["dtype"]) for r in rows} == {
-        ("hnswlib", "f32"), ("faiss", "f32"), ("engram_shm", "f32"), ("engram_shm", "f16")}
+    for data in ("clustered-64", "sentence-48"):
+        assert {(r["system"], r["dtype"], r["threads"]) for r in rows if r["data"] == data} == {
+            ("hnswlib", "f32", 1), ("faiss", "f32", 1), ("engram_shm", "f16", 1), ("engram_shm", "int8", 1),
+            ("hnswlib", "f32", 2), ("engram_shm", "f16", 2), ("engram_shm", "int8", 2)}
     for r in rows:
         assert set(r) == KEYS
-        assert r["insert_per_s"] > 0 and 0 <= r["recall_at_10"] <= 1
+        assert r["insert_per_s"] > 0 and r["insert_per_cpu_s"] > 0 and 0 <= r["recall_at_10"] <= 1
     engram = [r for r in rows if r["system"] == "engram_shm"]
     assert all(r["recall_at_10"] >= 0.9 for r in engram), engram
-    assert "x hnswlib" in out
+    assert out.count("x hnswlib") == 2
 
 
 def test_scaling_quick_compares_worker_counts():

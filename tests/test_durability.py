@@ -72,7 +72,7 @@ from engram_shm import Engine
 from engram_shm.synthetic import clustered
 data = clustered(4000, {dim}, seed=102)
 e = Engine(name="{name}", data_dir=sys.argv[1], workers=1, fsync="always", wal_file_bytes=1 << 16,
-           checkpoints_kept=2)
+           checkpoints_kept=2, dtype="{dtype}")
 for b, lo in enumerate(range(0, 4000, 500)):
     e.observe("s", [f"c{{i}}" for i in range(lo, lo + 500)], data[lo:lo + 500])
     if b in (1, 4):
@@ -82,11 +82,12 @@ sys.stdin.read()
 """
 
 
-def crashed_engine(directory) -> np.ndarray:
+def crashed_engine(directory, dtype="f16") -> np.ndarray:
     """An engine that wrote 4000 observations in 8 batches, with checkpoints
     after the 2nd and the 5th, then was SIGKILLed; returns its vectors."""
     name = f"t-crash-{os.getpid()}"
-    proc = subprocess.Popen([sys.executable, "-c", CRASHER.format(dim=DIM, name=name), str(directory)],
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER.format(dim=DIM, name=name, dtype=dtype),
+                             str(directory)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "done"
@@ -123,6 +124,22 @@ def test_a_torn_log_tail_is_cut_and_everything_before_it_recovered(tmp_path, dam
         assert own_top_hits(e.recall, "s", data[:3500:7], [f"c{i}" for i in range(0, 3500, 7)]) == []
         e.observe("s", [f"c{i}" for i in range(3500, 4000)], data[3500:])  # the lost batch, sent again
     assert verify(str(tmp_path))["ok"]
+
+
+def test_an_int8_space_comes_back_with_its_scale_and_codes(tmp_path):
+    """int8 codes are logged as stored and the space's scale with them: a
+    crashed engine's checkpointed and replayed rows decode as before."""
+    data = crashed_engine(tmp_path, "int8")
+    with Engine(data_dir=tmp_path, workers=1) as e:
+        assert e.recovered.replayed_observations == 1500
+        segments = e._segments
+        scales = {s.scale for s in segments}
+        assert len(scales) == 1 and 0 < scales.pop() < 1
+        hits = [e.recall("s", v, k=1)[0] for v in data[::9]]
+        assert [h.id for h in hits] == [f"c{i}" for i in range(0, 4000, 9)]
+        assert min(h.similarity for h in hits) > 0.99  # a row against its own codes
+        e.observe("s", "more", data[0] + 0.5)  # the scale carries on
+        assert e.recall("s", data[0] + 0.5, k=1)[0].id == "more"
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):

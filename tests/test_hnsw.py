@@ -262,3 +262,32 @@ def test_space_search_leaves_out_segments_past_the_snapshot():
     assert set((refs >> 32).tolist()) == {0} and (refs & 0xFFFFFFFF)[0] == 5
     with pytest.raises(InvalidArgument):
         hnsw.SpaceViews([_view(store, gens, g, 200, 200), _view(store[:, :8].copy(), gens, g, 200, 200)])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_int8_graph_recall_against_brute_force_of_the_float_data(metric):
+    """A graph over int8 codes (scale from the data, cue in code units, unit
+    (scale/127)^2) finds the float data's true neighbours, and its distances
+    are the float ones within the quantisation bound sqrt(dim) * scale / 254
+    per unit-norm side."""
+    data = clustered(4200, 48, clusters=40, seed=11)
+    base, queries = data[:4000], data[4000:]
+    scale = 1.25 * float(np.abs(base).max())
+    codes = np.clip(np.rint(base * (127 / scale)), -127, 127).astype(np.int8)
+    unit = (scale / 127) ** 2
+    gens = np.arange(1, 4001, dtype=np.uint64)
+    g = hnsw.new_graph(draw_levels(7, gens, 16, MAX_LEVEL), 16, MAX_LEVEL)
+    sc = hnsw.new_scratch(4000, 48, 16, 256, MAX_LEVEL)
+    hnsw.insert(codes, gens, g, 0, 4000, 100, metric, sc, unit)
+    found, exact = [], []
+    for q in queries:
+        d, ids = hnsw.search(codes, gens, g, q * np.float32(127 / scale), 10, 64, 4000, 0, 0, ANY, metric, sc,
+                             unit)
+        found.append(ids)
+        exact.append(naive.exact_knn(base, q, 10, metric))
+        true = naive.distances(base, q, metric)[ids]
+        bound = np.sqrt(48) * scale / 254 * (2 if metric == "cosine" else 4 * np.sqrt(48) * scale)
+        assert np.abs(d - true).max() <= bound
+    r = naive.recall_at_k(found, exact)
+    assert r >= 0.93, f"int8 recall@10 {r:.3f} below 0.93 ({metric})"
+    assert naive.graph_violations(g, 4000, 16) == []

@@ -53,3 +53,25 @@ def test_check_and_store_match_the_reference(m, unit, src_kind, dst_kind):
     else:
         with np.errstate(over="ignore"):
             np.testing.assert_array_equal(dst[done].view(np.float16), want_rows[done].astype(np.float16))
+
+
+@given(matrices(), st.booleans(), st.floats(0.01, 100))
+def test_int8_codes_match_the_reference(m, unit, scale):
+    """int8 storage: each stored value times 127 / scale, rounded half up and
+    clipped to +-127; the checks are those of float storage."""
+    dst = np.zeros(m.shape, np.int8)
+    bad, reason = check_store_rows(m, unit, np.inf, dst, 127 / scale)
+    want_bad, want_reason, want_rows = reference(m, unit, np.inf)
+    assert (bad, reason) == (want_bad, want_reason)
+    done = slice(0, bad if bad >= 0 else len(m))
+    with np.errstate(all="ignore"):
+        codes = np.floor(np.clip(want_rows[done] * (127 / scale), -127, 127) + 0.5)
+    # float32 rounding of the product may move a value sitting on a half step
+    assert np.abs(dst[done].astype(np.int32) - codes).max(initial=0) <= 1
+
+
+def test_int8_rows_from_the_log_are_copied_as_they_are():
+    codes = np.arange(-127, 128, dtype=np.int8)[:250].reshape(10, 25)
+    dst = np.zeros_like(codes)
+    assert check_store_rows(codes, False, np.inf, dst, 3.0) == (-1, ROW_OK)
+    np.testing.assert_array_equal(dst, codes)

@@ -71,7 +71,7 @@ class IndexWriter:
             hi = min(accepted, lo + max(1, int(self.slice_s / self._per_node_s)))
             start = time.perf_counter_ns()
             hnsw.insert(seg.w.vectors, seg.w.generation, seg.graph_w, lo, hi,
-                        params.ef_construction, params.metric, sc)
+                        params.ef_construction, params.metric, sc, seg.unit)
             elapsed = time.perf_counter_ns() - start
             seg.header[INDEXED] = hi  # publish after the kernel returned: its stores are done
         finally:

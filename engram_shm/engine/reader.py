@@ -19,7 +19,7 @@ from ..errors import InvalidArgument, UnknownSpace
 from ..kernels import hnsw
 from ..observations import prepare_cue
 from ..store.catalog import SpaceParams
-from ..store.layout import MAX_LEVEL
+from ..store.layout import INT8_MAX, MAX_LEVEL, unit_of
 from ..store.segment import Segment
 from .directory import SegmentDirectory
 
@@ -147,8 +147,11 @@ class Reader:
         if views is None:
             return Found(generation, segments, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
         k, ef = int(k), max(int(ef), int(k))
+        scale = segments[0].scale
+        if params.dtype == "int8":  # the cue in the units of the space's codes
+            q = q * np.float32(INT8_MAX / scale)
         d, refs = hnsw.search_space(views, q, k, ef, generation, scan, params.metric,
-                                    self._scratch(views, ef))
+                                    self._scratch(views, ef), unit_of(params.dtype, scale))
         sims = similarity(d, params.metric)
         if threshold is not None:
             keep = sims >= threshold

@@ -148,7 +148,7 @@ def _replay(writer: EngineWriter, records, generation: int, report: Recovered) -
         elif record.kind == wal.BATCH:
             if meta["gen"] > generation:
                 params = writer.spaces[meta["space"]].params
-                writer.replay_batch(params, _batch(record), meta["gen"])
+                writer.replay_batch(params, _batch(record), meta["gen"], meta.get("scale"))
                 report.replayed_batches += 1
                 report.replayed_observations += meta["n"]
             if meta["session"] is not None and meta["seq"]:

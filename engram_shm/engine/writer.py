@@ -146,7 +146,7 @@ class EngineWriter:
         if self.wal is not None:
             def log(vectors):
                 meta = {"space": params.name, "gen": first, "n": batch.n, "dim": batch.dim,
-                        "dtype": params.dtype, "session": session, "seq": seq,
+                        "dtype": params.dtype, "scale": writer.scale, "session": session, "seq": seq,
                         "bytes": int(batch.record_ends[-1])}
                 self._log(walfile.BATCH, meta, [*vectors, batch.when, batch.confidence, batch.id_lens,
                                                 batch.record_ends, batch.records])
@@ -156,10 +156,10 @@ class EngineWriter:
         self.catalog.publish_generation(first + batch.n - 1)
         return Ack(params.name, first, first + batch.n - 1), spans
 
-    def replay_batch(self, params: SpaceParams, batch: Batch, first: int) -> None:
+    def replay_batch(self, params: SpaceParams, batch: Batch, first: int, scale: float | None) -> None:
         """Store a logged batch again with its own generations and stored
-        vectors (recovery); it is not logged twice."""
-        self.spaces[params.name].append(batch, first, stored=True)
+        vectors coded with `scale` (recovery); it is not logged twice."""
+        self.spaces[params.name].append(batch, first, stored=True, scale=scale)
         self.ledger.charge(params.name, disk_bytes=self.ledger.batch_bytes(params, batch))
         self.catalog.publish_generation(max(self.catalog.committed_generation, first + batch.n - 1))
 

@@ -1,15 +1,19 @@
 """Distances between stored vectors and float32 queries, f32 accumulation.
 
-Stored rows are float32 or float16 bits (uint16); queries are float32. Cosine
-and inner product both rank by `1 - dot` (cosine rows and cues are unit-norm);
-L2 is the squared Euclidean distance.
+Stored rows are float32, float16 bits (uint16) or int8 codes; queries are
+float32 in the store's units (an int8 space's cue is scaled like its rows).
+Cosine and inner product both rank by `1 - dot` (cosine rows and cues are
+unit-norm); L2 is the squared Euclidean distance. Sums are taken in the
+store's units and multiplied by `metric.unit` once (see policy.Metric).
 """
 
 import numpy as np
 
 from ..errors import DimensionMismatch, InvalidArgument
-from .policy import L2, METRIC_CODES, kernel
+from .policy import L2, kernel, metric_of
 from .scalar import as_f32
+
+STORE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int8))
 
 
 @kernel
@@ -18,14 +22,14 @@ def dist(a, i, b, j, metric):
     query held as a one-row matrix)."""
     dim = a.shape[1]
     acc = np.float32(0.0)
-    if metric == L2:
+    if metric.code == L2:
         for t in range(dim):
             diff = as_f32(a[i, t]) - as_f32(b[j, t])
             acc += diff * diff
-        return acc
+        return acc * metric.unit
     for t in range(dim):
         acc += as_f32(a[i, t]) * as_f32(b[j, t])
-    return np.float32(1.0) - acc
+    return np.float32(1.0) - acc * metric.unit
 
 
 @kernel
@@ -35,8 +39,8 @@ def _distances(store, q, metric, out):
 
 
 def check_store(store: np.ndarray) -> None:
-    if store.ndim != 2 or store.dtype not in (np.float32, np.uint16) or not store.flags.c_contiguous:
-        raise InvalidArgument("store must be a C-contiguous 2-D float32 or uint16 (f16 bits) array")
+    if store.ndim != 2 or store.dtype not in STORE_DTYPES or not store.flags.c_contiguous:
+        raise InvalidArgument("store must be a C-contiguous 2-D float32, uint16 (f16 bits) or int8 array")
 
 
 def check_query(q: np.ndarray, dim: int) -> None:
@@ -46,10 +50,10 @@ def check_query(q: np.ndarray, dim: int) -> None:
         raise DimensionMismatch(f"query has {q.shape[0]} dims, store has {dim}")
 
 
-def distances(store: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
+def distances(store: np.ndarray, q: np.ndarray, metric: str, unit: float = 1.0) -> np.ndarray:
     """Distance of `q` to every row of `store` (float32 [n])."""
     check_store(store)
     check_query(q, store.shape[1])
     out = np.empty(store.shape[0], np.float32)
-    _distances(store, q.reshape(1, -1), METRIC_CODES[metric], out)
+    _distances(store, q.reshape(1, -1), metric_of(metric, unit), out)
     return out

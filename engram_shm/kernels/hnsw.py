@@ -34,20 +34,25 @@ crash keeps its pinned edges and never duplicates a link.
 from collections import namedtuple
 
 import numpy as np
-from numba import typed
+from numba import carray
 
 from ..errors import InvalidArgument
-from ..store.layout import ACCEPTED, INDEXED, MIN_GEN
+from ..store.layout import ACCEPTED, ENTRY, HEADER_WORDS, INDEXED, MAX_LEVEL, MIN_GEN
 from .atomics import fence
 from .distance import check_query, check_store, dist
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
-from .policy import METRIC_CODES, kernel
-from .scalar import as_f32, prefetch_row
+from .policy import kernel, metric_of
+from .scalar import as_f32, pointer_to, prefetch_row
 
 Graph = namedtuple("Graph", "links0 upper level upper_row parent state")
 # One segment as a recall sees it: read-only columns, its graph and its header,
 # whose counters the kernel reads itself.
 SegmentView = namedtuple("SegmentView", "store gens graph header")
+# How the space kernel receives them: a row of addresses and sizes per segment
+# (a table of int64 costs nothing to pass; a typed list of arrays costs every
+# process a second of compilation that Numba cannot cache).
+(T_VECTORS, T_GENS, T_LINKS0, T_UPPER, T_LEVEL, T_UPPER_ROW, T_PARENT, T_HEADER,
+ T_CAPACITY, T_UPPER_CAP, T_WIDTH) = range(11)
 # Caller-owned scratch of one thread: visit marks and heaps sized by capacity,
 # small buffers sized by M and ef.
 Scratch = namedtuple(
@@ -494,23 +499,43 @@ def _search_segment(store, gens, g, q, k, ef, n_indexed, scan_lo, scan_hi, gen_m
 
 
 @kernel
-def _search_space(views, q, k, ef, gen_max, scan, metric, sc, seg_d, seg_i, out_d, out_ref):
+def _segment_at(table, s, like):
+    """Segment s of a space table as arrays. They are writable views of memory
+    the recall only reads (carray has no read-only form)."""
+    row = table[s]
+    cap = row[T_CAPACITY]
+    width = row[T_WIDTH]
+    store = carray(pointer_to(row[T_VECTORS], like.dtype), (cap, like.shape[1]))
+    gens = carray(pointer_to(row[T_GENS], np.uint64), cap)
+    header = carray(pointer_to(row[T_HEADER], np.int64), HEADER_WORDS)
+    g = Graph(carray(pointer_to(row[T_LINKS0], np.int32), (cap, width)),
+              carray(pointer_to(row[T_UPPER], np.int32), (row[T_UPPER_CAP], MAX_LEVEL, (width + 1) // 2)),
+              carray(pointer_to(row[T_LEVEL], np.int32), cap),
+              carray(pointer_to(row[T_UPPER_ROW], np.int32), cap),
+              carray(pointer_to(row[T_PARENT], np.int32), cap),
+              header[ENTRY:ENTRY + 2])
+    return store, gens, g, header
+
+
+@kernel
+def _search_space(table, like, q, k, ef, gen_max, scan, metric, sc, seg_d, seg_i, out_d, out_ref):
     """Top-k over every segment of a space in one call: each segment's graph
     over its indexed nodes, and with `scan` an exact scan of its unindexed
     window, all limited to generation <= gen_max, merged as they come.
-    Writes ascending distances and references (segment << 32 | slot) into
-    out_d/out_ref; returns how many."""
+    `like` is an array of the store's dtype and dimension. Writes ascending
+    distances and references (segment << 32 | slot) into out_d/out_ref;
+    returns how many."""
     n_out = 0
-    for s in range(len(views)):
-        v = views[s]
-        n_indexed = v.header[INDEXED]  # read before accepted: both only grow
+    for s in range(table.shape[0]):
+        store, gens, g, header = _segment_at(table, s, like)
+        n_indexed = header[INDEXED]  # read before accepted: both only grow
         fence()
-        n_accepted = v.header[ACCEPTED]
-        if n_accepted == 0 or np.uint64(v.header[MIN_GEN]) > gen_max:
+        n_accepted = header[ACCEPTED]
+        if n_accepted == 0 or np.uint64(header[MIN_GEN]) > gen_max:
             continue
         lo = n_indexed if scan else 0
         hi = n_accepted if scan else 0
-        n = _search_segment(v.store, v.gens, v.graph, q, k, ef, n_indexed, lo, hi, gen_max, metric,
+        n = _search_segment(store, gens, g, q, k, ef, n_indexed, lo, hi, gen_max, metric,
                             sc, seg_d, seg_i)
         for i in range(n):
             n_out = topk_push(out_d, out_ref, n_out, k, seg_d[i], (np.int64(s) << 32) | seg_i[i])
@@ -584,20 +609,29 @@ def _check_columns(store: np.ndarray, gens: np.ndarray, g: Graph) -> int:
 
 
 class SpaceViews:
-    """The segments of one space as the space kernel takes them: a typed list
+    """The segments of one space as the space kernel takes them: their table,
     checked once when built (segments never change shape), with the largest
-    capacity (the scratch a search needs) and the dimension."""
+    capacity (the scratch a search needs) and the dimension. It holds the
+    views, so the memory stays mapped while it is in use."""
 
     def __init__(self, views: list[SegmentView]):
         if not views:
             raise InvalidArgument("a space view needs at least one segment")
         for v in views:
             _check_columns(v.store, v.gens, v.graph)
-            if v.header.shape[0] <= INDEXED or v.header.dtype != np.int64:
-                raise InvalidArgument("segment header is not an int64 array of the layout's words")
+            if (v.header.shape != (HEADER_WORDS,) or v.header.dtype != np.int64
+                    or not all(a.flags.c_contiguous for a in (v.header, *v.graph[:5]))
+                    or v.graph.upper.shape[1] != MAX_LEVEL):
+                raise InvalidArgument("segment columns are not laid out as a segment's")
         if len({(v.store.dtype, v.store.shape[1], v.graph.links0.shape[1]) for v in views}) != 1:
             raise InvalidArgument("the segments of a space share dtype, dimension and M")
-        self.list = typed.List(views)
+        self.views = views
+        self.table = np.array([[v.store.ctypes.data, v.gens.ctypes.data, v.graph.links0.ctypes.data,
+                                v.graph.upper.ctypes.data, v.graph.level.ctypes.data,
+                                v.graph.upper_row.ctypes.data, v.graph.parent.ctypes.data,
+                                v.header.ctypes.data, v.store.shape[0], v.graph.upper.shape[0],
+                                v.graph.links0.shape[1]] for v in views], np.int64)
+        self.like = np.empty((0, views[0].store.shape[1]), views[0].store.dtype)
         self.capacity = max(v.store.shape[0] for v in views)
         self.dim = views[0].store.shape[1]
         self.M = views[0].graph.upper.shape[2] - 1
@@ -605,15 +639,16 @@ class SpaceViews:
 
 
 def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric: str,
-           sc: Scratch) -> None:
+           sc: Scratch, unit: float = 1.0) -> None:
     """Insert nodes [lo, hi) into the graph, in order. Nodes must have complete
-    vectors, levels and upper rows; re-inserting a node is safe."""
+    vectors, levels and upper rows; re-inserting a node is safe. `unit`: see
+    policy.Metric (int8 stores)."""
     M = _check_graph(store, gens, g, sc)
     if not (0 <= lo <= hi <= store.shape[0]):
         raise InvalidArgument(f"insert range [{lo}, {hi}) is outside [0, {store.shape[0]}]")
     if not (1 <= ef_construction < sc.res_k.shape[0]) or sc.qbuf.shape[1] != store.shape[1]:
         raise InvalidArgument("scratch is too small for ef_construction or the dimension")
-    _insert_range(store, gens, g, lo, hi, M, ef_construction, METRIC_CODES[metric], sc)
+    _insert_range(store, gens, g, lo, hi, M, ef_construction, metric_of(metric, unit), sc)
 
 
 def repair(g: Graph, n_nodes: int, sc: Scratch) -> bool:
@@ -628,7 +663,7 @@ def repair(g: Graph, n_nodes: int, sc: Scratch) -> bool:
 
 
 def search(store, gens, g: Graph, q: np.ndarray, k: int, ef: int, n_indexed: int,
-           scan_lo: int, scan_hi: int, gen_max: int, metric: str, sc: Scratch):
+           scan_lo: int, scan_hi: int, gen_max: int, metric: str, sc: Scratch, unit: float = 1.0):
     """Top-k (distances ascending, node ids) of one segment: graph search over
     [0, n_indexed) merged with an exact scan of [scan_lo, scan_hi), generation
     <= gen_max. Safe to call while a writer inserts."""
@@ -643,12 +678,12 @@ def search(store, gens, g: Graph, q: np.ndarray, k: int, ef: int, n_indexed: int
     out_d = np.empty(k, np.float32)
     out_i = np.empty(k, np.int32)
     n = _search_segment(store, gens, g, q.reshape(1, -1), k, ef, n_indexed, scan_lo, scan_hi,
-                        np.uint64(gen_max), METRIC_CODES[metric], sc, out_d, out_i)
+                        np.uint64(gen_max), metric_of(metric, unit), sc, out_d, out_i)
     return out_d[:n], out_i[:n]
 
 
 def search_space(views: SpaceViews, q: np.ndarray, k: int, ef: int, gen_max: int, scan: bool,
-                 metric: str, sc: Scratch):
+                 metric: str, sc: Scratch, unit: float = 1.0):
     """Top-k of a whole space (distances ascending, segment << 32 | slot
     references): `search` of every segment, with each one's counters read
     by the kernel, merged in the kernel. Safe to call while writers append
@@ -660,7 +695,7 @@ def search_space(views: SpaceViews, q: np.ndarray, k: int, ef: int, gen_max: int
                               f"{views.capacity} nodes")
     out_d = np.empty(k, np.float32)
     out_ref = np.empty(k, np.int64)
-    n = _search_space(views.list, q.reshape(1, -1), k, ef, np.uint64(gen_max), scan,
-                      METRIC_CODES[metric], sc, np.empty(k, np.float32), np.empty(k, np.int32),
+    n = _search_space(views.table, views.like, q.reshape(1, -1), k, ef, np.uint64(gen_max), scan,
+                      metric_of(metric, unit), sc, np.empty(k, np.float32), np.empty(k, np.int32),
                       out_d, out_ref)
     return out_d[:n], out_ref[:n]

@@ -1,4 +1,5 @@
-"""Scalar building blocks that Numba lacks on the CPU: float16 loads and prefetch.
+"""Scalar building blocks that Numba lacks on the CPU: float16 loads and stores,
+int8 codes, and prefetch.
 
 Numba 0.6x refuses float16 arithmetic; `as_f32` reads f16 storage held as uint16
 bits by bitcasting to LLVM `half` and extending, which LLVM turns into F16C
@@ -86,7 +87,30 @@ def _store_f32(arr, i, j, value):
         def impl(arr, i, j, value):
             arr[i, j] = f32_to_f16_bits(value)
         return impl
+    if arr.dtype == types.int8:  # value is already in code units: round, clip to +-127
+        def impl(arr, i, j, value):
+            arr[i, j] = np.int8(np.floor(min(max(value, np.float32(-127.0)), np.float32(127.0))
+                                         + np.float32(0.5)))
+        return impl
 
     def impl(arr, i, j, value):
         arr[i, j] = value
     return impl
+
+
+@intrinsic
+def pointer_to(typingctx, address, dtype):
+    """An int64 address as a typed pointer for `numba.carray`; `dtype` is a
+    NumPy scalar type (np.int32) or an array's `.dtype`."""
+    if isinstance(dtype, types.DType):
+        item = dtype.dtype
+    elif isinstance(dtype, types.NumberClass):
+        item = dtype.instance_type
+    else:
+        return None
+    ptr_type = types.CPointer(item)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr_type))
+
+    return ptr_type(types.int64, dtype), codegen

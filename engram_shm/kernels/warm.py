@@ -15,7 +15,7 @@ from .ids import fnv1a_range
 from .rows import append_rows, draw_levels
 from .vectors import check_store_rows
 
-STORAGE_DTYPES = (np.float32, np.uint16)
+STORAGE_DTYPES = (np.float32, np.uint16, np.int8)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -67,7 +67,8 @@ def warm(readers: bool = True) -> float:
     gens = np.arange(1, n + 1, dtype=np.uint64)
     for dtype in STORAGE_DTYPES:
         data = rng.normal(size=(n, dim)).astype(np.float32)
-        store = data if dtype == np.float32 else data.astype(np.float16).view(np.uint16)
+        store = {np.float32: data, np.uint16: data.astype(np.float16).view(np.uint16),
+                 np.int8: np.clip(np.rint(data * 40), -127, 127).astype(np.int8)}[dtype]
         g = hnsw.new_graph(levels, M, max_level)
         sc = hnsw.new_scratch(n, dim, M, 8, max_level)
         check_store_rows(data, True, 1.0, np.empty((n, dim), np.float32))  # cues

@@ -61,6 +61,7 @@ from .layout import (
     UPPER_USED,
     WRITER,
     SegmentLayout,
+    scale_of,
 )
 from .segment import Segment
 
@@ -249,7 +250,8 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
         if len(header) != HEADER_WORDS:
             raise ValueError(f"{entry['file']} is cut short")
         layout = SegmentLayout.from_header(header, sys.maxsize)
-        seg = Segment.create(name, layout, int(header[METRIC]), int(header[SPACE]), int(header[SEGMENT_NO]))
+        seg = Segment.create(name, layout, int(header[METRIC]), int(header[SPACE]), int(header[SEGMENT_NO]),
+                             scale_of(header))
         try:
             crc = crc32c.crc32c(memoryview(header).cast("B"))
             size = header.nbytes

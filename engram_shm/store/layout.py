@@ -8,7 +8,8 @@ another process's counters.
 |-------------|---------------|-------------------------------------------------------|
 | MAGIC..     | creator       | magic, layout version, capacity, dim, dtype, metric,  |
 |             |               | M, max level, upper capacity, arena capacity, space,  |
-|             |               | segment number, creation time                         |
+|             |               | segment number, creation time, SCALE (float64 bits:   |
+|             |               | int8 codes are value * 127 / SCALE; 1 otherwise)      |
 | ACCEPTED    | front         | slots [0, ACCEPTED) are complete and visible          |
 | ARENA_USED  | front         | bytes of the text arena in use                        |
 | UPPER_USED  | front         | rows of `upper` handed out                            |
@@ -23,7 +24,7 @@ Columns (cap = capacity; `-1` sentinels are written by the creator):
 
 | column     | dtype             | shape                       | sentinel | writer       |
 |------------|-------------------|-----------------------------|----------|--------------|
-| vectors    | f32, or u16 = f16 | [cap, dim]                  |          | front        |
+| vectors    | f32, u16 = f16, i8| [cap, dim]                  |          | front        |
 | generation | uint64            | [cap]                       |          | front        |
 | when       | float64 (unix s)  | [cap]                       |          | front        |
 | confidence | float32           | [cap]                       |          | front        |
@@ -57,13 +58,14 @@ ALIGN = 64
 
 # Header words, grouped by writer on 64-byte lines.
 (MAGIC, VERSION, CAPACITY, DIM, DTYPE, METRIC, M_WORD, MAX_LEVEL_WORD,
- UPPER_CAP, ARENA_CAP, SPACE, SEGMENT_NO, CREATED_NS) = range(13)
+ UPPER_CAP, ARENA_CAP, SPACE, SEGMENT_NO, CREATED_NS, SCALE) = range(14)
 ACCEPTED, ARENA_USED, UPPER_USED, SEALED, MIN_GEN, MAX_GEN = range(16, 22)
 INDEXED, ENTRY, REPAIR = 24, 25, 26
 WRITER = 32
 
-DTYPE_NAMES = {0: "f32", 1: "f16"}
-STORAGE = {"f32": np.dtype(np.float32), "f16": np.dtype(np.uint16)}
+DTYPE_NAMES = {0: "f32", 1: "f16", 2: "int8"}
+STORAGE = {"f32": np.dtype(np.float32), "f16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
+INT8_MAX = 127  # int8 codes span +-INT8_MAX (symmetric: -128 is never stored)
 
 
 @dataclass(frozen=True)
@@ -113,12 +115,13 @@ class SegmentLayout:
         return self.offsets()[1]
 
     def write_header(self, header: np.ndarray, metric: int, space: int, segment_no: int,
-                     created_ns: int) -> None:
+                     created_ns: int, scale: float = 1.0) -> None:
         dtype_code = {v: k for k, v in DTYPE_NAMES.items()}[self.dtype]
         header[[CAPACITY, DIM, DTYPE, METRIC, M_WORD, MAX_LEVEL_WORD, UPPER_CAP, ARENA_CAP,
                 SPACE, SEGMENT_NO, CREATED_NS]] = [
             self.capacity, self.dim, dtype_code, metric, self.M, MAX_LEVEL,
             self.upper_capacity, self.arena_capacity, space, segment_no, created_ns]
+        header[SCALE:SCALE + 1].view(np.float64)[0] = scale
         header[ENTRY] = -1
         header[VERSION] = LAYOUT_VERSION
         header[MAGIC] = MAGIC_VALUE  # last: a block with a magic has a whole header
@@ -136,3 +139,14 @@ class SegmentLayout:
                 or header[UPPER_CAP] != layout.upper_capacity):
             raise Corrupt("segment header does not match the block it heads")
         return layout
+
+
+def scale_of(header: np.ndarray) -> float:
+    """The SCALE word of a segment header."""
+    return float(header[SCALE:SCALE + 1].view(np.float64)[0])
+
+
+def unit_of(dtype: str, scale: float) -> float:
+    """The distance unit of a store (kernels/policy.Metric): (scale / 127)^2
+    for int8 codes, 1 for floats."""
+    return (scale / INT8_MAX) ** 2 if dtype == "int8" else 1.0

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..kernels.hnsw import Graph, SegmentView
 from . import shm
-from .layout import ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout
+from .layout import ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout, scale_of, unit_of
 
 Columns = namedtuple("Columns", "vectors generation when confidence id_hash text_end id_len "
                                 "level upper_row parent links0 upper arena")
@@ -50,7 +50,7 @@ class Segment:
 
     @classmethod
     def create(cls, name: str, layout: SegmentLayout, metric: int, space: int,
-               segment_no: int) -> "Segment":
+               segment_no: int, scale: float = 1.0) -> "Segment":
         block = shm.create(name, layout.size)
         try:
             header = np.ndarray((64,), np.int64, buffer=block.buf)
@@ -58,7 +58,7 @@ class Segment:
                                 offset=layout.offsets()[0]["parent"])
             parent.fill(-1)
             del parent
-            layout.write_header(header, metric, space, segment_no, time.time_ns())
+            layout.write_header(header, metric, space, segment_no, time.time_ns(), scale)
             del header
             return cls(block, layout, writable=True)
         except BaseException:
@@ -85,6 +85,16 @@ class Segment:
     @property
     def indexed(self) -> int:
         return int(self.header[INDEXED])
+
+    @property
+    def scale(self) -> float:
+        """int8 codes are value * 127 / scale (1 for float storage)."""
+        return scale_of(self.header)
+
+    @property
+    def unit(self) -> float:
+        """The distance unit of this segment's store (kernels/policy.Metric)."""
+        return unit_of(self.layout.dtype, self.scale)
 
     @property
     def sealed(self) -> bool:

@@ -11,8 +11,8 @@ A file `<first lsn, 20 digits>.wal` is a 32-byte header, then records:
 
 Every record has the next log sequence number (lsn), across files. Kinds:
 SPACE (meta: the space's parameters and owner), SESSION (meta: key, state, priority) and
-BATCH (meta: space, first generation, n, dim, dtype, session, last sequence,
-record bytes; blobs: the vectors in their storage dtype, as stored, then when
+BATCH (meta: space, first generation, n, dim, dtype, int8 scale, session, last
+sequence, record bytes; blobs: the vectors in their storage dtype, as stored, then when
 f64[n], confidence f32[n], id_lens i32[n], record_ends i64[n], the UTF-8
 records). A batch's vectors are logged from the segment after they were
 checked and converted, so the log costs what the store costs and a replay
@@ -51,7 +51,7 @@ BODY_HEADER = struct.Struct("<QBI")
 SPACE, BATCH, SESSION = 1, 2, 3
 MAX_RECORD = 1 << 31
 SUFFIX = ".wal"
-VECTOR_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<u2")}
+VECTOR_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<u2"), "int8": np.dtype("i1")}
 
 
 def file_name(first_lsn: int) -> str:
