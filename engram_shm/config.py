@@ -49,6 +49,10 @@ class EngineConfig:
     ring_capacity: int = _opt(65536, "bound of a space's accepted-but-unindexed window; "
                                      "observe waits (embedded) or refuses credit (server) beyond it",
                               lo=64, hi=1 << 30)
+    window_budget_ms: float = _opt(2.0, "time the exact scan of a space's unindexed window may add to a "
+                                        "strong recall: the window is bounded by what one thread scans "
+                                        "in it (measured per dim and dtype), as well as by ring_capacity; "
+                                        "0 bounds it by ring_capacity alone", lo=0.0, hi=1e6)
     text_bytes_per_observation: int = _opt(256, "average id+text bytes a segment's text arena "
                                                 "reserves per observation", lo=16, hi=1 << 20)
     max_text_bytes: int = _opt(65536, "largest text of one observation, in UTF-8 bytes",

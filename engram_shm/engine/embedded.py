@@ -201,18 +201,17 @@ class Engine(Recalls):
         writer = self.writer.spaces.get(space)
         if writer is None:
             return
-        capacity = self.config.ring_capacity
         deadline = time.monotonic() + self.config.observe_timeout_s
         with self._progress:
             while True:
                 self._raise_failure()
-                if writer.has_room(n, capacity):
+                if writer.has_room(n):
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Overloaded(
                         f"space {writer.params.name!r} has {writer.window} observations waiting to "
-                        f"be indexed (ring capacity {capacity}); retry later", retry_after_ms=100)
+                        f"be indexed (window limit {writer.window_limit}); retry later", retry_after_ms=100)
                 self._progress.wait(min(remaining, POLL_S))
 
     # -- indexing ----------------------------------------------------------------
@@ -242,8 +241,7 @@ class Engine(Recalls):
         spaces = {}
         for name, w in list(self.writer.spaces.items()):
             counts = w.stats()
-            spaces[name] = {**asdict(w.params), **counts, "owner": self.writer.ledger.owners[name],
-                            "pressure": counts["window"] / self.config.ring_capacity}
+            spaces[name] = {**asdict(w.params), **counts, "owner": self.writer.ledger.owners[name]}
         rows = self.catalog.workers[:self.config.worker_count]
         return {
             "engine": self.name,

@@ -29,6 +29,7 @@ from ..store.segment import Segment
 from ..store.space import SegmentSizes, SpaceWriter
 from ..store.wal import WalWriter
 from .ledger import Ledger
+from .window import window_limit
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ class EngineWriter:
 
     def _space_writer(self, index: int, params: SpaceParams) -> SpaceWriter:
         return SpaceWriter(self.catalog, index, params, self.sizes, self.config.worker_count,
-                           functools.partial(self._segment_created, params.name), self.prefault)
+                           functools.partial(self._segment_created, params.name), self.prefault,
+                           window_limit(self.config, params.dim, params.dtype))
 
     def _segment_created(self, space: str, index: int, seg: Segment) -> None:
         self.ledger.charge(space, shm_bytes=seg.layout.size)

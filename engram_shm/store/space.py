@@ -116,7 +116,7 @@ class _Placement:
 class SpaceWriter:
     def __init__(self, catalog: Catalog, index: int, params: SpaceParams, sizes: SegmentSizes,
                  writers: int, on_new_segment: Callable[[int, Segment], None],
-                 prefault: Prefaulter | None = None):
+                 prefault: Prefaulter | None = None, window_limit: int = 1 << 30):
         self.catalog = catalog
         self.index = index
         self.params = params
@@ -128,6 +128,7 @@ class SpaceWriter:
         self._id_table: idindex.IdTable | None = idindex.new_table()  # None: rebuild before use
         self.prefault = prefault
         self.vector_rule = vector_rule(params.metric, params.dtype)
+        self.window_limit = window_limit  # the most unindexed rows it holds (engine/window.py)
         # int8 spaces: the scale of their codes, fixed by the first batch stored
         # (`calibrate`) and kept in every segment header; 1 for float storage.
         self.scale: float | None = None if params.dtype == "int8" else 1.0
@@ -145,15 +146,22 @@ class SpaceWriter:
         """Accepted but not yet indexed observations."""
         return sum(s.backlog for s in self.segments)
 
-    def has_room(self, n: int, ring_capacity: int) -> bool:
+    def has_room(self, n: int) -> bool:
         """May n more observations join the unindexed window? (An empty window
-        takes any batch, so a batch larger than the ring is not refused forever.)"""
+        takes any batch, so a batch larger than the limit is not refused forever.)"""
         window = self.window
-        return window == 0 or window + n <= ring_capacity
+        return window == 0 or window + n <= self.window_limit
+
+    @property
+    def pressure(self) -> float:
+        """How full the window is: 0 empty, 1 at its limit."""
+        return self.window / self.window_limit
 
     def stats(self) -> dict:
         count, indexed = self.count, self.indexed
-        return {"count": count, "indexed": indexed, "window": count - indexed,
+        window = count - indexed
+        return {"count": count, "indexed": indexed, "window": window, "window_limit": self.window_limit,
+                "pressure": round(window / self.window_limit, 4),
                 "segments": len(self.segments),
                 "shm_bytes": sum(shm.block_bytes(s.name) for s in self.segments)}
 

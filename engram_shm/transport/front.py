@@ -457,15 +457,15 @@ class Front:
 
     def _check_room(self, space: str, n: int) -> None:
         writer = self.writer.spaces.get(space)
-        if writer is not None and not writer.has_room(n, self.config.ring_capacity):
+        if writer is not None and not writer.has_room(n):
             raise Overloaded(f"space {space!r} has {writer.window} observations waiting to be indexed "
-                             f"(ring capacity {self.config.ring_capacity})",
-                             retry_after_ms=retry_after_ms(writer.window / self.config.ring_capacity))
+                             f"(window limit {writer.window_limit})",
+                             retry_after_ms=retry_after_ms(writer.pressure))
 
     # -- credit --------------------------------------------------------------------------
     def _pressure(self, session: Session) -> float:
         writer = self.writer.spaces.get(session.space) if session.space else None
-        space = writer.window / self.config.ring_capacity if writer is not None else 0.0
+        space = writer.pressure if writer is not None else 0.0
         return max(space, self.memory_pressure)
 
     def _grant(self, session: Session) -> dict:

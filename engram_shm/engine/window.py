@@ -1,0 +1,48 @@
+"""How many accepted-but-unindexed observations a space may hold.
+
+A strong recall scans a space's unindexed window exactly, so the window's
+size is recall latency. Its bound is the smaller of `ring_capacity` and what
+one thread scans within `window_budget_ms`, at the scan rate this machine
+measures for the space's dimension and dtype (once per process; the scan is
+the recall kernel's own distance loop). Beyond the bound, observe waits
+(embedded) or the front refuses credit, as for the ring.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+
+from ..config import EngineConfig
+from ..kernels.distance import distances
+from ..store.layout import STORAGE
+
+MIN_WINDOW = 1024  # never fewer: a window this small costs a scan microseconds
+_PROBE_ROWS = 4096
+
+
+@functools.cache
+def scan_ns_per_row(dim: int, dtype: str) -> float:
+    """Nanoseconds the exact scan takes per row of `dim` in `dtype` here (the
+    best of three passes over a block larger than the L2 cache)."""
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(_PROBE_ROWS, dim)).astype(np.float32)
+    store = np.clip(rows, -1, 1).astype(np.float16).view(np.uint16) if dtype == "f16" else \
+        np.clip(rows * 40, -127, 127).astype(STORAGE[dtype]) if dtype == "int8" else rows
+    q = rows[0].copy()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter_ns()
+        distances(store, q, "ip")
+        best = min(best, (time.perf_counter_ns() - start) / _PROBE_ROWS)
+    return best
+
+
+def window_limit(config: EngineConfig, dim: int, dtype: str) -> int:
+    """The most unindexed observations a space of `dim` and `dtype` may hold."""
+    if config.window_budget_ms <= 0:
+        return config.ring_capacity
+    rows = int(config.window_budget_ms * 1e6 / scan_ns_per_row(dim, dtype))
+    return min(config.ring_capacity, max(MIN_WINDOW, rows))
