@@ -29,6 +29,7 @@ def sentence_like(n: int, dim: int = 384, topics: int | None = None, latent: int
     rest, and topics nested in themes (neighbours differ by small moves in a
     low-dimensional space, plus per-sentence noise)."""
     rng = np.random.default_rng(seed)
+    latent = min(latent, dim)
     topics = topics or max(8, n // 50)
     themes = max(2, topics // 20)
     # Latent space: themes, topics around them, sentences around topics.

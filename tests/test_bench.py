@@ -84,3 +84,19 @@ def test_isolation_quick_times_acks_alone_and_under_recall_load():
         assert {"machine", "date", "ack_p50_ms", "ack_p99_ms", "batches"} <= set(r) and r["ack_p99_ms"] > 0
     assert rows[1]["heavy_recalls"] >= 1 and rows[1]["flood_recalls"] >= 1
     assert "x alone p99" in out and "goal: within 2x" in out
+
+
+def test_recall_load_quick_reports_recall_under_ingestion():
+    out, rows = quick("bench.recall_load")
+    (r,) = rows
+    assert r["bench"] == "recall_load" and r["n"] == 5000 and r["recalls"] > 10
+    assert r["ingest_per_s"] > 0 and r["recall_p99_ms"] >= r["recall_p50_ms"] > 0
+    assert "recall under sustained ingestion" in out
+
+
+def test_memory_quick_reports_bytes_per_observation():
+    out, rows = quick("bench.memory")
+    assert [r["dtype"] for r in rows] == ["f16", "int8"]
+    for r in rows:
+        assert r["n"] == 20000 and r["shm_bytes"] > r["n"] * r["floor_bytes_per_observation"]
+    assert rows[1]["shm_bytes"] < rows[0]["shm_bytes"]  # int8 codes take half of f16's bytes

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from ..kernels.warm import warm
+from ..kernels.warm import freeze, warm
 from ..store.catalog import W_INCARNATION, W_PID, W_START, Catalog, process_start
 from . import lifeline
 from .directory import SegmentDirectory
@@ -37,6 +37,7 @@ def run(engine: str, worker: int, workers: int, incarnation: int) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     warm(readers=False)
+    freeze()
     catalog = Catalog.attach(engine)
     directory = SegmentDirectory(catalog, writable=True)
     row = catalog.workers[worker]

@@ -1,14 +1,21 @@
 """Compile every kernel specialisation the engine uses, or load it from Numba's
 on-disk cache, in one process before any worker starts: workers then only load
-(Numba's cache is not safe against concurrent compilation of the same entry)."""
+(Numba's cache is not safe against concurrent compilation of the same entry).
+
+Then the engine's child processes `freeze` their kernels: the specialisations
+warmed are the only ones they may run, the eager signatures of pynndescent's
+kernels without writing out each type. A call of another shape fails at
+once with a TypeError instead of compiling for seconds inside a worker
+(tests/test_warm.py runs the engine on frozen kernels)."""
 
 from __future__ import annotations
 
 import time
 
 import numpy as np
+from numba.core.registry import CPUDispatcher
 
-from . import hnsw, idindex
+from . import atomics, distance, heap, hnsw, idindex, ids, rows, scalar, vectors
 from .atomics import compare_and_swap
 from .distance import distances
 from .ids import fnv1a_range
@@ -87,3 +94,16 @@ def warm(readers: bool = True) -> float:
     _warm_ids()
     compare_and_swap(np.zeros(1, np.int64), 0, 0, 0)
     return time.perf_counter() - start
+
+
+def freeze() -> int:
+    """Let this process run only the kernel specialisations compiled so far
+    (call after `warm`); returns how many kernels it froze. Kernels only
+    ever called from other kernels have none of their own and need none."""
+    frozen = 0
+    for module in (atomics, distance, heap, hnsw, idindex, ids, rows, scalar, vectors):
+        for kernel in vars(module).values():
+            if isinstance(kernel, CPUDispatcher) and kernel._can_compile and kernel.signatures:
+                kernel.disable_compile()
+                frozen += 1
+    return frozen

@@ -51,7 +51,7 @@ from ..errors import (
     SlowConsumer,
     StorageError,
 )
-from ..kernels.warm import warm
+from ..kernels.warm import freeze, warm
 from ..store import checkpoint, shm
 from ..store.catalog import (
     CHECKPOINT_DONE,
@@ -667,6 +667,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=os.environ.get("ENGRAM_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     warm()
+    freeze()
     catalog = Catalog.attach(engine)
     front = Front(config, catalog, SessionTable(shm.attach(table_name(engine))))
 

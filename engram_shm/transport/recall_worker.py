@@ -30,7 +30,7 @@ from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
 from ..engine.readiness import report_ready
 from ..errors import EngramError, Internal
-from ..kernels.warm import warm
+from ..kernels.warm import freeze, warm
 from ..store.catalog import Catalog
 from . import protocol as p
 from .recalls import HELLO_S, JOB, LAST, PART, WELCOME, hello_frames
@@ -69,6 +69,7 @@ def run(engine: str, config: EngineConfig, backend: str, index: int, incarnation
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
     os.nice(config.recall_niceness)
     warm()
+    freeze()
     catalog = Catalog.attach(engine)
     directory = SegmentDirectory(catalog)
     reader = Reader(directory)

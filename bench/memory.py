@@ -1,0 +1,104 @@
+"""Memory per observation: what a space of `--n` observations of `--dim`
+dimensions with ~100-byte texts occupies, by storage dtype.
+
+    python -m bench.memory [--n 1000000] [--dim 768] [--dtype f16,int8] [--quick]
+
+For each dtype an embedded engine (M=16, one index writer per core) takes
+the observations and indexes them all; then it reports the shared memory
+its blocks occupy (pages actually touched in /dev/shm: vectors, graph, ids,
+texts, catalog), the process's own memory besides (its anonymous pages:
+heap, id index, Numba; shared memory it maps is counted once, above), and bytes per
+observation against the floor of vectors plus layer-0 links. The graph's
+size depends on M, not on ef_construction, so the build uses
+`--ef-construction` 16 by default to finish sooner. Prints JSON lines, then
+a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from engram_shm import Engine
+from engram_shm.store import shm
+from engram_shm.store.layout import STORAGE
+
+from .report import emit, table
+
+M = 16
+CHUNK = 4096
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def text(i: int, size: int) -> str:
+    head = f"observation {i}: "
+    return head + "x" * max(0, size - len(head))
+
+
+def anonymous_bytes() -> int:
+    """This process's anonymous resident memory (not the shared memory it maps)."""
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+
+
+def engine_shm_bytes(engine: Engine) -> int:
+    prefix = shm.block_name(engine.name, "")
+    return sum(shm.block_bytes(name) for name in os.listdir(shm.SHM_DIR) if name.startswith(prefix))
+
+
+def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    with Engine(dtype=dtype, M=M, ef_construction=ef_construction, ring_capacity=1 << 20) as engine:
+        engine.create_space("mem", dim=dim)
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            engine.observe("mem", [f"m{i}" for i in range(lo, hi)], unit_rows(rng, hi - lo, dim),
+                           what=[text(i, text_bytes) for i in range(lo, hi)])
+        engine.wait_indexed()
+        shm_bytes = engine_shm_bytes(engine)
+        heap = anonymous_bytes()
+        segments = engine.stats()["spaces"]["mem"]["segments"]
+    floor = n * (dim * STORAGE[dtype].itemsize + (2 * M + 1) * 4)
+    return {"bench": "memory", "n": n, "dim": dim, "dtype": dtype, "text_bytes": text_bytes,
+            "segments": segments, "shm_bytes": shm_bytes, "process_anonymous_bytes": heap,
+            "shm_bytes_per_observation": round(shm_bytes / n, 1),
+            "floor_bytes_per_observation": round(floor / n, 1),
+            "shm_gib": round(shm_bytes / 2**30, 3), "shm_gb": round(shm_bytes / 1e9, 3)}
+
+
+COLUMNS = [("dtype", "dtype", ""), ("n", "n", "d"), ("dim", "dim", "d"), ("segments", "segments", "d"),
+           ("shm GB", "shm_gb", ".3f"), ("shm GiB", "shm_gib", ".3f"),
+           ("bytes/obs", "shm_bytes_per_observation", ".0f"), ("floor", "floor_bytes_per_observation", ".0f"),
+           ("process heap MiB", "heap_mib", ".0f")]
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--dtype", default="f16,int8")
+    ap.add_argument("--text-bytes", type=int, default=100)
+    ap.add_argument("--ef-construction", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a small run (20000 x 64) for tests")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.dim = 20_000, 64
+    from engram_shm.kernels.warm import warm
+    warm()
+    rows = [emit(run(args.n, args.dim, dtype.strip(), args.text_bytes, args.ef_construction, args.seed))
+            for dtype in args.dtype.split(",")]
+    for r in rows:
+        r["heap_mib"] = r["process_anonymous_bytes"] / 2**20
+    print(table("memory per observation", rows, COLUMNS))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
