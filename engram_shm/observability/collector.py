@@ -120,6 +120,8 @@ class EngineCollector(Collector):
                      "the graph", ("memory_space",), depth)
         yield _gauge("engram_shm_space_shm_bytes", "bytes of /dev/shm a space's segments occupy",
                      ("memory_space",), size)
+        yield _gauge("engram_shm_ring_capacity", "the bound of each space's unindexed window (ring_capacity)",
+                     (), {(): self.config.ring_capacity})
 
     def _workers(self) -> Iterator:
         rows = self.stats.workers
