@@ -84,3 +84,12 @@ def test_isolation_quick_times_acks_alone_and_under_recall_load():
         assert {"machine", "date", "ack_p50_ms", "ack_p99_ms", "batches"} <= set(r) and r["ack_p99_ms"] > 0
     assert rows[1]["heavy_recalls"] >= 1 and rows[1]["flood_recalls"] >= 1
     assert "x alone p99" in out and "goal: within 2x" in out
+
+
+def test_ingest_quick_compares_metrics_off_and_on():
+    out, rows = quick("bench.ingest", "--metrics")
+    systems = [f"engram_shm_{where}metrics_{on}" for where in ("", "loop_only_") for on in ("off", "on")]
+    assert [r["system"] for r in rows] == systems
+    assert all(r["obs_per_s"] > 0 for r in rows)
+    assert rows[0]["x_metrics_off"] == rows[2]["x_metrics_off"] == 1.0
+    assert "x metrics off" in out

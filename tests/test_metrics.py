@@ -19,8 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chaos.kill_anything import children
-from engram_shm import Client
-from engram_shm.errors import DimensionMismatch, NonFiniteValue
+from engram_shm import Client, EngineConfig
+from engram_shm.auth.gate import check_bind
+from engram_shm.errors import DimensionMismatch, InsecureBind, InvalidArgument, NonFiniteValue
 from engram_shm.synthetic import clustered
 from engram_shm.transport.launch import free_port, running_server
 
@@ -130,3 +131,13 @@ def test_stats_and_top_find_the_server_through_the_environment(server):
     assert r.returncode == 0 and "alpha" in r.stdout and "recall latency" in r.stdout, r.stderr
     r = run("top", "--count", "1", "--interval", "0.2")
     assert r.returncode == 0 and "accepted/s" in r.stdout and "delta" in r.stdout, r.stderr
+
+
+def test_metrics_beyond_loopback_need_insecure_and_a_bad_address_is_refused():
+    with pytest.raises(InsecureBind):
+        check_bind(EngineConfig(metrics="0.0.0.0:9108"))
+    assert check_bind(EngineConfig(metrics="0.0.0.0:9108", insecure=True)) is True
+    assert check_bind(EngineConfig(metrics="[::1]:0")) is False
+    for bad in ("9108", "localhost:port", ":9108", "127.0.0.1:70000"):
+        with pytest.raises(InvalidArgument):
+            EngineConfig(metrics=bad)

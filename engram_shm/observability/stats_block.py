@@ -34,9 +34,9 @@ ns), B = size histogram words (a count per bucket of SIZE_BOUNDS, +Inf, sum).
 |             |                |                      | histogram of nodes inserted per claim       |
 
 Counters survive the restart of their writer (a restarted front or worker
-adds to what its predecessor wrote) and start at zero with the server. A
-process without a server's block (the benchmark's in-process front, an
-embedded engine's worker processes) writes into a private one.
+adds to what its predecessor wrote) and start at zero with the server. With
+`--metrics off` there is no block: the front records nothing, and index
+workers (like those of an embedded engine) write into a private one.
 """
 
 from __future__ import annotations

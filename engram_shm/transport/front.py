@@ -88,8 +88,9 @@ class Front:
     def __init__(self, config: EngineConfig, catalog: Catalog, sessions: SessionTable,
                  metrics: StatsBlock | None = None):
         self.config = config
-        # The counters only the front can count (observability/stats_block.py).
-        self.metrics = metrics or StatsBlock.private(config.metrics_spaces, config.worker_count)
+        # The counters only the front can count (observability/stats_block.py);
+        # None (--metrics off) records nothing.
+        self.metrics = metrics
         self.catalog = catalog
         self.sessions = sessions
         self._segments: list[Segment] = []
@@ -111,7 +112,8 @@ class Front:
             self.wal = self.writer.wal = WalWriter(
                 os.path.join(config.data_dir, "wal"), config.fsync, config.fsync_interval_ms,
                 config.wal_file_bytes, int(catalog.header[WAL_LSN]) + 1, catalog.committed_generation)
-            self.wal.on_fsync = self.metrics.fsync_latency.observe
+            if metrics is not None:
+                self.wal.on_fsync = metrics.fsync_latency.observe
             recovered = report.observations
         else:
             recovered = self.writer.recover(open_segment)
@@ -123,7 +125,7 @@ class Front:
         self.reload_requested = False  # SIGHUP: read the keys and the ACL again
         self.key_credit: collections.Counter[str] = collections.Counter()  # credit held per key
         self.replies = ReplyQueues(config.reply_queue_bytes, self._slow_consumer)
-        self.recalls = RecallDispatch(config, self.replies.deliver, self.metrics.recall_latency)
+        self.recalls = RecallDispatch(config, self.replies.deliver, metrics and metrics.recall_latency)
         self._levels: dict[str, int] = {}  # spaces above normal pressure -> level index
         self._touched: set[str] = set()  # spaces written since the last upkeep
         self._wal_counted = 0  # log bytes of this front already added to the stats block
@@ -236,7 +238,7 @@ class Front:
             getattr(self, "op_" + header["op"])(identity, header, frames[2:])
         except EngramError as e:
             self.counters["errors"] += 1
-            if header is not None and header.get("op") in OBSERVATION_OPS:
+            if self.metrics is not None and header is not None and header.get("op") in OBSERVATION_OPS:
                 self._count_rejected(header, e.code)
             self.send(identity, {"op": "error", "rid": rid, "session": session_key, **e.to_dict()})
         except Exception as e:  # a bug must cost one request, never the front
@@ -457,9 +459,9 @@ class Front:
         if self.wal is not None:
             session.logged.append((self.wal.written, end))
         self.counters["observations"] += batch.n
-        space_writer = self.writer.spaces[params.name]
-        self.metrics.accepted[self.metrics.slot(space_writer.index), p.PRIORITIES.index(session.priority)] \
-            += batch.n
+        if self.metrics is not None:
+            slot = self.metrics.slot(self.writer.spaces[params.name].index)
+            self.metrics.accepted[slot, p.PRIORITIES.index(session.priority)] += batch.n
         self._touched.add(params.name)
         session.space = params.name
         session.unindexed.append((end, spans, time.monotonic(), batch.n))
@@ -587,8 +589,9 @@ class Front:
                 **self.replies.stats(), "recall": self.recalls.stats(),
                 "memory_pressure": round(self.memory_pressure, 4), "auth": self.gate.auth,
                 "durability": durability_stats(self.catalog, self.config),
-                "latency": {"observe": latency_summary([self.metrics.observe_latency]),
-                            "recall": latency_summary(self.metrics.recall_latency)},
+                **({"latency": {"observe": latency_summary([self.metrics.observe_latency]),
+                                "recall": latency_summary(self.metrics.recall_latency)}}
+                   if self.metrics is not None else {}),
                 **({"config": dataclasses.asdict(self.config)} if admin else {})}
 
     @staticmethod
@@ -615,7 +618,7 @@ class Front:
         if self._checkpoints:
             self._answer_checkpoints()
         self._track_levels()
-        if self.wal is not None:
+        if self.wal is not None and self.metrics is not None:
             self.metrics.front[WAL_WRITTEN] += self.wal.written - self._wal_counted
             self._wal_counted = self.wal.written
 
@@ -633,14 +636,14 @@ class Front:
             if level == before:
                 continue
             changed = True
-            if level > before:
+            if level > before and self.metrics is not None:
                 self.metrics.activations[self.metrics.slot(writer.index), level] += 1
                 log.info("space pressure rose to %s", LEVELS[level], extra=logs.fields(space=name))
             if level:
                 self._levels[name] = level
             else:
                 del self._levels[name]
-        if changed:
+        if changed and self.metrics is not None:
             highest = [0] * self.metrics.slots
             for name, level in self._levels.items():
                 slot = self.metrics.slot(self.writer.spaces[name].index)
@@ -690,14 +693,16 @@ class Front:
             if any(seg.indexed < slot_end for seg, slot_end in spans):
                 break
             session.unindexed.popleft()
-            self.metrics.observe_latency.observe(now - accepted_at, n)
+            if self.metrics is not None:
+                self.metrics.observe_latency.observe(now - accepted_at, n)
             done = end
         return done
 
     def close(self) -> None:
         self.writer.close()
         self.wal = self.recalls.latency = None  # both hold views of the stats block, unmapped next
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.sessions.close()
         for seg in self._segments:
             seg.close()
@@ -738,8 +743,9 @@ def main(argv=None) -> None:
     logs.configure(config, "front")
     warm()
     catalog = Catalog.attach(engine)
-    front = Front(config, catalog, SessionTable(shm.attach(table_name(engine))),
-                  StatsBlock.attach(engine, config.metrics_spaces, config.worker_count))
+    metrics = StatsBlock.attach(engine, config.metrics_spaces, config.worker_count) \
+        if config.metrics != "off" else None
+    front = Front(config, catalog, SessionTable(shm.attach(table_name(engine))), metrics)
 
     def stop(signum, frame):
         front.stopping = True

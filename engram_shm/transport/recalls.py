@@ -78,12 +78,12 @@ class _Job:
 
 
 class RecallDispatch:
-    def __init__(self, config: EngineConfig, reply: Callable[[bytes, list], None], latency: list):
+    def __init__(self, config: EngineConfig, reply: Callable[[bytes, list], None], latency: list | None):
         self.sock = None  # the readers' ROUTER socket, set by the front's loop
         self.limit = config.recall_concurrency
         self.per_key = config.recall_concurrency_per_key
         self.reply = reply  # (client identity, frames) -> None: the front's reply path
-        self.latency = latency  # a Histogram per consistency: seconds from hand-off to the last part
+        self.latency = latency  # a Histogram per consistency (None: not recorded): hand-off to last part
         self._readers: dict[bytes, _Reader] = {}
         self._jobs: dict[bytes, _Job] = {}
         self._waiting: collections.deque = collections.deque()  # ids of jobs no reader has yet
@@ -146,7 +146,8 @@ class RecallDispatch:
             self._finish(frames[2].bytes)
             seconds = time.monotonic() - job.started
             self.service_s += SERVICE_WEIGHT * (seconds - self.service_s)
-            self.latency[job.consistency].observe(seconds)
+            if self.latency is not None:
+                self.latency[job.consistency].observe(seconds)
 
     def _finish(self, job_id: bytes) -> _Job:
         job = self._jobs.pop(job_id)

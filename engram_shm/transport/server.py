@@ -86,7 +86,8 @@ class Server:
             self.private_dir = tempfile.mkdtemp(prefix=f"engram-{self.name}-")  # 0700
             backend = f"ipc://{self.private_dir}/recall"
             self.catalog = Catalog.create(self.name)
-            self.stats = StatsBlock.create(self.name, config.metrics_spaces, config.worker_count)
+            if config.metrics != "off":
+                self.stats = StatsBlock.create(self.name, config.metrics_spaces, config.worker_count)
             self.directory = SegmentDirectory(self.catalog, writable=True)  # CAS on claims
             self._sessions = create_table(self.name)
             self.sessions = SessionTable(self._sessions)
