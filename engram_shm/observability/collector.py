@@ -89,8 +89,13 @@ class EngineCollector(Collector):
         yield _counter("engram_streaming_backpressure_activations_total", "times a space's pressure rose "
                        "into a level", ("memory_space", "level"), _by_label(labels, s.activations, LEVELS))
         state: dict[tuple, float] = {}
-        for label, level in zip(labels, s.level.tolist()):
+        fill: dict[tuple, float] = {}
+        for label, level, ppm in zip(labels, s.level.tolist(), s.fill.tolist()):
             state[(label,)] = max(state.get((label,), 0), level)
+            fill[(label,)] = max(fill.get((label,), 0.0), ppm / 1e6)
+        yield _gauge("engram_streaming_window_fill", "a space's unindexed window over its limit (the smaller "
+                     "of ring_capacity and what a recall scans within window_budget_ms): 1 is full",
+                     ("memory_space",), fill)
         yield _gauge("engram_streaming_backpressure_state", "pressure level of a space now: 0 normal, "
                      "1 warning, 2 critical, 3 overloaded (the highest of the spaces summed as other)",
                      ("memory_space",), state)
@@ -120,8 +125,6 @@ class EngineCollector(Collector):
                      "the graph", ("memory_space",), depth)
         yield _gauge("engram_shm_space_shm_bytes", "bytes of /dev/shm a space's segments occupy",
                      ("memory_space",), size)
-        yield _gauge("engram_shm_ring_capacity", "the bound of each space's unindexed window (ring_capacity)",
-                     (), {(): self.config.ring_capacity})
 
     def _workers(self) -> Iterator:
         rows = self.stats.workers

@@ -22,6 +22,8 @@ ns), B = size histogram words (a count per bucket of SIZE_BOUNDS, +Inf, sum).
 |             |                |                      | (normal, warning, critical, overloaded)     |
 | level       | [S]            | front                | the highest pressure level of the slot's    |
 |             |                |                      | spaces now (0-3)                            |
+| fill        | [S]            | front                | the fullest window of the slot's spaces:    |
+|             |                |                      | window / its limit, parts per million       |
 | observed    | [H]            | front                | accept-to-indexed seconds, per observation  |
 | recalled    | [3, H]         | front                | recall seconds, hand-off to last part, by   |
 |             |                |                      | consistency (strong, snapshot, indexed)     |
@@ -121,7 +123,8 @@ def _words(slots: int, workers: int) -> list[tuple[str, tuple]]:
     latency, size = len(LATENCY_BOUNDS) + 2, len(SIZE_BOUNDS) + 2
     return [("header", (HEADER_WORDS,)), ("accepted", (slots, len(PRIORITIES))),
             ("rejected", (slots, len(REASONS))), ("activations", (slots, len(LEVELS))),
-            ("level", (slots,)), ("observed", (latency,)), ("recalled", (len(CONSISTENCIES), latency)),
+            ("level", (slots,)), ("fill", (slots,)), ("observed", (latency,)),
+            ("recalled", (len(CONSISTENCIES), latency)),
             ("front", (FRONT_WORDS,)), ("fsync", (latency,)), ("workers", (workers, WORKER_HEAD + size))]
 
 

@@ -126,7 +126,8 @@ class Front:
         self.key_credit: collections.Counter[str] = collections.Counter()  # credit held per key
         self.replies = ReplyQueues(config.reply_queue_bytes, self._slow_consumer)
         self.recalls = RecallDispatch(config, self.replies.deliver, metrics and metrics.recall_latency)
-        self._levels: dict[str, int] = {}  # spaces above normal pressure -> level index
+        self._watched: dict[str, tuple[float, int]] = {}  # spaces with an open window or above normal:
+        # (window fill, level index)
         self._touched: set[str] = set()  # spaces written since the last upkeep
         self._wal_counted = 0  # log bytes of this front already added to the stats block
         self._frames: list = []  # the message being handled
@@ -579,8 +580,8 @@ class Front:
         """The engine's figures, with the spaces `principal` may see, and the
         usage of every key for an engine admin (else of its own)."""
         owners = self.writer.ledger.owners
-        spaces = {name: {**w.stats(), "owner": owners[name], "level": LEVELS[self._levels.get(name, 0)],
-                         "pressure": round(w.window / self.config.ring_capacity, 4)}
+        level = lambda name: LEVELS[self._watched.get(name, (0.0, 0))[1]]
+        spaces = {name: {**w.stats(), "owner": owners[name], "level": level(name)}
                   for name, w in self.writer.spaces.items() if self.gate.visible(principal, name)}
         admin = self.gate.is_admin(principal)
         usage = {key: used for key, used in self.writer.ledger.usage().items() if admin or key == principal}
@@ -617,38 +618,42 @@ class Front:
             self._log_session(session, FREE)
         if self._checkpoints:
             self._answer_checkpoints()
-        self._track_levels()
+        self._track_pressure()
         if self.wal is not None and self.metrics is not None:
             self.metrics.front[WAL_WRITTEN] += self.wal.written - self._wal_counted
             self._wal_counted = self.wal.written
 
-    def _track_levels(self) -> None:
-        """The pressure level of each space written since the last upkeep or
-        still above normal: a rise into a level counts as an activation of
-        it, and each slot shows the highest level of its spaces (the stats
-        block's `level`, `activations`)."""
-        ring, touched, self._touched = self.config.ring_capacity, self._touched, set()
+    def _track_pressure(self) -> None:
+        """The window fill and pressure level of each space written since the
+        last upkeep or whose window is still open: a rise into a level counts
+        as an activation of it, and each slot shows the fullest window and the
+        highest level of its spaces (the stats block's `fill`, `level`,
+        `activations`)."""
+        touched, self._touched = self._touched, set()
         changed = False
-        for name in touched | self._levels.keys():
+        for name in touched | self._watched.keys():
             writer = self.writer.spaces[name]
-            level = LEVELS.index(level_of(max(writer.window / ring, self.memory_pressure)))
-            before = self._levels.get(name, 0)
-            if level == before:
+            fill = writer.pressure
+            level = LEVELS.index(level_of(max(fill, self.memory_pressure)))
+            before = self._watched.get(name, (0.0, 0))
+            if (fill, level) == before:
                 continue
             changed = True
-            if level > before and self.metrics is not None:
-                self.metrics.activations[self.metrics.slot(writer.index), level] += 1
+            if level > before[1]:
                 log.info("space pressure rose to %s", LEVELS[level], extra=logs.fields(space=name))
-            if level:
-                self._levels[name] = level
+                if self.metrics is not None:
+                    self.metrics.activations[self.metrics.slot(writer.index), level] += 1
+            if fill or level:
+                self._watched[name] = (fill, level)
             else:
-                del self._levels[name]
+                del self._watched[name]
         if changed and self.metrics is not None:
-            highest = [0] * self.metrics.slots
-            for name, level in self._levels.items():
+            fills, levels = [0.0] * self.metrics.slots, [0] * self.metrics.slots
+            for name, (fill, level) in self._watched.items():
                 slot = self.metrics.slot(self.writer.spaces[name].index)
-                highest[slot] = max(highest[slot], level)
-            self.metrics.level[:] = highest
+                fills[slot], levels[slot] = max(fills[slot], fill), max(levels[slot], level)
+            self.metrics.fill[:] = [round(f * 1e6) for f in fills]
+            self.metrics.level[:] = levels
 
     def _upkeep_session(self, session: Session) -> None:
         indexed_to = self._pop_indexed(session)
