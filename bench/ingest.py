@@ -234,7 +234,7 @@ def in_process_front(batches: list[tuple[dict, bytes]], ring: int, metrics: bool
     catalog = Catalog.create(name)
     front = None
     try:
-        config = EngineConfig(name=name, ring_capacity=ring, max_credit=CREDIT)
+        config = EngineConfig(name=name, ring_capacity=ring, window_budget_ms=0, max_credit=CREDIT)
         stats = StatsBlock.private(config.metrics_spaces, config.worker_count) if metrics else None
         front = Front(config, catalog, SessionTable(create_table(name)), stats)
         front.replies.sock = replies = _LastReply()
@@ -402,7 +402,9 @@ def metrics_overhead(data: np.ndarray, batches, args) -> list[dict]:
                                  x_metrics_off=round(seconds[False] / seconds[metrics], 4))))
 
     port = free_port()
-    common = ("--ring-capacity", str(ring), "--max-credit", str(CREDIT))
+    # No backpressure (the ring holds every batch, no scan budget bounds the
+    # window): the rate of accepting is measured.
+    common = ("--ring-capacity", str(ring), "--window-budget-ms", "0", "--max-credit", str(CREDIT))
     with running_server(*common, "--metrics", "off") as (off, _, off_server), \
             running_server(*common, "--metrics", f"127.0.0.1:{port}") as (on, _, on_server), \
             scraping(f"http://127.0.0.1:{port}/metrics"):

@@ -28,7 +28,7 @@ from . import lifeline
 from .directory import SegmentDirectory
 from .indexer import IndexWriter, token_for
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
 
 IDLE_MIN_S, IDLE_MAX_S = 0.001, 0.02
 ORPHAN_CHECK_S = 1.0

@@ -76,7 +76,7 @@ from .recalls import RecallDispatch
 from .replies import SNDHWM, ReplyQueues
 from .sessions import ACTIVE, ANONYMOUS, CLOSED, FREE, PAUSED, Session, SessionTable, table_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
 
 UPKEEP_S = 0.02
 MAX_RECV_PER_TURN = 256

@@ -35,7 +35,7 @@ from ..store.catalog import Catalog
 from . import protocol as p
 from .recalls import HELLO_S, JOB, LAST, PART, WELCOME, hello_frames
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
 
 
 def answer(sock, reader: Reader, config: EngineConfig, job: bytes, frames: list) -> None:

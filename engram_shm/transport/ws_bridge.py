@@ -36,7 +36,7 @@ from ..observability import logs
 from . import jsonstream as js
 from . import protocol as p
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
 
 PATH = "/v1/stream"
 # Pages served from this machine may connect; others only if ws_origins says.
