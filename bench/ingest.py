@@ -4,6 +4,7 @@ ceiling, in one run, on the same messages.
     python -m bench.ingest [--batches 600] [--batch 256] [--dim 768] [--quick]
     python -m bench.ingest --fsync always,interval,never
     python -m bench.ingest --auth
+    python -m bench.ingest --metrics [--chunk 10]
 
 The servers keep a data directory (fsync=interval, the default) unless told
 otherwise: the figures include the write-ahead log. With --fsync, the same
@@ -11,6 +12,14 @@ batches go instead to one server per fsync policy and to a memory-only one,
 and the table gives each rate as a ratio to `never`. With --auth, they go to
 a server without authentication and to one with `--auth curve` (every frame
 encrypted and authenticated by libzmq's CURVE), as a ratio to the former.
+With --metrics, the cost of metrics, measured in pairs: the batches go in
+chunks, alternately, to a server with `--metrics off` (nothing recorded) and
+to one with metrics on whose /metrics is scraped every second (a busier
+Prometheus than most), both up at once; then alternately to two fronts in
+this process, without and with a stats block (the hot path's recording
+alone, timed by the loop thread's own CPU time). Alternating chunks puts
+drift in the machine's load on both sides alike; the table gives each rate
+as a ratio to its metrics-off twin.
 
 - raw_zmq: a pyzmq ROUTER process that receives the same msgpack batches,
   unpacks the header, copies the vectors out of the frame and acks with
@@ -48,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import msgpack
 import numpy as np
@@ -58,6 +68,7 @@ from engram_shm import Client
 from engram_shm.auth.keys import KeysDir, load_pair, load_public
 from engram_shm.config import EngineConfig
 from engram_shm.kernels.warm import warm
+from engram_shm.observability.stats_block import StatsBlock
 from engram_shm.store import shm
 from engram_shm.store.catalog import Catalog
 from engram_shm.synthetic import clustered
@@ -212,33 +223,57 @@ class _LastReply:
         self.errors += self.last["op"] == "error"
 
 
-def loop_only(batches: list[tuple[dict, bytes]], ring: int) -> tuple[float, dict]:
-    """Seconds the front's loop takes over the batches handed to it in this
-    process, and its CPU per batch."""
+@contextlib.contextmanager
+def in_process_front(batches: list[tuple[dict, bytes]], ring: int, metrics: bool = False, suffix: str = ""):
+    """A front in this process, its replies kept by a stand-in socket, and the
+    batches as messages of one session of it: yields (front, messages,
+    replies). With `metrics`, it records into a stats block as a server's
+    front does; without, nothing (--metrics off)."""
     warm()
-    name = f"bench-loop-{os.getpid()}"
+    name = f"bench-loop-{os.getpid()}{suffix}"
     catalog = Catalog.create(name)
     front = None
     try:
-        front = Front(EngineConfig(name=name, ring_capacity=ring, max_credit=CREDIT), catalog,
-                      SessionTable(create_table(name)))
+        config = EngineConfig(name=name, ring_capacity=ring, window_budget_ms=0, max_credit=CREDIT)
+        stats = StatsBlock.private(config.metrics_spaces, config.worker_count) if metrics else None
+        front = Front(config, catalog, SessionTable(create_table(name)), stats)
         front.replies.sock = replies = _LastReply()
         identity = zmq.Frame(b"\0bench")
         front.handle([identity, zmq.Frame(p.pack({"op": "init"})[0])])
-        messages = [[identity, *map(zmq.Frame, frames)]
-                    for _, frames in numbered(batches, replies.last["session"])]
+        yield front, [[identity, *map(zmq.Frame, frames)]
+                      for _, frames in numbered(batches, replies.last["session"])], replies
+        if replies.errors:
+            raise RuntimeError(f"the front refused {replies.errors} batches: {replies.last}")
+    finally:
+        if front is not None:
+            front.close()
+        catalog.close()
+
+
+def loop_only(batches: list[tuple[dict, bytes]], ring: int) -> tuple[float, dict]:
+    """Seconds the front's loop takes over the batches handed to it in this
+    process, and its CPU per batch."""
+    with in_process_front(batches, ring) as (front, messages, _):
         with cpu_per_batch(os.getpid(), len(batches)) as cpu:
             start = time.perf_counter()
             for message in messages:
                 front.handle(message)
             seconds = time.perf_counter() - start
-        if replies.errors:
-            raise RuntimeError(f"the front refused {replies.errors} batches: {replies.last}")
-        return seconds, {**cpu, "sender_cpu_us_per_batch": 0}  # no sender
-    finally:
-        if front is not None:
-            front.close()
-        catalog.close()
+    return seconds, {**cpu, "sender_cpu_us_per_batch": 0}  # no sender
+
+
+def alternate(n: int, chunk: int, run, clock=time.perf_counter) -> dict[bool, float]:
+    """Seconds (of `clock`) of `run(metrics, lo, hi)` over batches [0, n) in
+    chunks, each chunk to both sides, the side that goes first alternating:
+    drift in the machine's load (other work, a VM's neighbours) falls on both
+    sides alike."""
+    seconds = {False: 0.0, True: 0.0}
+    for k, lo in enumerate(range(0, n, chunk)):
+        for metrics in ((False, True) if k % 2 == 0 else (True, False)):
+            start = clock()
+            run(metrics, lo, min(n, lo + chunk))
+            seconds[metrics] += clock() - start
+    return seconds
 
 
 def recall_while(endpoint: str, cue: np.ndarray, stop: threading.Event, out: list,
@@ -325,6 +360,77 @@ def authentication(data: np.ndarray, batches, args) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def scraping(url: str, period_s: float = 1.0):
+    """Scrape `url` every `period_s` in a thread while the block runs (the
+    server may not be up yet: a failed scrape is tried again)."""
+    stop = threading.Event()
+
+    def scrape():
+        while not stop.wait(period_s):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(url, timeout=5).read()
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+METRICS_COLUMNS = [("system", "system", ""), ("obs/s", "obs_per_s", ".0f"),
+                   ("x metrics off", "x_metrics_off", ".3f")]
+
+
+def metrics_overhead(data: np.ndarray, batches, args) -> list[dict]:
+    """The cost of metrics, paired: the batches go in chunks of `args.chunk`
+    alternately to a server with metrics off and one with metrics on (its
+    /metrics scraped every second), both running meanwhile, each chunk in a
+    session of its own (rates by the wall clock); then alternately to two
+    fronts in this process, without and with a stats block (the hot path's
+    recording alone; rates by the loop thread's CPU time). Each rate as a
+    ratio to its metrics-off twin."""
+    ring = 2 * len(data) + 1024
+    n, rows = len(data), []
+
+    def report(where: str, seconds: dict[bool, float]) -> None:
+        for metrics in (False, True):
+            rows.append(emit(row(f"engram_shm{where}_metrics_{'on' if metrics else 'off'}", n, args.batch,
+                                 args.dim, seconds[metrics], chunk=args.chunk,
+                                 x_metrics_off=round(seconds[False] / seconds[metrics], 4))))
+
+    port = free_port()
+    # No backpressure (the ring holds every batch, no scan budget bounds the
+    # window): the rate of accepting is measured.
+    common = ("--ring-capacity", str(ring), "--window-budget-ms", "0", "--max-credit", str(CREDIT))
+    with running_server(*common, "--metrics", "off") as (off, _, off_server), \
+            running_server(*common, "--metrics", f"127.0.0.1:{port}") as (on, _, on_server), \
+            scraping(f"http://127.0.0.1:{port}/metrics"):
+        servers = {False: (off, front_pid(off_server)), True: (on, front_pid(on_server))}
+
+        def send(metrics: bool, lo: int, hi: int) -> None:
+            endpoint, pid = servers[metrics]
+            send_all(endpoint, batches[lo:hi], pid)
+
+        report("", alternate(len(batches), args.chunk, send))
+    with in_process_front(batches, ring, False, "-off") as (front_off, off_messages, _), \
+            in_process_front(batches, ring, True, "-on") as (front_on, on_messages, _):
+        fronts = {False: (front_off, off_messages), True: (front_on, on_messages)}
+
+        def handle(metrics: bool, lo: int, hi: int) -> None:
+            front, messages = fronts[metrics]
+            for message in messages[lo:hi]:
+                front.handle(message)
+
+        # The loop's own CPU time: what recording adds to it, not when this
+        # thread was off the CPU while the machine was busy.
+        report("_loop_only", alternate(len(batches), args.chunk, handle, time.thread_time))
+    print(table("ingest with metrics off and on, alternating chunks", rows, METRICS_COLUMNS))
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, default=600)
@@ -337,6 +443,10 @@ def main(argv=None) -> list[dict]:
                                     "as ratios to never")
     ap.add_argument("--auth", action="store_true", help="instead: the server's accepted rate without "
                                                         "authentication and with CURVE, as a ratio")
+    ap.add_argument("--metrics", action="store_true", help="instead: the rate with metrics off and on "
+                                                           "(served and in-process), as ratios")
+    ap.add_argument("--chunk", type=int, default=10, help="--metrics: batches sent to one side before the "
+                                                          "other")
     ap.add_argument("--raw-server", help=argparse.SUPPRESS)
     ap.add_argument("--raw-store-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -353,6 +463,8 @@ def main(argv=None) -> list[dict]:
         return fsync_policies(args.fsync.split(","), data, batches, args)
     if args.auth:
         return authentication(data, batches, args)
+    if args.metrics:
+        return metrics_overhead(data, batches, args)
 
     rows = []
     for system, store_bytes in (("raw_zmq", 0), ("raw_zmq_shm", n * args.dim * 2)):

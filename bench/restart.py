@@ -79,8 +79,9 @@ def serve_until_ready(directory: str, n: int, log_path: str) -> tuple[subprocess
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     start = time.perf_counter()
     with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", "--log-level", "INFO", "serve",
-                                 "--data", directory, "--endpoint", endpoint, "--workers", "2"],
+        proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", "serve", "--log-level", "INFO",
+                                 "--data", directory, "--endpoint", endpoint, "--workers", "2", "--metrics",
+                                 "127.0.0.1:0"],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     while True:
         if proc.poll() is not None:

@@ -6,22 +6,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import signal
 import sys
 import time
-import tomllib
 
 import numpy as np
 
 from .config import EngineConfig, env_var
 from .errors import EngramError, InvalidArgument
+from .observability import logs
+
+CLIENT_OPTIONS = ("endpoint", "log_level", "log_format")  # what a command that talks to a server obeys
+LOG_OPTIONS = ("log_level", "log_format")
+DEFAULT_DATA_DIR = "./engram-data"
+# What `serve` assumes below the file, the environment and the flags: a data
+# directory, and index writers as processes (a server has no other kind).
+SERVE_DEFAULTS = {"data_dir": DEFAULT_DATA_DIR, "worker_mode": "process"}
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """A flag for each option (or for the options `names`), and --config."""
+    parser.add_argument("--config", help="TOML file of engine options (top level or [engram] table)")
     group = parser.add_argument_group("engine options (also ENGRAM_<OPTION> variables)")
     for f in dataclasses.fields(EngineConfig):
+        if names is not None and f.name not in names:
+            continue
         flags = ["--" + f.name.replace("_", "-")] + (["--data"] if f.name == "data_dir" else [])
         kind = type(f.default)
         shape = {"action": argparse.BooleanOptionalAction} if kind is bool else \
@@ -30,58 +40,27 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                            help=f"{f.metadata['help']} [{env_var(f.name)}, default {f.default!r}]")
 
 
-def config_from(args: argparse.Namespace) -> EngineConfig:
-    """Defaults, then the TOML file (--config), then ENGRAM_* variables, then flags."""
-    values = {}
-    if getattr(args, "config", None):
-        values.update(load_toml(args.config))
-    env = EngineConfig.from_env()
-    defaults = EngineConfig()
-    values.update({f.name: getattr(env, f.name) for f in dataclasses.fields(EngineConfig)
-                   if getattr(env, f.name) != getattr(defaults, f.name)})
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
-                   if getattr(args, f.name, None) is not None})
-    return EngineConfig(**values)
-
-
-def load_toml(path: str) -> dict:
-    known = {f.name: f for f in dataclasses.fields(EngineConfig)}
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise InvalidArgument(f"cannot read config file {path}: {e}") from None
-    data = data.get("engram", data)
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise InvalidArgument(f"{path}: unknown option(s) {unknown}; known: {sorted(known)}")
-    for name, value in data.items():
-        kind = type(known[name].default)
-        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
-            raise InvalidArgument(f"{path}: {name} must be {kind.__name__}, got {value!r}")
-    return data
+def config_from(args: argparse.Namespace, base: dict | None = None) -> EngineConfig:
+    """Defaults, then `base`, then the TOML file (--config), then ENGRAM_*
+    variables, then flags (EngineConfig.layered)."""
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(EngineConfig)}
+    return EngineConfig.layered(base, getattr(args, "config", None), os.environ, flags)
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    report = run_demo(config_from(args), n=args.n, dim=args.dim, batch=args.batch)
+    report = run_demo(args.settings, n=args.n, dim=args.dim, batch=args.batch)
     if args.json:
         print(json.dumps(report))
     return 0
-
-
-DEFAULT_DATA_DIR = "./engram-data"
 
 
 def cmd_serve(args) -> int:
     from .auth.gate import exposed_addresses
     from .transport.server import Server
 
-    config = config_from(args)
-    if not config.data_dir:
-        config = dataclasses.replace(config, data_dir=DEFAULT_DATA_DIR)
-    server = Server(config)
+    server = Server(args.settings)
     if server.recovered is not None:
         print(f"recovered {server.recovered.summary()}", flush=True)
 
@@ -91,8 +70,10 @@ def cmd_serve(args) -> int:
         access = (f"clients need a key (server key {s.server_key_file})" if s.server_key_file else
                   "no authentication")
         stream = f" and ws://{s.config.ws_host}:{s.config.ws_port}/v1/stream" if s.config.ws_port else ""
+        metrics = f"metrics on {s.metrics_url}" if s.metrics_url else "metrics off"
         print(f"engram-shm serving engine {s.name} on {s.config.endpoint}{stream} "
-              f"({s.config.worker_count} index workers); {where}; {access}; Ctrl-C stops", flush=True)
+              f"({s.config.worker_count} index workers); {where}; {access}; {metrics}; Ctrl-C stops",
+              flush=True)
         for address, local in exposed_addresses(s.config):
             if not local:
                 print(f"WARNING: --insecure: {address} is open to every machine that reaches it, "
@@ -106,23 +87,18 @@ def cmd_serve(args) -> int:
 def cmd_checkpoint(args) -> int:
     from .transport.client import Client
 
-    with Client(args.endpoint, timeout=args.timeout) as client:
+    with Client(args.settings.endpoint, timeout=args.timeout) as client:
         started = time.monotonic()
         generation = client.checkpoint()
     print(f"checkpoint complete at generation {generation} in {time.monotonic() - started:.2f} s")
     return 0
 
 
-def _keys_config(args) -> EngineConfig:
-    """The data and keys directories of `keys` (as `serve` would find them)."""
-    return EngineConfig(data_dir=args.data_dir or DEFAULT_DATA_DIR, keys_dir=args.keys_dir or "")
-
-
 def cmd_keys(args) -> int:
     from .auth.acl import Acl
     from .auth.keys import KeysDir
 
-    config = _keys_config(args)
+    config = args.settings
     keys = KeysDir(config.keys_path)
     if args.action == "new":
         path = keys.new(args.name)
@@ -201,7 +177,7 @@ def cmd_observe(args) -> int:
     ids, vectors, what, when, confidence = _read_observations(args.file)
     vectors = np.asarray(vectors, dtype=np.float32)
     step = args.batch
-    with Client(args.endpoint, priority=args.priority, batch_size=step) as client, \
+    with Client(args.settings.endpoint, priority=args.priority, batch_size=step) as client, \
             tqdm(total=len(ids), unit="obs", desc=f"observe {args.space}", file=sys.stderr) as bar:
         for lo in range(0, len(ids), step):
             sl = slice(lo, lo + step)
@@ -219,9 +195,31 @@ def cmd_recall(args) -> int:
 
     cue = np.asarray(json.loads(args.cue) if args.cue.lstrip().startswith("[")
                      else np.load(args.cue), dtype=np.float32)
-    with Client(args.endpoint) as client:
+    with Client(args.settings.endpoint) as client:
         for m in client.recall(args.space, cue, k=args.k, consistency=args.consistency):
             print(json.dumps(dataclasses.asdict(m), ensure_ascii=False))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .observability.status import print_stats
+    from .transport.client import Client
+
+    with Client(args.settings.endpoint) as client:
+        stats = client.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print_stats(stats)
+    return 0
+
+
+def cmd_top(args) -> int:
+    from .observability.status import top
+    from .transport.client import Client
+
+    with Client(args.settings.endpoint) as client:
+        top(client.stats, args.interval, args.count)
     return 0
 
 
@@ -245,7 +243,6 @@ def cmd_warm(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-shm", description="Streaming memory engine on "
                                      "shared memory, Numba HNSW and ZeroMQ.")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="stream synthetic observations into an embedded engine, "
@@ -258,15 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     serve = sub.add_parser("serve", help="run the server: ZeroMQ front, index workers, supervisor")
-    serve.add_argument("--config", help="TOML file of engine options (top level or [engram] table)")
     add_config_flags(serve)
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, base=SERVE_DEFAULTS)
 
     observe = sub.add_parser("observe", help="stream observations from a file to a server")
     observe.add_argument("file", help="JSON lines ({id, vector, what?, when?, confidence?}) or .npz "
                                       "(vectors, ids?, what?, when?, confidence?)")
     observe.add_argument("--space", required=True)
-    observe.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
+    add_config_flags(observe, CLIENT_OPTIONS)
     observe.add_argument("--batch", type=int, default=256, help="observations per message")
     observe.add_argument("--priority", default="normal", choices=["high", "normal", "low"])
     observe.set_defaults(func=cmd_observe)
@@ -276,12 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("cue", help="a JSON list of floats, or a .npy file")
     recall.add_argument("--k", type=int, default=10)
     recall.add_argument("--consistency", default="strong", choices=["strong", "indexed"])
-    recall.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
+    add_config_flags(recall, CLIENT_OPTIONS)
     recall.set_defaults(func=cmd_recall)
 
     ckpt = sub.add_parser("checkpoint", help="ask a running server for a checkpoint; returns when "
                                              "it is complete")
-    ckpt.add_argument("--endpoint", default="tcp://127.0.0.1:5555")
+    add_config_flags(ckpt, CLIENT_OPTIONS)
     ckpt.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it")
     ckpt.set_defaults(func=cmd_checkpoint)
 
@@ -292,31 +288,46 @@ def build_parser() -> argparse.ArgumentParser:
                            "the keys and acl.toml again (new, add and revoke reload too)")
     keys.add_argument("name", nargs="?", help="the key's name (new, add, revoke)")
     keys.add_argument("public_key", nargs="?", help="add: the client's public key file")
-    keys.add_argument("--data", dest="data_dir", help=f"data directory (default {DEFAULT_DATA_DIR})")
-    keys.add_argument("--keys-dir", help="keys directory (default DATA/keys)")
-    keys.set_defaults(func=cmd_keys)
+    add_config_flags(keys, ("data_dir", "keys_dir", *LOG_OPTIONS))
+    keys.set_defaults(func=cmd_keys, base={"data_dir": DEFAULT_DATA_DIR})
 
     verify = sub.add_parser("verify", help="check a data directory offline (checkpoints, log "
                                            "records, checksums) and report what it holds")
     verify.add_argument("dir")
     verify.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    add_config_flags(verify, LOG_OPTIONS)
     verify.set_defaults(func=cmd_verify)
 
     gc = sub.add_parser("gc", help="remove shared memory left by engines that are no longer "
                                    "running (never a running engine's)")
     gc.add_argument("--min-age", type=float, default=10.0,
                     help="seconds an orphan segment must have existed before removal")
+    add_config_flags(gc, LOG_OPTIONS)
     gc.set_defaults(func=cmd_gc)
 
     warm = sub.add_parser("warm", help="compile the Numba kernels into the on-disk cache")
+    add_config_flags(warm, LOG_OPTIONS)
     warm.set_defaults(func=cmd_warm)
+
+    stats = sub.add_parser("stats", help="a running server's figures, one table per part (or --json)")
+    stats.add_argument("--json", action="store_true", help="print the server's stats reply as JSON")
+    add_config_flags(stats, CLIENT_OPTIONS)
+    stats.set_defaults(func=cmd_stats)
+
+    top = sub.add_parser("top", help="a live view of a running server's spaces: counts, window, "
+                                     "pressure, rates, latency (Ctrl-C quits)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top.add_argument("--count", type=int, default=0, help="refreshes before exiting; 0: until Ctrl-C")
+    add_config_flags(top, CLIENT_OPTIONS)
+    top.set_defaults(func=cmd_top)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        args.settings = config_from(args, getattr(args, "base", None))
+        logs.configure(args.settings, "serve" if args.command == "serve" else f"cli-{args.command}")
         return args.func(args)
     except EngramError as e:
         print(f"engram-shm: error [{e.code}]: {e.message}", file=sys.stderr)

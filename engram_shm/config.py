@@ -8,8 +8,10 @@ environment variable, and the CLI derives its flags from these fields
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field
 
 from .errors import InvalidArgument
@@ -19,6 +21,8 @@ METRICS = ("cosine", "ip", "l2")
 WORKER_MODES = ("thread", "process")
 FSYNC_POLICIES = ("always", "interval", "never")
 AUTH_MODES = ("none", "curve")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 MAX_K = 10_000  # the largest k a recall takes (engine/reader.py): its heaps are sized by k
 MAX_EF = 65536  # the widest beam of a recall
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,47}$")
@@ -130,6 +134,18 @@ class EngineConfig:
                                        "WebSocket connection", lo=0.01, hi=86400.0)
     ws_origins: str = _opt("", "comma-separated browser origins allowed to open a WebSocket besides "
                                "loopback pages (http://127.0.0.1:*, http://localhost:*); * allows any")
+    min_credit: int = _opt(256, "credit a normal-priority session gets at critical pressure (one batch)",
+                           lo=1, hi=1 << 24)
+    max_segments: int = _opt(65536, "shared-memory segments of the engine; at most the catalog's 65536",
+                             lo=1, hi=65536)
+    metrics: str = _opt("127.0.0.1:9108", "HOST:PORT of the server's Prometheus /metrics endpoint (port 0 "
+                                          "picks a free one), or off; a non-loopback host needs --insecure")
+    metrics_spaces: int = _opt(32, "spaces with their own memory_space label in metrics, by creation "
+                                   "order; the others are summed as memory_space=\"other\"",
+                               lo=1, hi=4096)
+    log_level: str = _opt("WARNING", "log level of every process: " + ", ".join(LOG_LEVELS))
+    log_format: str = _opt("text", "log lines of every process: text, or json (one object per line): "
+                                   + ", ".join(LOG_FORMATS))
     checkpoints_kept: int = _opt(2, "complete checkpoints kept (a corrupt newest one falls back to "
                                     "the one before, with the log kept since it)", lo=1, hi=100)
 
@@ -151,6 +167,12 @@ class EngineConfig:
             raise InvalidArgument(f"fsync {self.fsync!r} is not one of {FSYNC_POLICIES}")
         if self.auth not in AUTH_MODES:
             raise InvalidArgument(f"auth {self.auth!r} is not one of {AUTH_MODES}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise InvalidArgument(f"log_level {self.log_level!r} is not one of {LOG_LEVELS}")
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidArgument(f"log_format {self.log_format!r} is not one of {LOG_FORMATS}")
+        if self.metrics != "off":
+            metrics_address(self.metrics)  # raises on a malformed one
         if self.ws_port and self.auth != "none":
             raise InvalidArgument("the WebSocket bridge cannot authenticate its clients yet: --ws-port "
                                   "needs --auth none (docs/security.md, 'The WebSocket bridge')")
@@ -179,13 +201,62 @@ class EngineConfig:
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "EngineConfig":
         """Defaults, then ENGRAM_* variables, then explicit overrides."""
-        values = {}
+        return cls.layered(environ=environ, flags=overrides)
+
+    @classmethod
+    def layered(cls, base: dict | None = None, toml: str | None = None, environ=os.environ,
+                flags: dict | None = None) -> "EngineConfig":
+        """The one order of precedence, for every command and process: the
+        defaults, then `base` (a command's own defaults: serve's data
+        directory), then the TOML file, then every ENGRAM_* variable that is
+        set (whatever its value: one equal to the default still overrides the
+        file), then `flags` (None means not given)."""
+        values = dict(base or {})
+        if toml:
+            values.update(load_toml(toml))
         for f in dataclasses.fields(cls):
             raw = environ.get(env_var(f.name))
             if raw is not None:
                 values[f.name] = parse_value(f, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
         return cls(**values)
+
+    def to_json(self) -> str:
+        """How a child process gets its parent's config (`from_json`)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineConfig":
+        return cls(**json.loads(text))
+
+
+def load_toml(path: str) -> dict:
+    """Options from a TOML file (top level, or an [engram] table), checked
+    against the fields."""
+    known = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InvalidArgument(f"cannot read config file {path}: {e}") from None
+    data = data.get("engram", data)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InvalidArgument(f"{path}: unknown option(s) {unknown}; known: {sorted(known)}")
+    for name, value in data.items():
+        kind = type(known[name].default)
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise InvalidArgument(f"{path}: {name} must be {kind.__name__}, got {value!r}")
+    return data
+
+
+def metrics_address(value: str) -> tuple[str, int]:
+    """(host, port) of a `metrics` option of the form HOST:PORT."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise InvalidArgument(f"metrics {value!r} must be HOST:PORT (port 0 picks a free one) or off",
+                              field="metrics")
+    return host.strip("[]"), int(port)
 
 
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True,

@@ -100,3 +100,12 @@ def test_memory_quick_reports_bytes_per_observation():
     for r in rows:
         assert r["n"] == 20000 and r["shm_bytes"] > r["n"] * r["floor_bytes_per_observation"]
     assert rows[1]["shm_bytes"] < rows[0]["shm_bytes"]  # int8 codes take half of f16's bytes
+
+
+def test_ingest_quick_compares_metrics_off_and_on():
+    out, rows = quick("bench.ingest", "--metrics")
+    systems = [f"engram_shm_{where}metrics_{on}" for where in ("", "loop_only_") for on in ("off", "on")]
+    assert [r["system"] for r in rows] == systems
+    assert all(r["obs_per_s"] > 0 for r in rows)
+    assert rows[0]["x_metrics_off"] == rows[2]["x_metrics_off"] == 1.0
+    assert "x metrics off" in out

@@ -20,6 +20,7 @@ import socket
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from ..config import metrics_address
 from ..errors import EngramError, Forbidden, InsecureBind, Unauthenticated
 from ..limits import ANONYMOUS
 from .acl import Acl
@@ -166,10 +167,13 @@ def check_bind(config) -> bool:
 def exposed_addresses(config) -> list[tuple[str, bool]]:
     """(address, only this machine can reach it) of every unauthenticated
     listener of the server: the ZeroMQ endpoint without --auth, and the
-    WebSocket bridge if it runs."""
+    WebSocket bridge if it runs, and the metrics endpoint."""
     listeners = [] if config.auth != "none" else [(config.endpoint, is_local(config.endpoint))]
     if config.ws_port:
         listeners.append((f"ws://{config.ws_host}:{config.ws_port}", is_loopback_host(config.ws_host)))
+    if config.metrics != "off":  # no authentication either, and it names every space
+        host = metrics_address(config.metrics)[0]
+        listeners.append((f"http://{config.metrics}/metrics", is_loopback_host(host)))
     return listeners
 
 

@@ -92,7 +92,8 @@ class Engine(Recalls):
                 self._open_data_dir()
             n = self.config.worker_count
             if self.config.worker_mode == "process":
-                self.supervisor = Supervisor.for_index_workers(self.catalog, n, self.directory.segments)
+                self.supervisor = Supervisor.for_index_workers(self.catalog, self.config,
+                                                               self.directory.segments)
                 self._indexing = self.supervisor
             else:
                 self.supervisor = None

@@ -51,6 +51,7 @@ class IndexWriter:
         self.slice_s = slice_s
         self._per_node_s = 1e-4
         self._scratch = hnsw.ScratchCache()
+        self.stolen = 0  # claims of segments the hash assigns to another writer (metrics)
         stats[W_CLAIMED] = -1
 
     def step(self, targets: list[Target]) -> int:
@@ -90,6 +91,7 @@ class IndexWriter:
                         key=lambda t: -t.segment.backlog)
         for t in mine + others:
             if compare_and_swap(t.segment.header, WRITER, 0, self.token) == 0:
+                self.stolen += self.owner_of(t.segment) != self.worker
                 return t
         return None
 

@@ -53,6 +53,7 @@ class Ledger:
         self.keys: dict[str, Usage] = collections.defaultdict(Usage)
         self.spaces_of: collections.Counter[str] = collections.Counter()
         self.shm_bytes = 0  # of every segment of the engine
+        self.segments = 0  # segments of the engine (each charged once, with its shared memory)
         self.overrides: dict[str, dict] = {}  # per-key limits of the access list (the front sets them)
 
     def limits(self, principal: str) -> KeyLimits:
@@ -93,7 +94,12 @@ class Ledger:
 
     def _admit_shm(self, size: int) -> None:
         """The engine's segments stay under memory_ceiling of min(/dev/shm, RAM),
-        and /dev/shm (shared with every other user) under memory_ceiling full."""
+        and /dev/shm (shared with every other user) under memory_ceiling full;
+        a new segment also counts against max_segments."""
+        if self.segments >= self.config.max_segments:
+            raise SpaceLimit(f"the engine holds its maximum of {self.config.max_segments} segments "
+                             "(max_segments)", quota="max_segments", used=self.segments,
+                             limit=self.config.max_segments)
         if self.shm_bytes + size > self.ceiling:
             raise ShmFull(f"the engine's segments would take {self.shm_bytes + size} bytes, past its "
                           f"memory_ceiling of {self.ceiling}", quota="memory_ceiling", used=self.shm_bytes,
@@ -116,6 +122,7 @@ class Ledger:
             usage.shm_bytes += shm_bytes
             usage.disk_bytes += disk_bytes
         self.shm_bytes += shm_bytes
+        self.segments += shm_bytes > 0
 
     def charge_segment(self, space: str, seg: Segment) -> None:
         """Count a segment found in shared memory (a restart): its block and

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..config import EngineConfig
 from ..errors import IndexFailed
 from ..kernels.warm import warm
 from ..store.catalog import W_INCARNATION, W_PID, W_RESTARTS, Catalog
@@ -68,9 +69,9 @@ class _Child:
         self.spawn_error: OSError | None = None
 
 
-def index_worker_specs(catalog: Catalog, workers: int,
+def index_worker_specs(catalog: Catalog, config: EngineConfig,
                        segments: Callable[[], list[Segment]]) -> list[ChildSpec]:
-    engine = catalog.engine
+    engine, workers, config_json = catalog.engine, config.worker_count, config.to_json()
 
     def spec(i: int) -> ChildSpec:
         def ready(pid, incarnation):
@@ -83,7 +84,7 @@ def index_worker_specs(catalog: Catalog, workers: int,
             log.warning("index worker %d released %d segment(s)", i, freed)
 
         return ChildSpec(f"index-{i}", lambda inc: ["-m", "engram_shm.engine.worker", engine, str(i),
-                                                    str(workers), str(inc)], ready, on_exit)
+                                                    str(workers), str(inc), config_json], ready, on_exit)
 
     return [spec(i) for i in range(workers)]
 
@@ -98,9 +99,9 @@ class Supervisor:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_index_workers(cls, catalog: Catalog, workers: int,
+    def for_index_workers(cls, catalog: Catalog, config: EngineConfig,
                           segments: Callable[[], list[Segment]]) -> "Supervisor":
-        return cls(index_worker_specs(catalog, workers, segments))
+        return cls(index_worker_specs(catalog, config, segments))
 
     def start(self) -> None:
         """Start every child and wait until each is ready. A child that dies
@@ -198,6 +199,12 @@ class Supervisor:
     def pids(self) -> list[int | None]:
         """Current pid of each child (None while one is being restarted)."""
         return [c.process.pid if c.process is not None else None for c in self._children]
+
+    def children(self) -> list[tuple[str, int, bool]]:
+        """(name, restarts, up: running and ready) of each child, for metrics."""
+        with self._lock:
+            return [(c.spec.name, c.restarts, c.process is not None and c.ready_s is not None)
+                    for c in self._children]
 
     def ready_seconds(self) -> list[float | None]:
         """How long each child's current incarnation took to become ready."""

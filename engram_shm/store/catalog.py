@@ -326,7 +326,7 @@ def _owner_or_front_alive(engine: str) -> bool:
 def _engine_of(block: str) -> str | None:
     body = block[len(shm.PREFIX):]
     name, _, suffix = body.rpartition("_")
-    if not name or not (suffix in ("catalog", "sessions") or suffix.isdigit()):
+    if not name or not (suffix in ("catalog", "sessions", "stats") or suffix.isdigit()):
         return None
     return name
 

@@ -31,6 +31,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -230,6 +231,7 @@ class WalWriter:
         self._wanted = threading.Condition()
         self._want = False
         self.on_synced = lambda: None  # called by the sync thread after each sync
+        self.on_fsync = lambda seconds: None  # called with each fdatasync's time, under the I/O lock
         self._syncer = threading.Thread(target=self._sync_thread, name="engram-wal-sync", daemon=True)
         self._syncer.start()
 
@@ -333,6 +335,7 @@ class WalWriter:
             target = self.written
             if target <= self.synced or self._fd is None:
                 return
+            started = time.perf_counter()
             try:
                 os.fdatasync(self._fd)
             except OSError as e:
@@ -341,6 +344,7 @@ class WalWriter:
                 # be on disk, so the writer must stop (PostgreSQL's lesson).
                 self.failed = storage_error(e, "syncing the write-ahead log")
                 raise self.failed from None
+            self.on_fsync(time.perf_counter() - started)
             self.synced = max(self.synced, target)
 
     def request_sync(self) -> None:

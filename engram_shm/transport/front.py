@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import signal
@@ -52,6 +52,8 @@ from ..errors import (
     StorageError,
 )
 from ..kernels.warm import freeze, warm
+from ..observability import logs
+from ..observability.stats_block import CONSISTENCIES, REASONS, WAL_WRITTEN, StatsBlock, latency_summary
 from ..store import checkpoint, shm
 from ..store.catalog import (
     CHECKPOINT_DONE,
@@ -69,22 +71,26 @@ from ..store.datadir import storage_error
 from ..store.segment import Segment
 from ..store.wal import WalWriter
 from . import protocol as p
-from .credit import credit_for, level_of, retry_after_ms
+from .credit import LEVELS, credit_for, level_of, retry_after_ms
 from .recalls import RecallDispatch
 from .replies import SNDHWM, ReplyQueues
 from .sessions import ACTIVE, ANONYMOUS, CLOSED, FREE, PAUSED, Session, SessionTable, table_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
 
 UPKEEP_S = 0.02
 MAX_RECV_PER_TURN = 256
-MIN_CREDIT = 256
 HEADER_BYTES_PER_OBSERVATION = 64  # msgpack framing of one observation's id, text, when and confidence
+OBSERVATION_OPS = ("observe", "observe_batch")
 
 
 class Front:
-    def __init__(self, config: EngineConfig, catalog: Catalog, sessions: SessionTable):
+    def __init__(self, config: EngineConfig, catalog: Catalog, sessions: SessionTable,
+                 metrics: StatsBlock | None = None):
         self.config = config
+        # The counters only the front can count (observability/stats_block.py);
+        # None (--metrics off) records nothing.
+        self.metrics = metrics
         self.catalog = catalog
         self.sessions = sessions
         self._segments: list[Segment] = []
@@ -106,6 +112,8 @@ class Front:
             self.wal = self.writer.wal = WalWriter(
                 os.path.join(config.data_dir, "wal"), config.fsync, config.fsync_interval_ms,
                 config.wal_file_bytes, int(catalog.header[WAL_LSN]) + 1, catalog.committed_generation)
+            if metrics is not None:
+                self.wal.on_fsync = metrics.fsync_latency.observe
             recovered = report.observations
         else:
             recovered = self.writer.recover(open_segment)
@@ -117,7 +125,11 @@ class Front:
         self.reload_requested = False  # SIGHUP: read the keys and the ACL again
         self.key_credit: collections.Counter[str] = collections.Counter()  # credit held per key
         self.replies = ReplyQueues(config.reply_queue_bytes, self._slow_consumer)
-        self.recalls = RecallDispatch(config, self.replies.deliver)
+        self.recalls = RecallDispatch(config, self.replies.deliver, metrics and metrics.recall_latency)
+        self._watched: dict[str, tuple[float, int]] = {}  # spaces with an open window or above normal:
+        # (window fill, level index)
+        self._touched: set[str] = set()  # spaces written since the last upkeep
+        self._wal_counted = 0  # log bytes of this front already added to the stats block
         self._frames: list = []  # the message being handled
         self._held: list | None = None  # replies of the turn being read (fsync=always)
         self._waiting: collections.deque = collections.deque()  # (log position, replies) to sync
@@ -213,7 +225,7 @@ class Front:
     def handle(self, frames) -> None:
         self.counters["received"] += 1
         identity = frames[0].bytes
-        rid = session_key = None
+        rid = session_key = header = None
         try:
             if len(frames) < 2:
                 raise p.Malformed("a message needs a header frame")
@@ -227,12 +239,25 @@ class Front:
             getattr(self, "op_" + header["op"])(identity, header, frames[2:])
         except EngramError as e:
             self.counters["errors"] += 1
+            if self.metrics is not None and header is not None and header.get("op") in OBSERVATION_OPS:
+                self._count_rejected(header, e.code)
             self.send(identity, {"op": "error", "rid": rid, "session": session_key, **e.to_dict()})
         except Exception as e:  # a bug must cost one request, never the front
-            log.exception("internal error on a message")
+            log.exception("internal error on a message", extra=logs.fields(
+                session=session_key if isinstance(session_key, str) else None, code=Internal.code))
             self.counters["errors"] += 1
             err = Internal(f"internal error: {type(e).__name__}: {e}")
             self.send(identity, {"op": "error", "rid": rid, "session": session_key, **err.to_dict()})
+
+    def _count_rejected(self, header: dict, code: str) -> None:
+        """Count a refused observation message's observations under its code,
+        in its space's slot: a name that is not a space's (yet) counts as
+        "other", so hostile names cannot add labels."""
+        ids, space = header.get("ids"), header.get("space")
+        n = len(ids) if header["op"] == "observe_batch" and isinstance(ids, list) else 1
+        writer = self.writer.spaces.get(space) if isinstance(space, str) else None
+        slot = self.metrics.slot(writer.index) if writer is not None else self.metrics.slots - 1
+        self.metrics.rejected[slot, REASONS.index(code)] += n
 
     def _commit_turn(self) -> None:
         """Group commit: the turn's replies wait for a sync of everything it
@@ -277,7 +302,9 @@ class Front:
                 continue
             if self.sessions.state(session) != CLOSED:
                 self._close_for(session, SlowConsumer.code)
-                log.warning("session %s closed: its connection does not read its replies", session.key)
+                log.warning("session closed: its connection does not read its replies",
+                            extra=logs.fields(session=session.key, space=session.space,
+                                              code=SlowConsumer.code))
             if session.closed_reason == SlowConsumer.code:
                 closed.append(session.key)
         err = SlowConsumer(f"more than {self.config.reply_queue_bytes} bytes of replies waited unread; "
@@ -373,7 +400,8 @@ class Front:
         try:
             self.writer.log_session(session.key, state, session.priority, session.principal)
         except StorageError as e:
-            log.warning("session %s: its change to state %d is not logged: %s", session.key, state, e)
+            log.warning("session change to state %d not logged: %s", state, e,
+                        extra=logs.fields(session=session.key, code=e.code))
 
     def _closed(self, session: Session) -> None:
         session.draining = False
@@ -432,8 +460,12 @@ class Front:
         if self.wal is not None:
             session.logged.append((self.wal.written, end))
         self.counters["observations"] += batch.n
+        if self.metrics is not None:
+            slot = self.metrics.slot(self.writer.spaces[params.name].index)
+            self.metrics.accepted[slot, p.PRIORITIES.index(session.priority)] += batch.n
+        self._touched.add(params.name)
         session.space = params.name
-        session.unindexed.append((end, spans))
+        session.unindexed.append((end, spans, time.monotonic(), batch.n))
         self.send(identity, {"op": "ack", "rid": header.get("rid"), "session": session.key,
                              "from": seq, "to": end, "first_generation": ack.first_generation,
                              "last_generation": ack.last_generation, **self._durable(session),
@@ -475,7 +507,7 @@ class Front:
         pressure = self._pressure(session)
         level = level_of(pressure)
         last = self.sessions.last_seq(session)
-        credit = credit_for(level, session.priority, self.config.max_credit, MIN_CREDIT)
+        credit = credit_for(level, session.priority, self.config.max_credit, self.config.min_credit)
         others = self.key_credit[session.principal] - session.credit_held
         room = max(0, self.writer.ledger.limits(session.principal).credit - others)
         session.limit = max(session.limit, last + min(credit, room))
@@ -510,7 +542,9 @@ class Front:
         request = p.recall(header, payload, self.config.max_frame_bytes, self.config.max_k,
                            self.config.ef_search)
         self.gate.check(self.principal, request.space, "recall")
-        self.recalls.submit(identity, request.rid, self.principal, self._frames[1:])
+        consistency = CONSISTENCIES.index(request.consistency if isinstance(request.consistency, str)
+                                          else "snapshot")
+        self.recalls.submit(identity, request.rid, self.principal, self._frames[1:], consistency)
 
     def op_checkpoint(self, identity, header, payload) -> None:
         """Ask the checkpointer for a checkpoint; answered once it is complete."""
@@ -546,15 +580,20 @@ class Front:
         """The engine's figures, with the spaces `principal` may see, and the
         usage of every key for an engine admin (else of its own)."""
         owners = self.writer.ledger.owners
-        spaces = {name: {**w.stats(), "owner": owners[name]} for name, w in self.writer.spaces.items()
-                  if self.gate.visible(principal, name)}
+        level = lambda name: LEVELS[self._watched.get(name, (0.0, 0))[1]]
+        spaces = {name: {**w.stats(), "owner": owners[name], "level": level(name)}
+                  for name, w in self.writer.spaces.items() if self.gate.visible(principal, name)}
         admin = self.gate.is_admin(principal)
         usage = {key: used for key, used in self.writer.ledger.usage().items() if admin or key == principal}
         return {"engine": self.catalog.engine, "generation": self.catalog.committed_generation,
                 "sessions": len(self.sessions.live), "spaces": spaces, "keys": usage, **self.counters,
                 **self.replies.stats(), "recall": self.recalls.stats(),
                 "memory_pressure": round(self.memory_pressure, 4), "auth": self.gate.auth,
-                "durability": durability_stats(self.catalog, self.config)}
+                "durability": durability_stats(self.catalog, self.config),
+                **({"latency": {"observe": latency_summary([self.metrics.observe_latency]),
+                                "recall": latency_summary(self.metrics.recall_latency)}}
+                   if self.metrics is not None else {}),
+                **({"config": dataclasses.asdict(self.config)} if admin else {})}
 
     @staticmethod
     def _no_payload(header, payload) -> None:
@@ -574,11 +613,47 @@ class Front:
         for session in list(self.sessions.live.values()):
             self._upkeep_session(session)
         for session in self.sessions.expire(self.config.session_idle_s):
-            log.info("session %s expired", session.key)
+            log.info("session expired", extra=logs.fields(session=session.key, space=session.space))
             self._hold_credit(session, 0)
             self._log_session(session, FREE)
         if self._checkpoints:
             self._answer_checkpoints()
+        self._track_pressure()
+        if self.wal is not None and self.metrics is not None:
+            self.metrics.front[WAL_WRITTEN] += self.wal.written - self._wal_counted
+            self._wal_counted = self.wal.written
+
+    def _track_pressure(self) -> None:
+        """The window fill and pressure level of each space written since the
+        last upkeep or whose window is still open: a rise into a level counts
+        as an activation of it, and each slot shows the fullest window and the
+        highest level of its spaces (the stats block's `fill`, `level`,
+        `activations`)."""
+        touched, self._touched = self._touched, set()
+        changed = False
+        for name in touched | self._watched.keys():
+            writer = self.writer.spaces[name]
+            fill = writer.pressure
+            level = LEVELS.index(level_of(max(fill, self.memory_pressure)))
+            before = self._watched.get(name, (0.0, 0))
+            if (fill, level) == before:
+                continue
+            changed = True
+            if level > before[1]:
+                log.info("space pressure rose to %s", LEVELS[level], extra=logs.fields(space=name))
+                if self.metrics is not None:
+                    self.metrics.activations[self.metrics.slot(writer.index), level] += 1
+            if fill or level:
+                self._watched[name] = (fill, level)
+            else:
+                del self._watched[name]
+        if changed and self.metrics is not None:
+            fills, levels = [0.0] * self.metrics.slots, [0] * self.metrics.slots
+            for name, (fill, level) in self._watched.items():
+                slot = self.metrics.slot(self.writer.spaces[name].index)
+                fills[slot], levels[slot] = max(fills[slot], fill), max(levels[slot], level)
+            self.metrics.fill[:] = [round(f * 1e6) for f in fills]
+            self.metrics.level[:] = levels
 
     def _upkeep_session(self, session: Session) -> None:
         indexed_to = self._pop_indexed(session)
@@ -612,21 +687,27 @@ class Front:
                         f"the access of key {session.principal!r} changed (revoked, or other grants): "
                         "session closed").to_dict()})
 
-    @staticmethod
-    def _pop_indexed(session: Session) -> int:
-        """Forget the session's batches that are now in the graph; returns the
-        last sequence newly known to be indexed (0 if none)."""
+    def _pop_indexed(self, session: Session) -> int:
+        """Forget the session's batches that are now in the graph, counting
+        the time from their ack to now (seen at upkeep, so within UPKEEP_S);
+        returns the last sequence newly known to be indexed (0 if none)."""
         done = 0
+        now = time.monotonic()
         while session.unindexed:
-            end, spans = session.unindexed[0]
+            end, spans, accepted_at, n = session.unindexed[0]
             if any(seg.indexed < slot_end for seg, slot_end in spans):
                 break
             session.unindexed.popleft()
+            if self.metrics is not None:
+                self.metrics.observe_latency.observe(now - accepted_at, n)
             done = end
         return done
 
     def close(self) -> None:
         self.writer.close()
+        self.wal = self.recalls.latency = None  # both hold views of the stats block, unmapped next
+        if self.metrics is not None:
+            self.metrics.close()
         self.sessions.close()
         for seg in self._segments:
             seg.close()
@@ -663,13 +744,14 @@ def main(argv=None) -> None:
     lifeline.bind_to_parent()  # first: an orphaned front must not go on acking
     argv = sys.argv[1:] if argv is None else argv
     engine, config_json, incarnation, readers_endpoint = argv[0], argv[1], int(argv[2]), argv[3]
-    config = EngineConfig(**json.loads(config_json))
-    logging.basicConfig(level=os.environ.get("ENGRAM_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = EngineConfig.from_json(config_json)
+    logs.configure(config, "front")
     warm()
     freeze()
     catalog = Catalog.attach(engine)
-    front = Front(config, catalog, SessionTable(shm.attach(table_name(engine))))
+    metrics = StatsBlock.attach(engine, config.metrics_spaces, config.worker_count) \
+        if config.metrics != "off" else None
+    front = Front(config, catalog, SessionTable(shm.attach(table_name(engine))), metrics)
 
     def stop(signum, frame):
         front.stopping = True

@@ -33,7 +33,8 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
     """Yields (endpoint, engine name, process) of a server run with extra CLI
     flags; on exit stops it and checks its shared memory is gone. `data` is
     its data directory (kept); without, a fresh one is made and removed, so
-    servers never share one. `port` reuses an endpoint (a restart)."""
+    servers never share one. `port` reuses an endpoint (a restart). Its
+    metrics are served on a free loopback port unless `flags` say where."""
     port = port or free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     name = f"t-srv-{port}"
@@ -41,11 +42,13 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
     if own_data:
         data = tempfile.mkdtemp(prefix=f"engram-{name}-")
     data_flags = ("--data", data) if data is not None else ()
+    metrics_flags = () if "--metrics" in flags else ("--metrics", "127.0.0.1:0")
     # The server's output goes to a file (a pipe nobody reads could block it).
     log_path = os.path.join(tempfile.gettempdir(), f"engram-{name}.log")
     with open(log_path, "a") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", "serve", "--endpoint",
-                                 endpoint, "--name", name, "--workers", str(workers), *data_flags, *flags],
+        command = ["serve", "--endpoint", endpoint, "--name", name, "--workers", str(workers), *data_flags,
+                   *metrics_flags, *flags]
+        proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", *command],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=preexec_fn)
     proc.output = lambda: pathlib.Path(log_path).read_text()

@@ -15,7 +15,6 @@ into READY_FILE once the front has answered its hello.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -31,11 +30,12 @@ from ..engine.reader import Reader
 from ..engine.readiness import report_ready
 from ..errors import EngramError, Internal
 from ..kernels.warm import freeze, warm
+from ..observability import logs
 from ..store.catalog import Catalog
 from . import protocol as p
 from .recalls import HELLO_S, JOB, LAST, PART, WELCOME, hello_frames
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
 
 
 def answer(sock, reader: Reader, config: EngineConfig, job: bytes, frames: list) -> None:
@@ -95,6 +95,7 @@ def run(engine: str, config: EngineConfig, backend: str, index: int, incarnation
             elif kind == WELCOME and not ready:
                 report_ready(ready_file, incarnation)
                 ready = True
+                log.info("recall reader %d of %s ready (incarnation %d)", index, engine, incarnation)
     finally:
         sock.close()
         ctx.term()
@@ -104,7 +105,6 @@ def run(engine: str, config: EngineConfig, backend: str, index: int, incarnation
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("ENGRAM_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run(sys.argv[1], EngineConfig(**json.loads(sys.argv[2])), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
-        sys.argv[6])
+    settings = EngineConfig.from_json(sys.argv[2])
+    logs.configure(settings, f"recall-{sys.argv[4]}")
+    run(sys.argv[1], settings, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])

@@ -73,15 +73,17 @@ class _Job:
     principal: str
     started: float
     frames: list | None  # the request, until a reader has it
+    consistency: int  # its index in stats_block.CONSISTENCIES
     reader: _Reader | None = None
 
 
 class RecallDispatch:
-    def __init__(self, config: EngineConfig, reply: Callable[[bytes, list], None]):
+    def __init__(self, config: EngineConfig, reply: Callable[[bytes, list], None], latency: list | None):
         self.sock = None  # the readers' ROUTER socket, set by the front's loop
         self.limit = config.recall_concurrency
         self.per_key = config.recall_concurrency_per_key
         self.reply = reply  # (client identity, frames) -> None: the front's reply path
+        self.latency = latency  # a Histogram per consistency (None: not recorded): hand-off to last part
         self._readers: dict[bytes, _Reader] = {}
         self._jobs: dict[bytes, _Job] = {}
         self._waiting: collections.deque = collections.deque()  # ids of jobs no reader has yet
@@ -90,7 +92,7 @@ class RecallDispatch:
         self.service_s = 0.01  # moving average of a recall's time from submission to its last part
         self.counters = {"recalls": 0, "busy": 0, "reader_deaths": 0}
 
-    def submit(self, client: bytes, rid, principal: str, frames: list) -> None:
+    def submit(self, client: bytes, rid, principal: str, frames: list, consistency: int) -> None:
         """Hand a checked recall (its header and cue frames) to the reader with
         the fewest in flight, or refuse it with Busy."""
         if len(self._jobs) >= self.limit:
@@ -99,7 +101,7 @@ class RecallDispatch:
             raise self._busy(f"{principal!r} has {self._by_principal[principal]} recalls in flight "
                              f"(recall_concurrency_per_key {self.per_key})")
         job_id = next(self._job_ids).to_bytes(8, "little")
-        self._jobs[job_id] = _Job(client, rid, principal, time.monotonic(), frames)
+        self._jobs[job_id] = _Job(client, rid, principal, time.monotonic(), frames, consistency)
         self._by_principal[principal] += 1
         self.counters["recalls"] += 1
         self._waiting.append(job_id)
@@ -144,6 +146,8 @@ class RecallDispatch:
             self._finish(frames[2].bytes)
             seconds = time.monotonic() - job.started
             self.service_s += SERVICE_WEIGHT * (seconds - self.service_s)
+            if self.latency is not None:
+                self.latency[job.consistency].observe(seconds)
 
     def _finish(self, job_id: bytes) -> _Job:
         job = self._jobs.pop(job_id)

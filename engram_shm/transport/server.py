@@ -23,7 +23,6 @@ stopped first.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -42,6 +41,10 @@ from ..engine.directory import SegmentDirectory
 from ..engine.readiness import is_ready
 from ..engine.supervisor import ChildSpec, Supervisor, index_worker_specs
 from ..engine.writer import EngineWriter
+from ..errors import InvalidArgument
+from ..observability.collector import EngineCollector
+from ..observability.endpoint import MetricsEndpoint
+from ..observability.stats_block import StatsBlock
 from ..store import shm
 from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog
 from ..store.datadir import DataDir
@@ -58,6 +61,9 @@ def default_name(endpoint: str) -> str:
 
 class Server:
     def __init__(self, config: EngineConfig):
+        if config.worker_mode != "process":
+            raise InvalidArgument("a server's index writers are processes: worker_mode must be process "
+                                  "(thread is the embedded engine's)", field="worker_mode")
         if not config.name:
             config = dataclasses.replace(config, name=default_name(config.endpoint))
         if config.durable:  # children get an absolute path, whatever their cwd
@@ -72,20 +78,24 @@ class Server:
             self.server_key_file = keys.server_public_file
         self.datadir = DataDir(config.data_dir, f"server {self.name}") if config.durable else None
         self.catalog = self.directory = self._sessions = self.sessions = self.checkpointer = None
+        self.stats: StatsBlock | None = None
+        self.metrics: MetricsEndpoint | None = None
         self.recovered: recovery.Recovered | None = None
         self.private_dir: str | None = None
         try:
             self.private_dir = tempfile.mkdtemp(prefix=f"engram-{self.name}-")  # 0700
             backend = f"ipc://{self.private_dir}/recall"
             self.catalog = Catalog.create(self.name)
+            if config.metrics != "off":
+                self.stats = StatsBlock.create(self.name, config.metrics_spaces, config.worker_count)
             self.directory = SegmentDirectory(self.catalog, writable=True)  # CAS on claims
             self._sessions = create_table(self.name)
             self.sessions = SessionTable(self._sessions)
             if self.datadir is not None:
                 self._recover()
-            config_json = json.dumps(dataclasses.asdict(config))
+            config_json = config.to_json()
             specs = [self._front_spec(config_json, backend),
-                     *index_worker_specs(self.catalog, config.worker_count, self.directory.segments),
+                     *index_worker_specs(self.catalog, config, self.directory.segments),
                      *self._reader_specs(config_json, backend)]
             self.bridge = len(specs) if config.ws_port else None  # its index among the children
             self.supervisor = Supervisor(specs + ([self._bridge_spec()] if config.ws_port else []))
@@ -140,7 +150,7 @@ class Server:
 
     def _bridge_spec(self) -> ChildSpec:
         """The WebSocket bridge: a client of the front, ready once it listens."""
-        config_json = json.dumps(dataclasses.asdict(self.config))
+        config_json = self.config.to_json()
         path = os.path.join(self.private_dir, "ws-bridge.ready")
 
         def on_exit(incarnation):
@@ -150,7 +160,15 @@ class Server:
                                                    config_json, str(inc), path],
                          lambda pid, inc: is_ready(path, pid, inc), on_exit)
 
+    @property
+    def metrics_url(self) -> str | None:
+        return self.metrics.url if self.metrics is not None else None
+
     def start(self) -> None:
+        if self.config.metrics != "off":  # first: a port in use fails the start before any child runs
+            collector = EngineCollector(self.config, self.catalog, self.directory, self.stats, self.sessions,
+                                        self.supervisor.children, self.checkpointer)
+            self.metrics = MetricsEndpoint(collector, self.config.metrics)
         self.supervisor.start()
         if self.checkpointer is not None:
             self.checkpointer.start()
@@ -204,6 +222,12 @@ class Server:
         self._release()
 
     def _release(self) -> None:
+        if self.metrics is not None:  # first: it reads everything below
+            self.metrics.close()
+            self.metrics = None
+        if self.stats is not None:
+            self.stats.close()
+            self.stats = None
         if self.directory is not None:
             self.directory.close()
         if self.sessions is not None:

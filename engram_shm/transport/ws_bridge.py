@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
-import os
 import re
 import signal
 import sys
@@ -34,10 +32,11 @@ from ..config import EngineConfig
 from ..engine import lifeline
 from ..engine.readiness import report_ready
 from ..errors import EngramError, Internal, InvalidArgument, NotInitialized, SessionMismatch
+from ..observability import logs
 from . import jsonstream as js
 from . import protocol as p
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
 
 PATH = "/v1/stream"
 # Pages served from this machine may connect; others only if ws_origins says.
@@ -257,9 +256,8 @@ def main(argv=None) -> None:
     lifeline.bind_to_parent()  # first: an orphaned bridge must not hold the port
     argv = sys.argv[1:] if argv is None else argv
     engine, config_json, incarnation, ready_path = argv[0], argv[1], int(argv[2]), argv[3]
-    config = EngineConfig(**json.loads(config_json))
-    logging.basicConfig(level=os.environ.get("ENGRAM_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = EngineConfig.from_json(config_json)
+    logs.configure(config, "ws-bridge")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
 
     def ready():
