@@ -77,6 +77,7 @@ from engram_shm.transport.front import Front
 from engram_shm.transport.launch import free_port, running_server
 from engram_shm.transport.sessions import SessionTable, create_table
 
+from . import unbounded_window
 from .report import emit, percentiles_ms, table
 
 CREDIT = 4096
@@ -333,12 +334,11 @@ def fsync_policies(policies: list[str], data: np.ndarray, batches, args) -> list
     """One server per fsync policy on the same batches (each with its own
     data directory), and a memory-only one for reference; the table gives
     each rate as a ratio to `never`'s."""
-    ring = str(2 * len(data) + 1024)
+    window = unbounded_window(2 * len(data) + 1024)
     policies = sorted(policies, key=lambda policy: policy != "never")  # the base row first
-    rows = [emit(served(f"engram_shm_fsync_{policy}", data, batches, args, "--ring-capacity", ring,
-                        "--fsync", policy)) for policy in policies]
-    rows.append(emit(served("engram_shm_memory_only", data, batches, args, "--ring-capacity", ring,
-                            "--data", "none")))
+    rows = [emit(served(f"engram_shm_fsync_{policy}", data, batches, args, *window, "--fsync", policy))
+            for policy in policies]
+    rows.append(emit(served("engram_shm_memory_only", data, batches, args, *window, "--data", "none")))
     print(table(f"ingest by fsync policy (x {rows[0]['system']})", rows, SERVER_COLUMNS))
     return rows
 
@@ -346,15 +346,15 @@ def fsync_policies(policies: list[str], data: np.ndarray, batches, args) -> list
 def authentication(data: np.ndarray, batches, args) -> list[dict]:
     """The same batches to a server without authentication and to one with
     CURVE (a key granted every space); the table gives the ratio."""
-    ring = str(2 * len(data) + 1024)
-    rows = [emit(served("engram_shm_auth_none", data, batches, args, "--ring-capacity", ring))]
+    window = unbounded_window(2 * len(data) + 1024)
+    rows = [emit(served("engram_shm_auth_none", data, batches, args, *window))]
     with tempfile.TemporaryDirectory(prefix="engram-bench-auth-") as data_dir:
         keys = KeysDir(os.path.join(data_dir, "keys"))
         client_key = keys.new("bench")
         with open(keys.acl, "w") as f:
             f.write('[grants.bench]\n"*" = ["admin"]\n')
-        rows.append(emit(served("engram_shm_auth_curve", data, batches, args, "--ring-capacity", ring,
-                                "--auth", "curve", data_dir=data_dir,
+        rows.append(emit(served("engram_shm_auth_curve", data, batches, args, *window, "--auth", "curve",
+                                data_dir=data_dir,
                                 keys={"client_key": client_key, "server_key": keys.server_public_file})))
     print(table(f"ingest by authentication (x {rows[0]['system']})", rows, SERVER_COLUMNS))
     return rows
@@ -404,7 +404,7 @@ def metrics_overhead(data: np.ndarray, batches, args) -> list[dict]:
     port = free_port()
     # No backpressure (the ring holds every batch, no scan budget bounds the
     # window): the rate of accepting is measured.
-    common = ("--ring-capacity", str(ring), "--window-budget-ms", "0", "--max-credit", str(CREDIT))
+    common = (*unbounded_window(ring), "--max-credit", str(CREDIT))
     with running_server(*common, "--metrics", "off") as (off, _, off_server), \
             running_server(*common, "--metrics", f"127.0.0.1:{port}") as (on, _, on_server), \
             scraping(f"http://127.0.0.1:{port}/metrics"):
@@ -471,9 +471,9 @@ def main(argv=None) -> list[dict]:
         seconds, cpu = run_raw(batches, store_bytes)
         rows.append(emit(row(system, n, args.batch, args.dim, seconds, **cpu)))
 
-    ring = str(2 * n + 1024)  # no backpressure: the rate of accepting is measured
-    rows.append(emit(served("engram_shm", data, batches, args, "--ring-capacity", ring)))
-    with running_server("--ring-capacity", ring, "--max-credit", str(CREDIT)) as (endpoint, _, server):
+    window = unbounded_window(2 * n + 1024)  # no backpressure: the rate of accepting is measured
+    rows.append(emit(served("engram_shm", data, batches, args, *window)))
+    with running_server(*window, "--max-credit", str(CREDIT)) as (endpoint, _, server):
         with Client(endpoint, batch_size=args.batch, timeout=120) as c:
             ids = [f"o{i}" for i in range(n)]
             with cpu_per_batch(front_pid(server), len(batches)) as cpu:

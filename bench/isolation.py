@@ -46,6 +46,7 @@ from engram_shm.synthetic import clustered
 from engram_shm.transport import protocol as p
 from engram_shm.transport.launch import running_server
 
+from . import unbounded_window
 from .report import emit, machine, percentiles_ms, table
 
 HEAVY_PART = 1000
@@ -210,7 +211,7 @@ def main(argv=None) -> list[dict]:
           f"{args.flood} in flight", flush=True)
     phases = {phase: {"latencies": [], "seconds": 0.0, "cpu": collections.Counter(),
                       "counts": collections.Counter()} for phase in ("alone", "recalls")}
-    with running_server("--ring-capacity", str(len(data) + args.base + 1024), "--recall-niceness",
+    with running_server(*unbounded_window(len(data) + args.base + 1024), "--recall-niceness",
                         str(args.recall_niceness)) as (endpoint, _, server), \
             Client(endpoint, batch_size=args.batch, timeout=120) as producer:
         producer.observe_batch("base", [f"b{i}" for i in range(args.base)],

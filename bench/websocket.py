@@ -35,6 +35,7 @@ from engram_shm import Client
 from engram_shm.synthetic import clustered
 from engram_shm.transport.launch import free_port, running_server
 
+from . import unbounded_window
 from .report import emit, machine, table
 
 PUSHES = ("heartbeat", "status", "durable")
@@ -115,7 +116,7 @@ def main(argv=None) -> None:
     port = free_port()
     rows = []
     # A ring that holds the whole run: the figures are ingest, never waiting for indexing.
-    server = running_server("--ws-port", str(port), "--ring-capacity", str(4 * args.n), workers=1)
+    server = running_server("--ws-port", str(port), *unbounded_window(4 * args.n), workers=1)
     with server as (endpoint, _, _):
         url = f"ws://127.0.0.1:{port}/v1/stream"
         for system, run in (("zmq_client", lambda: zmq_client(endpoint, "zmq", vectors, args.batch)),
