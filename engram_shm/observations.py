@@ -96,12 +96,18 @@ def prepare(ids, vectors, what=None, when=None, confidence=None, *, dim: int | N
 
 def prepare_cue(cue, dim: int, metric: str) -> np.ndarray:
     """A recall cue as a contiguous float32 [dim] vector (unit-norm under cosine)."""
-    matrix = vectors_matrix(cue, 1, True, dim, "cue")
-    out = np.empty((1, matrix.shape[1]), np.float32)
-    row, reason = check_store_rows(matrix, *vector_rule(metric, "f32"), out)
+    return checked_rows(vectors_matrix(cue, 1, True, dim, "cue"), metric, "f32", "cue")[0]
+
+
+def checked_rows(matrix: np.ndarray, metric: str, dtype: str, what: str) -> np.ndarray:
+    """The rows of a float32 or f16-bits matrix as float32, scaled as a space
+    of `metric` and `dtype` stores them; raises the error of the first row it
+    would refuse."""
+    out = np.empty(matrix.shape, np.float32)
+    row, reason = check_store_rows(matrix, *vector_rule(metric, dtype), out)
     if reason != ROW_OK:
-        raise_bad_row(reason, row, "cue")
-    return out[0]
+        raise_bad_row(reason, row, what)
+    return out
 
 
 def vectors_matrix(vectors, n: int, single: bool, dim: int | None, what: str) -> np.ndarray:

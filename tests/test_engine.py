@@ -177,6 +177,16 @@ def test_bad_observations_are_refused_and_change_nothing(engine, change, error, 
     assert engine.recall(space, np.eye(1, DIM)[0], k=5)[0].id == "base"
 
 
+@pytest.mark.parametrize("change,error", BAD_INPUTS[1:4], ids=["nan", "inf", "zero"])
+def test_a_refused_first_batch_leaves_no_space_behind(engine, change, error, request):
+    space = "never-made-" + request.node.callspec.id
+    with pytest.raises(error):
+        engine.observe(space, **{**GOOD, **change})
+    assert space not in engine.stats()["spaces"]
+    engine.observe(space, ["ok"], np.eye(1, DIM + 1))  # the name is free, for any dim
+    assert engine.stats()["spaces"][space]["count"] == 1
+
+
 def test_duplicate_of_a_stored_id_is_refused(engine):
     engine.observe("dups", "same", np.ones(DIM))
     with pytest.raises(DuplicateId) as info:

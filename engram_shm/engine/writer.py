@@ -21,7 +21,7 @@ import numpy as np
 from ..config import EngineConfig
 from ..errors import InvalidArgument, SpaceExists
 from ..limits import ANONYMOUS
-from ..observations import Batch, Limits, prepare
+from ..observations import Batch, Limits, checked_rows, prepare
 from ..store import wal as walfile
 from ..store.catalog import WAL_LSN, Catalog, SpaceParams
 from ..store.prefault import Prefaulter
@@ -139,6 +139,8 @@ class EngineWriter:
         rows_bytes = self.ledger.batch_bytes(params, batch)
         writer = self._existing(params)
         if writer is None:
+            # Checked before the space exists: a refused first batch leaves no space behind.
+            checked_rows(batch.vectors, params.metric, params.dtype, "vector")
             writer = self.create_space(params, owner, rows_bytes)
         else:
             self.ledger.admit(params.name, disk_bytes=rows_bytes)
