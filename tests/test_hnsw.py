@@ -211,9 +211,12 @@ def test_repair_finishes_a_half_rewritten_list(case, draw):
 
 
 def _view(store, gens, g, accepted, indexed):
+    """A segment's view of a built graph: its entry moves into the header, as
+    in a segment, where the kernel reads it."""
     header = np.zeros(64, np.int64)
     header[hnsw.ACCEPTED], header[hnsw.INDEXED], header[hnsw.MIN_GEN] = accepted, indexed, gens[0]
-    return hnsw.SegmentView(store, gens, g, header)
+    header[hnsw.ENTRY:hnsw.ENTRY + 2] = g.state
+    return hnsw.SegmentView(store, gens, g._replace(state=header[hnsw.ENTRY:hnsw.ENTRY + 2]), header)
 
 
 @given(st.lists(st.tuples(st.integers(1, 120), st.floats(0, 1)), min_size=1, max_size=4),
@@ -262,6 +265,8 @@ def test_space_search_leaves_out_segments_past_the_snapshot():
     assert set((refs >> 32).tolist()) == {0} and (refs & 0xFFFFFFFF)[0] == 5
     with pytest.raises(InvalidArgument):
         hnsw.SpaceViews([_view(store, gens, g, 200, 200), _view(store[:, :8].copy(), gens, g, 200, 200)])
+    with pytest.raises(InvalidArgument):  # an entry the kernel would not read
+        hnsw.SpaceViews([hnsw.SegmentView(store, gens, g, np.zeros(64, np.int64))])
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])

@@ -621,8 +621,10 @@ class SpaceViews:
             _check_columns(v.store, v.gens, v.graph)
             if (v.header.shape != (HEADER_WORDS,) or v.header.dtype != np.int64
                     or not all(a.flags.c_contiguous for a in (v.header, *v.graph[:5]))
-                    or v.graph.upper.shape[1] != MAX_LEVEL):
-                raise InvalidArgument("segment columns are not laid out as a segment's")
+                    or v.graph.upper.shape[1] != MAX_LEVEL
+                    or v.graph.state.ctypes.data != v.header.ctypes.data + ENTRY * 8):
+                raise InvalidArgument("segment columns are not laid out as a segment's (the graph's "
+                                      "entry is the header's ENTRY words)")
         if len({(v.store.dtype, v.store.shape[1], v.graph.links0.shape[1]) for v in views}) != 1:
             raise InvalidArgument("the segments of a space share dtype, dimension and M")
         self.views = views

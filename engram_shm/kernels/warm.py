@@ -86,6 +86,8 @@ def warm(readers: bool = True) -> float:
             ro = hnsw.Graph(*map(_readonly, g))
             header = np.zeros(64, np.int64)
             header[[hnsw.ACCEPTED, hnsw.INDEXED]] = n
+            header[hnsw.ENTRY:hnsw.ENTRY + 2] = g.state
+            ro = ro._replace(state=_readonly(header[hnsw.ENTRY:hnsw.ENTRY + 2]))
             view = hnsw.SegmentView(_readonly(store), _readonly(gens), ro, _readonly(header))
             views = hnsw.SpaceViews([view])
             hnsw.search_space(views, data[0], 2, 4, n, True, "cosine", sc)
