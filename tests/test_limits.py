@@ -355,7 +355,8 @@ def test_limits_over_the_wire_get_their_codes_and_the_server_keeps_serving(limit
             return raw.ask({"op": "observe_batch", "session": session, "seq": seq, "space": space,
                             "ids": [f"i{j}" for j in range(n)], **fields}, frame)
 
-        assert batch(1, "wide", 1, 65)["code"] == "invalid_argument"  # past max_dim
+        wide = batch(1, "wide", 1, 65)
+        assert wide["code"] == "invalid_argument", wide  # past max_dim
         assert batch(1, "second", 1, 8)["op"] == "ack"
         refusal = batch(2, "third", 1, 8)
         assert (refusal["code"], refusal["quota"]) == ("space_limit", "max_spaces_per_key")
