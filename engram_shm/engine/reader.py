@@ -81,7 +81,7 @@ class Reader:
         self._spaces: dict[str, tuple[int, SpaceParams]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._views_of: dict[int, tuple[list[Segment], hnsw.SpaceViews]] = {}
+        self._views_of: dict[int, tuple[list[Segment], hnsw.SpaceViews, float]] = {}
 
     def space(self, name: str) -> tuple[int, SpaceParams]:
         found = self._spaces.get(name)
@@ -101,15 +101,17 @@ class Reader:
             cache = self._local.scratch = hnsw.ScratchCache()
         return cache.get(views.capacity, views.dim, views.M, max(ef, 256), MAX_LEVEL)
 
-    def _views(self, index: int) -> tuple[list[Segment], hnsw.SpaceViews | None]:
-        """The space's segments and their kernel views, rebuilt only when a
-        segment was added (segments are never removed while mapped)."""
+    def _views(self, index: int) -> tuple[list[Segment], hnsw.SpaceViews | None, float]:
+        """The space's segments, their kernel views and the scale of their
+        codes, rebuilt only when a segment was added (segments are never
+        removed while mapped; every segment of a space has its scale)."""
         segments = self.directory.of_space(index)
         cached = self._views_of.get(index)
         if cached is None or cached[1].n != len(segments):
             if not segments:
-                return segments, None
-            cached = self._views_of[index] = (segments, hnsw.SpaceViews([s.view for s in segments]))
+                return segments, None, 1.0
+            cached = self._views_of[index] = (segments, hnsw.SpaceViews([s.view for s in segments]),
+                                              segments[0].scale)
         return cached
 
     def resolve_generation(self, consistency) -> tuple[int, bool]:
@@ -143,11 +145,10 @@ class Reader:
         index, params = self.space(space)
         q = prepare_cue(cue, params.dim, params.metric)
         generation, scan = self.resolve_generation(consistency)
-        segments, views = self._views(index)
+        segments, views, scale = self._views(index)
         if views is None:
             return Found(generation, segments, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
         k, ef = int(k), max(int(ef), int(k))
-        scale = segments[0].scale
         if params.dtype == "int8":  # the cue in the units of the space's codes
             q = q * np.float32(INT8_MAX / scale)
         d, refs = hnsw.search_space(views, q, k, ef, generation, scan, params.metric,

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..kernels.distance import distances
-from ..store.layout import STORAGE
+from ..kernels.vectors import check_store_rows
+from ..store.layout import INT8_MAX, STORAGE
 
 MIN_WINDOW = 1024  # never fewer: a window this small costs a scan microseconds
 _PROBE_ROWS = 4096
@@ -27,11 +28,10 @@ _PROBE_ROWS = 4096
 def scan_ns_per_row(dim: int, dtype: str) -> float:
     """Nanoseconds the exact scan takes per row of `dim` in `dtype` here (the
     best of three passes over a block larger than the L2 cache)."""
-    rng = np.random.default_rng(0)
-    rows = rng.normal(size=(_PROBE_ROWS, dim)).astype(np.float32)
-    store = np.clip(rows, -1, 1).astype(np.float16).view(np.uint16) if dtype == "f16" else \
-        np.clip(rows * 40, -127, 127).astype(STORAGE[dtype]) if dtype == "int8" else rows
-    q = rows[0].copy()
+    rows = np.random.default_rng(0).normal(size=(_PROBE_ROWS, dim)).astype(np.float32)
+    store = np.empty(rows.shape, STORAGE[dtype])  # stored as a space stores them
+    check_store_rows(rows, True, np.inf, store, INT8_MAX if dtype == "int8" else 1.0)
+    q = rows[0] / np.linalg.norm(rows[0])
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter_ns()

@@ -74,8 +74,8 @@ def warm(readers: bool = True) -> float:
     gens = np.arange(1, n + 1, dtype=np.uint64)
     for dtype in STORAGE_DTYPES:
         data = rng.normal(size=(n, dim)).astype(np.float32)
-        store = {np.float32: data, np.uint16: data.astype(np.float16).view(np.uint16),
-                 np.int8: np.clip(np.rint(data * 40), -127, 127).astype(np.int8)}[dtype]
+        store = np.empty((n, dim), dtype)  # rows as a space of this dtype stores them
+        check_store_rows(data, False, np.inf, store, 40.0 if dtype == np.int8 else 1.0)
         g = hnsw.new_graph(levels, M, max_level)
         sc = hnsw.new_scratch(n, dim, M, 8, max_level)
         check_store_rows(data, True, 1.0, np.empty((n, dim), np.float32))  # cues
