@@ -19,7 +19,6 @@ line, then a table per dataset with ratios to hnswlib at one thread.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from engram_shm.synthetic import clustered, sentence_like
 
-from .report import emit, percentiles_ms, table
+from .report import emit, parser, percentiles_ms, table
 
 M, EF_CONSTRUCTION, EF = 16, 100, 64
 
@@ -131,8 +130,8 @@ COLUMNS = [("system", "system", ""), ("dtype", "dtype", ""), ("threads", "thread
            ("p99 ms", "query_p99_ms", ".3f"), ("x", "x query_p99_ms", ".2f")]
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.ann", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog="python -m bench ann") -> list[dict]:
+    ap = parser(__doc__, prog)
     ap.add_argument("--n", type=int, default=50_000, help="vectors to insert")
     ap.add_argument("--data", default="clustered:768,sentence:384",
                     help="datasets, kind:dim, comma-separated")

@@ -78,7 +78,7 @@ from engram_shm.transport.launch import free_port, running_server
 from engram_shm.transport.sessions import SessionTable, create_table
 
 from . import unbounded_window
-from .report import emit, percentiles_ms, table
+from .report import emit, parser, percentiles_ms, table
 
 CREDIT = 4096
 
@@ -431,8 +431,8 @@ def metrics_overhead(data: np.ndarray, batches, args) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog="python -m bench ingest") -> list[dict]:
+    ap = parser(__doc__, prog)
     ap.add_argument("--batches", type=int, default=600)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dim", type=int, default=768)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import os
 import signal
@@ -47,7 +46,7 @@ from engram_shm.transport import protocol as p
 from engram_shm.transport.launch import running_server
 
 from . import unbounded_window
-from .report import emit, machine, percentiles_ms, table
+from .report import emit, parser, percentiles_ms, table
 
 HEAVY_PART = 1000
 LOAD_START_S = 120.0
@@ -181,8 +180,8 @@ COLUMNS = [("phase", "phase", ""), ("batches", "batches", "d"), ("ack p50 ms", "
            ("busy", "flood_busy", "d"), *((f"cpu {role}", f"cpu_{role}", ".2f") for role in CPU_ROLES)]
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.isolation", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog="python -m bench isolation") -> list[dict]:
+    ap = parser(__doc__, prog)
     ap.add_argument("--batches", type=int, default=1500, help="batches the producer sends per phase")
     ap.add_argument("--rounds", type=int, default=3, help="the phases alternate this many times, so that "
                                                           "other work on the machine falls on both alike")
@@ -203,7 +202,6 @@ def main(argv=None) -> list[dict]:
         return []
     if args.quick:
         args.batches, args.rounds, args.dim, args.base, args.k = 40, 1, 64, 2000, 1000
-    stamp = {"machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
     per_round = args.batches // args.rounds * args.batch
     data = clustered(2 * args.rounds * per_round, args.dim, seed=args.seed)
     print(f"# seed {args.seed}: {args.batches} batches of {args.batch} x {args.dim} per phase in "
@@ -246,7 +244,7 @@ def main(argv=None) -> list[dict]:
         producer.close(drain=False)  # not waiting for the index to catch up
     base = {"bench": "isolation", "batch": args.batch, "dim": args.dim, "rounds": args.rounds,
             "base": args.base, "k": args.k, "flood": args.flood, "load_nice": args.load_nice,
-            "recall_niceness": args.recall_niceness, **stamp}
+            "recall_niceness": args.recall_niceness}
     rows = [emit({**base, "phase": phase, "batches": len(acc["latencies"]),
                   **percentiles_ms(acc["latencies"], "ack"),
                   **{count: acc["counts"][count] for count in COUNTS},

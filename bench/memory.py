@@ -16,7 +16,6 @@ a table.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
@@ -25,7 +24,7 @@ from engram_shm import Engine
 from engram_shm.store import shm
 from engram_shm.store.layout import STORAGE
 
-from .report import emit, table
+from .report import emit, parser, table
 
 M = 16
 CHUNK = 4096
@@ -78,8 +77,8 @@ COLUMNS = [("dtype", "dtype", ""), ("n", "n", "d"), ("dim", "dim", "d"), ("segme
            ("process heap MiB", "heap_mib", ".0f")]
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog="python -m bench memory") -> list[dict]:
+    ap = parser(__doc__, prog)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--dtype", default="f16,int8")

@@ -3,6 +3,8 @@ machine that measured it."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
 import platform
@@ -17,7 +19,20 @@ def machine() -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB, Python {platform.python_version()}"
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def parser(doc: str, prog: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: its module docstring's first paragraph
+    as the description, the rest (usage and what it measures) as the epilog."""
+    head, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(prog=prog, description=head, epilog=rest,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def percentiles_ms(seconds: list, name: str, digits: int = 3) -> dict:
@@ -27,6 +42,8 @@ def percentiles_ms(seconds: list, name: str, digits: int = 3) -> dict:
 
 
 def emit(row: dict) -> dict:
+    """Print one measurement as a JSON line, stamped with the machine and date."""
+    row = {**row, "machine": machine(), "date": today()}
     print(json.dumps(row), flush=True)
     return row
 

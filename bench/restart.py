@@ -39,7 +39,7 @@ from engram_shm.store.catalog import collect_stale
 from engram_shm.synthetic import clustered
 from engram_shm.transport.launch import free_port
 
-from .report import emit, table
+from .report import emit, parser, table
 
 BATCH = 4096
 PROBES = 200
@@ -147,8 +147,8 @@ COLUMNS = [("n", "n", "d"), ("dim", "dim", "d"), ("case", "case", ""), ("log tai
            ("own top hit", "own_top_hit", ".3f")]
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.restart", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog="python -m bench restart") -> list[dict]:
+    ap = parser(__doc__, prog)
     ap.add_argument("--cases", default="1000000x128,200000x768", help="N x DIM, comma-separated")
     ap.add_argument("--tail", type=float, default=0.05, help="share of N logged after the checkpoint")
     ap.add_argument("--seed", type=int, default=0)

@@ -11,7 +11,6 @@ graphs hold it all.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -19,7 +18,7 @@ import numpy as np
 from engram_shm import Engine
 from engram_shm.synthetic import clustered
 
-from .report import emit, percentiles_ms, table
+from .report import emit, parser, percentiles_ms, table
 
 RECALL_EVERY_S = 0.1
 
@@ -53,8 +52,8 @@ COLUMNS = [("workers", "workers", "d"), ("n", "n", "d"), ("dim", "dim", "d"), ("
            ("p99 ms", "recall_p99_ms", ".2f")]
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog="python -m bench scaling") -> list[dict]:
+    ap = parser(__doc__, prog)
     ap.add_argument("--n", type=int, default=30_000)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--dtype", default="f16")

@@ -22,8 +22,6 @@ per connection. Prints JSON lines (with machine and date) and a table.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import time
 
@@ -36,14 +34,9 @@ from engram_shm.synthetic import clustered
 from engram_shm.transport.launch import free_port, running_server
 
 from . import unbounded_window
-from .report import emit, machine, table
+from .report import emit, parser, table
 
 PUSHES = ("heartbeat", "status", "durable")
-
-
-def stamp(row: dict) -> dict:
-    return {"bench": "websocket", **row, "machine": machine(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def zmq_client(endpoint: str, space: str, vectors: np.ndarray, batch: int) -> float:
@@ -103,13 +96,13 @@ def decode_costs(vectors: np.ndarray, repeat: int) -> dict:
     return costs
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=20_000, help="observations per system")
-    parser.add_argument("--batch", type=int, default=256, help="episodes per batch message")
-    parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--quick", action="store_true", help="a small run (the tests)")
-    args = parser.parse_args(argv)
+def main(argv=None, prog="python -m bench websocket") -> None:
+    ap = parser(__doc__, prog)
+    ap.add_argument("--n", type=int, default=20_000, help="observations per system")
+    ap.add_argument("--batch", type=int, default=256, help="episodes per batch message")
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--quick", action="store_true", help="a small run (the tests)")
+    args = ap.parse_args(argv)
     if args.quick:
         args.n, args.batch = 1024, 128
     vectors = clustered(args.n, args.dim, seed=12)
@@ -124,9 +117,9 @@ def main(argv=None) -> None:
                             ("ws_single", lambda: websocket(url, "wss", vectors, 1))):
             seconds = run()
             batch = 1 if system == "ws_single" else args.batch
-            rows.append(emit(stamp({"system": system, "n": args.n, "dim": args.dim, "batch": batch,
-                                    "obs_per_s": round(args.n / seconds, 1)})))
-    emit(stamp({"system": "json_decode", "dim": args.dim, **decode_costs(vectors, 200)}))
+            rows.append(emit({"bench": "websocket", "system": system, "n": args.n, "dim": args.dim,
+                              "batch": batch, "obs_per_s": round(args.n / seconds, 1)}))
+    emit({"bench": "websocket", "system": "json_decode", "dim": args.dim, **decode_costs(vectors, 200)})
     print(table(f"one connection, {args.dim} dims (x {rows[0]['system']})", rows,
                 [("system", "system", ""), ("batch", "batch", "d"), ("obs/s", "obs_per_s", ",.0f"),
                  ("x zmq_client", "x obs_per_s", ".3f")]))

@@ -3,19 +3,19 @@ import subprocess
 import sys
 
 
-def quick(module: str, *flags: str) -> tuple[str, list[dict]]:
-    """A benchmark's --quick run: (what it printed, its JSON lines)."""
-    out = subprocess.run([sys.executable, "-m", module, "--quick", *flags], capture_output=True, text=True,
+def quick(subcommand: str, *flags: str) -> tuple[str, list[dict]]:
+    """A benchmark's --quick run through `python -m bench`: (what it printed, its JSON lines)."""
+    out = subprocess.run([sys.executable, "-m", "bench", subcommand, "--quick", *flags], capture_output=True, text=True,
                          timeout=600, check=True).stdout
     return out, [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-KEYS = {"bench", "system", "data", "n", "dim", "dtype", "threads", "insert_per_s", "insert_per_cpu_s",
+KEYS = {"bench", "machine", "date", "system", "data", "n", "dim", "dtype", "threads", "insert_per_s", "insert_per_cpu_s",
         "recall_at_10", "query_p50_ms", "query_p99_ms"}
 
 
 def test_ann_quick_runs_all_peers_and_prints_json_lines():
-    out, rows = quick("bench.ann")
+    out, rows = quick("ann")
     for data in ("clustered-64", "sentence-48"):
         assert {(r["system"], r["dtype"], r["threads"]) for r in rows if r["data"] == data} == {
             ("hnswlib", "f32", 1), ("faiss", "f32", 1), ("engram_shm", "f16", 1), ("engram_shm", "int8", 1),
@@ -29,7 +29,7 @@ def test_ann_quick_runs_all_peers_and_prints_json_lines():
 
 
 def test_scaling_quick_compares_worker_counts():
-    out, rows = quick("bench.scaling")
+    out, rows = quick("scaling")
     assert [r["workers"] for r in rows] == [1, 2]
     for r in rows:
         assert {"bench", "workers", "insert_per_s"} <= set(r) and r["bench"] == "scaling"
@@ -39,7 +39,7 @@ def test_scaling_quick_compares_worker_counts():
 
 
 def test_ingest_quick_compares_with_the_raw_transport():
-    out, rows = quick("bench.ingest")
+    out, rows = quick("ingest")
     assert [r["system"] for r in rows] == ["raw_zmq", "raw_zmq_shm", "engram_shm", "engram_shm_client",
                                            "engram_shm_loop_only"]
     for r in rows:
@@ -49,7 +49,7 @@ def test_ingest_quick_compares_with_the_raw_transport():
 
 
 def test_ingest_quick_compares_fsync_policies():
-    out, rows = quick("bench.ingest", "--fsync", "always,interval,never")
+    out, rows = quick("ingest", "--fsync", "always,interval,never")
     assert [r["system"] for r in rows] == ["engram_shm_fsync_never", "engram_shm_fsync_always",
                                            "engram_shm_fsync_interval", "engram_shm_memory_only"]
     assert all(r["obs_per_s"] > 0 for r in rows)
@@ -57,13 +57,13 @@ def test_ingest_quick_compares_fsync_policies():
 
 
 def test_ingest_quick_compares_curve_with_no_authentication():
-    out, rows = quick("bench.ingest", "--auth")
+    out, rows = quick("ingest", "--auth")
     assert [r["system"] for r in rows] == ["engram_shm_auth_none", "engram_shm_auth_curve"]
     assert all(r["obs_per_s"] > 0 and r["recalls"] >= 0 for r in rows)
 
 
 def test_restart_quick_comes_back_after_a_crash_and_a_clean_stop():
-    out, rows = quick("bench.restart")
+    out, rows = quick("restart")
     assert [r["case"] for r in rows] == ["crash", "clean"]
     for r in rows:
         assert r["ready_s"] > 0 and r["recovery_s"] is not None and r["own_top_hit"] >= 0.99, r
@@ -71,14 +71,14 @@ def test_restart_quick_comes_back_after_a_crash_and_a_clean_stop():
 
 
 def test_websocket_quick_measures_one_connection_against_the_zmq_client():
-    out, rows = quick("bench.websocket")
+    out, rows = quick("websocket")
     assert [r["system"] for r in rows] == ["zmq_client", "ws_batch", "ws_single", "json_decode"]
     assert all(r["obs_per_s"] > 0 and r["dim"] == 768 and r["machine"] and r["date"] for r in rows[:3])
     assert rows[3]["orjson_us_per_obs"] > 0 and "x zmq_client" in out
 
 
 def test_isolation_quick_times_acks_alone_and_under_recall_load():
-    out, rows = quick("bench.isolation")
+    out, rows = quick("isolation")
     assert [r["phase"] for r in rows] == ["alone", "recalls"]
     for r in rows:
         assert {"machine", "date", "ack_p50_ms", "ack_p99_ms", "batches"} <= set(r) and r["ack_p99_ms"] > 0
@@ -87,7 +87,7 @@ def test_isolation_quick_times_acks_alone_and_under_recall_load():
 
 
 def test_recall_load_quick_reports_recall_under_ingestion():
-    out, rows = quick("bench.recall_load")
+    out, rows = quick("recall")
     (r,) = rows
     assert r["bench"] == "recall_load" and r["n"] == 5000 and r["recalls"] > 10
     assert r["ingest_per_s"] > 0 and r["recall_p99_ms"] >= r["recall_p50_ms"] > 0
@@ -95,7 +95,7 @@ def test_recall_load_quick_reports_recall_under_ingestion():
 
 
 def test_memory_quick_reports_bytes_per_observation():
-    out, rows = quick("bench.memory")
+    out, rows = quick("memory")
     assert [r["dtype"] for r in rows] == ["f16", "int8"]
     for r in rows:
         assert r["n"] == 20000 and r["shm_bytes"] > r["n"] * r["floor_bytes_per_observation"]
@@ -103,7 +103,7 @@ def test_memory_quick_reports_bytes_per_observation():
 
 
 def test_ingest_quick_compares_metrics_off_and_on():
-    out, rows = quick("bench.ingest", "--metrics")
+    out, rows = quick("ingest", "--metrics")
     systems = [f"engram_shm_{where}metrics_{on}" for where in ("", "loop_only_") for on in ("off", "on")]
     assert [r["system"] for r in rows] == systems
     assert all(r["obs_per_s"] > 0 for r in rows)

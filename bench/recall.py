@@ -15,7 +15,6 @@ segments. Prints JSON lines, then a table.
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 
@@ -24,7 +23,7 @@ import numpy as np
 from engram_shm import Engine
 from engram_shm.synthetic import clustered
 
-from .report import emit, percentiles_ms, table
+from .report import emit, parser, percentiles_ms, table
 
 BATCH = 256
 
@@ -94,8 +93,8 @@ COLUMNS = [("n", "n", "d"), ("dim", "dim", "d"), ("indexed/s", "indexed_per_s", 
            ("idle p50", "idle_recall_p50_ms", ".2f"), ("idle p99", "idle_recall_p99_ms", ".2f")]
 
 
-def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m bench.recall_load", description=__doc__.split("\n\n")[0])
+def main(argv=None, prog="python -m bench recall") -> list[dict]:
+    ap = parser(__doc__, prog)
     ap.add_argument("--n", default="200000", help="observations before ingestion starts, comma-separated")
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--seconds", type=float, default=30.0)
