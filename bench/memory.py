@@ -1,15 +1,22 @@
 """Memory per observation: what a space of `--n` observations of `--dim`
-dimensions with ~100-byte texts occupies, by storage dtype.
+dimensions with ~100-byte texts occupies in shared memory, in the process and on disk, by storage dtype.
 
-    python -m bench.memory [--n 1000000] [--dim 768] [--dtype f16,int8] [--quick]
+    python -m bench memory [--n 1000000] [--dim 768] [--dtype f16,f32,int8] [--quick]
 
-For each dtype an embedded engine (M=16, one index writer per core) takes
-the observations and indexes them all; then it reports the shared memory
-its blocks occupy (pages actually touched in /dev/shm: vectors, graph, ids,
-texts, catalog), the process's own memory besides (its anonymous pages:
-heap, id index, Numba; shared memory it maps is counted once, above), and bytes per
-observation against the floor of vectors plus layer-0 links. The graph's
-size depends on M, not on ef_construction, so the build uses
+For each dtype a durable embedded engine (M=16, one index writer per core,
+a data directory with the write-ahead log at fsync=interval) takes the
+observations and indexes them all; then it reports:
+- shared: the shared memory its blocks occupy (pages actually touched in
+  /dev/shm: vectors, graph, ids, texts, catalog);
+- resident: the process's resident set (VmRSS: its own anonymous pages -
+  heap, id index, Numba - plus the shared pages it has mapped and touched),
+  and its anonymous pages alone;
+- on disk: the write-ahead log, then a checkpoint taken at the end (the
+  log up to a checkpoint can be dropped once it is written, so a data
+  directory at rest holds about one checkpoint plus the log's tail);
+- bytes per observation (shared) against the floor of vectors plus layer-0
+  links.
+The graph's size depends on M, not on ef_construction, so the build uses
 `--ef-construction` 16 by default to finish sooner. Prints JSON lines, then
 a table.
 """
@@ -17,6 +24,7 @@ a table.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 
@@ -40,10 +48,17 @@ def text(i: int, size: int) -> str:
     return head + "x" * max(0, size - len(head))
 
 
-def anonymous_bytes() -> int:
-    """This process's anonymous resident memory (not the shared memory it maps)."""
+def rollup_bytes(field: str) -> int:
+    """A field of this process's /proc/self/smaps_rollup, in bytes: `Rss` (all
+    resident pages, the shared memory it touched included) or `Anonymous`
+    (its own pages only)."""
     with open("/proc/self/smaps_rollup") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Anonymous:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
+
+
+def tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
 
 
 def engine_shm_bytes(engine: Engine) -> int:
@@ -53,7 +68,9 @@ def engine_shm_bytes(engine: Engine) -> int:
 
 def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    with Engine(dtype=dtype, M=M, ef_construction=ef_construction, ring_capacity=1 << 20) as engine:
+    with tempfile.TemporaryDirectory(prefix="engram-memory-") as data_dir, \
+            Engine(data_dir=data_dir, dtype=dtype, M=M, ef_construction=ef_construction,
+                   ring_capacity=1 << 20) as engine:
         engine.create_space("mem", dim=dim)
         for lo in range(0, n, CHUNK):
             hi = min(n, lo + CHUNK)
@@ -61,27 +78,34 @@ def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, see
                            what=[text(i, text_bytes) for i in range(lo, hi)])
         engine.wait_indexed()
         shm_bytes = engine_shm_bytes(engine)
-        heap = anonymous_bytes()
+        rss, anonymous = rollup_bytes("Rss"), rollup_bytes("Anonymous")
         segments = engine.stats()["spaces"]["mem"]["segments"]
+        wal_bytes = tree_bytes(os.path.join(data_dir, "wal"))
+        engine.checkpoint()
+        checkpoint_bytes = tree_bytes(os.path.join(data_dir, "checkpoints"))
     floor = n * (dim * STORAGE[dtype].itemsize + (2 * M + 1) * 4)
     return {"bench": "memory", "n": n, "dim": dim, "dtype": dtype, "text_bytes": text_bytes,
-            "segments": segments, "shm_bytes": shm_bytes, "process_anonymous_bytes": heap,
+            "ef_construction": ef_construction, "segments": segments, "shm_bytes": shm_bytes,
+            "process_rss_bytes": rss, "process_anonymous_bytes": anonymous,
+            "wal_bytes": wal_bytes, "checkpoint_bytes": checkpoint_bytes,
             "shm_bytes_per_observation": round(shm_bytes / n, 1),
             "floor_bytes_per_observation": round(floor / n, 1),
+            "disk_bytes_per_observation": round(checkpoint_bytes / n, 1),
             "shm_gib": round(shm_bytes / 2**30, 3), "shm_gb": round(shm_bytes / 1e9, 3)}
 
 
 COLUMNS = [("dtype", "dtype", ""), ("n", "n", "d"), ("dim", "dim", "d"), ("segments", "segments", "d"),
            ("shm GB", "shm_gb", ".3f"), ("shm GiB", "shm_gib", ".3f"),
            ("bytes/obs", "shm_bytes_per_observation", ".0f"), ("floor", "floor_bytes_per_observation", ".0f"),
-           ("process heap MiB", "heap_mib", ".0f")]
+           ("RSS MiB", "rss_mib", ".0f"), ("anon MiB", "anonymous_mib", ".0f"),
+           ("WAL MiB", "wal_mib", ".0f"), ("checkpoint MiB", "checkpoint_mib", ".0f")]
 
 
 def main(argv=None, prog="python -m bench memory") -> list[dict]:
     ap = parser(__doc__, prog)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--dtype", default="f16,int8")
+    ap.add_argument("--dtype", default="f16,f32,int8")
     ap.add_argument("--text-bytes", type=int, default=100)
     ap.add_argument("--ef-construction", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -94,7 +118,9 @@ def main(argv=None, prog="python -m bench memory") -> list[dict]:
     rows = [emit(run(args.n, args.dim, dtype.strip(), args.text_bytes, args.ef_construction, args.seed))
             for dtype in args.dtype.split(",")]
     for r in rows:
-        r["heap_mib"] = r["process_anonymous_bytes"] / 2**20
+        for mib, key in (("rss", "process_rss_bytes"), ("anonymous", "process_anonymous_bytes"),
+                         ("wal", "wal_bytes"), ("checkpoint", "checkpoint_bytes")):
+            r[f"{mib}_mib"] = r[key] / 2**20
     print(table("memory per observation", rows, COLUMNS))
     return rows
 

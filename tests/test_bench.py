@@ -5,13 +5,13 @@ import sys
 
 def quick(subcommand: str, *flags: str) -> tuple[str, list[dict]]:
     """A benchmark's --quick run through `python -m bench`: (what it printed, its JSON lines)."""
-    out = subprocess.run([sys.executable, "-m", "bench", subcommand, "--quick", *flags], capture_output=True, text=True,
-                         timeout=600, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "bench", subcommand, "--quick", *flags], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
     return out, [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-KEYS = {"bench", "machine", "date", "system", "data", "n", "dim", "dtype", "threads", "insert_per_s", "insert_per_cpu_s",
-        "recall_at_10", "query_p50_ms", "query_p99_ms"}
+KEYS = {"bench", "machine", "date", "system", "data", "n", "dim", "dtype", "threads", "insert_per_s",
+        "insert_per_cpu_s", "recall_at_10", "query_p50_ms", "query_p99_ms"}
 
 
 def test_ann_quick_runs_all_peers_and_prints_json_lines():
@@ -96,10 +96,15 @@ def test_recall_load_quick_reports_recall_under_ingestion():
 
 def test_memory_quick_reports_bytes_per_observation():
     out, rows = quick("memory")
-    assert [r["dtype"] for r in rows] == ["f16", "int8"]
+    assert [r["dtype"] for r in rows] == ["f16", "f32", "int8"]
     for r in rows:
         assert r["n"] == 20000 and r["shm_bytes"] > r["n"] * r["floor_bytes_per_observation"]
-    assert rows[1]["shm_bytes"] < rows[0]["shm_bytes"]  # int8 codes take half of f16's bytes
+        assert r["process_rss_bytes"] > r["process_anonymous_bytes"] > 0
+        # the log holds every vector as stored; a checkpoint holds them and the graph
+        vector_bytes = r["n"] * r["dim"] * {"f16": 2, "f32": 4, "int8": 1}[r["dtype"]]
+        assert r["checkpoint_bytes"] > r["wal_bytes"] > vector_bytes
+    f16, f32, int8 = (r["shm_bytes"] for r in rows)
+    assert int8 < f16 < f32  # int8 codes take half of f16's bytes, f32 twice
 
 
 def test_ingest_quick_compares_metrics_off_and_on():
