@@ -32,7 +32,7 @@ from engram_shm import Engine
 from engram_shm.store import shm
 from engram_shm.store.layout import STORAGE
 
-from .report import emit, parser, table
+from .report import emit, mib, parser, table
 
 M = 16
 CHUNK = 4096
@@ -94,11 +94,13 @@ def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, see
             "shm_gib": round(shm_bytes / 2**30, 3), "shm_gb": round(shm_bytes / 1e9, 3)}
 
 
-COLUMNS = [("dtype", "dtype", ""), ("n", "n", "d"), ("dim", "dim", "d"), ("segments", "segments", "d"),
-           ("shm GB", "shm_gb", ".3f"), ("shm GiB", "shm_gib", ".3f"),
-           ("bytes/obs", "shm_bytes_per_observation", ".0f"), ("floor", "floor_bytes_per_observation", ".0f"),
-           ("RSS MiB", "rss_mib", ".0f"), ("anon MiB", "anonymous_mib", ".0f"),
-           ("WAL MiB", "wal_mib", ".0f"), ("checkpoint MiB", "checkpoint_mib", ".0f")]
+COLUMNS = [
+    ("dtype", "dtype", ""), ("n", "n", ",d"), ("dim", "dim", "d"), ("segments", "segments", "d"),
+    ("shm GB", "shm_gb", ".3f"), ("bytes/obs", "shm_bytes_per_observation", ",.0f"),
+    ("floor", "floor_bytes_per_observation", ",.0f"), ("RSS MiB", mib("process_rss_bytes"), ",.0f"),
+    ("anon MiB", mib("process_anonymous_bytes"), ",.0f"), ("WAL MiB", mib("wal_bytes"), ",.0f"),
+    ("checkpoint MiB", mib("checkpoint_bytes"), ",.0f"),
+    ("disk bytes/obs", "disk_bytes_per_observation", ",.0f")]
 
 
 def main(argv=None, prog="python -m bench memory") -> list[dict]:
@@ -117,10 +119,6 @@ def main(argv=None, prog="python -m bench memory") -> list[dict]:
     warm()
     rows = [emit(run(args.n, args.dim, dtype.strip(), args.text_bytes, args.ef_construction, args.seed))
             for dtype in args.dtype.split(",")]
-    for r in rows:
-        for mib, key in (("rss", "process_rss_bytes"), ("anonymous", "process_anonymous_bytes"),
-                         ("wal", "wal_bytes"), ("checkpoint", "checkpoint_bytes")):
-            r[f"{mib}_mib"] = r[key] / 2**20
     print(table("memory per observation", rows, COLUMNS))
     return rows
 

@@ -48,18 +48,40 @@ def emit(row: dict) -> dict:
     return row
 
 
-def table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """columns: (header, key, format spec). A key `x <metric>` is the ratio of a
-    row's metric to the first row's."""
-    def cell(row, key, spec):
+def mib(key: str):
+    """A column of bytes shown in MiB."""
+    return lambda row: row[key] / 2**20
+
+
+def cell(row: dict, key, spec: str, reference: dict) -> str:
+    """One table cell. A key is a field, a function of the row, or `x
+    <metric>`: the ratio of the row's metric to the reference row's. A metric
+    the row lacks is shown as a dash."""
+    try:
+        if callable(key):
+            return format(key(row), spec)
         if key.startswith("x "):
             metric = key[2:]
-            return format(row[metric] / rows[0][metric], spec)
+            return format(row[metric] / reference[metric], spec)
         return format(row[key], spec)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return "-"
 
-    widths = [max(len(h), *(len(cell(r, k, s)) for r in rows)) + 2 for h, k, s in columns]
+
+def table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """A text table labelled with the machine. columns: (header, key, format
+    spec); ratio columns (`x <metric>`) are to the first row."""
+    cells = [[cell(r, k, s, rows[0]) for _, k, s in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) + 2 for i, (h, _, _) in enumerate(columns)]
     lines = [f"{title} on {machine()}",
              "".join(h.rjust(w) for (h, _, _), w in zip(columns, widths))]
-    for r in rows:
-        lines.append("".join(cell(r, k, s).rjust(w) for (_, k, s), w in zip(columns, widths)))
+    lines += ["".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """The same table in Markdown (ratios to the first row)."""
+    head = "| " + " | ".join(h for h, _, _ in columns) + " |"
+    rule = "|" + "|".join("---" if not s or s == "s" else "---:" for _, _, s in columns) + "|"
+    body = ["| " + " | ".join(cell(r, k, s, rows[0]) for _, k, s in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])

@@ -1,14 +1,4 @@
-import json
-import subprocess
-import sys
-
-
-def quick(subcommand: str, *flags: str) -> tuple[str, list[dict]]:
-    """A benchmark's --quick run through `python -m bench`: (what it printed, its JSON lines)."""
-    out = subprocess.run([sys.executable, "-m", "bench", subcommand, "--quick", *flags], capture_output=True,
-                         text=True, timeout=600, check=True).stdout
-    return out, [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
+from benchruns import quick
 
 KEYS = {"bench", "machine", "date", "system", "data", "n", "dim", "dtype", "threads", "insert_per_s",
         "insert_per_cpu_s", "recall_at_10", "query_p50_ms", "query_p99_ms"}

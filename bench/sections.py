@@ -1,0 +1,353 @@
+"""The report's sections: for each benchmark, the arguments of its full run,
+what it measures, its tables, its plot, and where engram_shm loses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt
+
+from . import ann, ingest, memory, scaling
+
+Columns = list[tuple[str, object, str]]
+# A worse figure than a peer's counts as a loss only beyond this margin:
+# smaller differences are within run-to-run noise on a shared 2-core VM.
+MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    higher_is_better: bool
+    unit: str = ""
+
+
+def losses_to_peers(rows: list[dict], ours: Callable[[dict], bool], metrics: list[Metric],
+                    name: Callable[[dict], str],
+                    same: Callable[[dict], object] = lambda r: None) -> list[str]:
+    """Each metric on which a row of ours is worse than the best peer row of
+    the same group (same(row) equal) by more than MARGIN."""
+    found = []
+    for mine in filter(ours, rows):
+        peers = [r for r in rows if not ours(r) and same(r) == same(mine)]
+        for m in metrics:
+            values = [r for r in peers if isinstance(r.get(m.key), int | float) and not math.isnan(r[m.key])]
+            if not values or not isinstance(mine.get(m.key), int | float):
+                continue
+            best = (max if m.higher_is_better else min)(values, key=lambda r: r[m.key])
+            a, b = mine[m.key], best[m.key]
+            worse = a < b * (1 - MARGIN) if m.higher_is_better else a > b * (1 + MARGIN)
+            if worse:
+                ratio = f"{b / a:.2f}x" if a else "inf"
+                found.append(f"{m.label}: {name(mine)} {a:,.3g}{m.unit} against {name(best)}'s "
+                             f"{b:,.3g}{m.unit} ({ratio} {'better' if m.higher_is_better else 'lower'})")
+    return found
+
+
+def bar_grid(rows: list[dict], label: Callable[[dict], str], metrics: list[Metric], path: str,
+             title: str) -> None:
+    """One bar chart per metric, a bar per row; engram_shm's bars stand out."""
+    cols = min(3, len(metrics))
+    fig, axes = plt.subplots(math.ceil(len(metrics) / cols), cols, figsize=(4.2 * cols, 3.4 *
+                             math.ceil(len(metrics) / cols)), squeeze=False)
+    names = [label(r) for r in rows]
+    colours = ["tab:orange" if "engram" in n else "tab:blue" for n in names]
+    for ax, m in zip(axes.flat, metrics):
+        ax.bar(range(len(rows)), [r.get(m.key, float("nan")) for r in rows], color=colours)
+        ax.set_xticks(range(len(rows)), names, rotation=40, ha="right", fontsize=7)
+        ax.set_title(f"{m.label}{f' ({m.unit.strip()})' if m.unit else ''}"
+                     f" - {'higher' if m.higher_is_better else 'lower'} is better", fontsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    save(fig, path, title, rows)
+
+
+def grouped_bars(rows: list[dict], label: Callable[[dict], str], metrics: list[Metric], path: str,
+                 title: str, ylabel: str, target: tuple[float, str] | None = None) -> None:
+    """One chart: a group of bars per row, a bar per metric; an optional
+    horizontal target line (value, legend)."""
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(rows), 3.6))
+    width = 0.8 / len(metrics)
+    for i, m in enumerate(metrics):
+        ax.bar([j + i * width for j in range(len(rows))], [r.get(m.key, float("nan")) for r in rows],
+               width, label=m.label)
+    ax.set_xticks([j + width * (len(metrics) - 1) / 2 for j in range(len(rows))], [label(r) for r in rows])
+    if target:
+        ax.axhline(target[0], color="tab:red", linestyle="--", label=target[1])
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=7)
+    save(fig, path, title, rows)
+
+
+def line_grid(rows: list[dict], x: str, xlabel: str, panels: list[tuple[str, list[tuple[str, str]]]],
+              path: str, title: str, logx: bool = False) -> None:
+    """One line chart per panel: (panel title, [(key, legend)]) against x."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    xs = [r[x] for r in rows]
+    for ax, (panel, series) in zip(axes.flat, panels):
+        for key, legend in series:
+            ax.plot(xs, [r.get(key, float("nan")) for r in rows], marker="o", label=legend)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_title(panel, fontsize=9)
+        if logx:
+            ax.set_xscale("log")
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    save(fig, path, title, rows)
+
+
+def save(fig, path: str, title: str, rows: list[dict]) -> None:
+    fig.suptitle(f"{title}\n{rows[0]['machine']}, {rows[0]['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    title: str
+    what: str
+    args: tuple[str, ...]
+    columns: Columns
+    plot: Callable[[list[dict], str], None]
+    tables: Callable[[list[dict]], list[tuple[str, list[dict]]]] = lambda rows: [("", rows)]
+    losses: Callable[[list[dict]], list[str]] = lambda rows: []
+
+
+def grouped(key: str, caption: str) -> Callable[[list[dict]], list[tuple[str, list[dict]]]]:
+    """Tables split by a field, in order of first appearance."""
+    def tables(rows):
+        values = list(dict.fromkeys(r.get(key) for r in rows))
+        return [(caption.format(v), [r for r in rows if r.get(key) == v]) for v in values]
+    return tables
+
+
+def is_engram(row: dict) -> bool:
+    return str(row.get("system", "")).startswith("engram")
+
+
+# -- stream ----------------------------------------------------------------------
+STREAM_METRICS = [
+    Metric("insert_per_s", "insert rate", True, "/s"),
+    Metric("found_own_top_hit", "just-inserted found as own top hit", True),
+    Metric("ingest_recall_p99_ms", "recall p99 during ingestion", False, " ms"),
+    Metric("time_until_indexed_s", "time until fully indexed", False, " s"),
+    Metric("recall_at_10", "recall@10", True),
+    Metric("query_p99_ms", "query p99", False, " ms"),
+    Metric("peak_memory_mib", "peak memory", False, " MiB"),
+]
+
+STREAM = Section(
+    "stream", "Streaming: time until searchable, against the embedded engines",
+    "VectorDBBench's streaming case, end to end: the same clustered 768-dim vectors streamed in "
+    "batches into each system in its own process; right after each insert returns, a few of the "
+    "batch's vectors are queried (k=1): the fraction that come back as their own top hit, and those "
+    "queries' latency, measure \"searchable at once\". Then recall@10 against exact ground truth, "
+    "query latency one at a time, and the process's peak memory.",
+    (),
+    [("system", "system", ""), ("index", "index", ""), ("insert/s", "insert_per_s", ",.0f"),
+     ("x first", "x insert_per_s", ".2f"), ("own top hit", "found_own_top_hit", ".3f"),
+     ("ingest recall p50 ms", "ingest_recall_p50_ms", ".2f"),
+     ("p99 ms", "ingest_recall_p99_ms", ".2f"), ("searchable s", "time_until_searchable_s", ".1f"),
+     ("indexed s", "time_until_indexed_s", ".1f"), ("recall@10", "recall_at_10", ".3f"),
+     ("query p50 ms", "query_p50_ms", ".2f"), ("p99 ms", "query_p99_ms", ".2f"),
+     ("peak MiB", "peak_memory_mib", ",.0f")],
+    plot=lambda rows, path: bar_grid(rows, lambda r: r["system"], STREAM_METRICS, path,
+                                     f"stream: {rows[0]['n']:,} x {rows[0]['dim']}"),
+    losses=lambda rows: losses_to_peers(rows, is_engram, STREAM_METRICS, lambda r: r["system"]),
+)
+
+# -- ramp ------------------------------------------------------------------------
+
+
+def ramp_levels(rows):
+    return [r for r in rows if "offered_per_s" in r]
+
+
+def ramp_losses(rows):
+    found = [f"offered {r['offered_per_s']:,.0f}/s: accepted {r['accepted_per_s']:,.0f}/s and indexed "
+             f"{r['indexed_per_s']:,.0f}/s (backpressure holds the rest back)"
+             for r in ramp_levels(rows) if r["accepted_per_s"] < r["offered_per_s"] * (1 - MARGIN)]
+    found += [f"{r['lost']} acked observations lost" for r in rows if r.get("lost")]
+    return found
+
+
+RAMP = Section(
+    "ramp", "Ramp: offered load against accepted and indexed rates",
+    "Offered loads of 768-dim observations in batches, each for a fixed time, paced open-loop from "
+    "separate client processes over ZeroMQ to one server (data directory, fsync interval), with 10 "
+    "strong recalls a second alongside. Where the accepted rate stops following the offered one, "
+    "backpressure has engaged. At the end every acked observation is checked: the server holds "
+    "them all and a sample is found by its own vector.",
+    (),
+    [("offered/s", "offered_per_s", ",.0f"), ("sent/s", "sent_per_s", ",.0f"),
+     ("accepted/s", "accepted_per_s", ",.0f"), ("refused/s", "refused_per_s", ",.0f"),
+     ("indexed/s", "indexed_per_s", ",.0f"), ("window max", "window_max", ",.0f"),
+     ("ack p50 ms", "ack_p50_ms", ".1f"), ("ack p99 ms", "ack_p99_ms", ".1f"),
+     ("recall p50 ms", "recall_p50_ms", ".1f"), ("recall p99 ms", "recall_p99_ms", ".1f")],
+    plot=lambda rows, path: line_grid(
+        ramp_levels(rows), "offered_per_s", "offered observations/s",
+        [("rates (obs/s)", [("offered_per_s", "offered"), ("accepted_per_s", "accepted"),
+                            ("indexed_per_s", "indexed")]),
+         ("unindexed window (max)", [("window_max", "window")]),
+         ("latency p99 (ms)", [("ack_p99_ms", "ack"), ("recall_p99_ms", "recall")])],
+        path, "ramp", logx=True),
+    tables=lambda rows: [("", ramp_levels(rows))] + [
+        (f"After the ramp: acked {r['acked']:,}, stored {r['stored']:,}, lost {r['lost']:,}.", [])
+        for r in rows if "acked" in r],
+    losses=ramp_losses,
+)
+
+# -- recall ----------------------------------------------------------------------
+
+
+def recall_losses(rows):
+    return [f"{r['n']:,} observations, {r['consistency']} recalls under ingestion with {r['clients']} "
+            f"client(s): p99 {r['recall_p99_ms']:.1f} ms, above the 5 ms goal"
+            for r in rows if r.get("phase") == "ingest" and r.get("recall_p99_ms", 0) > 5]
+
+
+RECALL = Section(
+    "recall", "Recall latency: idle and under ingestion, strong and indexed",
+    "Recalls (k=10) through the server by concurrent client processes: idle, back to back, and "
+    "during sustained ingestion at a rate indexing keeps up with (10 recalls a second per client). "
+    "`strong` also scans the unindexed window; `indexed` searches the graphs only.",
+    (),
+    [("n", "n", ",d"), ("phase", "phase", ""), ("consistency", "consistency", ""),
+     ("clients", "clients", "d"), ("queries/s", "queries_per_s", ",.0f"),
+     ("p50 ms", "recall_p50_ms", ".2f"), ("p99 ms", "recall_p99_ms", ".2f"),
+     ("ingest/s", "ingest_per_s", ",.0f"), ("segments", "segments", "d")],
+    plot=lambda rows, path: bar_grid(
+        rows, lambda r: f"{r['n'] // 1000}K {r['phase']} {r['consistency']} c{r['clients']}",
+        [Metric("recall_p99_ms", "recall p99", False, " ms"),
+         Metric("recall_p50_ms", "recall p50", False, " ms"), Metric("queries_per_s", "queries/s", True)],
+        path, "recall"),
+    tables=grouped("n", "{:,} observations"),
+    losses=recall_losses,
+)
+
+# -- scaling ---------------------------------------------------------------------
+
+
+def scaling_losses(rows):
+    one = rows[0]["insert_per_s"]
+    return [f"{r['workers']} workers index {r['insert_per_s'] / one:.2f}x one worker's rate"
+            for r in rows[1:] if r["insert_per_s"] < one * r["workers"] * (1 - MARGIN) / rows[0]["workers"]]
+
+
+SCALING = Section(
+    "scaling", "Scaling: one hot space, 1..cores index workers",
+    "One space streamed in and indexed by 1 and by 2 worker processes (this machine has 2 cores), "
+    "with strong recalls 10 times a second meanwhile; the rate is end to end (observe everything, "
+    "then wait until the graphs hold it all).",
+    (),
+    scaling.COLUMNS,
+    plot=lambda rows, path: line_grid(rows, "workers", "index workers",
+                                      [("insert/s", [("insert_per_s", "insert/s")]),
+                                       ("recall p99 while indexing (ms)", [("recall_p99_ms", "p99")])],
+                                      path, "scaling"),
+    losses=scaling_losses,
+)
+
+# -- batch -----------------------------------------------------------------------
+BATCH = Section(
+    "batch", "Batch size: ingest rate and ack latency",
+    "One client streams 768-dim observations in batches of each size to one server (data "
+    "directory, fsync interval), pipelined within its credit.",
+    (),
+    [("batch", "batch", "d"), ("n", "n", ",d"), ("obs/s", "obs_per_s", ",.0f"),
+     ("x first", "x obs_per_s", ".2f"), ("ack p50 ms", "ack_p50_ms", ".2f"),
+     ("ack p99 ms", "ack_p99_ms", ".2f")],
+    plot=lambda rows, path: line_grid(rows, "batch", "batch size",
+                                      [("observations/s", [("obs_per_s", "obs/s")]),
+                                       ("ack latency (ms)", [("ack_p50_ms", "p50"), ("ack_p99_ms", "p99")])],
+                                      path, "batch", logx=True),
+)
+
+# -- memory ----------------------------------------------------------------------
+# Engram's target for 1M observations, and issue 10's per dtype (decimal GB).
+TARGET_GB = {"f16": 1.8, "int8": 1.0}
+ENGRAM_TARGET_GB = 2.0
+
+
+def memory_losses(rows):
+    found = []
+    for r in rows:
+        if r["n"] < 1_000_000:
+            continue
+        total = (r["shm_bytes"] + r["process_anonymous_bytes"]) / 1e9
+        for target, whose in ((ENGRAM_TARGET_GB, "Engram's"), (TARGET_GB.get(r["dtype"]), "issue 10's")):
+            if target and total > target:
+                found.append(f"{r['dtype']}: {total:.2f} GB for {r['n']:,} observations (shared memory and "
+                             f"the process's own pages), above {whose} {target} GB target")
+    return found
+
+
+MEMORY = Section(
+    "memory", "Memory per observation",
+    "A durable embedded engine takes the observations (unit vectors, ~100-byte texts, M=16) and "
+    "indexes them all: the shared memory its blocks occupy (pages touched), the process's resident "
+    "set and its own anonymous pages, the write-ahead log and a checkpoint on disk, and bytes per "
+    "observation against the floor of vectors plus layer-0 links.",
+    (),
+    memory.COLUMNS,
+    plot=lambda rows, path: grouped_bars(
+        rows, lambda r: r["dtype"],
+        [Metric("shm_bytes_per_observation", "shared memory", False),
+         Metric("floor_bytes_per_observation", "floor: vectors + layer-0 links", False),
+         Metric("disk_bytes_per_observation", "checkpoint on disk", False)],
+        path, f"memory: {rows[0]['n']:,} x {rows[0]['dim']}", "bytes per observation",
+        (ENGRAM_TARGET_GB * 1e9 / 1e6, "Engram's target: 2 GB for 1M")),
+    losses=memory_losses,
+)
+
+# -- ann -------------------------------------------------------------------------
+ANN_METRICS = [Metric("insert_per_cpu_s", "insert per CPU second", True, "/s"),
+               Metric("recall_at_10", "recall@10", True),
+               Metric("query_p50_ms", "query p50", False, " ms"),
+               Metric("query_p99_ms", "query p99", False, " ms")]
+
+
+def ann_name(row: dict) -> str:
+    return f"{row['system']} {row['dtype']} t{row['threads']}"
+
+
+ANN = Section(
+    "ann", "HNSW build and query against hnswlib and faiss",
+    "The same unit vectors, M=16, ef_construction=100, ef=64, in one process: insert rate per CPU "
+    "second of the process (engram_shm's caller stores while its writers index), recall@10 against "
+    "exact k-NN, and queries one at a time (engram_shm's through `Engine.recall`, rows decoded). "
+    "Ratios are to hnswlib at one thread.",
+    (),
+    ann.COLUMNS,
+    plot=lambda rows, path: bar_grid(
+        rows, lambda r: f"{r['data']} {ann_name(r)}",
+        ANN_METRICS, path, "ann"),
+    tables=grouped("data", "{}"),
+    losses=lambda rows: losses_to_peers(rows, is_engram, ANN_METRICS, lambda r: f"{r['data']} {ann_name(r)}",
+                                        same=lambda r: (r["data"], r["threads"])),
+)
+
+# -- ingest ----------------------------------------------------------------------
+INGEST = Section(
+    "ingest", "Ingest: the front against the raw transport",
+    "Batches of 256 x 768 float32 from one pipelining sender: a raw pyzmq loop that only unpacks "
+    "and acks (the ceiling), the same loop copying into fresh shared memory (the floor of storing), "
+    "and `engram-shm serve` (validates, normalises, stores as f16, logs to the write-ahead log, "
+    "acks; two index workers meanwhile), raw and through `Client`.",
+    (),
+    ingest.COLUMNS,
+    plot=lambda rows, path: bar_grid(rows, lambda r: r["system"],
+                                     [Metric("obs_per_s", "accepted observations/s", True)], path, "ingest"),
+    losses=lambda rows: [f"{r['system']} accepts {r['obs_per_s'] / rows[0]['obs_per_s']:.2f}x the raw "
+                         f"pyzmq loop's rate" for r in rows if is_engram(r)],
+)
+
+SECTIONS = [STREAM, RAMP, RECALL, SCALING, BATCH, MEMORY, ANN, INGEST]
