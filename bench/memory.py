@@ -11,9 +11,10 @@ observations and indexes them all; then it reports:
 - resident: the process's resident set (VmRSS: its own anonymous pages -
   heap, id index, Numba - plus the shared pages it has mapped and touched),
   and its anonymous pages alone;
-- on disk: the write-ahead log, then a checkpoint taken at the end (the
-  log up to a checkpoint can be dropped once it is written, so a data
-  directory at rest holds about one checkpoint plus the log's tail);
+- on disk: the write-ahead log at the end of the stream (the checkpoints
+  taken meanwhile make its head deletable, so this is its tail), then, after
+  a last checkpoint, that checkpoint's size and the whole data directory's
+  (it keeps `checkpoints_kept` = 2 checkpoints, and the log's tail);
 - bytes per observation (shared) against the floor of vectors plus layer-0
   links.
 The graph's size depends on M, not on ef_construction, so the build uses
@@ -82,12 +83,15 @@ def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, see
         segments = engine.stats()["spaces"]["mem"]["segments"]
         wal_bytes = tree_bytes(os.path.join(data_dir, "wal"))
         engine.checkpoint()
-        checkpoint_bytes = tree_bytes(os.path.join(data_dir, "checkpoints"))
+        checkpoints = os.path.join(data_dir, "checkpoints")
+        newest = max(os.listdir(checkpoints), key=lambda name: int(name.removeprefix("ckpt-")))
+        checkpoint_bytes = tree_bytes(os.path.join(checkpoints, newest))
+        data_dir_bytes = tree_bytes(data_dir)
     floor = n * (dim * STORAGE[dtype].itemsize + (2 * M + 1) * 4)
     return {"bench": "memory", "n": n, "dim": dim, "dtype": dtype, "text_bytes": text_bytes,
             "ef_construction": ef_construction, "segments": segments, "shm_bytes": shm_bytes,
             "process_rss_bytes": rss, "process_anonymous_bytes": anonymous,
-            "wal_bytes": wal_bytes, "checkpoint_bytes": checkpoint_bytes,
+            "wal_bytes": wal_bytes, "checkpoint_bytes": checkpoint_bytes, "data_dir_bytes": data_dir_bytes,
             "shm_bytes_per_observation": round(shm_bytes / n, 1),
             "floor_bytes_per_observation": round(floor / n, 1),
             "disk_bytes_per_observation": round(checkpoint_bytes / n, 1),
@@ -99,7 +103,7 @@ COLUMNS = [
     ("shm GB", "shm_gb", ".3f"), ("bytes/obs", "shm_bytes_per_observation", ",.0f"),
     ("floor", "floor_bytes_per_observation", ",.0f"), ("RSS MiB", mib("process_rss_bytes"), ",.0f"),
     ("anon MiB", mib("process_anonymous_bytes"), ",.0f"), ("WAL MiB", mib("wal_bytes"), ",.0f"),
-    ("checkpoint MiB", mib("checkpoint_bytes"), ",.0f"),
+    ("checkpoint MiB", mib("checkpoint_bytes"), ",.0f"), ("data dir MiB", mib("data_dir_bytes"), ",.0f"),
     ("disk bytes/obs", "disk_bytes_per_observation", ",.0f")]
 
 
