@@ -1,114 +1,332 @@
-"""Recall latency under sustained ingestion, on a space that already holds
-`--n` observations.
+"""Recall latency and queries/s of a served space at each `--n`, idle and under sustained ingestion.
 
-    python -m bench.recall_load [--n 200000] [--dim 768] [--seconds 30] [--quick]
+    python -m bench recall [--n 100000,1000000] [--dim 768] [--clients 1,4] [--seconds 5]
+                           [--ingest-seconds 20] [--load 0.7] [--ef-construction 32] [--quick]
 
-The embedded engine (f16, one index writer per core, default segments)
-first takes `--n` observations and indexes them; the rate it indexed at is
-the rate it keeps up with. Then a producer streams batches of 256 at
-`--load` (default 0.7) times that rate for `--seconds`, while a reader
-recalls (k=10, consistency "strong": every acked observation, indexed or
-not, ef=64) ten times a second with held-out cues. Reports recall p50/p99
-during ingestion and idle, the unindexed window's peak, and the space's
-segments. Prints JSON lines, then a table.
+One `engram-shm serve` (its defaults: a data directory with its log and
+checkpoints, fsync=interval, two index workers, one recall reader per core,
+ef_search 64) holds one space of f16 vectors, clustered and unit-norm. The
+space grows by streaming through `engram_shm.Client` (batches of 256, the
+server's backpressure pacing it) to each `--n` in turn, and the fill is part
+of the run: its accepted rate, and the rate it was indexed at (from the first
+row sent to the last indexed), which is the rate indexing keeps up with. The
+graphs are built with `--ef-construction` 32, not the engine's 100: at 100,
+1M x 768 takes more than 20 minutes to index on two cores; a recall's cost is
+set by ef_search and the number of segments more than by the build's beam.
+
+At each size, once everything is indexed:
+- idle: `--clients` processes at a time each recall (k=10, held-out cues)
+  back to back for `--seconds` with consistency "strong", then as long with
+  "indexed", all clients in step; queries/s is all clients' recalls in the
+  period. Through `engram_shm.Client` (via=client), and the same with each
+  process reading the server's shared memory with `engram_shm.attach`
+  (via=attach): the `Reader` and kernel the embedded `Engine` recalls with,
+  without the transport and the server's reader processes, and on the same
+  space, so that no second 1M build is needed for an embedded figure.
+- ingest: a producer (this process) streams batches of 256 at `--load`
+  (0.7) times the fill's indexed rate, while one client recalls ten times a
+  second, "strong" for `--ingest-seconds`, then "indexed" as long. The
+  unindexed window's peak (sampled 4 times a second) tells whether indexing
+  kept up; what the ingestion adds stays in the space.
+
+Clients are processes of their own (in sessions of their own, as other
+applications would be), so that no GIL serialises them; on a machine with
+few cores they share the cores with the server. Prints JSON lines (bench,
+via, n, dim, phase, consistency, clients, queries_per_s, recall_p50_ms,
+recall_p99_ms, ingest_per_s, ef_construction, segments...), then a table.
 """
 
 from __future__ import annotations
 
-import threading
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
 
-from engram_shm import Engine
-from engram_shm.synthetic import clustered
+from engram_shm import Client, attach
+from engram_shm.transport.launch import running_server
 
 from .report import emit, parser, percentiles_ms, table
 
+SPACE = "recall"
+K = 10
 BATCH = 256
+CHUNK = 4096
+CUES = 256
+CONSISTENCIES = ("strong", "indexed")
+INGEST_RECALLS_PER_S = 10.0
+STATS_PERIOD_S = 0.25
+START_S = 1.0  # from telling the clients when to start to their start: room for the producer to get going
 
 
-def rows(n: int, dim: int, seed: int) -> np.ndarray:
-    return clustered(n, dim, clusters=max(10, n // 10), spread=1.0, seed=seed)
+class Observations:
+    """The stream of observations `o0, o1, ...`: unit vectors around fixed
+    random centres, generated a chunk at a time (a 1M x 768 float32 array
+    would be 3 GB), the same for a seed whatever the sizes asked."""
+
+    def __init__(self, dim: int, clusters: int, seed: int):
+        self.dim, self.seed, self.sent = dim, seed, 0
+        self.centres = np.random.default_rng([seed, 0]).normal(size=(clusters, dim)).astype(np.float32)
+        self.chunk_no, self.chunk = -1, np.zeros((0, dim), np.float32)
+
+    def rows(self, n: int, stream: int, chunk_no: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, stream, chunk_no])
+        x = self.centres[rng.integers(0, len(self.centres), n)]
+        x += rng.normal(size=(n, self.dim)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def spec(self) -> str:
+        """What makes the same stream in another process: dim,clusters,seed."""
+        return f"{self.dim},{len(self.centres)},{self.seed}"
+
+    def cues(self, client: int) -> np.ndarray:
+        """Held-out rows of the same distribution, different for each client."""
+        return self.rows(CUES, 2, client)
+
+    def take(self, n: int) -> tuple[list[str], np.ndarray]:
+        """The next n observations (at most to the end of the current chunk
+        of CHUNK: fewer than n there)."""
+        chunk_no, at = divmod(self.sent, CHUNK)
+        if chunk_no != self.chunk_no:
+            self.chunk_no, self.chunk = chunk_no, self.rows(CHUNK, 1, chunk_no)
+        vectors = self.chunk[at:at + n]
+        ids = [f"o{i}" for i in range(self.sent, self.sent + len(vectors))]
+        self.sent += len(vectors)
+        return ids, vectors
 
 
-def timed_recalls(engine: Engine, cues: np.ndarray, stop: threading.Event, per_s: float) -> list[float]:
-    latencies, i = [], 0
-    next_at = time.perf_counter()
-    while not stop.is_set():
-        next_at += 1.0 / per_s
-        time.sleep(max(0.0, next_at - time.perf_counter()))
+# -- the recalling clients: processes of their own -------------------------------------
+
+def timed(recall, cues: np.ndarray, consistency: str, begin: float, end: float, per_s: float) -> list[float]:
+    """Recalls from `begin` to `end` (monotonic clock, the same in every
+    process), back to back or `per_s` a second; their latencies in seconds."""
+    latencies = []
+    time.sleep(max(0.0, begin - time.monotonic()))
+    next_at = begin
+    while time.monotonic() < end:
         start = time.perf_counter()
-        engine.recall("load", cues[i % len(cues)], k=10, consistency="strong")
+        recall(cues[len(latencies) % len(cues)], consistency)
         latencies.append(time.perf_counter() - start)
-        i += 1
+        if per_s:
+            next_at += 1.0 / per_s
+            time.sleep(max(0.0, min(next_at, end) - time.monotonic()))
     return latencies
 
 
-def run(n: int, dim: int, seconds: float, load: float, seed: int) -> dict:
-    base = rows(n, dim, seed)
-    cues = rows(200, dim, seed + 1)
-    with Engine(ring_capacity=1 << 20) as engine:
-        engine.create_space("load", dim=dim)
-        start = time.perf_counter()
-        for lo in range(0, n, 4096):
-            engine.observe("load", [f"b{i}" for i in range(lo, min(n, lo + 4096))], base[lo:lo + 4096])
-        engine.wait_indexed()
-        rate = n / (time.perf_counter() - start)
-        stop = threading.Event()
-        idle = []
-        reader = threading.Thread(target=lambda: idle.extend(timed_recalls(engine, cues, stop, 10.0)))
-        reader.start()
-        time.sleep(min(seconds, 5.0))
-        stop.set()
-        reader.join()
+def client(argv: list[str]) -> None:
+    """A recalling process: connects (or attaches), warms up, says `ready`,
+    reads the monotonic time to start at, then recalls with each consistency
+    in turn for `seconds`, and prints their latencies as JSON."""
+    via, target, number = argv[0], argv[1], int(argv[2])
+    dim, clusters, seed = (int(x) for x in argv[3].split(","))
+    consistencies, seconds, per_s = argv[4].split(","), float(argv[5]), float(argv[6])
+    cues = Observations(dim, clusters, seed).cues(number)
+    with contextlib.ExitStack() as stack:
+        if via == "client":
+            c = stack.enter_context(Client(target, timeout=60))
 
-        stop.clear()
-        busy, window, sent = [], [0], [0]
-        reader = threading.Thread(target=lambda: busy.extend(timed_recalls(engine, cues, stop, 10.0)))
-        fresh = rows(4096, dim, seed + 2)
-        reader.start()
-        began = time.perf_counter()
-        while time.perf_counter() - began < seconds:
-            lo = sent[0]
-            at = lo % len(fresh)
-            engine.observe("load", [f"s{i}" for i in range(lo, lo + BATCH)], fresh[at:at + BATCH])
-            sent[0] += BATCH
-            window[0] = max(window[0], engine.stats()["spaces"]["load"]["window"])
-            time.sleep(max(0.0, began + sent[0] / (load * rate) - time.perf_counter()))
-        stop.set()
-        reader.join()
-        ingest_rate = sent[0] / (time.perf_counter() - began)
-        space = engine.stats()["spaces"]["load"]
-    return {"bench": "recall_load", "n": n, "dim": dim, "dtype": "f16", "indexed_per_s": round(rate, 1),
-            "ingest_per_s": round(ingest_rate, 1), "recalls": len(busy), "window_peak": window[0],
-            "segments": space["segments"], **percentiles_ms(busy, "recall", 3),
-            **percentiles_ms(idle, "idle_recall", 3)}
+            def recall(cue, consistency):
+                return c.recall(SPACE, cue, k=K, consistency=consistency)
+        else:
+            reader = stack.enter_context(attach(target))
+
+            def recall(cue, consistency):
+                return reader.recall(SPACE, cue, k=K, consistency=consistency)
+        for cue in cues[:8]:  # the connection, the reader's views of the segments, the kernels
+            recall(cue, "strong")
+        print("ready", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # the bench went away
+            return
+        start = float(line)
+        out = {consistency: timed(recall, cues, consistency, start + i * seconds, start + (i + 1) * seconds,
+                                  per_s)
+               for i, consistency in enumerate(consistencies)}
+    print(json.dumps(out), flush=True)
 
 
-COLUMNS = [("n", "n", "d"), ("dim", "dim", "d"), ("indexed/s", "indexed_per_s", ".0f"),
-           ("ingest/s", "ingest_per_s", ".0f"), ("segments", "segments", "d"),
-           ("window peak", "window_peak", "d"), ("recalls", "recalls", "d"),
+@contextlib.contextmanager
+def recallers(count: int, via: str, target: str, data: Observations, seconds: float, per_s: float = 0.0):
+    """`count` client processes, each ready (warmed up) when this yields;
+    killed on the way out if still running."""
+    procs = []
+    try:
+        for number in range(count):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench", "recall", "--client", via, target, str(number), data.spec(),
+                 ",".join(CONSISTENCIES), str(seconds), str(per_s)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True))
+        for proc in procs:
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a {via} recall process did not start (exit code {proc.wait()})")
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def start(procs: list[subprocess.Popen]) -> float:
+    """Tell the clients when to start; returns that time (monotonic)."""
+    at = time.monotonic() + START_S
+    for proc in procs:
+        proc.stdin.write(f"{at}\n")
+        proc.stdin.flush()
+    return at
+
+
+def results(procs: list[subprocess.Popen], seconds: float) -> dict[str, dict]:
+    """Per consistency, all clients' latencies pooled, their count and rate."""
+    outs = []
+    for proc in procs:
+        out = proc.stdout.read()
+        if proc.wait() != 0:
+            raise RuntimeError(f"a recall process failed (exit code {proc.returncode})")
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    pooled = {}
+    for consistency in CONSISTENCIES:
+        latencies = [s for out in outs for s in out[consistency]]
+        pooled[consistency] = {"recalls": len(latencies), "queries_per_s": round(len(latencies) / seconds, 1),
+                               **percentiles_ms(latencies, "recall")}
+    return pooled
+
+
+# -- the producer: this process --------------------------------------------------------
+
+def space_stats(producer: Client) -> dict:
+    return producer.stats()["spaces"][SPACE]
+
+
+def wait_indexed(producer: Client) -> dict:
+    while True:
+        space = space_stats(producer)
+        if space["indexed"] >= space["count"]:
+            return space
+        time.sleep(0.1)
+
+
+def fill(producer: Client, data: Observations, n: int) -> dict:
+    """Stream observations until the space holds n, then wait until all are
+    indexed: the rate accepted, and the rate indexed (first row sent to the
+    last indexed)."""
+    added = n - data.sent
+    began = time.perf_counter()
+    while data.sent < n:
+        producer.observe_batch(SPACE, *data.take(min(CHUNK, n - data.sent)))
+    producer.flush()
+    accepted = time.perf_counter() - began
+    wait_indexed(producer)
+    indexed = time.perf_counter() - began
+    return {"added": added, "fill_s": round(indexed, 1), "fill_per_s": round(added / accepted, 1),
+            "indexed_per_s": round(added / indexed, 1)}
+
+
+def ingest(producer: Client, data: Observations, rate: float, until: float) -> dict:
+    """Batches of BATCH at `rate` observations a second until `until`
+    (monotonic); the rate achieved and the window's peak."""
+    began = time.monotonic()
+    sent, window, next_stats = 0, 0, began
+    while time.monotonic() < until:
+        ids, vectors = data.take(BATCH)
+        producer.observe_batch(SPACE, ids, vectors)
+        sent += len(ids)
+        if time.monotonic() >= next_stats:
+            window = max(window, space_stats(producer)["window"])
+            next_stats += STATS_PERIOD_S
+        time.sleep(max(0.0, began + sent / rate - time.monotonic()))
+    producer.flush()
+    return {"ingest_per_s": round(sent / (time.monotonic() - began), 1), "window_peak": window}
+
+
+# -- the run ---------------------------------------------------------------------------
+
+def measure_size(endpoint: str, name: str, producer: Client, data: Observations, n: int, args) -> list[dict]:
+    filled = fill(producer, data, n)
+    print(f"# {n}: {filled['added']} observations accepted at {filled['fill_per_s']:.0f}/s, indexed at "
+          f"{filled['indexed_per_s']:.0f}/s ({filled['fill_s']} s)", flush=True)
+    base = {"bench": "recall", "n": n, "dim": args.dim, "dtype": "f16", "k": K,
+            "ef_construction": args.ef_construction, "fill_per_s": filled["fill_per_s"],
+            "indexed_per_s": filled["indexed_per_s"]}
+    rows = []
+    for via, target in (("client", endpoint), ("attach", name)):
+        for count in args.clients:
+            space = wait_indexed(producer)
+            with recallers(count, via, target, data, args.seconds) as procs:
+                start(procs)
+                pooled = results(procs, args.seconds)
+            rows += [emit({**base, "via": via, "phase": "idle", "consistency": consistency, "clients": count,
+                           "count": space["count"], "segments": space["segments"], "seconds": args.seconds,
+                           **pooled[consistency]})
+                     for consistency in CONSISTENCIES]
+    space = wait_indexed(producer)
+    rate = args.load * filled["indexed_per_s"]
+    with recallers(1, "client", endpoint, data, args.ingest_seconds,
+                   INGEST_RECALLS_PER_S) as procs:
+        at = start(procs)
+        ingested = ingest(producer, data, rate, at + len(CONSISTENCIES) * args.ingest_seconds)
+        pooled = results(procs, args.ingest_seconds)
+    rows += [emit({**base, "via": "client", "phase": "ingest", "consistency": consistency, "clients": 1,
+                   "count": space["count"], "segments": space_stats(producer)["segments"],
+                   "seconds": args.ingest_seconds, **pooled[consistency],
+                   "target_ingest_per_s": round(rate, 1), **ingested})
+             for consistency in CONSISTENCIES]
+    return rows
+
+
+COLUMNS = [("n", "n", "d"), ("indexed/s", "indexed_per_s", ".0f"), ("segments", "segments", "d"),
+           ("via", "via", ""), ("phase", "phase", ""), ("consistency", "consistency", ""),
+           ("clients", "clients", "d"), ("queries/s", "queries_per_s", ".0f"),
            ("p50 ms", "recall_p50_ms", ".2f"), ("p99 ms", "recall_p99_ms", ".2f"),
-           ("idle p50", "idle_recall_p50_ms", ".2f"), ("idle p99", "idle_recall_p99_ms", ".2f")]
+           ("ingest/s", "ingest_per_s", ".0f"), ("window peak", "window_peak", "d")]
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def main(argv=None, prog="python -m bench recall") -> list[dict]:
     ap = parser(__doc__, prog)
-    ap.add_argument("--n", default="200000", help="observations before ingestion starts, comma-separated")
+    ap.add_argument("--n", type=ints, default=[100_000, 1_000_000],
+                    help="sizes of the space, comma-separated; it grows from one to the next")
     ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--load", type=float, default=0.7, help="ingest rate as a share of the indexing rate")
+    ap.add_argument("--clients", type=ints, default=[1, 4], help="concurrent clients of the idle phase, "
+                                                                 "comma-separated")
+    ap.add_argument("--seconds", type=float, default=5.0, help="idle: seconds of each consistency")
+    ap.add_argument("--ingest-seconds", type=float, default=20.0,
+                    help="under ingestion: seconds of each consistency")
+    ap.add_argument("--load", type=float, default=0.7,
+                    help="ingest rate as a share of the fill's indexed rate")
+    ap.add_argument("--ef-construction", type=int, default=32, help="the server's build beam")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="a small run (5000 x 64, 3 s) for tests")
+    ap.add_argument("--quick", action="store_true",
+                    help="a small run (5000 x 64, 1 and 2 clients, 2 s phases)")
+    ap.add_argument("--client", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.client:
+        client(args.client)
+        return []
     if args.quick:
-        args.n, args.dim, args.seconds = "5000", 64, 3.0
+        args.n, args.dim, args.clients, args.seconds, args.ingest_seconds = [5000], 64, [1, 2], 2.0, 2.0
+    sizes = sorted(args.n)
     from engram_shm.kernels.warm import warm
-    warm()
-    out = [emit(run(int(n), args.dim, args.seconds, args.load, args.seed)) for n in args.n.split(",")]
-    print(table("recall under sustained ingestion", out, COLUMNS))
-    return out
+    warm()  # the server's processes then load the kernels from the cache
+    print(f"# seed {args.seed}: sizes {sizes} x {args.dim} f16, ef_construction {args.ef_construction}, "
+          f"k={K}, clients {args.clients}", flush=True)
+    data = Observations(args.dim, max(10, sizes[-1] // 100), args.seed)
+    rows = []
+    with running_server("--ef-construction", str(args.ef_construction)) as (endpoint, name, _), \
+            Client(endpoint, batch_size=BATCH, timeout=300) as producer:
+        for n in sizes:
+            rows += measure_size(endpoint, name, producer, data, n, args)
+        producer.close(drain=False)  # not waiting for the index to catch up
+    print(table(f"recall (k={K}, ef_search 64) at {args.dim} dims f16, graphs built with ef_construction "
+                f"{args.ef_construction}", rows, COLUMNS))
+    return rows
 
 
 if __name__ == "__main__":

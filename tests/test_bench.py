@@ -76,12 +76,19 @@ def test_isolation_quick_times_acks_alone_and_under_recall_load():
     assert "x alone p99" in out and "goal: within 2x" in out
 
 
-def test_recall_load_quick_reports_recall_under_ingestion():
+def test_recall_quick_measures_idle_and_ingesting_recalls_by_consistency_and_clients():
     out, rows = quick("recall")
-    (r,) = rows
-    assert r["bench"] == "recall_load" and r["n"] == 5000 and r["recalls"] > 10
-    assert r["ingest_per_s"] > 0 and r["recall_p99_ms"] >= r["recall_p50_ms"] > 0
-    assert "recall under sustained ingestion" in out
+    idle = {(via, "idle", consistency, clients) for via in ("client", "attach")
+            for consistency in ("strong", "indexed") for clients in (1, 2)}
+    ingest = {("client", "ingest", consistency, 1) for consistency in ("strong", "indexed")}
+    combinations = [(r["via"], r["phase"], r["consistency"], r["clients"]) for r in rows]
+    assert sorted(combinations) == sorted(idle | ingest)  # each once
+    for r in rows:
+        assert r["bench"] == "recall" and r["n"] == 5000 and r["dim"] == 64 and r["ef_construction"] > 0, r
+        assert r["recall_p99_ms"] >= r["recall_p50_ms"] > 0 and r["queries_per_s"] > 0 and r["recalls"] > 0, r
+        assert r["count"] >= r["n"] and r["segments"] >= 1 and r["indexed_per_s"] > 0, r
+        assert (r["ingest_per_s"] > 0) if r["phase"] == "ingest" else "ingest_per_s" not in r, r
+    assert "graphs built with ef_construction" in out
 
 
 def test_memory_quick_reports_bytes_per_observation():
