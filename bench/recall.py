@@ -5,14 +5,15 @@
 
 One `engram-shm serve` (its defaults: a data directory with its log and
 checkpoints, fsync=interval, two index workers, one recall reader per core,
-ef_search 64) holds one space of f16 vectors, clustered and unit-norm. The
-space grows by streaming through `engram_shm.Client` (batches of 256, the
-server's backpressure pacing it) to each `--n` in turn, and the fill is part
-of the run: its accepted rate, and the rate it was indexed at (from the first
-row sent to the last indexed), which is the rate indexing keeps up with. The
-graphs are built with `--ef-construction` 32, not the engine's 100: at 100,
-1M x 768 takes more than 20 minutes to index on two cores; a recall's cost is
-set by ef_search and the number of segments more than by the build's beam.
+ef_search 64) holds one space of f16 vectors, unit-norm around (largest n)/100
+random centres. The space grows by streaming through `engram_shm.Client`
+(batches of 256, the server's backpressure pacing it) to each `--n` in turn,
+and the fill is part of the run: its accepted rate, and the rate it was
+indexed at (from the first row sent to the last indexed), which is the rate
+indexing keeps up with. The graphs are built with `--ef-construction` 32, not
+the engine's 100: at 100 two cores index 768-d rows at about 600-700/s (1M
+in some 25 minutes), at 32 about three times as fast; a recall's cost is set
+by ef_search and the number of segments more than by the build's beam.
 
 At each size, once everything is indexed:
 - idle: `--clients` processes at a time each recall (k=10, held-out cues)
@@ -31,9 +32,12 @@ At each size, once everything is indexed:
 
 Clients are processes of their own (in sessions of their own, as other
 applications would be), so that no GIL serialises them; on a machine with
-few cores they share the cores with the server. Prints JSON lines (bench,
-via, n, dim, phase, consistency, clients, queries_per_s, recall_p50_ms,
-recall_p99_ms, ingest_per_s, ef_construction, segments...), then a table.
+few cores they share the cores with the server. They start once the space
+exists (as many as the most `--clients`, for each way in) and serve every
+round at every size, each round after a few untimed recalls. Prints JSON
+lines (bench, via, n, dim, phase, consistency, clients, queries_per_s,
+recall_p50_ms, recall_p99_ms, ingest_per_s, ef_construction, segments,
+indexed_per_s...), then a table.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ CONSISTENCIES = ("strong", "indexed")
 INGEST_RECALLS_PER_S = 10.0
 STATS_PERIOD_S = 0.25
 START_S = 1.0  # from telling the clients when to start to their start: room for the producer to get going
+WARM = 4  # recalls (untimed) before each round
 
 
 class Observations:
@@ -118,12 +123,13 @@ def timed(recall, cues: np.ndarray, consistency: str, begin: float, end: float, 
 
 
 def client(argv: list[str]) -> None:
-    """A recalling process: connects (or attaches), warms up, says `ready`,
-    reads the monotonic time to start at, then recalls with each consistency
-    in turn for `seconds`, and prints their latencies as JSON."""
+    """A recalling process: connects (or attaches), warms up and says
+    `ready`; then for each order it reads (JSON: the monotonic time to start
+    at, seconds, recalls a second or 0 for back to back) warms up again,
+    recalls with each consistency in turn for `seconds` and prints their
+    latencies as JSON. Ends when its input does."""
     via, target, number = argv[0], argv[1], int(argv[2])
     dim, clusters, seed = (int(x) for x in argv[3].split(","))
-    consistencies, seconds, per_s = argv[4].split(","), float(argv[5]), float(argv[6])
     cues = Observations(dim, clusters, seed).cues(number)
     with contextlib.ExitStack() as stack:
         if via == "client":
@@ -136,64 +142,80 @@ def client(argv: list[str]) -> None:
 
             def recall(cue, consistency):
                 return reader.recall(SPACE, cue, k=K, consistency=consistency)
-        for cue in cues[:8]:  # the connection, the reader's views of the segments, the kernels
+        for cue in cues[-WARM:]:  # the connection, the kernels: loaded before the first round
             recall(cue, "strong")
         print("ready", flush=True)
-        line = sys.stdin.readline()
-        if not line:  # the bench went away
-            return
-        start = float(line)
-        out = {consistency: timed(recall, cues, consistency, start + i * seconds, start + (i + 1) * seconds,
-                                  per_s)
-               for i, consistency in enumerate(consistencies)}
-    print(json.dumps(out), flush=True)
+        for line in sys.stdin:
+            order = json.loads(line)
+            for cue in cues[-WARM:]:  # the reader's views of new segments
+                recall(cue, "strong")
+            at, seconds = order["at"], order["seconds"]
+            out = {consistency: timed(recall, cues, consistency, at + i * seconds, at + (i + 1) * seconds,
+                                      order["per_s"])
+                   for i, consistency in enumerate(CONSISTENCIES)}
+            print(json.dumps(out), flush=True)
 
 
-@contextlib.contextmanager
-def recallers(count: int, via: str, target: str, data: Observations, seconds: float, per_s: float = 0.0):
-    """`count` client processes, each ready (warmed up) when this yields;
-    killed on the way out if still running."""
-    procs = []
-    try:
-        for number in range(count):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "bench", "recall", "--client", via, target, str(number), data.spec(),
-                 ",".join(CONSISTENCIES), str(seconds), str(per_s)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True))
-        for proc in procs:
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"a {via} recall process did not start (exit code {proc.wait()})")
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
+class Recallers:
+    """`count` recalling processes of one kind (via client or attach),
+    started once and given rounds to run; the first `clients` of them run a
+    round. Closing ends them (killed if they do not)."""
+
+    def __init__(self, count: int, via: str, target: str, data: Observations):
+        self.via, self.procs = via, []
+        try:
+            for number in range(count):
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "bench", "recall", "--client", via, target, str(number),
+                     data.spec()], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    start_new_session=True))
+            for proc in self.procs:
+                if proc.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"a {via} recall process did not start (exit code {proc.wait()})")
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, clients: int, seconds: float, per_s: float = 0.0) -> float:
+        """Start a round of `clients`: each consistency for `seconds`, all in
+        step from START_S from now; returns when it starts (monotonic)."""
+        at = time.monotonic() + START_S
+        for proc in self.procs[:clients]:
+            proc.stdin.write(json.dumps({"at": at, "seconds": seconds, "per_s": per_s}) + "\n")
+            proc.stdin.flush()
+        return at
+
+    def results(self, clients: int, seconds: float) -> dict[str, dict]:
+        """The round's recalls per consistency: all clients' latencies
+        pooled, their count and rate."""
+        outs = []
+        for proc in self.procs[:clients]:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a {self.via} recall process failed (exit code {proc.wait()})")
+            outs.append(json.loads(line))
+        pooled = {}
+        for consistency in CONSISTENCIES:
+            latencies = [s for out in outs for s in out[consistency]]
+            pooled[consistency] = {"recalls": len(latencies),
+                                   "queries_per_s": round(len(latencies) / seconds, 1),
+                                   **percentiles_ms(latencies, "recall")}
+        return pooled
+
+    def round(self, clients: int, seconds: float) -> dict[str, dict]:
+        self.start(clients, seconds)
+        return self.results(clients, seconds)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def start(procs: list[subprocess.Popen]) -> float:
-    """Tell the clients when to start; returns that time (monotonic)."""
-    at = time.monotonic() + START_S
-    for proc in procs:
-        proc.stdin.write(f"{at}\n")
-        proc.stdin.flush()
-    return at
-
-
-def results(procs: list[subprocess.Popen], seconds: float) -> dict[str, dict]:
-    """Per consistency, all clients' latencies pooled, their count and rate."""
-    outs = []
-    for proc in procs:
-        out = proc.stdout.read()
-        if proc.wait() != 0:
-            raise RuntimeError(f"a recall process failed (exit code {proc.returncode})")
-        outs.append(json.loads(out.strip().splitlines()[-1]))
-    pooled = {}
-    for consistency in CONSISTENCIES:
-        latencies = [s for out in outs for s in out[consistency]]
-        pooled[consistency] = {"recalls": len(latencies), "queries_per_s": round(len(latencies) / seconds, 1),
-                               **percentiles_ms(latencies, "recall")}
-    return pooled
 
 
 # -- the producer: this process --------------------------------------------------------
@@ -245,35 +267,28 @@ def ingest(producer: Client, data: Observations, rate: float, until: float) -> d
 
 # -- the run ---------------------------------------------------------------------------
 
-def measure_size(endpoint: str, name: str, producer: Client, data: Observations, n: int, args) -> list[dict]:
-    filled = fill(producer, data, n)
-    print(f"# {n}: {filled['added']} observations accepted at {filled['fill_per_s']:.0f}/s, indexed at "
-          f"{filled['indexed_per_s']:.0f}/s ({filled['fill_s']} s)", flush=True)
-    base = {"bench": "recall", "n": n, "dim": args.dim, "dtype": "f16", "k": K,
-            "ef_construction": args.ef_construction, "fill_per_s": filled["fill_per_s"],
-            "indexed_per_s": filled["indexed_per_s"]}
-    rows = []
-    for via, target in (("client", endpoint), ("attach", name)):
-        for count in args.clients:
-            space = wait_indexed(producer)
-            with recallers(count, via, target, data, args.seconds) as procs:
-                start(procs)
-                pooled = results(procs, args.seconds)
-            rows += [emit({**base, "via": via, "phase": "idle", "consistency": consistency, "clients": count,
-                           "count": space["count"], "segments": space["segments"], "seconds": args.seconds,
-                           **pooled[consistency]})
-                     for consistency in CONSISTENCIES]
+def at_size(pools: dict[str, Recallers], producer: Client, data: Observations, n: int, filled: dict,
+            args) -> list[dict]:
+    """Once the space holds n and all of it is indexed: an idle round by
+    each pool and client count, then one client's round under ingestion."""
     space = wait_indexed(producer)
+    base = {"bench": "recall", "n": n, "dim": args.dim, "dtype": "f16", "k": K,
+            "ef_construction": args.ef_construction, "count": space["count"], **filled}
+    rows = []
+    for via, pool in pools.items():
+        for clients in args.clients:
+            pooled = pool.round(clients, args.seconds)
+            rows += [{**base, "via": via, "phase": "idle", "consistency": consistency, "clients": clients,
+                      "seconds": args.seconds, "segments": space["segments"], **pooled[consistency]}
+                     for consistency in CONSISTENCIES]
     rate = args.load * filled["indexed_per_s"]
-    with recallers(1, "client", endpoint, data, args.ingest_seconds,
-                   INGEST_RECALLS_PER_S) as procs:
-        at = start(procs)
-        ingested = ingest(producer, data, rate, at + len(CONSISTENCIES) * args.ingest_seconds)
-        pooled = results(procs, args.ingest_seconds)
-    rows += [emit({**base, "via": "client", "phase": "ingest", "consistency": consistency, "clients": 1,
-                   "count": space["count"], "segments": space_stats(producer)["segments"],
-                   "seconds": args.ingest_seconds, **pooled[consistency],
-                   "target_ingest_per_s": round(rate, 1), **ingested})
+    at = pools["client"].start(1, args.ingest_seconds, INGEST_RECALLS_PER_S)
+    ingested = ingest(producer, data, rate, at + len(CONSISTENCIES) * args.ingest_seconds)
+    pooled = pools["client"].results(1, args.ingest_seconds)
+    segments = space_stats(producer)["segments"]
+    rows += [{**base, "via": "client", "phase": "ingest", "consistency": consistency, "clients": 1,
+              "seconds": args.ingest_seconds, "segments": segments, **pooled[consistency],
+              "target_ingest_per_s": round(rate, 1), **ingested}
              for consistency in CONSISTENCIES]
     return rows
 
@@ -305,7 +320,7 @@ def main(argv=None, prog="python -m bench recall") -> list[dict]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true",
                     help="a small run (5000 x 64, 1 and 2 clients, 2 s phases)")
-    ap.add_argument("--client", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--client", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.client:
         client(args.client)
@@ -320,9 +335,17 @@ def main(argv=None, prog="python -m bench recall") -> list[dict]:
     data = Observations(args.dim, max(10, sizes[-1] // 100), args.seed)
     rows = []
     with running_server("--ef-construction", str(args.ef_construction)) as (endpoint, name, _), \
-            Client(endpoint, batch_size=BATCH, timeout=300) as producer:
+            Client(endpoint, batch_size=BATCH, timeout=300) as producer, contextlib.ExitStack() as stack:
+        pools = {}
         for n in sizes:
-            rows += measure_size(endpoint, name, producer, data, n, args)
+            filled = fill(producer, data, n)
+            print(f"# {n}: {filled['added']} observations accepted at {filled['fill_per_s']:.0f}/s, indexed "
+                  f"at {filled['indexed_per_s']:.0f}/s ({filled['fill_s']} s)", flush=True)
+            for via, target in (("client", endpoint), ("attach", name)):
+                if via not in pools:  # started once the space exists, kept for every size
+                    pools[via] = stack.enter_context(contextlib.closing(
+                        Recallers(max(args.clients), via, target, data)))
+            rows += [emit(row) for row in at_size(pools, producer, data, n, filled, args)]
         producer.close(drain=False)  # not waiting for the index to catch up
     print(table(f"recall (k={K}, ef_search 64) at {args.dim} dims f16, graphs built with ef_construction "
                 f"{args.ef_construction}", rows, COLUMNS))
