@@ -52,6 +52,7 @@ import time
 import numpy as np
 
 from engram_shm import Client, attach
+from engram_shm.errors import UnknownSession
 from engram_shm.transport.launch import running_server
 
 from .report import emit, parser, percentiles_ms, table
@@ -133,7 +134,14 @@ def client(argv: list[str]) -> None:
     cues = Observations(dim, clusters, seed).cues(number)
     with contextlib.ExitStack() as stack:
         if via == "client":
-            c = stack.enter_context(Client(target, timeout=60))
+            c = Client(target, timeout=60)
+
+            def close():
+                # A client idle longer than the server's session_idle_s (between
+                # the sizes of a full run) has lost its session; recalls need none.
+                with contextlib.suppress(UnknownSession):
+                    c.close(drain=False)
+            stack.callback(close)
 
             def recall(cue, consistency):
                 return c.recall(SPACE, cue, k=K, consistency=consistency)
@@ -206,7 +214,8 @@ class Recallers:
         self.start(clients, seconds)
         return self.results(clients, seconds)
 
-    def close(self) -> None:
+    def close(self) -> list[int]:
+        """End the processes; their exit codes."""
         for proc in self.procs:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
@@ -216,6 +225,15 @@ class Recallers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        return [proc.returncode for proc in self.procs]
+
+    def __enter__(self) -> "Recallers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        codes = self.close()
+        if exc[0] is None and any(codes):
+            raise RuntimeError(f"{self.via} recall processes exited with {codes}")
 
 
 # -- the producer: this process --------------------------------------------------------
@@ -343,8 +361,7 @@ def main(argv=None, prog="python -m bench recall") -> list[dict]:
                   f"at {filled['indexed_per_s']:.0f}/s ({filled['fill_s']} s)", flush=True)
             for via, target in (("client", endpoint), ("attach", name)):
                 if via not in pools:  # started once the space exists, kept for every size
-                    pools[via] = stack.enter_context(contextlib.closing(
-                        Recallers(max(args.clients), via, target, data)))
+                    pools[via] = stack.enter_context(Recallers(max(args.clients), via, target, data))
             rows += [emit(row) for row in at_size(pools, producer, data, n, filled, args)]
         producer.close(drain=False)  # not waiting for the index to catch up
     print(table(f"recall (k={K}, ef_search 64) at {args.dim} dims f16, graphs built with ef_construction "
