@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 
-from . import ann, ingest, memory, scaling
+from . import ann, ingest, memory, recall, scaling
 
 Columns = list[tuple[str, object, str]]
 # A worse figure than a peer's counts as a loss only beyond this margin:
@@ -216,16 +216,15 @@ def recall_losses(rows):
 
 RECALL = Section(
     "recall", "Recall latency: idle and under ingestion, strong and indexed",
-    "Recalls (k=10) through the server by concurrent client processes: idle, back to back, and "
-    "during sustained ingestion at a rate indexing keeps up with (10 recalls a second per client). "
+    "Recalls (k=10) of a space grown through a server (data directory, two index workers) to each "
+    "size: idle, back to back, by 1 and 4 client processes, through `Client` (via client) and "
+    "through `attach()` on the server's shared memory (via attach: the embedded engine's path); "
+    "then during sustained ingestion at 0.7x the rate the fill was indexed at, 10 recalls a second. "
     "`strong` also scans the unindexed window; `indexed` searches the graphs only.",
     (),
-    [("n", "n", ",d"), ("phase", "phase", ""), ("consistency", "consistency", ""),
-     ("clients", "clients", "d"), ("queries/s", "queries_per_s", ",.0f"),
-     ("p50 ms", "recall_p50_ms", ".2f"), ("p99 ms", "recall_p99_ms", ".2f"),
-     ("ingest/s", "ingest_per_s", ",.0f"), ("segments", "segments", "d")],
+    recall.COLUMNS,
     plot=lambda rows, path: bar_grid(
-        rows, lambda r: f"{r['n'] // 1000}K {r['phase']} {r['consistency']} c{r['clients']}",
+        rows, lambda r: f"{r['n'] // 1000}K {r['via']} {r['phase']} {r['consistency']} c{r['clients']}",
         [Metric("recall_p99_ms", "recall p99", False, " ms"),
          Metric("recall_p50_ms", "recall p50", False, " ms"), Metric("queries_per_s", "queries/s", True)],
         path, "recall"),
