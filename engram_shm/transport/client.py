@@ -371,7 +371,12 @@ class Client:
             self._queue = [b for b in self._queue if b.start is None or b.end > self.last_acked]
             if batch not in self._queue:
                 return
-        index = self._queue.index(batch)
+        # After a gap everything unacked goes again, batches sent before this
+        # one too: the server is missing `expected`, so the attempt that
+        # carried it was lost on the way (or refused, its answer lost), and
+        # waiting for its ack would resend the later ones into the same gap
+        # for ever. One still in flight is acked twice, stored once.
+        index = 0 if code == "sequence_gap" else self._queue.index(batch)
         for b in self._queue[index:]:
             if b.rid is not None:
                 self._by_rid.pop(b.rid, None)
