@@ -1,0 +1,72 @@
+"""Process faults at the moments of a schedule: SIGKILL an index worker or the
+front (the supervisor restarts it), SIGKILL the whole engine (then start it
+again on its data directory and port), or SIGSTOP the front or a worker for
+a few seconds, then SIGCONT (a stall, not a death).
+
+Which worker an event hits is its `pick` (a number in [0, 1) drawn with the
+schedule) applied to the sorted pids alive at that moment."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+
+from .server import Server
+
+
+class Killer(threading.Thread):
+    def __init__(self, server: Server, events, started: float):
+        super().__init__(name="chaos-killer", daemon=True)
+        self.server, self.events, self.started = server, list(events), started
+        self.done: list[tuple[float, str, int | None]] = []  # (second, kind, pid hit or None)
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self._stopped: list[int] = []  # pids under SIGSTOP
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def run(self) -> None:
+        try:
+            for at, kind, pick, seconds in self.events:
+                if self._halt.wait(max(0.0, self.started + at - time.monotonic())):
+                    break
+                self._do(kind, pick, seconds)
+        except BaseException as e:
+            self.error = e
+        finally:
+            self._cont_all()
+
+    def _do(self, kind: str, pick: float, seconds: float) -> None:
+        t = round(time.monotonic() - self.started, 2)
+        if kind == "kill_engine":
+            pid = self.server.proc.pid
+            self.server.restart()
+            self.done.append((t, kind, pid))
+            return
+        role = "front" if kind.endswith("front") else "worker"
+        pids = self.server.pids(role)
+        if not pids:
+            self.done.append((t, kind, None))
+            return
+        pid = pids[int(pick * len(pids))]
+        self.done.append((t, kind, pid))
+        if kind.startswith("kill"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+            self._stopped.append(pid)
+            self._halt.wait(seconds)
+            os.kill(pid, signal.SIGCONT)
+        self._cont_all()
+
+    def _cont_all(self) -> None:
+        while self._stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._stopped.pop(), signal.SIGCONT)
