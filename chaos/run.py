@@ -47,7 +47,10 @@ def run(name: str, seconds: float, seed: int, bug: str | None = None, sample: in
         faults.parse(env[faults.ENV])  # a typo fails here, not silently
     log(f"# chaos {name}: {seconds:g} s, seed {seed}, schedule {plan.digest}"
         + (f", faults {env[faults.ENV]}" if flags else ""))
-    server = Server(["--fsync", sc.fsync, "--ring-capacity", "50000"], env)
+    # One recall reader (the validators recall through shared memory, not the
+    # server) and a checkpoint every 5 s, so restarts load one and replay a tail.
+    server = Server(["--fsync", sc.fsync, "--ring-capacity", "50000", "--recall-workers", "1",
+                     "--checkpoint-interval-s", "5"], env)
     proxy = killer = None
     producers: list[Producer] = []
     t0 = time.monotonic()

@@ -8,13 +8,22 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
-
-import psutil
 
 from engram_shm.transport.launch import free_port, running_server
 
 ROLES = {"front": "engram_shm.transport.front", "worker": "engram_shm.engine.worker"}
+
+
+def children(name: str) -> dict[str, list[int]]:
+    """pids of engine `name`'s front and index workers, by role (found by
+    their command lines, whoever started the engine)."""
+    found = {}
+    for role, module in ROLES.items():
+        out = subprocess.run(["pgrep", "-f", f"{module} {name} "], capture_output=True, text=True).stdout
+        found[role] = [int(pid) for pid in out.split()]
+    return found
 
 
 class Server:
@@ -55,16 +64,7 @@ class Server:
 
     def pids(self, role: str) -> list[int]:
         """The live processes of a role (`front`, `worker`)."""
-        try:
-            children = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.Error:
-            return []
-        found = []
-        for child in children:
-            with contextlib.suppress(psutil.Error):
-                if ROLES[role] in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
-                    found.append(child.pid)
-        return sorted(found)
+        return sorted(children(self.name)[role])
 
     def output(self) -> str:
         return self.proc.output() if self.proc is not None else ""
