@@ -3,11 +3,20 @@ server, passing every validator; each deliberate bug (a test-only fault flag
 of engram_shm/faults.py) caught by the validator that should catch it, so
 the suite is shown able to fail; and the schedules reproducible from the
 seed. Each run is `python -m chaos run` in a child process, as a user runs
-it; its JSON summary is the last line of its output."""
+it; its JSON summary is the last line of its output. The runs of the tests
+selected start together, CHAOS_JOBS (2) at a time: a run spends most of
+its time waiting for its faults and its server, so two share the machine
+and the suite takes about half as long.
+
+Each run cleans up after itself, on failure too (its server is stopped or
+killed, its shared memory collected and its data directory removed by
+chaos/server.py); conftest.py checks no shared memory is left."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 import subprocess
 import sys
 
@@ -21,12 +30,41 @@ SECONDS = 20
 SAMPLE = 500  # acked ids recalled by their own vector per run (every one is checked stored, with its vector)
 
 
-def chaos(*args: str, timeout: float = 420) -> tuple[int, dict, str]:
+JOBS = int(os.environ.get("CHAOS_JOBS", "2"))  # runs at once: each mostly waits on its faults
+
+
+def chaos(*args: str, timeout: float = 600) -> tuple[int, dict, str]:
     r = subprocess.run([sys.executable, "-m", "chaos", "run", *args, "--json"], capture_output=True,
                        text=True, timeout=timeout)
     lines = r.stdout.strip().splitlines()
     assert lines, f"no summary (exit {r.returncode}): {r.stderr[-3000:]}"
     return r.returncode, json.loads(lines[-1]), r.stderr
+
+
+def scenario_args(name: str) -> tuple[str, ...]:
+    return name, "--seconds", str(SECONDS), "--seed", "14", "--sample", str(SAMPLE)
+
+
+def bug_args(bug: str) -> tuple[str, ...]:
+    return BUGS[bug], "--bug", bug, "--seconds", "10", "--seed", "14", "--sample", "200"
+
+
+@pytest.fixture(scope="module")
+def runs(request):
+    """The runs of every chaos test selected in this session, started at
+    once, JOBS at a time, in the order of the tests; each test waits for
+    its own. Keyed by their arguments."""
+    wanted = []
+    for item in request.session.items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if item.module is not sys.modules[__name__] or not params:
+            continue
+        if "name" in params:
+            wanted.append(scenario_args(params["name"]))
+        elif "bug" in params:
+            wanted.append(bug_args(params["bug"]))
+    with concurrent.futures.ThreadPoolExecutor(JOBS) as pool:
+        yield {args: pool.submit(chaos, *args) for args in wanted}
 
 
 def not_injected(name: str, summary: dict) -> list[str]:
@@ -41,14 +79,16 @@ def not_injected(name: str, summary: dict) -> list[str]:
     missing += [kind for kind in sc.every_s if kind not in kinds]
     if "kill_engine" in sc.every_s and done["engine_starts"] < 2:
         missing.append("engine restart")
+    if (sc.burst and not done["bursts"]) or (sc.skew_s and not done["clock_jumps"]):
+        missing.append("bursts or clock jumps")
     if "fail_write" in sc.storage and not summary["refused"].get("storage_error"):
         missing.append("failed writes")
     return missing
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_scenario_passes_every_validator(name):
-    code, summary, err = chaos(name, "--seconds", str(SECONDS), "--seed", "14", "--sample", str(SAMPLE))
+def test_scenario_passes_every_validator(name, runs):
+    code, summary, err = runs[scenario_args(name)].result()
     assert code == 0 and summary["ok"], (summary["problems"], err[-2000:])
     assert summary["lost"] == 0 and summary["duplicates"] == 0
     assert summary["acked"] == summary["sent"] > 0
@@ -65,8 +105,8 @@ CAUGHT_BY = {  # each deliberate bug, and the validator that must name it
 
 
 @pytest.mark.parametrize("bug", list(BUGS))
-def test_deliberate_bug_is_caught(bug):
-    code, summary, err = chaos(BUGS[bug], "--bug", bug, "--seconds", "10", "--seed", "14", "--sample", "200")
+def test_deliberate_bug_is_caught(bug, runs):
+    code, summary, err = runs[bug_args(bug)].result()
     assert code == 1 and not summary["ok"], f"{bug} went unnoticed: {summary}"
     assert CAUGHT_BY[bug] in summary["failed"], (summary["failed"], summary["problems"])
 
