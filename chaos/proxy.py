@@ -148,6 +148,8 @@ class FaultyProxy:
         copies = 2 if dup < f.duplicate else 1
         self.counts["duplicated"] += copies - 1
         key = (direction, identity)
+        if f.delay_ms:
+            self.counts["delayed"] += 1
         at = max(self._fifo.get(key, 0.0), now + delay)
         self._fifo[key] = at
         if reorder < f.reorder:

@@ -73,8 +73,8 @@ def not_injected(name: str, summary: dict) -> list[str]:
     sc, done = SCENARIOS[name], summary["faults"]
     net = done["network"]
     kinds = {kind for _, kind, _ in done["process"]}
-    expected = {"dropped": sc.net.drop, "duplicated": sc.net.duplicate, "reordered": sc.net.reorder,
-                "partitioned": sc.partition_every_s}
+    expected = {"delayed": sc.net.delay_ms, "dropped": sc.net.drop, "duplicated": sc.net.duplicate,
+                "reordered": sc.net.reorder, "partitioned": sc.partition_every_s}
     missing = [what for what, wanted in expected.items() if wanted and not net.get(what)]
     missing += [kind for kind in sc.every_s if kind not in kinds]
     if "kill_engine" in sc.every_s and done["engine_starts"] < 2:
