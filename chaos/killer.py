@@ -4,7 +4,9 @@ again on its data directory and port), or SIGSTOP the front or a worker for
 a few seconds, then SIGCONT (a stall, not a death).
 
 Which worker an event hits is its `pick` (a number in [0, 1) drawn with the
-schedule) applied to the sorted pids alive at that moment."""
+schedule) applied to the sorted pids alive at that moment. An event comes at
+its time, or SPACING seconds after the previous fault ended if that is later
+(a restart of the whole engine may take longer than the gap to the next)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import threading
 import time
 
 from .server import Server
+
+SPACING = 2.0  # seconds between the end of a fault and the next one, at least
 
 
 class Killer(threading.Thread):
@@ -32,10 +36,15 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         try:
+            after = 0.0  # when the last fault was over
             for at, kind, pick, seconds in self.events:
-                if self._halt.wait(max(0.0, self.started + at - time.monotonic())):
+                # On time, but never sooner than SPACING after the last fault
+                # ended (an engine restart can outlast the next event's time).
+                due = max(self.started + at, after + SPACING)
+                if self._halt.wait(max(0.0, due - time.monotonic())):
                     break
                 self._do(kind, pick, seconds)
+                after = time.monotonic()
         except BaseException as e:
             self.error = e
         finally:
