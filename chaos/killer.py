@@ -16,9 +16,16 @@ import signal
 import threading
 import time
 
+import psutil
+
 from .server import Server
 
 SPACING = 2.0  # seconds between the end of a fault and the next one, at least
+# Processes younger than this are spared: the supervisor stops the whole
+# engine when a child dies 3 times before it is ready (its guard against a
+# crash loop), and a child starts in 1 to 20 s (loading the compiled kernels,
+# on a busy machine). docs/chaos.md, "What the suite found".
+MIN_AGE_S = 10.0
 
 
 class Killer(threading.Thread):
@@ -58,7 +65,7 @@ class Killer(threading.Thread):
             self.done.append((t, kind, pid))
             return
         role = "front" if kind.endswith("front") else "worker"
-        pids = self.server.pids(role)
+        pids = [pid for pid in self.server.pids(role) if _age(pid) >= MIN_AGE_S]
         if not pids:
             self.done.append((t, kind, None))
             return
@@ -79,3 +86,11 @@ class Killer(threading.Thread):
         while self._stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._stopped.pop(), signal.SIGCONT)
+
+
+def _age(pid: int) -> float:
+    """Seconds since the process started (0 if it is gone)."""
+    try:
+        return time.time() - psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0

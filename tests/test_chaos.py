@@ -75,7 +75,7 @@ def not_injected(name: str, summary: dict) -> list[str]:
     nothing proves nothing)."""
     sc, done = SCENARIOS[name], summary["faults"]
     net = done["network"]
-    kinds = {kind for _, kind, _ in done["process"]}
+    kinds = {kind for _, kind, pid in done["process"] if pid}
     expected = {"delayed": sc.net.delay_ms, "dropped": sc.net.drop, "duplicated": sc.net.duplicate,
                 "reordered": sc.net.reorder, "partitioned": sc.partition_every_s}
     missing = [what for what, wanted in expected.items() if wanted and not net.get(what)]
