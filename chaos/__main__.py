@@ -31,8 +31,9 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=None, help="default: a random one, printed")
     r.add_argument("--bug", choices=sorted(BUGS), default=None,
                    help="switch on a deliberate bug in the server (test-only fault flag)")
-    r.add_argument("--sample", type=int, default=0,
-                   help="recall only this many acked ids by their own vector (default: every one)")
+    r.add_argument("--sample", type=int, default=2000,
+                   help="acked ids recalled by their own vector (default 2000; 0: every one); every "
+                        "acked id is checked stored with its own vector whatever the sample")
     r.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args(argv)
     if args.command == "list":

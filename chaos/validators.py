@@ -18,7 +18,8 @@ it measured and, when it fails, examples to start debugging from.
 | `visibility`          | ack-to-indexed latency: p99 reported, within the scenario's bound   |
 | `eventual_recall`     | once faults stop: everything sent is acked, everything stored is    |
 |                       | indexed, and graph-only recall finds it                             |
-| `counters`            | the engine's `count` and `indexed` agree with the clients' view     |
+| `counters`            | the engine's `count` (and `indexed`, rows: `count` + `buried`)      |
+|                       | agree with the clients' view and its memory                         |
 """
 
 from __future__ import annotations
