@@ -131,5 +131,5 @@ SCENARIOS = {sc.name: sc for sc in [
              partition_every_s=15.0,
              every_s={"kill_worker": 8.0, "kill_front": 12.0, "kill_engine": 20.0, "stall_front": 15.0,
                       "stall_worker": 15.0},
-             burst=5_000, skew_s=5.0, storage="slow_fsync_ms=5,fail_write_every=200", fsync="always"),
+             burst=5_000, skew_s=5.0, storage="slow_fsync_ms=5,fail_write_every=100", fsync="always"),
 ]}
