@@ -348,7 +348,11 @@ class WalWriter:
         except OSError as e:
             if done:
                 try:
+                    # Back to where the record began: the file position too,
+                    # or the next record is written past a hole of zeros that
+                    # recovery reads as the log's end (losing what follows).
                     os.ftruncate(self._fd, start)
+                    os.lseek(self._fd, start, os.SEEK_SET)
                 except OSError:
                     self.broken = storage_error(e, "cutting a failed log write")
             raise
@@ -356,6 +360,7 @@ class WalWriter:
     def _heal(self) -> None:
         try:
             os.ftruncate(self._fd, self._size)
+            os.lseek(self._fd, self._size, os.SEEK_SET)
         except OSError as e:
             raise storage_error(e, "cutting a failed log write") from None
         self.broken = None
