@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chaos.kill_anything import children
+from chaos.server import children
 from engram_shm import Client, EngineConfig
 from engram_shm.auth.gate import check_bind
 from engram_shm.errors import DimensionMismatch, InsecureBind, InvalidArgument, NonFiniteValue

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from chaos.kill_anything import children
+from chaos.server import children
 from engram_shm import Client
 from engram_shm.errors import UnknownSession
 from engram_shm.store import shm

@@ -21,6 +21,7 @@ import zlib
 
 import numpy as np
 
+from .. import faults
 from ..kernels import hnsw
 from ..kernels.atomics import compare_and_swap
 from ..store.catalog import W_BUSY_NS, W_CLAIMED, W_HEARTBEAT_NS, W_INSERTED
@@ -72,7 +73,8 @@ class IndexWriter:
             hi = min(accepted, lo + max(1, int(self.slice_s / self._per_node_s)))
             start = time.perf_counter_ns()
             hnsw.insert(seg.w.vectors, seg.w.generation, seg.graph_w, lo, hi,
-                        params.ef_construction, params.metric, sc, seg.unit)
+                        params.ef_construction, params.metric, sc, seg.unit,
+                        reverse=not faults.SKIP_REVERSE_LINKS)
             elapsed = time.perf_counter_ns() - start
             seg.header[INDEXED] = hi  # publish after the kernel returned: its stores are done
         finally:

@@ -348,9 +348,10 @@ def _find_parent(g, node, n_cand, m, sc):
 
 
 @kernel
-def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc):
+def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc, reverse):
     """Write node's layer-0 list: its pinned edges (kept across a re-insert), a
-    parent if it has none, then the selected neighbours `chosen[:n_sel]`."""
+    parent if it has none, then the selected neighbours `chosen[:n_sel]`;
+    with `reverse`, the parent's pinned link to node too."""
     row = g.links0[node]
     max_links = row.shape[0] - 1
     cnt = _count(row)
@@ -372,12 +373,12 @@ def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc):
             sc.tmp_v[n] = x
             n += 1
     _rewrite(g, node, 0, row, sc.tmp_v, n)
-    if p >= 0:
+    if p >= 0 and reverse:
         _add_link(store, g, p, node, 0, max_links, metric, sc)
 
 
 @kernel
-def _insert_one(store, gens, g, node, m, ef_c, metric, sc):
+def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
     dim = store.shape[1]
     for j in range(dim):
         sc.qbuf[0, j] = as_f32(store[node, j])
@@ -416,7 +417,7 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc):
     for layer in range(0, low + 1):  # sc.res_* still hold the layer-0 candidates for the parent
         chosen = sc.layer_v[layer]
         if layer == 0:
-            _write_layer0(store, g, node, chosen, sc.layer_n[0], n, m, metric, sc)
+            _write_layer0(store, g, node, chosen, sc.layer_n[0], n, m, metric, sc, reverse)
             max_links = g.links0.shape[1] - 1
         else:
             row = _row(g, node, layer)
@@ -424,6 +425,8 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc):
                 continue
             _rewrite(g, node, layer, row, chosen, sc.layer_n[layer])
             max_links = m
+        if not reverse:  # test-only (faults.SKIP_REVERSE_LINKS): a broken graph
+            continue
         for i in range(sc.layer_n[layer]):
             _add_link(store, g, chosen[i], node, layer, max_links, metric, sc)
     if node_level > top:
@@ -468,9 +471,9 @@ def _repair(g, n_nodes, scratch_v):
 
 
 @kernel
-def _insert_range(store, gens, g, lo, hi, m, ef_c, metric, sc):
+def _insert_range(store, gens, g, lo, hi, m, ef_c, metric, sc, reverse):
     for node in range(lo, hi):
-        _insert_one(store, gens, g, node, m, ef_c, metric, sc)
+        _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse)
 
 
 @kernel
@@ -641,16 +644,17 @@ class SpaceViews:
 
 
 def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric: str,
-           sc: Scratch, unit: float = 1.0) -> None:
+           sc: Scratch, unit: float = 1.0, reverse: bool = True) -> None:
     """Insert nodes [lo, hi) into the graph, in order. Nodes must have complete
     vectors, levels and upper rows; re-inserting a node is safe. `unit`: see
-    policy.Metric (int8 stores)."""
+    policy.Metric (int8 stores). `reverse=False` adds no reverse links: a
+    broken graph, only for the chaos suite's deliberate bug (faults.py)."""
     M = _check_graph(store, gens, g, sc)
     if not (0 <= lo <= hi <= store.shape[0]):
         raise InvalidArgument(f"insert range [{lo}, {hi}) is outside [0, {store.shape[0]}]")
     if not (1 <= ef_construction < sc.res_k.shape[0]) or sc.qbuf.shape[1] != store.shape[1]:
         raise InvalidArgument("scratch is too small for ef_construction or the dimension")
-    _insert_range(store, gens, g, lo, hi, M, ef_construction, metric_of(metric, unit), sc)
+    _insert_range(store, gens, g, lo, hi, M, ef_construction, metric_of(metric, unit), sc, bool(reverse))
 
 
 def repair(g: Graph, n_nodes: int, sc: Scratch) -> bool:

@@ -129,6 +129,7 @@ class SpaceWriter:
         self.prefault = prefault
         self.vector_rule = vector_rule(params.metric, params.dtype)
         self.window_limit = window_limit  # the most unindexed rows it holds (engine/window.py)
+        self.buried = 0  # rows hidden for good after a crash (bury_uncommitted)
         # int8 spaces: the scale of their codes, fixed by the first batch stored
         # (`calibrate`) and kept in every segment header; 1 for float storage.
         self.scale: float | None = None if params.dtype == "int8" else 1.0
@@ -158,9 +159,12 @@ class SpaceWriter:
         return self.window / self.window_limit
 
     def stats(self) -> dict:
-        count, indexed = self.count, self.indexed
-        window = count - indexed
-        return {"count": count, "indexed": indexed, "window": window, "window_limit": self.window_limit,
+        """`count`: observations visible (rows but the buried ones); `indexed`
+        and `window`: rows in the graphs and not yet, buried ones included."""
+        rows, indexed = self.count, self.indexed
+        window = rows - indexed
+        return {"count": rows - self.buried, "buried": self.buried, "indexed": indexed, "window": window,
+                "window_limit": self.window_limit,
                 "pressure": round(window / self.window_limit, 4),
                 "segments": len(self.segments),
                 "shm_bytes": sum(shm.block_bytes(s.name) for s in self.segments)}
@@ -180,16 +184,19 @@ class SpaceWriter:
         by a crash) for good, release their ids; returns the highest generation
         found."""
         highest = 0
+        self.buried = 0
         for seg in self.segments:
             gens = seg.w.generation[:seg.accepted]
             live = gens != BURIED
             if not live.any():
+                self.buried += len(gens)
                 continue
             highest = max(highest, int(gens[live].max()))
             orphans = np.nonzero(live & (gens > committed))[0]
             if len(orphans):
                 gens[orphans] = BURIED
                 self._id_table = None  # buried ids leave the index by a rebuild (rare)
+            self.buried += int((gens == BURIED).sum())
         return highest
 
     def index_ids(self) -> int:

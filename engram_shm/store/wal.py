@@ -27,6 +27,7 @@ Integers are little-endian.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -39,6 +40,7 @@ import crc32c
 import msgpack
 import numpy as np
 
+from .. import faults
 from ..errors import StorageError
 from .datadir import fsync_dir, lock, storage_error, unlock
 
@@ -232,6 +234,8 @@ class WalWriter:
         self._want = False
         self.on_synced = lambda: None  # called by the sync thread after each sync
         self.on_fsync = lambda seconds: None  # called with each fdatasync's time, under the I/O lock
+        self._held: tuple[bytes, int] | None = None  # faults.ACK_BEFORE_WAL only: a record not yet written
+        self._writes = 0  # record writes tried (faults.FAIL_WRITE_EVERY)
         self._syncer = threading.Thread(target=self._sync_thread, name="engram-wal-sync", daemon=True)
         self._syncer.start()
 
@@ -291,19 +295,42 @@ class WalWriter:
         crc = crc32c.crc32c(head)
         for p in parts:
             crc = crc32c.crc32c(p, value=crc)
+        record = [head + struct.pack("<I", crc), *parts]
+        if faults.ANY and self._faulty(kind, record, RECORD_HEADER.size + length):
+            return self.next_lsn - 1
         try:
             if self._size >= self.file_bytes:
                 self.sync()  # the file is complete: durable before the next one starts
                 self._open_file(start_generation)
-            self._write_all([head + struct.pack("<I", crc), *parts], RECORD_HEADER.size + length)
+            self._write_all(record, RECORD_HEADER.size + length)
         except OSError as e:
             raise storage_error(e, "appending to the write-ahead log") from None
+        self._appended(RECORD_HEADER.size + length)
+        return self.next_lsn - 1
+
+    def _appended(self, size: int) -> None:
         self.next_lsn += 1
-        self._size += RECORD_HEADER.size + length
-        self.written += RECORD_HEADER.size + length
+        self._size += size
+        self.written += size
         if self.policy == "never":
             self.synced = self.written
-        return self.next_lsn - 1
+
+    def _faulty(self, kind: int, record: list, size: int) -> bool:
+        """Test-only faults (engram_shm/faults.py); True if the record was
+        held back instead of written (ACK_BEFORE_WAL: written with the next)."""
+        if self._held is not None:  # the bug: the previous batch reaches the log only now
+            held, self._held = self._held, None
+            try:
+                self._write_all([held[0]], held[1])
+            except OSError as e:
+                raise storage_error(e, "appending to the write-ahead log") from None
+            self._size += held[1]
+            self.written += held[1]
+        if faults.ACK_BEFORE_WAL and kind == BATCH:
+            self._held = (b"".join(bytes(p) for p in record), size)
+            self.next_lsn += 1
+            return True
+        return False
 
     def _write_all(self, parts: list, total: int) -> None:
         """writev until everything is written; on failure, cut what was
@@ -311,12 +338,21 @@ class WalWriter:
         start = self._size
         done = 0
         try:
+            if faults.FAIL_WRITE_EVERY:
+                self._writes += 1
+                if self._writes % faults.FAIL_WRITE_EVERY == 0:  # test-only: a disk that fails mid-record
+                    done += os.write(self._fd, bytes(parts[0])[:4])
+                    raise OSError(errno.EIO, "injected write failure (ENGRAM_TEST_FAULTS)")
             while done < total:
                 done += os.writev(self._fd, _skip(parts, done))
         except OSError as e:
             if done:
                 try:
+                    # Back to where the record began: the file position too,
+                    # or the next record is written past a hole of zeros that
+                    # recovery reads as the log's end (losing what follows).
                     os.ftruncate(self._fd, start)
+                    os.lseek(self._fd, start, os.SEEK_SET)
                 except OSError:
                     self.broken = storage_error(e, "cutting a failed log write")
             raise
@@ -324,6 +360,7 @@ class WalWriter:
     def _heal(self) -> None:
         try:
             os.ftruncate(self._fd, self._size)
+            os.lseek(self._fd, self._size, os.SEEK_SET)
         except OSError as e:
             raise storage_error(e, "cutting a failed log write") from None
         self.broken = None
@@ -336,6 +373,8 @@ class WalWriter:
             if target <= self.synced or self._fd is None:
                 return
             started = time.perf_counter()
+            if faults.SLOW_FSYNC_S:
+                time.sleep(faults.SLOW_FSYNC_S)  # test-only: a slow disk
             try:
                 os.fdatasync(self._fd)
             except OSError as e:

@@ -104,6 +104,7 @@ class Client:
         self._pending: dict[str, list] = {}
         self.session: str | None = None
         self.last_acked = 0
+        self._base = 0  # the sequence number of the last observation no longer queued
         self.indexed_up_to = 0
         self.limit = 0
         self.level = "normal"
@@ -169,6 +170,10 @@ class Client:
         self.capabilities = ack["capabilities"]
         self.max_batch = ack["max_batch"]
         self.max_frame_bytes = ack["max_frame_bytes"]
+        if resume is None or ack["last_sequence"] < self._base:
+            # A new session numbers from 1; a server that knows less than we
+            # saw acked (it lost acked data) gets everything after what it knows.
+            self._base = ack["last_sequence"]
         self.last_acked = ack["last_sequence"]
         self.fsync = ack.get("fsync", "none")
         self.durable_seq = ack.get("durable_seq", 0)
@@ -176,7 +181,7 @@ class Client:
         self._grant(ack)
         # Batches the server acked before we lost the connection are done;
         # everything else goes again, numbered from the server's last ack.
-        self._queue = [b for b in self._queue if b.start is None or b.end > self.last_acked]
+        self._drop_acked()
         for b in self._queue:
             b.start = b.rid = None
         self._by_rid.clear()
@@ -302,7 +307,7 @@ class Client:
         if self.paused:
             return
         now = time.monotonic()
-        next_seq = self.last_acked + 1
+        next_seq = self._base + 1
         for b in self._queue:
             if b.start is not None:
                 next_seq = b.end + 1
@@ -340,7 +345,7 @@ class Client:
         if op == "ack":
             b = self._by_rid.pop(msg.get("rid"), None)
             self.last_acked = max(self.last_acked, msg["to"])
-            self._queue = [x for x in self._queue if x.start is None or x.end > self.last_acked]
+            self._drop_acked()
             if b is not None and b.start is not None and b.end > self.last_acked:
                 b.start = None  # acked for a shorter range than sent: resend the rest
             self._grant(msg)
@@ -368,10 +373,15 @@ class Client:
         code = msg.get("code")
         if code == "sequence_gap":  # the server holds up to expected - 1: trust it
             self.last_acked = max(self.last_acked, msg.get("expected", 1) - 1)
-            self._queue = [b for b in self._queue if b.start is None or b.end > self.last_acked]
+            self._drop_acked()
             if batch not in self._queue:
                 return
-        index = self._queue.index(batch)
+        # After a gap everything unacked goes again, batches sent before this
+        # one too: the server is missing `expected`, so the attempt that
+        # carried it was lost on the way (or refused, its answer lost), and
+        # waiting for its ack would resend the later ones into the same gap
+        # for ever. One still in flight is acked twice, stored once.
+        index = 0 if code == "sequence_gap" else self._queue.index(batch)
         for b in self._queue[index:]:
             if b.rid is not None:
                 self._by_rid.pop(b.rid, None)
@@ -386,6 +396,22 @@ class Client:
             err = from_dict(msg)
             err.details["ids"] = batch.header["ids"]
             self._errors.append(err)
+
+    def _drop_acked(self) -> None:
+        """Drop the batches the server holds (through last_acked). Queued
+        batches are numbered in queue order from `_base + 1`, whether an
+        attempt is under way or not: a batch being resent whose earlier
+        attempt reached the server after all (it was delayed, or doubled, by
+        the network) is covered by that attempt's ack and dropped, never sent
+        again under new numbers (the server would refuse it as duplicate_id)."""
+        while self._queue and self._base + self._queue[0].n <= self.last_acked:
+            b = self._queue.pop(0)
+            if b.rid is not None:
+                self._by_rid.pop(b.rid, None)
+            b.start = self._base + 1  # the numbers it was stored under
+            self._base += b.n
+        if not self._queue:
+            self._base = max(self._base, self.last_acked)
 
     def _raise_errors(self) -> None:
         if self._errors:

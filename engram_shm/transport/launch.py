@@ -29,11 +29,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data: str | None = None,
-                   port: int | None = None, preexec_fn=None):
+                   port: int | None = None, preexec_fn=None, env: dict | None = None):
     """Yields (endpoint, engine name, process) of a server run with extra CLI
     flags; on exit stops it and checks its shared memory is gone. `data` is
     its data directory (kept); without, a fresh one is made and removed, so
-    servers never share one. `port` reuses an endpoint (a restart). Its
+    servers never share one. `port` reuses an endpoint (a restart); `env`, its
+    environment (default: this process's). Its
     metrics are served on a free loopback port unless `flags` say where."""
     port = port or free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
@@ -50,7 +51,7 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
                    *metrics_flags, *flags]
         proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", *command],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=preexec_fn)
+                                preexec_fn=preexec_fn, env=env)
     proc.output = lambda: pathlib.Path(log_path).read_text()
     try:
         deadline = time.monotonic() + startup_s
