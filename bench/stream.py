@@ -29,8 +29,8 @@ child's VmHWM (the interpreter, the system's modules, the data it streams:
 n x dim x 4 bytes, and the shared-memory pages it touched); for the server,
 the child's VmHWM plus the peak, sampled every 0.25 s, of the server's
 processes' summed PSS (which counts each shared page, the engine's shared
-memory among them, once). The first row, engram_shm embedded, is the base of
-the ratios (`x`).
+memory among them, once). In each table the first row, engram_shm embedded,
+is the base of the ratios (`x`).
 
 Systems (M=16, ef_construction=100, ef=64 wherever the system takes them):
 - engram_shm: `Engine` in this process with its defaults (f16 storage,
@@ -62,11 +62,13 @@ Systems (M=16, ef_construction=100, ef=64 wherever the system takes them):
   describe_index reports every row indexed at any time, so its private
   `Collection._wait_for_bg()` is used, and the segments' indexes checked).
 
-qdrant_local and milvus_lite take the first `--peer-n` rows only (the row
-and the table say n): one sqlite commit per point (about 15 ms on this
-disk) and a memtable copied on every search make them take minutes on more,
-and recall@10 on fewer rows is not comparable with the others'. Prints
-one JSON object per system, then a table.
+qdrant_local and milvus_lite take the first `--peer-n` rows only: one
+sqlite commit per point (about 15 ms on this disk) and a memtable copied on
+every search make them take many minutes on more. Fewer rows of the same
+distribution are not the same task (recall@10 differs with the rows'
+density), so they get a table of their own, after engram_shm embedded on
+the same rows. Prints one JSON object per run (with the wall and CPU
+seconds of its child process, start-up included), then a table per n.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -128,6 +131,7 @@ class EngramEmbedded:
         # VmHWM already counts these pages: the engine and its index writers
         # are this process.
         return {"index": "HNSW per segment + exact scan of the unindexed window, f16",
+                "window_limit": self.engine.stats()["spaces"][SPACE]["window_limit"],
                 "shm_mib": round(self.shm_bytes / MIB, 1)}
 
     def close(self) -> None:
@@ -208,13 +212,14 @@ class EngramServer:
             if space["indexed"] == space["count"]:
                 break
             time.sleep(0.01)
+        self.window_limit = space["window_limit"]
         self.memory.sample()  # the graphs are whole: the server at its largest
         self.shm_bytes = sum(map(shm.block_bytes, shm.list_blocks(self.name)))
         return True
 
     def notes(self) -> dict:
         return {"index": "HNSW per segment + exact scan of the unindexed window, f16; WAL fsync 10 ms",
-                "shm_mib": round(self.shm_bytes / MIB, 1),
+                "window_limit": self.window_limit, "shm_mib": round(self.shm_bytes / MIB, 1),
                 "server_peak_mib": round(self.memory.peak / MIB, 1)}
 
     def close(self) -> None:
@@ -374,11 +379,11 @@ def stream(system, data: np.ndarray, batch: int, probes: int, seed: int) -> dict
 
 def run_one(name: str, workdir: str, n: int, batch: int, probes: int, seed: int) -> None:
     """The child: stream the first n rows into `name`, query, and write its row
-    to workdir/row-NAME.json."""
+    to workdir/row-NAME-N.json."""
     data = np.load(os.path.join(workdir, f"data-{n}.npy"))
     queries = np.load(os.path.join(workdir, "queries.npy"))
     exact = np.load(os.path.join(workdir, f"exact-{n}.npy"))
-    directory = os.path.join(workdir, name)
+    directory = os.path.join(workdir, f"{name}-{n}")
     os.makedirs(directory)
     try:
         system = ADAPTERS[name](data.shape[1], n, directory)
@@ -395,16 +400,17 @@ def run_one(name: str, workdir: str, n: int, batch: int, probes: int, seed: int)
     row = {"bench": "stream", "system": name, "n": n, "dim": data.shape[1], "batch": batch, "probes": probes,
            **row, "recall_at_10": round(hits / exact.size, 4), **percentiles_ms(latencies, "query"),
            "peak_memory_mib": round(peak / MIB, 1), "queries": len(queries), **notes}
-    with open(os.path.join(workdir, f"row-{name}.json"), "w") as f:
+    with open(os.path.join(workdir, f"row-{name}-{n}.json"), "w") as f:
         json.dump(row, f)
 
 
 def child(name: str, workdir: str, n: int, args) -> dict:
-    """Run one system in a child process; its row, or SystemExit with its
-    stderr if it failed."""
+    """Run one system in a child process; its row (with the wall and CPU
+    seconds of the whole child, start-up included, its own processes'
+    CPU among them), or SystemExit with its stderr if it failed."""
     command = [sys.executable, "-m", "bench.stream", "--one", name, "--workdir", workdir, "--n", str(n),
                "--batch", str(args.batch), "--probes", str(args.probes), "--seed", str(args.seed)]
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), children_cpu_s()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _, stderr = proc.communicate(timeout=CHILD_TIMEOUT_S)
@@ -418,8 +424,16 @@ def child(name: str, workdir: str, n: int, args) -> dict:
         raise
     if proc.returncode != 0:
         raise SystemExit(f"stream: {name} failed (exit code {proc.returncode}); its stderr:\n{stderr}")
-    with open(os.path.join(workdir, f"row-{name}.json")) as f:
-        return {**json.load(f), "run_s": round(time.perf_counter() - began, 1)}
+    with open(os.path.join(workdir, f"row-{name}-{n}.json")) as f:
+        return {**json.load(f), "run_s": round(time.perf_counter() - began, 1),
+                "cpu_s": round(children_cpu_s() - cpu, 1)}
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's children that ended (and of theirs that
+    they waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -435,6 +449,17 @@ def load(path: str, n: int, queries: int, seed: int) -> tuple[np.ndarray, np.nda
     held = np.zeros(len(x), bool)
     held[np.random.default_rng(seed).choice(len(x), queries, replace=False)] = True
     return x[~held][:n], x[held]
+
+
+def plan(systems: list[str], n: int, peer_n: int) -> list[list[tuple[str, int]]]:
+    """(system, n) runs in groups, a table each: the systems at n; then, if
+    peer_n is fewer, the slow peers at peer_n, after engram_shm (if chosen) on
+    the same rows, so that each table compares systems on the same data."""
+    slow = [s for s in systems if s in PEERS_AT_PEER_N and peer_n < n]
+    groups = [[(s, n) for s in systems if s not in slow]]
+    if slow:
+        groups.append([(s, peer_n) for s in ["engram_shm"] * ("engram_shm" in systems) + slow])
+    return [g for g in groups if g]
 
 
 COLUMNS = [("system", "system", ""), ("n", "n", "d"), ("insert/s", "insert_per_s", ".0f"),
@@ -485,19 +510,23 @@ def main(argv=None, prog="python -m bench stream") -> list[dict]:
     else:
         name, rows = dataset(f"clustered:{args.dim}", args.n + args.queries, args.seed)
         data, queries = rows[:args.n], rows[args.n:]
-    sizes = {s: min(len(data), args.peer_n if s in PEERS_AT_PEER_N else args.n) for s in systems}
+    groups = plan(systems, len(data), min(args.peer_n, len(data)))
     print(f"# seed {args.seed}: {name}, {len(data)} x {data.shape[1]} unit vectors in batches of "
           f"{args.batch}, {args.probes} probes per batch, {len(queries)} held-out queries; "
-          + ", ".join(f"{s} n={n}" for s, n in sizes.items()), flush=True)
+          + "; ".join(f"n={g[0][1]}: " + ", ".join(s for s, _ in g) for g in groups), flush=True)
     out = []
     with tempfile.TemporaryDirectory(prefix="engram-bench-stream-") as workdir:
         np.save(os.path.join(workdir, "queries.npy"), queries)
-        for n in set(sizes.values()):
+        for n in {n for g in groups for _, n in g}:
             np.save(os.path.join(workdir, f"data-{n}.npy"), data[:n])
             np.save(os.path.join(workdir, f"exact-{n}.npy"), exact_top10(data[:n], queries))
-        for system in systems:
-            out.append(emit({**child(system, workdir, sizes[system], args), "data": name}))
-    print(table(f"streaming benchmark, {name}, ratios to {out[0]['system']}", out, COLUMNS))
+        tables = []
+        for group in groups:
+            rows = [emit({**child(system, workdir, n, args), "data": name}) for system, n in group]
+            title = f"streaming benchmark, {name}, n={group[0][1]}, ratios to {rows[0]['system']}"
+            tables.append(table(title, rows, COLUMNS))
+            out += rows
+    print("\n\n".join(tables))
     return out
 
 
