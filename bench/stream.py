@@ -2,7 +2,7 @@
 searchable, time until fully indexed), end to end, against the embedded
 engines a Python user would pick instead, on the same data in one run.
 
-    python -m bench stream [--n 30000] [--dim 768] [--peer-n 5000] [--batch 256] [--probes 4]
+    python -m bench stream [--n 20000] [--dim 768] [--peer-n 3000] [--batch 256] [--probes 4]
                            [--queries 200] [--data vectors.npy] [--systems engram_shm,...] [--quick]
 
 Every system gets the same unit vectors (cosine everywhere) in batches of
@@ -34,11 +34,11 @@ is the base of the ratios (`x`).
 
 Systems (M=16, ef_construction=100, ef=64 wherever the system takes them):
 - engram_shm: `Engine` in this process with its defaults (f16 storage,
-  one index writer thread per core, segments growing from 64 slots; a
-  full unindexed window, whose strong recalls scan exactly, makes
-  `observe` wait for indexing). Memory only: no data directory. Recalls
-  are consistency "strong": every acked row is recallable at once.
-  Indexed: `Engine.wait_indexed()`.
+  one index writer thread per core, segments growing from 64 slots, no
+  data directory). Recalls are consistency "strong": every acked row is
+  recallable at once, the rows not yet indexed scanned exactly; `observe`
+  waits for indexing when that window is at its limit (`window_limit` in
+  the row: what one thread scans in 2 ms). Indexed: `Engine.wait_indexed()`.
 - engram_shm_server: `engram-shm serve` with its defaults (one index
   worker and one recall reader per core, a data directory: the
   write-ahead log, fsync every 10 ms) fed by `engram_shm.Client`; an
@@ -63,8 +63,8 @@ Systems (M=16, ef_construction=100, ef=64 wherever the system takes them):
   `Collection._wait_for_bg()` is used, and the segments' indexes checked).
 
 qdrant_local and milvus_lite take the first `--peer-n` rows only: one
-sqlite commit per point (about 15 ms on this disk) and a memtable copied on
-every search make them take many minutes on more. Fewer rows of the same
+sqlite commit per point (15 to 25 ms each on this machine's disk) and a
+memtable copied on every search make them take many minutes on more. Fewer rows of the same
 distribution are not the same task (recall@10 differs with the rows'
 density), so they get a table of their own, after engram_shm embedded on
 the same rows. Prints one JSON object per run (with the wall and CPU
@@ -99,12 +99,39 @@ MIB = 2**20
 
 
 # -- the systems ---------------------------------------------------------------------------
-# Each: created empty for `dim` dimensions in its own `directory`; insert(lo,
-# vectors) stores rows lo.. under ids lo..; search(q, k) -> ids; indexed()
-# returns once everything is in its index (None: it was when insert returned);
-# notes() -> extra row fields; close().
 
-class EngramEmbedded:
+class System:
+    """A system under test, created empty for `dim` dimensions (at most `n`
+    rows) in a `directory` of its own."""
+    index = ""  # what it searches, for the row
+    indexed_on_return = True  # every row is in the index when its insert returns
+
+    def insert(self, lo: int, vectors: np.ndarray) -> None:
+        """Store the rows under ids lo, lo + 1, ..."""
+        raise NotImplementedError
+
+    def search(self, q: np.ndarray, k: int) -> list[int]:
+        raise NotImplementedError
+
+    def wait_indexed(self) -> None:
+        """Return once every row is in the index (or said to be)."""
+
+    def outside_bytes(self) -> int:
+        """Peak memory of its processes besides this one."""
+        return 0
+
+    def notes(self) -> dict:
+        """Row fields of its own."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class EngramEmbedded(System):
+    index = "HNSW per segment + exact scan of the unindexed window, f16"
+    indexed_on_return = False
+
     def __init__(self, dim: int, n: int, directory: str):
         from engram_shm import Engine
         from engram_shm.kernels.warm import warm
@@ -120,18 +147,16 @@ class EngramEmbedded:
     def search(self, q: np.ndarray, k: int) -> list[int]:
         return [int(m.id) for m in self.engine.recall(SPACE, q, k=k)]
 
-    def indexed(self) -> bool:
+    def wait_indexed(self) -> None:
         self.engine.wait_indexed()
         from .memory import engine_shm_bytes
 
         self.shm_bytes = engine_shm_bytes(self.engine)
-        return True
 
     def notes(self) -> dict:
         # VmHWM already counts these pages: the engine and its index writers
         # are this process.
-        return {"index": "HNSW per segment + exact scan of the unindexed window, f16",
-                "window_limit": self.engine.stats()["spaces"][SPACE]["window_limit"],
+        return {"window_limit": self.engine.stats()["spaces"][SPACE]["window_limit"],
                 "shm_mib": round(self.shm_bytes / MIB, 1)}
 
     def close(self) -> None:
@@ -169,7 +194,10 @@ class TreeMemory:
         self.thread.join()
 
 
-class EngramServer:
+class EngramServer(System):
+    index = "HNSW per segment + exact scan of the unindexed window, f16; WAL fsync 10 ms"
+    indexed_on_return = False
+
     def __init__(self, dim: int, n: int, directory: str):
         from engram_shm import Client
         from engram_shm.transport.launch import running_server
@@ -184,7 +212,7 @@ class EngramServer:
         except BaseException:
             self.stack.close()
             raise
-        self.shm_bytes = 0
+        self.shm_bytes, self.window_limit = 0, None
 
     def _wait_for_readers(self, timeout_s: float = 120.0) -> None:
         """The server answers pings before its recall readers are up (the
@@ -204,7 +232,7 @@ class EngramServer:
     def search(self, q: np.ndarray, k: int) -> list[int]:
         return [int(m.id) for m in self.client.recall(SPACE, q, k=k)]
 
-    def indexed(self) -> bool:
+    def wait_indexed(self) -> None:
         from engram_shm.store import shm
 
         while True:
@@ -215,42 +243,38 @@ class EngramServer:
         self.window_limit = space["window_limit"]
         self.memory.sample()  # the graphs are whole: the server at its largest
         self.shm_bytes = sum(map(shm.block_bytes, shm.list_blocks(self.name)))
-        return True
+
+    def outside_bytes(self) -> int:
+        return self.memory.peak
 
     def notes(self) -> dict:
-        return {"index": "HNSW per segment + exact scan of the unindexed window, f16; WAL fsync 10 ms",
-                "window_limit": self.window_limit, "shm_mib": round(self.shm_bytes / MIB, 1),
+        return {"window_limit": self.window_limit, "shm_mib": round(self.shm_bytes / MIB, 1),
                 "server_peak_mib": round(self.memory.peak / MIB, 1)}
 
     def close(self) -> None:
         self.stack.close()
 
 
-class Hnswlib:
+class Hnswlib(System):
+    index = "HNSW, in memory"
+
     def __init__(self, dim: int, n: int, directory: str):
         import hnswlib
 
-        self.index = hnswlib.Index("cosine", dim)
-        self.index.init_index(n, M=M, ef_construction=EF_CONSTRUCTION, random_seed=1)
-        self.index.set_ef(EF)
+        self.graph = hnswlib.Index("cosine", dim)
+        self.graph.init_index(n, M=M, ef_construction=EF_CONSTRUCTION, random_seed=1)
+        self.graph.set_ef(EF)
 
     def insert(self, lo: int, vectors: np.ndarray) -> None:
-        self.index.add_items(vectors, np.arange(lo, lo + len(vectors)), num_threads=os.cpu_count())
+        self.graph.add_items(vectors, np.arange(lo, lo + len(vectors)), num_threads=os.cpu_count())
 
     def search(self, q: np.ndarray, k: int) -> list[int]:
-        return self.index.knn_query(q, k, num_threads=1)[0][0].tolist()
-
-    def indexed(self) -> None:
-        return None
-
-    def notes(self) -> dict:
-        return {"index": "HNSW, in memory"}
-
-    def close(self) -> None:
-        pass
+        return self.graph.knn_query(q, k, num_threads=1)[0][0].tolist()
 
 
-class Chroma:
+class Chroma(System):
+    index = "HNSW, persisted"
+
     def __init__(self, dim: int, n: int, directory: str):
         import chromadb
 
@@ -266,17 +290,10 @@ class Chroma:
     def search(self, q: np.ndarray, k: int) -> list[int]:
         return [int(i) for i in self.collection.query(query_embeddings=q[None, :], n_results=k)["ids"][0]]
 
-    def indexed(self) -> None:
-        return None
 
-    def notes(self) -> dict:
-        return {"index": "HNSW, persisted"}
+class QdrantLocal(System):
+    index = "exact (numpy brute force), persisted in sqlite"
 
-    def close(self) -> None:
-        pass
-
-
-class QdrantLocal:
     def __init__(self, dim: int, n: int, directory: str):
         from qdrant_client import QdrantClient, models
 
@@ -292,17 +309,13 @@ class QdrantLocal:
     def search(self, q: np.ndarray, k: int) -> list[int]:
         return [p.id for p in self.client.query_points(SPACE, query=q, limit=k).points]
 
-    def indexed(self) -> None:
-        return None
-
-    def notes(self) -> dict:
-        return {"index": "exact (numpy brute force), persisted in sqlite"}
-
     def close(self) -> None:
         self.client.close()
 
 
-class MilvusLite:
+class MilvusLite(System):
+    indexed_on_return = False
+
     def __init__(self, dim: int, n: int, directory: str):
         from pymilvus import MilvusClient
 
@@ -310,7 +323,7 @@ class MilvusLite:
         self.client = MilvusClient(self.path)
         self.client.create_collection(SPACE, dimension=dim, metric_type="COSINE")
         self.index_type = self.client.describe_index(SPACE, "vector")["index_type"]
-        self.built = "none"
+        self.index = f"{self.index_type}, not built"
 
     def insert(self, lo: int, vectors: np.ndarray) -> None:
         self.client.insert(SPACE, [{"id": i, "vector": v} for i, v in enumerate(vectors, lo)])
@@ -318,7 +331,7 @@ class MilvusLite:
     def search(self, q: np.ndarray, k: int) -> list[int]:
         return [hit["id"] for hit in self.client.search(SPACE, data=[q], limit=k)[0]]
 
-    def indexed(self) -> bool:
+    def wait_indexed(self) -> None:
         from milvus_lite.server_manager import server_manager_instance
 
         self.client.flush(SPACE)
@@ -330,11 +343,8 @@ class MilvusLite:
         if missing or not segments:
             raise RuntimeError(f"milvus-lite: {len(missing)} of {len(segments)} segments without an index "
                                "after its background build")
-        self.built = ",".join(sorted({type(s.index).__name__ for s in segments}))
-        return True
-
-    def notes(self) -> dict:
-        return {"index": f"{self.index_type}: {self.built} per flushed segment, memtable exact"}
+        built = ",".join(sorted({type(s.index).__name__ for s in segments}))
+        self.index = f"{self.index_type}: {built} per flushed segment, memtable exact"
 
     def close(self) -> None:
         self.client.close()
@@ -369,7 +379,10 @@ def stream(system, data: np.ndarray, batch: int, probes: int, seed: int) -> dict
             top = system.search(rows[i], 1)
             probe_s.append(time.perf_counter() - t)
             found += top[:1] == [lo + int(i)]
-    indexed = searchable if system.indexed() is None else time.perf_counter()
+    indexed = searchable
+    if not system.indexed_on_return:
+        system.wait_indexed()
+        indexed = time.perf_counter()
     return {"insert_per_s": round(len(data) / insert_s, 1),
             "found_own_top_hit": round(found / len(probe_s), 4),
             **percentiles_ms(probe_s, "ingest_recall"),
@@ -390,13 +403,13 @@ def run_one(name: str, workdir: str, n: int, batch: int, probes: int, seed: int)
         try:
             row = stream(system, data, batch, probes, seed)
             found, latencies = timed_queries(lambda q: system.search(q, 10), queries)
-            notes = system.notes()
+            peak = vm_hwm_bytes() + system.outside_bytes()
+            notes = {"index": system.index, **system.notes()}
         finally:
             system.close()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     hits = sum(len(set(f) & set(e)) for f, e in zip(found, exact.tolist()))
-    peak = vm_hwm_bytes() + notes.get("server_peak_mib", 0) * MIB
     row = {"bench": "stream", "system": name, "n": n, "dim": data.shape[1], "batch": batch, "probes": probes,
            **row, "recall_at_10": round(hits / exact.size, 4), **percentiles_ms(latencies, "query"),
            "peak_memory_mib": round(peak / MIB, 1), "queries": len(queries), **notes}
@@ -414,8 +427,9 @@ def child(name: str, workdir: str, n: int, args) -> dict:
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _, stderr = proc.communicate(timeout=CHILD_TIMEOUT_S)
-    except BaseException:  # a timeout or ^C: let the child clean up (its servers, its files) first
-        proc.terminate()
+    except BaseException as e:  # let the child clean up (its servers, its files) first
+        if not isinstance(e, KeyboardInterrupt):  # (a ^C reached the child as well)
+            proc.terminate()
         try:
             proc.wait(90)
         except subprocess.TimeoutExpired:
@@ -427,6 +441,13 @@ def child(name: str, workdir: str, n: int, args) -> dict:
     with open(os.path.join(workdir, f"row-{name}-{n}.json")) as f:
         return {**json.load(f), "run_s": round(time.perf_counter() - began, 1),
                 "cpu_s": round(children_cpu_s() - cpu, 1)}
+
+
+def unwind(signum, frame) -> None:
+    """On SIGTERM, exit through every `finally`, so that children and servers
+    are stopped and files removed; a second SIGTERM does not cut that short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(128 + signum)
 
 
 def children_cpu_s() -> float:
@@ -474,9 +495,9 @@ COLUMNS = [("system", "system", ""), ("n", "n", "d"), ("insert/s", "insert_per_s
 
 def main(argv=None, prog="python -m bench stream") -> list[dict]:
     ap = parser(__doc__, prog)
-    ap.add_argument("--n", type=int, default=30_000, help="vectors to stream")
+    ap.add_argument("--n", type=int, default=20_000, help="vectors to stream")
     ap.add_argument("--dim", type=int, default=768, help="dimensions of the synthetic data")
-    ap.add_argument("--peer-n", type=int, default=5000,
+    ap.add_argument("--peer-n", type=int, default=3000,
                     help="vectors streamed into " + " and ".join(PEERS_AT_PEER_N) + " (at most --n)")
     ap.add_argument("--batch", type=int, default=256, help="vectors per insert call")
     ap.add_argument("--probes", type=int, default=4,
@@ -489,9 +510,8 @@ def main(argv=None, prog="python -m bench stream") -> list[dict]:
     ap.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, unwind)
     if args.one:
-        # A SIGTERM from the parent (a timeout, ^C) unwinds, so that servers and files are cleaned up.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         run_one(args.one, args.workdir, args.n, args.batch, args.probes, args.seed)
         return []
     if args.quick:
