@@ -506,7 +506,7 @@ def main(argv=None, prog="python -m bench stream") -> list[dict]:
     ap.add_argument("--data", help="a .npy of vectors (rows) instead of the synthetic data")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="systems to run, comma-separated, in order")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="a small run (2000 x 64, peers at 500) for tests")
+    ap.add_argument("--quick", action="store_true", help="a small run (2000 x 64, slow peers at 300)")
     ap.add_argument("--one", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -515,7 +515,7 @@ def main(argv=None, prog="python -m bench stream") -> list[dict]:
         run_one(args.one, args.workdir, args.n, args.batch, args.probes, args.seed)
         return []
     if args.quick:
-        args.n, args.dim, args.peer_n, args.queries = 2000, 64, 500, 100
+        args.n, args.dim, args.peer_n, args.queries = 2000, 64, 300, 100
     for flag in ("n", "peer_n", "batch", "probes", "queries"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1")

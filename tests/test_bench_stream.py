@@ -4,9 +4,9 @@ import sys
 
 from test_bench import quick
 
-# The systems at n=2000, then the slow peers at --peer-n 500 after engram_shm on the same rows.
+# The systems at n=2000, then the slow peers at --peer-n 300 after engram_shm on the same rows.
 RUNS = [("engram_shm", 2000), ("engram_shm_server", 2000), ("hnswlib", 2000), ("chromadb", 2000),
-        ("engram_shm", 500), ("qdrant_local", 500), ("milvus_lite", 500)]
+        ("engram_shm", 300), ("qdrant_local", 300), ("milvus_lite", 300)]
 FIELDS = {"bench", "machine", "date", "system", "data", "n", "dim", "batch", "probes", "insert_per_s",
           "found_own_top_hit", "ingest_recall_p50_ms", "ingest_recall_p99_ms", "time_until_searchable_s",
           "time_until_indexed_s", "recall_at_10", "query_p50_ms", "query_p99_ms", "peak_memory_mib", "index",
@@ -31,7 +31,7 @@ def test_stream_quick_runs_every_system_on_the_same_protocol():
         assert r["recall_at_10"] >= 0.9, r
         assert r["shm_mib"] > 0 and r["window_limit"] > 0, r
     assert rows[1]["server_peak_mib"] > 0 and rows[1]["peak_memory_mib"] > rows[1]["server_peak_mib"]
-    assert out.count("ratios to engram_shm") == 2 and "n=500" in out
+    assert out.count("ratios to engram_shm") == 2 and "n=300" in out
 
 
 def test_stream_fails_with_the_stderr_of_a_system_that_failed(tmp_path):
