@@ -66,7 +66,8 @@ def render_section(section: sections.Section, head: dict, rows: list[dict], resu
     stamp = rows[0]
     lines = [f"## {section.title}", "", section.what, "",
              f"`{' '.join(head['argv'])}` ({head['seconds']:.0f} s) on {stamp['machine']}, "
-             f"{stamp['date'][:16].replace('T', ' ')} UTC.", ""]
+             f"{stamp['date'][:16].replace('T', ' ')} UTC."
+             + (f" Note: {head['note']}." if head.get("note") else ""), ""]
     for caption, group in section.tables(rows):
         if caption:
             lines += [f"**{caption}**", ""]
