@@ -297,11 +297,11 @@ def recall_meanwhile(endpoint: str, cues: np.ndarray, t0: float, seconds: float,
             out.append(time.perf_counter() - start)
 
 
-def wait_indexed(client: Client, timeout: float) -> tuple[dict, bool]:
+def wait_indexed(client: Client, timeout: float, name: str = SPACE) -> tuple[dict, bool]:
     """The space's figures once its window is empty, or when `timeout` s
     have passed; and whether it was."""
     deadline = time.monotonic() + timeout
-    while (space := client.stats()["spaces"][SPACE])["window"] and time.monotonic() < deadline:
+    while (space := client.stats()["spaces"][name])["window"] and time.monotonic() < deadline:
         time.sleep(0.1)
     return space, space["window"] == 0
 
