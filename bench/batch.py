@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import time
 
-from engram_shm import Client
 from engram_shm.transport.launch import running_server
 
 from . import unbounded_window
-from .ramp import NO_DRAIN, Feed, TimedClient, ids, wait_indexed
+from .ramp import NO_DRAIN, Feed, TimedClient, ids, wait_indexed, warm_up
 from .report import emit, parser, percentiles_ms, table
 
 SPACE = "batch"
@@ -73,14 +72,12 @@ def main(argv=None, prog="python -m bench batch") -> list[dict]:
     # The ring holds everything sent: no backpressure.
     window = unbounded_window(len(sizes) * (args.n + max(sizes)) + 1024)
     rows, at = [], 0
-    with running_server(*window, *NO_DRAIN) as (endpoint, _, _), \
-            Client(endpoint, batch_size=256, timeout=60) as admin:
-        admin.observe_batch(SPACE, ids("warm-", 0, 256), Feed(256, args.dim, args.seed + 1).pool)
-        admin.flush()
+    with running_server(*window, *NO_DRAIN) as (endpoint, _, _):
+        warm_up(endpoint, SPACE, 256, args.dim, args.seed + 1)
         for batch in sizes:
             rows.append(emit(run(endpoint, feed, at, batch, args.n, args.seconds, args.dim)))
             at += rows[-1]["n"]
-        wait_indexed(admin, args.index_wait, SPACE)
+        wait_indexed(endpoint, args.index_wait, SPACE)
     print(table(f"batch size against ingest rate, through the Client, {args.dim} dims", rows,
                 [("batch", "batch", "d"), ("n", "n", "d"), ("obs/s", "obs_per_s", ".0f"),
                  (f"x batch {rows[0]['batch']}", "x obs_per_s", ".2f"), ("ack p50 ms", "ack_p50_ms", ".2f"),

@@ -297,13 +297,23 @@ def recall_meanwhile(endpoint: str, cues: np.ndarray, t0: float, seconds: float,
             out.append(time.perf_counter() - start)
 
 
-def wait_indexed(client: Client, timeout: float, name: str = SPACE) -> tuple[dict, bool]:
+def wait_indexed(endpoint: str, timeout: float, name: str = SPACE) -> tuple[dict, bool]:
     """The space's figures once its window is empty, or when `timeout` s
-    have passed; and whether it was."""
+    have passed; and whether it was. (A client of its own: a session left
+    idle past the server's idle_timeout_s would expire.)"""
     deadline = time.monotonic() + timeout
-    while (space := client.stats()["spaces"][name])["window"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    with Client(endpoint, timeout=60) as client:
+        while (space := client.stats()["spaces"][name])["window"] and time.monotonic() < deadline:
+            time.sleep(0.1)
     return space, space["window"] == 0
+
+
+def warm_up(endpoint: str, space: str, n: int, dim: int, seed: int) -> int:
+    """Create the space with one batch of n (recalls find it from the start);
+    returns the observations acked."""
+    with Client(endpoint, batch_size=n, timeout=60) as client:
+        client.observe_batch(space, ids("warm-", 0, n), Feed(n, dim, seed).pool)
+        return client.flush()
 
 
 def level(clients: Clients, endpoint: str, cues: np.ndarray, rate: float, args) -> dict:
@@ -372,20 +382,16 @@ def main(argv=None, prog="python -m bench ramp") -> list[dict]:
           f"random unit vectors, {args.seconds:g} s per level", flush=True)
     rows = []
     # Measured once the check is done: the server's stop need not wait for indexing.
-    with running_server(*NO_DRAIN) as (endpoint, _, _), Clients(endpoint, args) as clients, \
-            Client(endpoint, batch_size=args.batch, timeout=60) as admin:
-        # The space exists before the first level (recalls find it), its first batch acked.
-        warm = Feed(args.batch, args.dim, args.seed)
-        admin.observe_batch(SPACE, ids("warm-", 0, args.batch), warm.rows(0, args.batch))
-        admin.flush()
+    with running_server(*NO_DRAIN) as (endpoint, _, _), Clients(endpoint, args) as clients:
+        warmed = warm_up(endpoint, SPACE, args.batch, args.dim, args.seed)
         cues = Feed(256, args.dim, args.seed + 1000).pool
         for rate in rates:
-            wait_indexed(admin, args.index_wait)
+            wait_indexed(endpoint, args.index_wait)
             rows.append(emit(level(clients, endpoint, cues, rate, args)))
-        space, indexed = wait_indexed(admin, args.index_wait)
+        space, indexed = wait_indexed(endpoint, args.index_wait)
         clients.send("check", -(-args.sample // args.clients))
         checks = clients.answers(300)
-        acked = admin.last_acked + sum(c["acked"] for c in checks)
+        acked = warmed + sum(c["acked"] for c in checks)
         sampled = sum(c["sampled"] for c in checks)
         summary = {"bench": "ramp", "level": "summary", "acked": acked, "stored": space["count"],
                    "lost": acked - space["count"], "indexed": space["indexed"], "indexed_all": indexed,
