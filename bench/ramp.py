@@ -219,8 +219,8 @@ class Clients:
                 self.procs.append(proc)
                 self.conns.append(mine)
             self.answers(120)
-        except BaseException:
-            self.__exit__()
+        except BaseException as e:
+            self.__exit__(type(e), e, e.__traceback__)
             raise
         return self
 
@@ -239,11 +239,12 @@ class Clients:
         return out
 
     def __exit__(self, *exc) -> None:
+        """Tell them to quit; after a failure (they may be mid-level), kill them."""
         for conn in self.conns:
             with contextlib.suppress(OSError):  # a client that died has no pipe
                 conn.send(("quit",))
         for proc in self.procs:
-            proc.join(30)
+            proc.join(30 if exc[0] is None else 0)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
