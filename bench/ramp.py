@@ -374,10 +374,11 @@ def main(argv=None, prog="python -m bench ramp") -> list[dict]:
     ap.add_argument("--index-wait", type=float, default=120.0,
                     help="longest wait (s) for the window to drain before a level and before the check")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="a small run (10K and 200K/s, 2 s each)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a small run (10K and 200K/s, 2 s each, waits for indexing of 15 s at most)")
     args = ap.parse_args(argv)
     if args.quick:  # 768 dims still: their window bound is the smallest, so it drains soonest
-        args.levels, args.seconds, args.pool = "10000,200000", 2.0, 8192
+        args.levels, args.seconds, args.pool, args.index_wait = "10000,200000", 2.0, 8192, 15.0
     rates = [float(r) for r in args.levels.split(",")]
     print(f"# seed {args.seed}: {args.clients} client processes, batches of {args.batch} x {args.dim} "
           f"random unit vectors, {args.seconds:g} s per level", flush=True)
