@@ -14,8 +14,10 @@ the batch over late and keeps the lag; the rate it managed is `sent`.
 Vectors are random unit vectors made before the levels: a pool per client,
 whose rows come round again rotated by one coordinate more each time, so
 every observation's vector is its own (the rotation, a copy of the batch, is
-the only work on them in the timed loop); ids are distinct per client. Each
-level starts once the previous one's window has drained (`--index-wait`).
+the only work on them in the timed loop); ids are distinct per client. The
+levels follow each other as a ramp: each starts with the window the previous
+one left (a level whose rate the server cannot sustain starts full, so its
+accepted rate is the sustained one).
 
 Per level: offered, sent (handed to the Client), accepted (acked within the
 level's seconds), refused (observations in refused messages, by code, each
@@ -372,7 +374,7 @@ def main(argv=None, prog="python -m bench ramp") -> list[dict]:
     ap.add_argument("--pool", type=int, default=32768, help="vectors each client makes up front")
     ap.add_argument("--sample", type=int, default=200, help="acked ids recalled by their own vectors")
     ap.add_argument("--index-wait", type=float, default=120.0,
-                    help="longest wait (s) for the window to drain before a level and before the check")
+                    help="longest wait (s) for the window to drain before the check")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true",
                     help="a small run (10K and 200K/s, 2 s each, waits for indexing of 15 s at most)")
@@ -388,7 +390,6 @@ def main(argv=None, prog="python -m bench ramp") -> list[dict]:
         warmed = warm_up(endpoint, SPACE, args.batch, args.dim, args.seed)
         cues = Feed(256, args.dim, args.seed + 1000).pool
         for rate in rates:
-            wait_indexed(endpoint, args.index_wait)
             rows.append(emit(level(clients, endpoint, cues, rate, args)))
         space, indexed = wait_indexed(endpoint, args.index_wait)
         clients.send("check", -(-args.sample // args.clients))
