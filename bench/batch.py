@@ -51,6 +51,11 @@ def run(endpoint: str, feed: Feed, at: int, batch: int, n: int, seconds: float, 
             **percentiles_ms(latencies, "ack"), "batches": len(latencies), "seconds": round(elapsed, 3)}
 
 
+COLUMNS = [("batch", "batch", "d"), ("n", "n", "d"), ("obs/s", "obs_per_s", ".0f"),
+           ("x first", "x obs_per_s", ".2f"), ("ack p50 ms", "ack_p50_ms", ".2f"),
+           ("ack p99 ms", "ack_p99_ms", ".2f"), ("seconds", "seconds", ".2f")]
+
+
 def main(argv=None, prog="python -m bench batch") -> list[dict]:
     ap = parser(__doc__, prog)
     ap.add_argument("--sizes", default="1,10,50,100,256,1000", help="batch sizes, comma-separated")
@@ -78,10 +83,8 @@ def main(argv=None, prog="python -m bench batch") -> list[dict]:
             rows.append(emit(run(endpoint, feed, at, batch, args.n, args.seconds, args.dim)))
             at += rows[-1]["n"]
         wait_indexed(endpoint, args.index_wait, SPACE)
-    print(table(f"batch size against ingest rate, through the Client, {args.dim} dims", rows,
-                [("batch", "batch", "d"), ("n", "n", "d"), ("obs/s", "obs_per_s", ".0f"),
-                 (f"x batch {rows[0]['batch']}", "x obs_per_s", ".2f"), ("ack p50 ms", "ack_p50_ms", ".2f"),
-                 ("ack p99 ms", "ack_p99_ms", ".2f"), ("seconds", "seconds", ".2f")]))
+    print(table(f"batch size against ingest rate, through the Client, {args.dim} dims "
+                f"(x batch {rows[0]['batch']})", rows, COLUMNS))
     return rows
 
 

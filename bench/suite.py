@@ -68,11 +68,11 @@ def render_section(section: sections.Section, head: dict, rows: list[dict], resu
              f"`{' '.join(head['argv'])}` ({head['seconds']:.0f} s) on {stamp['machine']}, "
              f"{stamp['date'][:16].replace('T', ' ')} UTC."
              + (f" Note: {head['note']}." if head.get("note") else ""), ""]
-    for caption, group in section.tables(rows):
+    for caption, group, columns in section.tables(rows):
         if caption:
             lines += [f"**{caption}**", ""]
         if group:
-            lines += [markdown(group, section.columns), ""]
+            lines += [markdown(group, columns or section.columns), ""]
     lines += [f"![{section.title}]({os.path.relpath(plot, out_dir)})", ""]
     losses = section.losses(rows)
     if losses:
