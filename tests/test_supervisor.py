@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -64,6 +65,44 @@ def test_workers_killed_five_times_during_heavy_indexing_lose_nothing():
             assert naive.graph_violations(seg.graph_r, seg.indexed, 16) == [], seg.name
         misses = [i for i in range(N) if e.recall("hot", data[i], k=1)[0].id != ids[i]]
         assert misses == []
+
+
+def stalled_claim_holder(e) -> int:
+    """SIGSTOP a worker while it holds a segment's writer claim (inside a
+    chunk of inserts): a worker too slow to stop within the grace."""
+    for _ in range(200):
+        for w, pid in zip(e.stats()["writers"], e.supervisor.pids()):
+            if w["claimed_segment"] >= 0 and pid is not None and w["pid"] == pid:
+                os.kill(pid, signal.SIGSTOP)
+                if e.stats()["writers"][w["worker"]]["claimed_segment"] >= 0:
+                    return pid
+                os.kill(pid, signal.SIGCONT)  # it let go just before the stop: try again
+        time.sleep(0.005)
+    raise AssertionError("no worker was inserting")
+
+
+def test_a_worker_killed_at_close_leaves_no_claim_for_the_last_checkpoint(tmp_path):
+    """A durable engine's close SIGKILLs a worker that does not stop within the
+    grace; the segment it had claimed is released, so the last checkpoint
+    (which takes every segment's claim) completes instead of waiting for ever,
+    and a restart finds every observation."""
+    data = clustered(12_000, 96, seed=33)
+    ids = [f"c{i}" for i in range(len(data))]
+    e = Engine(data_dir=tmp_path, workers=2, worker_mode="process", segment_capacity=4096,
+               ef_construction=200, ring_capacity=len(data))
+    try:
+        e.observe("hot", ids, data)
+        stalled = stalled_claim_holder(e)
+        closing = threading.Thread(target=e.close)
+        closing.start()
+        closing.join(120)
+        assert not closing.is_alive(), "close() hung: the last checkpoint waits for a dead worker's claim"
+        assert stalled not in e.supervisor.pids()
+    finally:
+        e.close()
+    with Engine(data_dir=tmp_path, workers=1) as again:
+        assert again.stats()["spaces"]["hot"]["count"] == len(data)
+        assert again.recall("hot", data[7], k=1)[0].id == ids[7]
 
 
 def test_workers_leave_when_their_engine_is_killed():

@@ -51,7 +51,11 @@ class ChildSpec:
     name: str
     argv: Callable[[int], list[str]]  # incarnation -> command line
     ready: Callable[[int, int], bool]  # (pid, incarnation) -> has it said it is ready?
-    on_exit: Callable[[int], None]  # incarnation -> clean up after a death
+    on_exit: Callable[[int], None]  # incarnation -> clean up after a death (before the restart)
+    # incarnation -> free what it held, once it is stopped for good: one that
+    # had to be SIGKILLed at stop may still hold a segment's writer claim,
+    # which the last checkpoint would wait for
+    release: Callable[[int], None] = lambda incarnation: None
 
 
 class _Child:
@@ -78,13 +82,18 @@ def index_worker_specs(catalog: Catalog, config: EngineConfig,
             row = catalog.workers[i]
             return row[W_INCARNATION] == incarnation and row[W_PID] == pid
 
+        def release(incarnation):
+            freed = release_claims(segments(), token_for(i, incarnation))
+            if freed:
+                log.warning("index worker %d released %d segment(s)", i, freed)
+
         def on_exit(incarnation):
             catalog.workers[i, W_RESTARTS] += 1
-            freed = release_claims(segments(), token_for(i, incarnation))
-            log.warning("index worker %d released %d segment(s)", i, freed)
+            release(incarnation)
 
         return ChildSpec(f"index-{i}", lambda inc: ["-m", "engram_shm.engine.worker", engine, str(i),
-                                                    str(workers), str(inc), config_json], ready, on_exit)
+                                                    str(workers), str(inc), config_json], ready, on_exit,
+                         release)
 
     return [spec(i) for i in range(workers)]
 
@@ -216,10 +225,12 @@ class Supervisor:
         would SIGKILL the children it spawned (PDEATHSIG), with no grace."""
         with self._lock:
             self._stopping.set()
-            procs = [c.process for c in self._children if c.process is not None]
+            stopped = [(c, c.process, c.incarnation) for c in self._children if c.process is not None]
             for c in self._children:
                 c.process = c.restart_at = None
-        self._terminate(procs, grace_s)
+        self._terminate([proc for _, proc, _ in stopped], grace_s)
+        for child, _, incarnation in stopped:
+            child.spec.release(incarnation)
         if self._watcher is not None:
             self._watcher.join()
 
@@ -228,9 +239,10 @@ class Supervisor:
         child = self._children[index]
         with self._lock:
             child.restart_at = None
-            proc, child.process = child.process, None
+            proc, child.process, incarnation = child.process, None, child.incarnation
         if proc is not None:
             self._terminate([proc], grace_s)
+            child.spec.release(incarnation)
 
     @staticmethod
     def _terminate(procs: list[subprocess.Popen], grace_s: float) -> None:
