@@ -110,7 +110,7 @@ class TimedClient(Client):
         op = msg.get("op")
         if op == "error" and msg.get("rid") in self._by_rid:
             self.refused[msg.get("code")] += self._by_rid[msg["rid"]].n
-        before = self._queue
+        before = list(self._queue)  # the client takes acked batches out of this list in place
         super()._on_message(msg)
         if op == "ack":  # the batches an ack took out of the queue are done
             now, left = time.perf_counter(), set(self._queue)

@@ -177,7 +177,7 @@ STREAM = Section(
 
 
 def ramp_levels(rows):
-    return [r for r in rows if "offered_per_s" in r]
+    return [r for r in rows if r.get("level") != "summary"]
 
 
 def ramp_losses(rows):
@@ -206,7 +206,7 @@ RAMP = Section(
         path, "ramp", logx=True),
     tables=lambda rows: [("", ramp_levels(rows), None),
                          ("After the ramp, every acked observation checked:",
-                          [r for r in rows if "acked" in r], ramp.SUMMARY_COLUMNS)],
+                          [r for r in rows if r.get("level") == "summary"], ramp.SUMMARY_COLUMNS)],
     losses=ramp_losses,
 )
 
