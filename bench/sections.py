@@ -150,7 +150,6 @@ STREAM_METRICS = [
 ]
 
 
-
 def stream_name(row: dict) -> str:
     return f"{row['system']} ({row['n']:,})"
 
