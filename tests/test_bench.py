@@ -20,12 +20,13 @@ def test_ann_quick_runs_all_peers_and_prints_json_lines():
 
 def test_scaling_quick_compares_worker_counts():
     out, rows = quick("scaling")
-    assert [r["workers"] for r in rows] == [1, 2]
+    assert [(r["spaces"], r["workers"]) for r in rows] == [(1, 1), (1, 2), (8, 1), (8, 2)]
     for r in rows:
         assert {"bench", "workers", "insert_per_s"} <= set(r) and r["bench"] == "scaling"
         assert r["insert_per_s"] > 0
     assert rows[1]["segments"] >= 2  # the hot space spread over both writers
-    assert "x 1st" in out
+    assert min(r["segments"] for r in rows[2:]) >= 8  # a segment at least per space
+    assert out.count("x 1st") == 2
 
 
 def test_ingest_quick_compares_with_the_raw_transport():
