@@ -2,8 +2,8 @@
 
     python -m bench scaling [--n 30000] [--dim 768] [--dtype f16] [--workers 1,2] [--spaces 1,8] [--quick]
 
-The same observations go to one space, or in chunks of 4096 taken in turn
-to each of `--spaces` spaces, with strong recalls (10/s, of a random space)
+The same observations go to one space, or in chunks (of 4096, or n/spaces
+if smaller) taken in turn to each of `--spaces` spaces, with strong recalls (10/s, of a random space)
 running while indexing goes on. Prints one JSON object per (spaces, worker
 count) (bench, spaces, workers, insert_per_s, and the recall latencies
 measured while indexing), then a table per spaces with the ratio to one
@@ -36,8 +36,9 @@ def run(data: np.ndarray, workers: int, dtype: str, spaces: int) -> dict:
         for name in names:
             engine.create_space(name, dim=dim)
         start = time.perf_counter()
-        for chunk, lo in enumerate(range(0, n, CHUNK)):
-            engine.observe(names[chunk % spaces], ids[lo:lo + CHUNK], data[lo:lo + CHUNK])
+        step = max(1, min(CHUNK, n // spaces))  # every space gets a chunk at least
+        for chunk, lo in enumerate(range(0, n, step)):
+            engine.observe(names[chunk % spaces], ids[lo:lo + step], data[lo:lo + step])
         while not engine.wait_indexed(RECALL_EVERY_S):
             cue = data[rng.integers(0, n)]
             t = time.perf_counter()
