@@ -30,10 +30,9 @@ import tempfile
 import numpy as np
 
 from engram_shm import Engine
-from engram_shm.store import shm
 from engram_shm.store.layout import STORAGE
 
-from .report import emit, mib, parser, table
+from .report import emit, engine_shm_bytes, mib, parser, self_bytes, table
 
 M = 16
 CHUNK = 4096
@@ -49,22 +48,9 @@ def text(i: int, size: int) -> str:
     return head + "x" * max(0, size - len(head))
 
 
-def rollup_bytes(field: str) -> int:
-    """A field of this process's /proc/self/smaps_rollup, in bytes: `Rss` (all
-    resident pages, the shared memory it touched included) or `Anonymous`
-    (its own pages only)."""
-    with open("/proc/self/smaps_rollup") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
-
-
 def tree_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(path) for name in names)
-
-
-def engine_shm_bytes(engine: Engine) -> int:
-    prefix = shm.block_name(engine.name, "")
-    return sum(shm.block_bytes(name) for name in os.listdir(shm.SHM_DIR) if name.startswith(prefix))
 
 
 def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, seed: int) -> dict:
@@ -78,8 +64,8 @@ def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, see
             engine.observe("mem", [f"m{i}" for i in range(lo, hi)], unit_rows(rng, hi - lo, dim),
                            what=[text(i, text_bytes) for i in range(lo, hi)])
         engine.wait_indexed()
-        shm_bytes = engine_shm_bytes(engine)
-        rss, anonymous = rollup_bytes("Rss"), rollup_bytes("Anonymous")
+        shm_bytes = engine_shm_bytes(engine.name)
+        rss, anonymous = self_bytes("smaps_rollup", "Rss"), self_bytes("smaps_rollup", "Anonymous")
         segments = engine.stats()["spaces"]["mem"]["segments"]
         wal_bytes = tree_bytes(os.path.join(data_dir, "wal"))
         engine.checkpoint()

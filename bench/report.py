@@ -35,6 +35,21 @@ def parser(doc: str, prog: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def self_bytes(proc_file: str, field: str) -> int:
+    """A field of one of this process's /proc/self files, in bytes: e.g.
+    smaps_rollup's `Rss` (resident pages, the shared memory it touched
+    included) or `Anonymous` (its own pages only), status's `VmHWM` (peak)."""
+    with open(f"/proc/self/{proc_file}") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
+
+
+def engine_shm_bytes(engine_name: str) -> int:
+    """The pages an engine's shared-memory blocks occupy in /dev/shm."""
+    from engram_shm.store import shm  # here: a peer's process in bench.stream never loads engram_shm
+
+    return sum(map(shm.block_bytes, shm.list_blocks(engine_name)))
+
+
 def percentiles_ms(seconds: list, name: str, digits: int = 3) -> dict:
     """{name_p50_ms, name_p99_ms} of latencies given in seconds (NaN if none)."""
     ms = np.array(seconds or [np.nan]) * 1e3

@@ -89,7 +89,7 @@ import time
 import numpy as np
 
 from .ann import EF, EF_CONSTRUCTION, M, dataset, exact_top10, timed_queries
-from .report import emit, parser, percentiles_ms, table
+from .report import emit, engine_shm_bytes, parser, percentiles_ms, self_bytes, table
 
 SPACE = "stream"
 SYSTEMS = ("engram_shm", "engram_shm_server", "hnswlib", "chromadb", "qdrant_local", "milvus_lite")
@@ -149,9 +149,7 @@ class EngramEmbedded(System):
 
     def wait_indexed(self) -> None:
         self.engine.wait_indexed()
-        from .memory import engine_shm_bytes
-
-        self.shm_bytes = engine_shm_bytes(self.engine)
+        self.shm_bytes = engine_shm_bytes(self.engine.name)
 
     def notes(self) -> dict:
         # VmHWM already counts these pages: the engine and its index writers
@@ -233,7 +231,6 @@ class EngramServer(System):
         return [int(m.id) for m in self.client.recall(SPACE, q, k=k)]
 
     def wait_indexed(self) -> None:
-        from engram_shm.store import shm
 
         while True:
             space = self.client.stats()["spaces"][SPACE]
@@ -242,7 +239,7 @@ class EngramServer(System):
             time.sleep(0.01)
         self.window_limit = space["window_limit"]
         self.memory.sample()  # the graphs are whole: the server at its largest
-        self.shm_bytes = sum(map(shm.block_bytes, shm.list_blocks(self.name)))
+        self.shm_bytes = engine_shm_bytes(self.name)
 
     def outside_bytes(self) -> int:
         return self.memory.peak
@@ -356,11 +353,6 @@ ADAPTERS = {"engram_shm": EngramEmbedded, "engram_shm_server": EngramServer, "hn
 
 # -- one system, in a child process ------------------------------------------------------------
 
-def vm_hwm_bytes() -> int:
-    """This process's peak resident memory (VmHWM)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
 
 def stream(system, data: np.ndarray, batch: int, probes: int, seed: int) -> dict:
     """Insert `data` in batches, probing each batch right after its insert
@@ -403,7 +395,7 @@ def run_one(name: str, workdir: str, n: int, batch: int, probes: int, seed: int)
         try:
             row = stream(system, data, batch, probes, seed)
             found, latencies = timed_queries(lambda q: system.search(q, 10), queries)
-            peak = vm_hwm_bytes() + system.outside_bytes()
+            peak = self_bytes("status", "VmHWM") + system.outside_bytes()
             notes = {"index": system.index, **system.notes()}
         finally:
             system.close()
