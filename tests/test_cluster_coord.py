@@ -277,7 +277,7 @@ def test_table_cache_follows_moves_and_keeps_the_table_while_etcd_is_paused(coor
         assert cache.get("s") == placed and cache.get("other") is None
         assert cache.endpoint_of("n2") == EP2 and cache.endpoint_of("n9") is None
         moved = a.transfer("s", placed, "n2" if placed.node == "n1" else "n1")
-        assert wait_until(lambda: cache.get("s") == moved, 0.5), "the cache missed a move"
+        assert wait_until(lambda: cache.get("s") == moved, 1.0), "the cache missed a move"
         etcd.pause()
         try:
             assert wait_until(lambda: cache.stale_since is not None, 3)

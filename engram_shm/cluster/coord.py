@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -373,8 +374,16 @@ def _client(endpoint: str, timeout: float) -> etcd3gw.Etcd3Client:
 
 
 def _describe(error: Exception) -> str:
-    detail = getattr(error, "detail_text", None) or ""
-    return f"{type(error).__name__} {detail or error}".strip()
+    """A short reason: etcd's message, or the OS's, which requests buries in a page of repr."""
+    if isinstance(error, etcd_errors.ConnectionTimeoutError):
+        return "timed out"
+    detail = getattr(error, "detail_text", None) or str(error)
+    try:
+        return str(json.loads(detail)["message"])  # etcd's own answer
+    except (ValueError, TypeError, KeyError):
+        pass
+    reason = re.search(r"\[Errno \d+\] [^'\"()]*", detail)
+    return reason.group(0).strip() if reason else detail.strip()[:200]
 
 
 def _b64(data: str | bytes) -> str:
