@@ -4,6 +4,11 @@ Every test works in a cluster of its own name, so tests share no keys."""
 
 import hashlib
 import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from urllib.parse import urlsplit
@@ -13,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import engram_shm
 from engram_shm.cluster.coord import Coordinator, Owner, TableCache, rendezvous
 from engram_shm.cluster.etcd_process import EtcdProcess
 from engram_shm.errors import ClusterConflict, Corrupt, Unavailable
@@ -64,7 +70,6 @@ def raw_client(etcd) -> etcd3gw.Etcd3Client:
 
 
 def closed_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -149,6 +154,47 @@ def test_node_joins_again_when_etcd_dropped_its_lease(coords, etcd):
     [(_, again)] = client.get(c.prefix + "members/n1", metadata=True)
     assert again["lease"] != meta["lease"]
     assert c.lease_valid()
+
+
+NODE = """
+import sys
+import engram_shm
+from engram_shm.cluster.coord import Coordinator
+c = Coordinator(sys.argv[1], cluster=sys.argv[2])
+c.join("n1", "tcp://127.0.0.1:5551", ttl=2, on_lease_change=lambda valid: print(valid, c.rejoins, flush=True))
+print("joined", flush=True)
+sys.stdin.read()
+c.leave()
+"""
+
+
+def test_node_stopped_past_its_ttl_counts_the_lease_lost_and_joins_again(coords, etcd, request):
+    watcher = coords()
+    root = os.path.dirname(os.path.dirname(engram_shm.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    node = subprocess.Popen([sys.executable, "-c", NODE, etcd.endpoint, request.node.name],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    lines = queue.Queue()
+
+    def read():
+        for line in node.stdout:
+            lines.put(line.strip())
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert lines.get(timeout=60) == "joined"
+        os.kill(node.pid, signal.SIGSTOP)
+        assert wait_until(lambda: "n1" not in watcher.members(), 5), "etcd kept a stopped node's lease"
+        os.kill(node.pid, signal.SIGCONT)
+        assert [lines.get(timeout=5), lines.get(timeout=5)] == ["False 0", "True 1"]
+        assert "n1" in watcher.members()
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+        node.stdin.close()
+        try:
+            node.wait(10)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
 
 
 def test_lease_lost_while_etcd_is_paused_and_valid_again_after(coords, etcd):

@@ -193,14 +193,15 @@ class Coordinator:
         period = self._ttl / 3
         next_refresh = time.monotonic() + period
         while True:
-            self._report()
             # Wake at the deadline too, so that on_lease_change(False) comes on time.
             wake = min(next_refresh, self._deadline) if self.lease_valid() else next_refresh
             if self._stop.wait(max(0.0, wake - time.monotonic())):
                 return
+            self._report()  # before a refresh: the deadline may have passed while the process was stopped
             if time.monotonic() >= next_refresh:
                 self._refresh()
                 next_refresh = time.monotonic() + period
+                self._report()
 
     def _refresh(self) -> None:
         sent = time.monotonic()
