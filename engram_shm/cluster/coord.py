@@ -206,7 +206,10 @@ class Coordinator:
     def _refresh(self) -> None:
         sent = time.monotonic()
         try:
-            ttl = int(self._post("lease/keepalive", {"ID": self._lease})["result"].get("TTL", 0))
+            reply = self._post("lease/keepalive", {"ID": self._lease})
+            if "result" not in reply:  # a streaming call: the gateway reports errors in the body
+                raise Unavailable(f"etcd refused the keepalive: {reply.get('error', reply)}")
+            ttl = int(reply["result"].get("TTL", 0))  # none or 0: etcd dropped the lease
             if ttl > 0:
                 self._deadline = sent + ttl - LEASE_MARGIN_S
                 return
