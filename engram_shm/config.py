@@ -148,6 +148,16 @@ class EngineConfig:
                                    + ", ".join(LOG_FORMATS))
     checkpoints_kept: int = _opt(2, "complete checkpoints kept (a corrupt newest one falls back to "
                                     "the one before, with the log kept since it)", lo=1, hi=100)
+    cluster: str = _opt("", "etcd endpoints (comma-separated, e.g. http://10.0.0.5:2379) of the cluster "
+                            "this server joins as a node (docs/cluster.md); empty: a single server")
+    cluster_name: str = _opt("default", "the cluster's name: its keys live under /engram_shm/<name>/ "
+                                        "in etcd")
+    advertise: str = _opt("", "the endpoint clients reach this node at (tcp://HOST:PORT); empty: "
+                              "--endpoint")
+    node: str = _opt("", "this node's name in the cluster; empty: the one kept in <data_dir>/NODE "
+                         "(made on the first start), so a restarted node owns its spaces again")
+    lease_ttl_s: float = _opt(5.0, "TTL of the node's etcd lease: a node silent this long leaves the "
+                                   "cluster, and refuses requests itself a little before", lo=2.0, hi=3600.0)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -173,6 +183,11 @@ class EngineConfig:
             raise InvalidArgument(f"log_format {self.log_format!r} is not one of {LOG_FORMATS}")
         if self.metrics != "off":
             metrics_address(self.metrics)  # raises on a malformed one
+        if self.cluster and not self.durable:
+            raise InvalidArgument("a cluster node needs a data directory (--data): moves and restarts "
+                                  "ship and recover its spaces from it")
+        if self.node and not NAME_PATTERN.match(self.node):
+            raise InvalidArgument(f"node name {self.node!r} must match {NAME_PATTERN.pattern}")
         if self.ws_port and self.auth != "none":
             raise InvalidArgument("the WebSocket bridge cannot authenticate its clients yet: --ws-port "
                                   "needs --auth none (docs/security.md, 'The WebSocket bridge')")

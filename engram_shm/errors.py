@@ -69,6 +69,14 @@ CODES: dict[str, tuple[bool, str]] = {
     "storage_error": (True, "writing the data directory failed; nothing of the request was acked"),
     "data_dir_in_use": (False, "another engine holds the data directory's lock"),
     "data_dir_corrupt": (False, "the data directory holds no loadable checkpoint or log"),
+    # cluster (docs/cluster.md)
+    "moved": (False, "another node owns the space (see space, node, endpoint, epoch): send it there"),
+    "moving": (True, "the space is being moved to another node: its writes wait; retry after "
+                     "retry_after_ms"),
+    "unavailable": (True, "the space's owner is not live (see node), or this node cannot reach the "
+                          "cluster's etcd; nothing was stored; retry after retry_after_ms"),
+    "cluster_conflict": (False, "the space table changed under the operation (another move, or a stale "
+                                "epoch): read it again"),
 }
 
 
@@ -128,6 +136,10 @@ StorageError = _error("StorageError", "storage_error")
 StorageFull = _error("StorageFull", "storage_full", StorageError)  # a storage error: a full disk
 DataDirInUse = _error("DataDirInUse", "data_dir_in_use")
 DataDirCorrupt = _error("DataDirCorrupt", "data_dir_corrupt")
+Moved = _error("Moved", "moved")
+Moving = _error("Moving", "moving")
+Unavailable = _error("Unavailable", "unavailable")
+ClusterConflict = _error("ClusterConflict", "cluster_conflict")
 
 
 class ProtocolError(EngramError):
