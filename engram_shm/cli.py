@@ -17,7 +17,9 @@ from .config import EngineConfig, env_var
 from .errors import EngramError, InvalidArgument
 from .observability import logs
 
-CLIENT_OPTIONS = ("endpoint", "log_level", "log_format")  # what a command that talks to a server obeys
+# What a command that talks to a server obeys: one server (endpoint), or a
+# cluster (its etcd endpoints, or any node's endpoint: docs/cluster.md).
+CLIENT_OPTIONS = ("endpoint", "cluster", "cluster_name", "log_level", "log_format")
 LOG_OPTIONS = ("log_level", "log_format")
 DEFAULT_DATA_DIR = "./engram-data"
 # What `serve` assumes below the file, the environment and the flags: a data
@@ -169,15 +171,25 @@ def _read_observations(path: str):
     return ids, vectors, what, [now if w is None else w for w in when], confidence
 
 
+def _client(settings: EngineConfig, **options):
+    """A Client of the server at --endpoint, or with --cluster a ClusterClient
+    that routes each space to its owner."""
+    if settings.cluster:
+        from .cluster.client import ClusterClient
+
+        return ClusterClient(settings.cluster, cluster_name=settings.cluster_name, **options)
+    from .transport.client import Client
+
+    return Client(settings.endpoint, **options)
+
+
 def cmd_observe(args) -> int:
     from tqdm import tqdm
-
-    from .transport.client import Client
 
     ids, vectors, what, when, confidence = _read_observations(args.file)
     vectors = np.asarray(vectors, dtype=np.float32)
     step = args.batch
-    with Client(args.settings.endpoint, priority=args.priority, batch_size=step) as client, \
+    with _client(args.settings, priority=args.priority, batch_size=step) as client, \
             tqdm(total=len(ids), unit="obs", desc=f"observe {args.space}", file=sys.stderr) as bar:
         for lo in range(0, len(ids), step):
             sl = slice(lo, lo + step)
@@ -185,17 +197,15 @@ def cmd_observe(args) -> int:
                                  what[sl] if what else None, when[sl] if when else None,
                                  confidence[sl] if confidence else None)
             bar.update(min(step, len(ids) - lo))
-        last = client.flush()
-    print(f"{len(ids)} observations acked (last sequence {last})")
+        client.flush()
+    print(f"{len(ids)} observations acked")
     return 0
 
 
 def cmd_recall(args) -> int:
-    from .transport.client import Client
-
     cue = np.asarray(json.loads(args.cue) if args.cue.lstrip().startswith("[")
                      else np.load(args.cue), dtype=np.float32)
-    with Client(args.settings.endpoint) as client:
+    with _client(args.settings) as client:
         for m in client.recall(args.space, cue, k=args.k, consistency=args.consistency):
             print(json.dumps(dataclasses.asdict(m), ensure_ascii=False))
     return 0
@@ -220,6 +230,46 @@ def cmd_top(args) -> int:
 
     with Client(args.settings.endpoint) as client:
         top(client.stats, args.interval, args.count)
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from .cluster import operations
+    from .cluster.client import coordinator_for
+
+    coord = coordinator_for(args.settings)
+    say = lambda text: print(text, file=sys.stderr, flush=True)
+    if args.action == "status":
+        report = operations.status(coord)
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return 0
+        print(f"{len(report['members'])} live member(s), {len(report['spaces'])} space(s) "
+              f"(etcd revision {report['revision']})")
+        for node, info in sorted(report["members"].items()):
+            print(f"  {node:24} {info['endpoint']:28} spaces {info.get('spaces', '?'):>5} "
+                  f"{info.get('error', '')}")
+        for name, space in report["spaces"].items():
+            live = "" if space["live"] else "  (owner not live: unavailable)"
+            print(f"  {name:32} {space['owner']:24} epoch {space['epoch']:>4} "
+                  f"count {space['count'] if space['count'] is not None else '?':>10}{live}")
+        return 0
+    usage = {"move": "SPACE NODE", "reassign": "SPACE NODE", "drain": "NODE"}[args.action]
+    if len(args.args) != len(usage.split()):
+        raise InvalidArgument(f"cluster {args.action} takes {usage}")
+    if args.action == "move":
+        reports = [operations.move(coord, *args.args, progress=say)]
+    elif args.action == "drain":
+        reports = operations.drain(coord, args.args[0], progress=say)
+    else:
+        owner = operations.reassign(coord, *args.args)
+        print(f"space {args.args[0]} reassigned to {owner.node} at epoch {owner.epoch}, nothing copied")
+        return 0
+    for r in reports:
+        print(json.dumps(dataclasses.asdict(r)) if args.json else
+              f"space {r.space} moved {r.source} -> {r.target} (epoch {r.epoch}): {r.copied:,} rows copied, "
+              f"a tail of {r.tail:,}, {r.sessions} session(s); {r.seconds:.2f} s, writes waited "
+              f"{r.frozen_seconds:.2f} s")
     return 0
 
 
@@ -297,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print the whole report as JSON")
     add_config_flags(verify, LOG_OPTIONS)
     verify.set_defaults(func=cmd_verify)
+
+    cluster = sub.add_parser("cluster", help="a cluster's members, spaces and moves (docs/cluster.md)")
+    cluster.add_argument("action", choices=["status", "move", "drain", "reassign"],
+                         help="status; move SPACE NODE: copy the space to NODE and switch its owner; "
+                              "drain NODE: move every space off NODE; reassign SPACE NODE: give a space "
+                              "whose owner is gone to NODE, copying nothing (what only the old owner "
+                              "held is not on NODE)")
+    cluster.add_argument("args", nargs="*", help="SPACE NODE (move, reassign), NODE (drain)")
+    cluster.add_argument("--json", action="store_true", help="print JSON")
+    add_config_flags(cluster, CLIENT_OPTIONS)
+    cluster.set_defaults(func=cmd_cluster)
 
     gc = sub.add_parser("gc", help="remove shared memory left by engines that are no longer "
                                    "running (never a running engine's)")

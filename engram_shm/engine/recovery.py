@@ -158,7 +158,7 @@ def _replay(writer: EngineWriter, records, generation: int, report: Recovered) -
             if meta["state"] == FREE:
                 sessions.pop(meta["key"], None)
             else:
-                last = sessions.get(meta["key"], {}).get("last_seq", 0)
+                last = max(sessions.get(meta["key"], {}).get("last_seq", 0), meta.get("last_seq", 0))
                 sessions[meta["key"]] = {**meta, "last_seq": last}
 
 

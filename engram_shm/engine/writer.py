@@ -167,10 +167,11 @@ class EngineWriter:
         self.ledger.charge(params.name, disk_bytes=self.ledger.batch_bytes(params, batch))
         self.catalog.publish_generation(max(self.catalog.committed_generation, first + batch.n - 1))
 
-    def log_session(self, key: str, state: int, priority: str, principal: str) -> None:
-        """Log a session's state change (sessions are restored from the log)."""
+    def log_session(self, key: str, state: int, priority: str, principal: str, last_seq: int = 0) -> None:
+        """Log a session's state change (sessions are restored from the log);
+        `last_seq`: a session moved in with a space starts there."""
         self._log(walfile.SESSION, {"key": key, "state": state, "priority": priority,
-                                    "principal": principal})
+                                    "principal": principal, **({"last_seq": last_seq} if last_seq else {})})
 
     def _log(self, kind: int, meta: dict, blobs=()) -> None:
         if self.wal is not None:

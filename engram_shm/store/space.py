@@ -224,6 +224,13 @@ class SpaceWriter:
             dup = batch.ids[row]
             raise DuplicateId(f"id {dup!r} is already stored in space {self.params.name!r}", id=dup)
 
+    def stored_of(self, ids: list[str]) -> set[str]:
+        """Those of `ids` already stored in this space."""
+        raws = [i.encode("utf-8") for i in ids]
+        lens = np.array([len(r) for r in raws], np.int32)
+        records = np.frombuffer(b"".join(raws), np.uint8)
+        return {ids[row] for row, _, _ in self._stored(records, np.cumsum(lens, dtype=np.int64), lens, ids)}
+
     def _stored(self, records: np.ndarray, record_ends: np.ndarray, id_lens: np.ndarray, ids: list[str]):
         """(row, segment, slot) of each of `ids` (encoded in records as in a
         Batch) that is stored: the index gives the rows whose hash is present,

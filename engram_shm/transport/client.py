@@ -31,13 +31,17 @@ from ..errors import (
     Oversize,
     SessionPaused,
     Unauthenticated,
+    UnknownSession,
     from_dict,
 )
 from . import protocol as p
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 RESEND_CODES = {"no_credit", "overloaded", "sequence_gap", "internal", "shm_full", "engine_closed",
-                "session_limit"}
+                "session_limit", "moving", "unavailable"}
+# Another node owns the space (docs/cluster.md): with a router (the cluster
+# client), the session moves there and resumes; without one, an error.
+ROUTED_CODES = {"moved"}
 # The server does not know this connection as the session's owner any more (a
 # restarted front lost who owned it, and ZeroMQ reconnected the socket by
 # itself): take the session over with init{resume}, then resend.
@@ -111,6 +115,11 @@ class Client:
         self.reconnects = 0
         self.paused = False
         self._resume_needed = False
+        # The cluster client's hook: router() -> the space owner's endpoint
+        # now, or None if unknown; `route_fields` (the owner's epoch) go with
+        # every observation and recall.
+        self.router = None
+        self.route_fields: dict = {}
         self._sock = None
         self._connect()
         self._handshake(None)
@@ -186,6 +195,17 @@ class Client:
             b.start = b.rid = None
         self._by_rid.clear()
 
+    def _resume(self, timeout: float | None) -> None:
+        """init{resume} on the (maybe new) endpoint. A node the session never
+        reached (a space moved in without it: none of its batches were
+        stored there) starts a new one: nothing of it can be stored twice."""
+        try:
+            self._handshake(self.session, timeout=timeout)
+        except UnknownSession:
+            if self.router is None:
+                raise
+            self._handshake(None, timeout=timeout)
+
     def reconnect(self, deadline: float | None = None) -> None:
         """A fresh socket, the same session: re-send what was not acked.
         Retries until `deadline` (default: timeout from now) while the server
@@ -194,10 +214,11 @@ class Client:
         while True:
             self.reconnects += 1
             self._close_socket()
+            if self.router is not None:  # the space may have another owner by now
+                self.endpoint = self.router() or self.endpoint
             self._connect()
             try:
-                self._handshake(self.session, timeout=min(self.timeout,
-                                                          max(0.5, deadline - time.monotonic())))
+                self._resume(min(self.timeout, max(0.5, deadline - time.monotonic())))
                 break
             except ClientTimeout:
                 if time.monotonic() >= deadline:
@@ -316,7 +337,8 @@ class Client:
                 break
             b.start, b.rid = next_seq, next(self._rids)
             self._by_rid[b.rid] = b
-            self._send({**b.header, "session": self.session, "seq": b.start, "rid": b.rid}, b.payload)
+            self._send({**b.header, **self.route_fields, "session": self.session, "seq": b.start,
+                        "rid": b.rid}, b.payload)
             next_seq = b.end + 1
         self._pump(0)
 
@@ -334,7 +356,10 @@ class Client:
         try:
             while self._sock.poll(int(timeout * 1000) if not got else 0):
                 frames = self._sock.recv_multipart()
-                self._on_message(p.msgpack.unpackb(frames[0], raw=False))
+                msg = p.msgpack.unpackb(frames[0], raw=False)
+                if len(frames) > 1:
+                    msg["_payload"] = frames[1:]  # an export's rows
+                self._on_message(msg)
                 got = True
         except zmq.ZMQError:
             self.reconnect()
@@ -362,7 +387,7 @@ class Client:
             reply = self._replies[msg["rid"]]
             reply.messages.append(msg)
             reply.done = op in ("error", "init_ack", "paused", "resumed", "closed", "pong", "stats",
-                                "checkpointed") \
+                                "checkpointed", "exported", "adopted", "released") \
                 or (op == "recall_result" and not msg.get("more"))
         # anything else answers a request already abandoned (a timeout): ignore
 
@@ -388,6 +413,8 @@ class Client:
             b.start = b.rid = None
         if code in RESUME_CODES:
             self._resume_needed = True
+        elif code in ROUTED_CODES and self.router is not None:
+            self._resume_needed = True  # reconnect() asks the router where the space is now
         elif code in RESEND_CODES:
             self._grant(msg)
             batch.not_before = time.monotonic() + msg.get("retry_after_ms", 20) / 1000
@@ -418,22 +445,32 @@ class Client:
             first, self._errors = self._errors[0], []
             raise first
 
-    def _request(self, header: dict, *payload, timeout: float | None = None) -> list[dict]:
+    def _request(self, header: dict, *payload, timeout: float | None = None,
+                 resumed: bool = False) -> list[dict]:
         """Send a control request and wait for its whole answer."""
         rid = next(self._rids)
         reply = self._replies[rid] = _Reply()
         self._send({**header, "rid": rid}, *payload)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         try:
             while not reply.done:
                 if not self._pump(min(0.05, max(0.0, deadline - time.monotonic()))) and \
                         time.monotonic() > deadline:
-                    raise ClientTimeout(f"no answer to {header['op']} within {self.timeout} s "
+                    raise ClientTimeout(f"no answer to {header['op']} within {timeout} s "
                                         f"from {self.endpoint}")
         finally:
             del self._replies[rid]
-        if reply.messages[-1].get("op") == "error":
-            raise from_dict(reply.messages[-1])
+        error = reply.messages[-1] if reply.messages[-1].get("op") == "error" else None
+        if error is not None and error.get("code") in RESUME_CODES and header.get("session") and \
+                header["op"] != "init" and not resumed:
+            # The server was restarted and ZeroMQ reconnected by itself: take
+            # the session over on this connection, then ask again (once).
+            self._resume(timeout)
+            return self._request({**header, "session": self.session}, *payload, timeout=timeout,
+                                 resumed=True)
+        if error is not None:
+            raise from_dict(error)
         return reply.messages
 
     # -- recall -----------------------------------------------------------------------
@@ -451,6 +488,7 @@ class Client:
             if value is not None:
                 header[name] = value
         fields, frame = p.vector_payload(np.asarray(cue, dtype=np.float32))
+        header.update(self.route_fields)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -484,6 +522,11 @@ class Client:
         """Have the server write a checkpoint; returns its generation once it
         is complete."""
         return self._request({"op": "checkpoint"}, timeout=timeout)[0]["generation"]
+
+    def request(self, header: dict, *payload, timeout: float | None = None) -> dict:
+        """A control request's one answer (an admin's: export, adopt,
+        release); payload frames come back under `_payload`."""
+        return self._request(header, *payload, timeout=timeout)[-1]
 
     def ping(self) -> float:
         return self._request({"op": "ping"})[0]["time"]

@@ -35,6 +35,8 @@ import zmq
 
 from .. import faults
 from ..auth.gate import gate_for
+from ..cluster import export
+from ..cluster.node import NodeCluster
 from ..config import EngineConfig
 from ..engine import lifeline, recovery
 from ..engine.checkpointer import durability_stats
@@ -51,6 +53,7 @@ from ..errors import (
     SessionLimit,
     SlowConsumer,
     StorageError,
+    UnknownSpace,
 )
 from ..kernels.warm import freeze, warm
 from ..observability import logs
@@ -119,6 +122,7 @@ class Front:
         else:
             recovered = self.writer.recover(open_segment)
         self.writer.ledger.overrides = self.gate.limits()
+        self.cluster = NodeCluster(config) if config.cluster else None
         self.memory_pressure = 0.0
         self.counters = {"received": 0, "errors": 0, "observations": 0}
         self.stopping = False
@@ -421,6 +425,11 @@ class Front:
         session = self.sessions.get(header.get("session"), identity)
         seq = p.field(header, "seq", int)
         space = p.field(header, "space", str)
+        importing = p.field(header, "import", bool, False)
+        if importing:  # a move copies rows in (docs/cluster.md): before this node owns the space
+            self.gate.check_engine(self.principal)
+        elif self.cluster is not None:
+            self.cluster.route(space, p.field(header, "epoch", int, None), write=True)
         self.gate.check(self.principal, space, "observe")
         vectors = p.vectors(header, payload, self.config.max_frame_bytes, single)
         if single:
@@ -446,9 +455,7 @@ class Front:
         if seq > last + 1:
             raise SequenceGap(f"expected seq {last + 1}, got {seq}", expected=last + 1)
         if n and end <= last:  # a re-send of what was acked: ack again, store nothing
-            self.send(identity, {"op": "ack", "rid": header.get("rid"), "session": session.key,
-                                 "from": seq, "to": end, "duplicate": True, **self._durable(session),
-                                 **self._grant(session)})
+            self._ack_stored(identity, header, session, seq, end)
             return
         skip = last + 1 - seq  # an overlapping re-send: store only the new tail
         if end > session.limit:
@@ -459,9 +466,27 @@ class Front:
             self._dropped = True
             ids, vectors = ids[:-1], vectors[:-1]
             what, when, confidence = (None if c is None else c[:-1] for c in (what, when, confidence))
-        params, batch = self.writer.prepare(space, ids[skip:], vectors[skip:],
-                                            _tail(what, skip), _tail(when, skip),
-                                            _tail(confidence, skip))
+        ids, vectors, what, when, confidence = (_tail(c, skip)
+                                                for c in (ids, vectors, what, when, confidence))
+        if importing and space not in self.writer.spaces:  # made as on the node it comes from
+            given = p.field(header, "params", dict)
+            self.writer.create_space(self.writer.params(space, p.field(given, "dim", int), **{
+                k: given[k] for k in ("dtype", "metric", "M", "ef_construction", "seed") if k in given}),
+                p.field(header, "owner", str, ANONYMOUS))
+        if importing:
+            # A move started again finds rows it copied before: ids are unique
+            # per space, so those are skipped, never stored twice.
+            stored = self.writer.spaces[space].stored_of(ids)
+            if stored:
+                keep = [row for row, i in enumerate(ids) if i not in stored]
+                ids, vectors = [ids[row] for row in keep], vectors[keep]
+                what, when, confidence = ([c[row] for row in keep] if c is not None else None
+                                          for c in (what, when, confidence))
+                if not ids:
+                    self.sessions.set_last_seq(session, end)
+                    self._ack_stored(identity, header, session, seq, end)
+                    return
+        params, batch = self.writer.prepare(space, ids, vectors, what, when, confidence)
         self._check_room(params.name, batch.n)
         ack, spans = self.writer.write(params, batch, session.key, end, owner=session.principal)
         self.sessions.set_last_seq(session, end)
@@ -477,6 +502,13 @@ class Front:
         self.send(identity, {"op": "ack", "rid": header.get("rid"), "session": session.key,
                              "from": seq, "to": end, "first_generation": ack.first_generation,
                              "last_generation": ack.last_generation, **self._durable(session),
+                             **self._grant(session)})
+
+    def _ack_stored(self, identity, header, session: Session, seq: int, end: int) -> None:
+        """Ack seq..end, all of it stored before (a re-send, or rows a move
+        had copied already)."""
+        self.send(identity, {"op": "ack", "rid": header.get("rid"), "session": session.key,
+                             "from": seq, "to": end, "duplicate": True, **self._durable(session),
                              **self._grant(session)})
 
     def _durable(self, session: Session) -> dict:
@@ -549,6 +581,8 @@ class Front:
         publication order of the catalog: reader.py)."""
         request = p.recall(header, payload, self.config.max_frame_bytes, self.config.max_k,
                            self.config.ef_search)
+        if self.cluster is not None:
+            self.cluster.route(request.space, p.field(header, "epoch", int, None), write=False)
         self.gate.check(self.principal, request.space, "recall")
         consistency = CONSISTENCIES.index(request.consistency if isinstance(request.consistency, str)
                                           else "snapshot")
@@ -578,6 +612,72 @@ class Front:
                                      "generation": int(h[CHECKPOINT_GENERATION])})
         self._checkpoints = waiting
 
+    # -- cluster: moving a space (docs/cluster.md) --------------------------------------
+    def op_export(self, identity, header, payload) -> None:
+        """A chunk of a space's committed rows from a cursor on; with `freeze`,
+        the space takes no more writes first, and the last chunk lists the
+        sessions that wrote it."""
+        self._no_payload(header, payload)
+        self.gate.check_engine(self.principal)
+        space = p.field(header, "space", str)
+        cursor = p.field(header, "cursor", list, [])
+        if not all(type(c) is int and c >= 0 for c in cursor):
+            raise p.WrongType("cursor must be a list of non-negative ints", field="cursor")
+        limit = p.field(header, "limit", int, 4096)
+        if not 1 <= limit <= self.config.max_batch:
+            raise InvalidArgument(f"limit must be in [1, {self.config.max_batch}]", field="limit")
+        freeze = p.field(header, "freeze", bool, False)
+        writer = self.writer.spaces.get(space)
+        if writer is None:
+            raise UnknownSpace(f"no space {space!r} on this node", space=space)
+        epoch = None
+        if self.cluster is not None:
+            epoch = (self.cluster.freeze(space) if freeze else self.cluster.owns(space)).epoch
+        chunk = export.read_chunk(writer.segments, self.catalog.committed_generation, cursor, limit,
+                                  writer.params.dim, writer.params.dtype)
+        fields, frame = p.vector_payload(chunk.vectors)
+        reply = {"op": "exported", "rid": header.get("rid"), "space": space, "epoch": epoch,
+                 "params": dataclasses.asdict(writer.params), "owner": self.writer.ledger.owners[space],
+                 "ids": chunk.ids, "what": chunk.what, "when": chunk.when, "confidence": chunk.confidence,
+                 "count": writer.count, "cursor": chunk.cursor, "more": chunk.more, **fields}
+        if freeze and not chunk.more:
+            reply["sessions"] = [
+                {"key": s.key, "last_seq": self.sessions.last_seq(s), "priority": s.priority,
+                 "principal": s.principal, "state": self.sessions.state(s)}
+                for s in self.sessions.live.values() if s.space in (space, None)]
+        self.send(identity, reply, frame)
+
+    def op_adopt(self, identity, header, payload) -> None:
+        """Take over sessions of a space moved in, with their last sequence
+        numbers (logged: a restart keeps them)."""
+        self._no_payload(header, payload)
+        self.gate.check_engine(self.principal)
+        adopted = {}
+        for entry in p.field(header, "sessions", list):
+            if not isinstance(entry, dict):
+                raise p.WrongType("sessions must be a list of maps", field="sessions")
+            key = p.field(entry, "key", str)
+            if len(key) != 32 or any(c not in "0123456789abcdef" for c in key):
+                raise InvalidArgument(f"session key {key!r} is not 32 hex digits", field="sessions")
+            adopted[key] = {"key": key, "last_seq": p.field(entry, "last_seq", int),
+                            "priority": p.field(entry, "priority", str, "normal"),
+                            "principal": p.field(entry, "principal", str, ANONYMOUS), "state": ACTIVE}
+        for entry in adopted.values():
+            self.writer.log_session(entry["key"], ACTIVE, entry["priority"], entry["principal"],
+                                    last_seq=entry["last_seq"])
+        self.sessions.merge(adopted)
+        self.send(identity, {"op": "adopted", "rid": header.get("rid"), "sessions": len(adopted)})
+
+    def op_release(self, identity, header, payload) -> None:
+        """The move switched the space's owner in etcd: answer `moved` for it."""
+        self._no_payload(header, payload)
+        self.gate.check_engine(self.principal)
+        if self.cluster is None:
+            raise InvalidArgument("this server is not a cluster node (--cluster)")
+        owner = self.cluster.release(p.field(header, "space", str))
+        self.send(identity, {"op": "released", "rid": header.get("rid"), "node": owner.node,
+                             "epoch": owner.epoch})
+
     def op_ping(self, identity, header, payload) -> None:
         self.send(identity, {"op": "pong", "rid": header.get("rid"), "time": time.time()})
 
@@ -601,7 +701,8 @@ class Front:
                 **({"latency": {"observe": latency_summary([self.metrics.observe_latency]),
                                 "recall": latency_summary(self.metrics.recall_latency)}}
                    if self.metrics is not None else {}),
-                **({"config": dataclasses.asdict(self.config)} if admin else {})}
+                **({"config": dataclasses.asdict(self.config)} if admin else {}),
+                **({"cluster": self.cluster.stats()} if self.cluster is not None else {})}
 
     @staticmethod
     def _no_payload(header, payload) -> None:
@@ -626,6 +727,8 @@ class Front:
             self._log_session(session, FREE)
         if self._checkpoints:
             self._answer_checkpoints()
+        if self.cluster is not None:
+            self.cluster.upkeep()
         self._track_pressure()
         if self.wal is not None and self.metrics is not None:
             self.metrics.front[WAL_WRITTEN] += self.wal.written - self._wal_counted
@@ -712,6 +815,8 @@ class Front:
         return done
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
         self.writer.close()
         self.wal = self.recalls.latency = None  # both hold views of the stats block, unmapped next
         if self.metrics is not None:

@@ -25,13 +25,14 @@ from ..errors import (
     WrongType,
 )
 
-VERSION = "1.4"
+VERSION = "1.5"
 MAJOR = int(VERSION.split(".")[0])
 
 CLIENT_OPS = frozenset({"init", "observe", "observe_batch", "pause", "resume", "close", "recall",
-                        "ping", "stats", "checkpoint"})
+                        "ping", "stats", "checkpoint", "export", "adopt", "release"})
 SERVER_OPS = frozenset({"init_ack", "ack", "indexed", "durable", "status", "paused", "resumed", "closed",
-                        "recall_result", "pong", "stats", "checkpointed", "error"})
+                        "recall_result", "pong", "stats", "checkpointed", "exported", "adopted", "released",
+                "error"})
 CAPABILITIES = ("observe", "observe_batch", "recall_stream", "resume", "priority",
                 "indexed_notifications", "f16_payload")
 PRIORITIES = ("high", "normal", "low")
@@ -120,7 +121,8 @@ def vector_payload(array: np.ndarray) -> tuple[dict, bytes | memoryview]:
     array = np.asarray(array)
     kind = "f16" if array.dtype == np.float16 else "f32"
     data = np.ascontiguousarray(array, dtype=np.float16 if kind == "f16" else np.float32)
-    return {"dtype": kind, "shape": list(data.shape)}, memoryview(data).cast("B")
+    # Bytes through a flat uint8 view: memoryview.cast refuses an empty [0, dim] array.
+    return {"dtype": kind, "shape": list(data.shape)}, memoryview(data.reshape(-1).view(np.uint8))
 
 
 def _as_tuple(types) -> tuple:
