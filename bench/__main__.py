@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "restart": "recovery time from checkpoint and log",
     "websocket": "the WebSocket bridge against the ZeroMQ client",
     "isolation": "recall latency while a flood of batches arrives",
+    "cluster": "aggregate ingest with 1, 2 and 3 nodes, and the time of a move of a space",
     "report": "run the suite (or read saved JSON lines) and write docs/benchmarks.md",
 }
 

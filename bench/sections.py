@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 
-from . import ann, batch, ingest, memory, ramp, recall, scaling, stream
+from . import ann, batch, cluster, ingest, memory, ramp, recall, scaling, stream
 
 Columns = list[tuple[str, object, str]]
 # A worse figure than a peer's counts as a loss only beyond this margin:
@@ -359,4 +359,41 @@ INGEST = Section(
                          f"pyzmq loop's rate" for r in rows if is_engram(r)],
 )
 
-SECTIONS = [STREAM, RAMP, RECALL, SCALING, BATCH, MEMORY, ANN, INGEST]
+# -- cluster ---------------------------------------------------------------------
+def cluster_losses(rows):
+    """Aggregate ingest that falls as nodes are added (every node of this
+    machine shares its 2 cores), and the time writes waited in a move."""
+    ingest = [r for r in rows if r["case"] == "ingest"]
+    one = ingest[0]
+    found = [f"{r['nodes']} nodes accept {r['accepted_per_s'] / one['accepted_per_s']:.2f}x and index "
+             f"{r['indexed_per_s'] / one['indexed_per_s']:.2f}x what 1 node does (all on one 2-core machine)"
+             for r in ingest[1:] if r["indexed_per_s"] < one["indexed_per_s"] * (1 - MARGIN)]
+    found += [f"a move of {r['n']:,} rows took {r['move_s']:.1f} s, and the new owner indexed them again "
+              f"for {r['indexed_on_target_s']:.1f} s (the graph is not shipped)"
+              for r in rows if r["case"] == "move"]
+    return found
+
+
+CLUSTER = Section(
+    "cluster", "Cluster: aggregate ingest over 1..3 nodes, and a move",
+    "One etcd and 1, 2 or 3 nodes (full servers with a data directory and one index worker each) on "
+    "this machine; 3 producer processes, each with its own cluster client, stream 768-dim "
+    "observations into 12 spaces placed over the nodes by rendezvous hashing: the same offered load "
+    "for each node count. The rates are all producers together: accepted (acked), and indexed (end "
+    "to end, until every node's graphs hold everything). Every node runs on the same 2 cores, so "
+    "more nodes add processes, not CPU: the figures show the cost of the cluster's routing, not a "
+    "scaling a machine with more cores (or more machines) would give. Then a space is moved between "
+    "two nodes while idle: the move's time, the time writes to it waited, and the time until the new "
+    "owner's graphs hold every row.",
+    (),
+    cluster.INGEST_COLUMNS,
+    plot=lambda rows, path: bar_grid(
+        [r for r in rows if r["case"] == "ingest"], lambda r: f"{r['nodes']} node(s)",
+        [Metric("accepted_per_s", "accepted/s", True), Metric("indexed_per_s", "indexed/s", True)], path,
+        "cluster"),
+    tables=lambda rows: [("aggregate ingest", [r for r in rows if r["case"] == "ingest"], None),
+                         ("a move", [r for r in rows if r["case"] == "move"], cluster.MOVE_COLUMNS)],
+    losses=cluster_losses,
+)
+
+SECTIONS = [STREAM, RAMP, RECALL, SCALING, BATCH, MEMORY, ANN, INGEST, CLUSTER]

@@ -183,9 +183,6 @@ class EngineConfig:
             raise InvalidArgument(f"log_format {self.log_format!r} is not one of {LOG_FORMATS}")
         if self.metrics != "off":
             metrics_address(self.metrics)  # raises on a malformed one
-        if self.cluster and not self.durable:
-            raise InvalidArgument("a cluster node needs a data directory (--data): moves and restarts "
-                                  "ship and recover its spaces from it")
         if self.node and not NAME_PATTERN.match(self.node):
             raise InvalidArgument(f"node name {self.node!r} must match {NAME_PATTERN.pattern}")
         if self.ws_port and self.auth != "none":

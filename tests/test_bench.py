@@ -112,3 +112,14 @@ def test_ingest_quick_compares_metrics_off_and_on():
     assert all(r["obs_per_s"] > 0 for r in rows)
     assert rows[0]["x_metrics_off"] == rows[2]["x_metrics_off"] == 1.0
     assert "x metrics off" in out
+
+
+def test_cluster_quick_measures_one_to_three_nodes_and_a_move():
+    out, rows = quick("cluster")
+    ingest = [r for r in rows if r["case"] == "ingest"]
+    assert [(r["nodes"], r["nodes_used"]) for r in ingest] == [(1, 1), (2, 2), (3, 3)]
+    assert all(r["accepted_per_s"] > 0 and 0 < r["indexed_per_s"] <= r["accepted_per_s"] for r in ingest)
+    [move] = [r for r in rows if r["case"] == "move"]
+    assert move["copied"] + move["tail"] == move["n"] and move["epoch"] == 2
+    assert move["own_top_hit"] >= 0.95 and 0 <= move["frozen_s"] <= move["move_s"]
+    assert "accepted x1" in out and "writes waited s" in out

@@ -132,3 +132,12 @@ def test_export_refuses_bad_requests_with_codes(two_servers):
         with pytest.raises(EngramError) as refused:
             client.request({"op": "release", "space": "bad"})
         assert refused.value.code == "invalid_argument"  # not a cluster node
+
+
+def test_a_cluster_node_needs_a_data_directory():
+    from engram_shm.config import EngineConfig
+    from engram_shm.transport.server import Server
+
+    with pytest.raises(EngramError) as refused:
+        Server(EngineConfig(cluster="http://127.0.0.1:1", data_dir="none", worker_mode="process"))
+    assert refused.value.code == "invalid_argument" and refused.value.details["field"] == "data_dir"

@@ -64,6 +64,9 @@ class Server:
         if config.worker_mode != "process":
             raise InvalidArgument("a server's index writers are processes: worker_mode must be process "
                                   "(thread is the embedded engine's)", field="worker_mode")
+        if config.cluster and not config.durable:
+            raise InvalidArgument("a cluster node needs a data directory (--data): moves and restarts "
+                                  "ship and recover its spaces from it", field="data_dir")
         if not config.name:
             config = dataclasses.replace(config, name=default_name(config.endpoint))
         if config.durable:  # children get an absolute path, whatever their cwd

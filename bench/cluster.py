@@ -1,0 +1,163 @@
+"""Cluster benchmark: aggregate ingest with 1, 2 and 3 nodes, and the time of a move.
+
+    python -m bench cluster [--n 60000] [--dim 768] [--spaces 12] [--producers 3]
+                            [--nodes 1,2,3] [--move-n 100000] [--quick]
+
+One etcd and the nodes (full servers with a data directory, one index worker
+each) start on loopback. `--producers` client processes, each with its own
+ClusterClient, stream their share of `--n` clustered observations into
+`--spaces` spaces (placed over the nodes by rendezvous hashing): the same
+offered load for every node count. Accepted: observations acked per second,
+all producers together; indexed: the rate end to end, until every node's
+graphs hold everything. Then, on two nodes, a space of `--move-n`
+observations is moved from its owner to the other node while idle: the
+move's time, how long writes to the space waited (its freeze), and the time
+until the new owner's graphs hold every row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import time
+
+from engram_shm.cluster import operations
+from engram_shm.cluster.client import ClusterClient
+from engram_shm.cluster.coord import Coordinator
+from engram_shm.cluster.etcd_process import EtcdProcess
+from engram_shm.synthetic import clustered
+from engram_shm.transport.client import Client
+from engram_shm.transport.launch import running_server
+
+from .report import emit, parser, table
+
+BATCH = 256
+
+
+@contextlib.contextmanager
+def cluster(count: int):
+    """(etcd endpoint, node endpoints) of a fresh cluster of `count` nodes."""
+    with EtcdProcess() as etcd, contextlib.ExitStack() as stack:
+        endpoints = [stack.enter_context(running_server("--cluster", etcd.endpoint, "--node", f"n{i}",
+                                                        "--metrics", "off", "--recall-workers", "1",
+                                                        workers=1))[0]
+                     for i in range(count)]
+        yield etcd.endpoint, endpoints
+
+
+def produce(etcd: str, spaces: list[str], n: int, dim: int, seed: int, start, done) -> None:
+    """A producer process: its own rows into its spaces in turn, batch by batch."""
+    data = clustered(n, dim, clusters=max(10, n // 50), spread=1.0, seed=seed)
+    ids = [f"{seed}-{i}" for i in range(n)]
+    with ClusterClient(etcd, batch_size=BATCH, payload_dtype="f16") as client:
+        for space in spaces:  # placed and connected before the clock starts
+            client.client(space)
+        start.wait()
+        t = time.perf_counter()
+        for b, lo in enumerate(range(0, n, BATCH)):
+            client.observe_batch(spaces[b % len(spaces)], ids[lo:lo + BATCH], data[lo:lo + BATCH])
+        client.flush()
+        done.put(time.perf_counter() - t)
+
+
+def indexed(endpoints: list[str]) -> tuple[int, int]:
+    """(rows, indexed rows) over every node."""
+    rows = done = 0
+    for endpoint in endpoints:
+        with Client(endpoint, timeout=30) as c:
+            for s in c.stats()["spaces"].values():
+                rows, done = rows + s["count"], done + s["indexed"]
+    return rows, done
+
+
+def wait_indexed(endpoints: list[str], rows: int, timeout: float = 3600) -> None:
+    deadline = time.monotonic() + timeout
+    while indexed(endpoints) != (rows, rows):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not all {rows} rows indexed after {timeout} s")
+        time.sleep(0.2)
+
+
+def ingest(nodes: int, n: int, dim: int, spaces: int, producers: int) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with cluster(nodes) as (etcd, endpoints):
+        start, done = ctx.Event(), ctx.Queue()
+        names = [f"space-{i}" for i in range(spaces)]
+        share = n // producers
+        procs = [ctx.Process(target=produce, args=(etcd, names[p::producers], share, dim, p, start, done))
+                 for p in range(producers)]
+        for proc in procs:
+            proc.start()
+        time.sleep(1.0)  # every producer connected before the clock starts
+        t = time.perf_counter()
+        start.set()
+        seconds = [done.get(timeout=3600) for _ in procs]
+        accepted_s = time.perf_counter() - t
+        wait_indexed(endpoints, share * producers)
+        indexed_s = time.perf_counter() - t
+        for proc in procs:
+            proc.join()
+        owners = {o.node for o in Coordinator(etcd).table()[0].values()}
+    total = share * producers
+    return {"bench": "cluster", "case": "ingest", "nodes": nodes, "n": total, "dim": dim, "spaces": spaces,
+            "producers": producers, "nodes_used": len(owners),
+            "accepted_per_s": round(total / accepted_s, 1), "indexed_per_s": round(total / indexed_s, 1),
+            "slowest_producer_s": round(max(seconds), 3)}
+
+
+def move(n: int, dim: int) -> dict:
+    data = clustered(n, dim, clusters=max(10, n // 50), spread=1.0, seed=7)
+    with cluster(2) as (etcd, endpoints):
+        coord = Coordinator(etcd)
+        ids = [str(i) for i in range(n)]
+        with ClusterClient(coord, batch_size=BATCH, payload_dtype="f16") as client:
+            for lo in range(0, n, BATCH):
+                client.observe_batch("big", ids[lo:lo + BATCH], data[lo:lo + BATCH])
+            client.flush()
+        wait_indexed(endpoints, n)
+        source = coord.owner("big").node
+        target = next(f"n{i}" for i in range(2) if f"n{i}" != source)
+        t = time.perf_counter()
+        report = operations.move(coord, "big", target)
+        wait_indexed(endpoints, 2 * n)  # the source keeps its (retired) copy
+        settled = time.perf_counter() - t
+        sample = range(0, n, max(1, n // 200))
+        with ClusterClient(coord) as client:
+            hits = sum(client.recall("big", data[i], k=1)[0].id == ids[i] for i in sample)
+    return {"bench": "cluster", "case": "move", "nodes": 2, "n": n, "dim": dim, "move_s": report.seconds,
+            "frozen_s": report.frozen_seconds, "copied": report.copied, "tail": report.tail,
+            "indexed_on_target_s": round(settled, 3), "own_top_hit": round(hits / len(sample), 3),
+            "epoch": report.epoch}
+
+
+INGEST_COLUMNS = [("nodes", "nodes", "d"), ("used", "nodes_used", "d"), ("n", "n", "d"), ("dim", "dim", "d"),
+                  ("spaces", "spaces", "d"), ("producers", "producers", "d"),
+                  ("accepted/s", "accepted_per_s", ".0f"), ("accepted x1", "x accepted_per_s", ".2f"),
+                  ("indexed/s", "indexed_per_s", ".0f"), ("indexed x1", "x indexed_per_s", ".2f")]
+MOVE_COLUMNS = [("n", "n", "d"), ("dim", "dim", "d"), ("move s", "move_s", ".2f"),
+                ("writes waited s", "frozen_s", ".2f"), ("copied", "copied", "d"), ("tail", "tail", "d"),
+                ("indexed on target s", "indexed_on_target_s", ".2f"), ("own top hit", "own_top_hit", ".3f")]
+
+
+def main(argv=None, prog="python -m bench cluster") -> list[dict]:
+    ap = parser(__doc__, prog)
+    ap.add_argument("--n", type=int, default=60_000)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--spaces", type=int, default=12)
+    ap.add_argument("--producers", type=int, default=3)
+    ap.add_argument("--nodes", default="1,2,3", help="node counts to compare, comma-separated")
+    ap.add_argument("--move-n", type=int, default=100_000, help="observations of the moved space")
+    ap.add_argument("--quick", action="store_true", help="a small run (3000 x 32, a move of 2000) for tests")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.dim, args.move_n = 3000, 32, 2000
+    rows = [emit(ingest(int(k), args.n, args.dim, args.spaces, args.producers))
+            for k in args.nodes.split(",")]
+    print(table("cluster benchmark, aggregate ingest", rows, INGEST_COLUMNS))
+    moved = [emit(move(args.move_n, args.dim))]
+    print(table("cluster benchmark, a move", moved, MOVE_COLUMNS))
+    return rows + moved
+
+
+if __name__ == "__main__":
+    main()
