@@ -237,7 +237,9 @@ def cmd_cluster(args) -> int:
     from .cluster import operations
     from .cluster.client import coordinator_for
 
-    coord = coordinator_for(args.settings)
+    if not args.settings.cluster:
+        raise InvalidArgument("give the cluster: --cluster ETCD_ENDPOINTS, or any node's tcp://HOST:PORT")
+    coord = coordinator_for(args.settings.cluster, args.settings.cluster_name)
     say = lambda text: print(text, file=sys.stderr, flush=True)
     if args.action == "status":
         report = operations.status(coord)

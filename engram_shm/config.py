@@ -149,7 +149,8 @@ class EngineConfig:
     checkpoints_kept: int = _opt(2, "complete checkpoints kept (a corrupt newest one falls back to "
                                     "the one before, with the log kept since it)", lo=1, hi=100)
     cluster: str = _opt("", "etcd endpoints (comma-separated, e.g. http://10.0.0.5:2379) of the cluster "
-                            "this server joins as a node (docs/cluster.md); empty: a single server")
+                            "this server joins as a node (docs/cluster.md); empty: a single server. "
+                            "Client commands also take any node's tcp://HOST:PORT")
     cluster_name: str = _opt("default", "the cluster's name: its keys live under /engram_shm/<name>/ "
                                         "in etcd")
     advertise: str = _opt("", "the endpoint clients reach this node at (tcp://HOST:PORT); empty: "

@@ -91,7 +91,9 @@ def test_thirty_spaces_land_on_every_node_and_stay_recallable(nodes):
         for space, (ids, vectors) in spaces.items():
             assert nodes.count(owners[space], space) == len(ids)
             assert_recallable(client, space, ids, vectors)
-        # One cue, the best of every space at once: the fan-out finds a space's own row.
+    # A client that knows one node's address finds the cluster through it.
+    # One cue, the best of every space at once: the fan-out finds a space's own row.
+    with ClusterClient(nodes.servers["n1"].endpoint, timeout=20) as client:
         ids, vectors = spaces["space-7"]
         best = client.recall_many(list(spaces), vectors[3], k=5)
         assert best[0] == ("space-7", best[0][1]) and best[0][1].id == ids[3]

@@ -134,10 +134,13 @@ def test_export_refuses_bad_requests_with_codes(two_servers):
         assert refused.value.code == "invalid_argument"  # not a cluster node
 
 
-def test_a_cluster_node_needs_a_data_directory():
+def test_a_cluster_node_needs_a_data_directory_and_etcd_endpoints():
     from engram_shm.config import EngineConfig
     from engram_shm.transport.server import Server
 
     with pytest.raises(EngramError) as refused:
         Server(EngineConfig(cluster="http://127.0.0.1:1", data_dir="none", worker_mode="process"))
     assert refused.value.code == "invalid_argument" and refused.value.details["field"] == "data_dir"
+    with pytest.raises(EngramError) as refused:  # a node's address is for clients
+        Server(EngineConfig(cluster="tcp://127.0.0.1:1", data_dir="x", worker_mode="process"))
+    assert refused.value.details["field"] == "cluster"

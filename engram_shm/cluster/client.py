@@ -18,25 +18,25 @@ from ..transport.client import Client, ClientTimeout
 from .coord import Coordinator, Owner, TableCache
 
 
-def coordinator_for(settings) -> Coordinator:
-    """The cluster's etcd: --cluster, or the one the node at --endpoint names."""
-    if settings.cluster:
-        return Coordinator(settings.cluster, settings.cluster_name)
-    with Client(settings.endpoint, timeout=10.0) as client:
+def coordinator_for(cluster: str, cluster_name: str = "default") -> Coordinator:
+    """The cluster's etcd from its endpoints, or from any node's address
+    (tcp://, ipc://: the node names its etcd and cluster in its stats)."""
+    if not cluster.startswith(("tcp://", "ipc://")):
+        return Coordinator(cluster, cluster_name)
+    with Client(cluster, timeout=10.0) as client:
         info = client.stats().get("cluster")
     if info is None:
-        raise InvalidArgument(f"the server at {settings.endpoint} is not a cluster node; give --cluster")
+        raise InvalidArgument(f"the server at {cluster} is not a cluster node (started without --cluster)")
     return Coordinator(info["etcd"], info["name"])
 
 
 class ClusterClient:
     def __init__(self, cluster: str | Coordinator, *, cluster_name: str = "default", timeout: float = 30.0,
                  **client_options):
-        """`cluster`: etcd endpoints (comma-separated), or a Coordinator
-        (`coordinator_for` finds one from any node's endpoint).
-        `client_options` go to every per-space `Client` (batch_size,
-        payload_dtype, keys...)."""
-        self.coord = cluster if isinstance(cluster, Coordinator) else Coordinator(cluster, cluster_name)
+        """`cluster`: etcd endpoints (comma-separated), any node's address
+        (tcp://HOST:PORT), or a Coordinator. `client_options` go to every
+        per-space `Client` (batch_size, payload_dtype, keys...)."""
+        self.coord = cluster if isinstance(cluster, Coordinator) else coordinator_for(cluster, cluster_name)
         self.table = TableCache(self.coord)
         self.table.start()
         self.timeout = timeout

@@ -64,6 +64,9 @@ class Server:
         if config.worker_mode != "process":
             raise InvalidArgument("a server's index writers are processes: worker_mode must be process "
                                   "(thread is the embedded engine's)", field="worker_mode")
+        if config.cluster.startswith(("tcp://", "ipc://")):
+            raise InvalidArgument("serve --cluster takes the etcd endpoints (http://HOST:2379,...), not a "
+                                  "node's address", field="cluster")
         if config.cluster and not config.durable:
             raise InvalidArgument("a cluster node needs a data directory (--data): moves and restarts "
                                   "ship and recover its spaces from it", field="data_dir")
