@@ -147,6 +147,10 @@ def test_a_move_under_load_loses_nothing_and_stores_nothing_twice(nodes):
             with pytest.raises(EngramError) as refused:
                 old.recall(space, vectors[0])
             assert refused.value.code == "moved" and refused.value.details["node"] == target
+        # And back to where it was: the retired copy there is completed, not doubled.
+        assert operations.move(nodes.coord(), space, source).epoch == 3
+        assert nodes.count(source, space) == len(every_id)
+        assert_recallable(client, space, every_id[::7], every_vector[::7])
 
 
 def refuse_write(endpoint: str, space: str, epoch: int) -> str:

@@ -66,7 +66,6 @@ class NodeCluster:
         self.table.start()
         self._rejoins = self.coord.rejoins
         self.frozen: dict[str, Freeze] = {}
-        self.released: dict[str, Owner] = {}  # moved out: the new owner, before the cache shows it
         log.info("node %s joined cluster %s at %s", self.node, config.cluster_name, self.endpoint)
 
     # -- the check before every request -------------------------------------------
@@ -84,7 +83,7 @@ class NodeCluster:
                 raise Unavailable(f"node {self.node} cannot read the space table from etcd", space=space,
                                   node=self.node, retry_after_ms=RETRY_UNAVAILABLE_MS)
             self._rejoins = self.coord.rejoins
-        owner = self.released.get(space) or self.table.get(space)
+        owner = self.table.get(space)
         if owner is None or (epoch is not None and epoch > owner.epoch):
             owner = self.table.refresh(space)
         if owner is None:
@@ -127,18 +126,19 @@ class NodeCluster:
         return freeze
 
     def release(self, space: str) -> Owner:
-        """The move switched `space` to another node: answer `moved` from now."""
+        """The move switched `space` to another node: the cache learns it now
+        (so `route` answers `moved` from this request on) and the freeze ends."""
         owner = self.table.refresh(space)
         if owner is None or owner.node == self.node:
             raise Unavailable(f"space {space!r} has not changed owner in etcd; it stays here", space=space)
-        self.released[space] = owner
         self.frozen.pop(space, None)
         log.info("space %s released to node %s (epoch %d)", space, owner.node, owner.epoch)
         return owner
 
     def upkeep(self) -> None:
-        """A freeze whose mover went silent ends if etcd still names this node
-        at the frozen epoch; if the space changed owner, it is released."""
+        """A freeze whose mover went silent ends once etcd answers: if the
+        space is still this node's, its move stopped before the switch and
+        writes resume; if not, the cache now names its owner (`moved`)."""
         now = time.monotonic()
         for space, freeze in list(self.frozen.items()):
             if now < freeze.deadline:
@@ -147,16 +147,13 @@ class NodeCluster:
                 owner = self.table.refresh(space)
             except Unavailable:
                 continue  # etcd unreachable: stay frozen
-            if owner == Owner(self.node, freeze.epoch):
-                del self.frozen[space]
-                log.warning("space %s unfrozen: its move stopped without switching", space)
-            else:
-                self.release(space)
+            del self.frozen[space]
+            if owner is not None and owner.node == self.node:
+                log.warning("space %s unfrozen: its move stopped before the switch", space)
 
     def stats(self) -> dict:
         return {"node": self.node, "endpoint": self.endpoint, "etcd": self.etcd, "name": self.name,
-                "lease_valid": self.coord.lease_valid(),
-                "frozen": sorted(self.frozen), "released": sorted(self.released)}
+                "lease_valid": self.coord.lease_valid(), "frozen": sorted(self.frozen)}
 
     def close(self) -> None:
         self.table.stop()
