@@ -4,15 +4,15 @@
                             [--nodes 1,2,3] [--move-n 100000] [--quick]
 
 One etcd and the nodes (full servers with a data directory, one index worker
-each) start on loopback. `--producers` client processes, each with its own
-ClusterClient, stream their share of `--n` clustered observations into
-`--spaces` spaces (placed over the nodes by rendezvous hashing): the same
-offered load for every node count. Accepted: observations acked per second,
-all producers together; indexed: the rate end to end, until every node's
-graphs hold everything. Then, on two nodes, a space of `--move-n`
-observations is moved from its owner to the other node while idle: the
-move's time, how long writes to the space waited (its freeze), and the time
-until the new owner's graphs hold every row.
+each) run on loopback; the cluster grows one node at a time, and at each size
+`--producers` client processes, each with its own ClusterClient, stream their
+share of `--n` clustered observations into `--spaces` new spaces (placed over
+the live nodes by rendezvous hashing): the same offered load for every node
+count. Accepted: observations acked per second, all producers together;
+indexed: the rate end to end, until every node's graphs hold everything.
+Then a space of `--move-n` observations is moved from its owner to another
+node while idle: the move's time, how long writes to the space waited (its
+freeze), and the time until the new owner's graphs hold every row.
 """
 
 from __future__ import annotations
@@ -34,15 +34,10 @@ from .report import emit, parser, table
 BATCH = 256
 
 
-@contextlib.contextmanager
-def cluster(count: int):
-    """(etcd endpoint, node endpoints) of a fresh cluster of `count` nodes."""
-    with EtcdProcess() as etcd, contextlib.ExitStack() as stack:
-        endpoints = [stack.enter_context(running_server("--cluster", etcd.endpoint, "--node", f"n{i}",
-                                                        "--metrics", "off", "--recall-workers", "1",
-                                                        workers=1))[0]
-                     for i in range(count)]
-        yield etcd.endpoint, endpoints
+def add_node(stack: contextlib.ExitStack, etcd: str, number: int) -> str:
+    """Start node n<number> in `stack`; its endpoint."""
+    return stack.enter_context(running_server("--cluster", etcd, "--node", f"n{number}", "--metrics", "off",
+                                              "--recall-workers", "1", workers=1))[0]
 
 
 def produce(etcd: str, spaces: list[str], n: int, dim: int, seed: int, start, done) -> None:
@@ -78,53 +73,58 @@ def wait_indexed(endpoints: list[str], rows: int, timeout: float = 3600) -> None
         time.sleep(0.2)
 
 
-def ingest(nodes: int, n: int, dim: int, spaces: int, producers: int) -> dict:
+def ingest(etcd: str, endpoints: list[str], n: int, dim: int, spaces: int, producers: int) -> dict:
+    """Stream into new spaces of the cluster as it stands."""
     ctx = multiprocessing.get_context("spawn")
-    with cluster(nodes) as (etcd, endpoints):
-        start, done = ctx.Event(), ctx.Queue()
-        names = [f"space-{i}" for i in range(spaces)]
-        share = n // producers
-        procs = [ctx.Process(target=produce, args=(etcd, names[p::producers], share, dim, p, start, done))
-                 for p in range(producers)]
-        for proc in procs:
-            proc.start()
-        time.sleep(1.0)  # every producer connected before the clock starts
-        t = time.perf_counter()
-        start.set()
-        seconds = [done.get(timeout=3600) for _ in procs]
-        accepted_s = time.perf_counter() - t
-        wait_indexed(endpoints, share * producers)
-        indexed_s = time.perf_counter() - t
-        for proc in procs:
-            proc.join()
-        owners = {o.node for o in Coordinator(etcd).table()[0].values()}
+    nodes = len(endpoints)
+    rows_before = indexed(endpoints)[0]
+    start, done = ctx.Event(), ctx.Queue()
+    names = [f"r{nodes}-space-{i}" for i in range(spaces)]
+    share = n // producers
+    procs = [ctx.Process(target=produce, args=(etcd, names[p::producers], share, dim, 100 * nodes + p,
+                                               start, done))
+             for p in range(producers)]
+    for proc in procs:
+        proc.start()
+    time.sleep(1.0)  # every producer connected before the clock starts
+    t = time.perf_counter()
+    start.set()
+    seconds = [done.get(timeout=3600) for _ in procs]
+    accepted_s = time.perf_counter() - t
     total = share * producers
+    wait_indexed(endpoints, rows_before + total)
+    indexed_s = time.perf_counter() - t
+    for proc in procs:
+        proc.join()
+    table = Coordinator(etcd).table()[0]
+    owners = {table[name].node for name in names}
     return {"bench": "cluster", "case": "ingest", "nodes": nodes, "n": total, "dim": dim, "spaces": spaces,
             "producers": producers, "nodes_used": len(owners),
             "accepted_per_s": round(total / accepted_s, 1), "indexed_per_s": round(total / indexed_s, 1),
             "slowest_producer_s": round(max(seconds), 3)}
 
 
-def move(n: int, dim: int) -> dict:
+def move(etcd: str, endpoints: list[str], n: int, dim: int) -> dict:
     data = clustered(n, dim, clusters=max(10, n // 50), spread=1.0, seed=7)
-    with cluster(2) as (etcd, endpoints):
-        coord = Coordinator(etcd)
-        ids = [str(i) for i in range(n)]
-        with ClusterClient(coord, batch_size=BATCH, payload_dtype="f16") as client:
-            for lo in range(0, n, BATCH):
-                client.observe_batch("big", ids[lo:lo + BATCH], data[lo:lo + BATCH])
-            client.flush()
-        wait_indexed(endpoints, n)
-        source = coord.owner("big").node
-        target = next(f"n{i}" for i in range(2) if f"n{i}" != source)
-        t = time.perf_counter()
-        report = operations.move(coord, "big", target)
-        wait_indexed(endpoints, 2 * n)  # the source keeps its (retired) copy
-        settled = time.perf_counter() - t
-        sample = range(0, n, max(1, n // 200))
-        with ClusterClient(coord) as client:
-            hits = sum(client.recall("big", data[i], k=1)[0].id == ids[i] for i in sample)
-    return {"bench": "cluster", "case": "move", "nodes": 2, "n": n, "dim": dim, "move_s": report.seconds,
+    coord = Coordinator(etcd)
+    ids = [str(i) for i in range(n)]
+    rows_before = indexed(endpoints)[0]
+    with ClusterClient(coord, batch_size=BATCH, payload_dtype="f16") as client:
+        for lo in range(0, n, BATCH):
+            client.observe_batch("big", ids[lo:lo + BATCH], data[lo:lo + BATCH])
+        client.flush()
+    wait_indexed(endpoints, rows_before + n)
+    source = coord.owner("big").node
+    target = next(node for node in sorted(coord.members()) if node != source)
+    t = time.perf_counter()
+    report = operations.move(coord, "big", target)
+    wait_indexed(endpoints, rows_before + 2 * n)  # the source keeps its (retired) copy
+    settled = time.perf_counter() - t
+    sample = range(0, n, max(1, n // 200))
+    with ClusterClient(coord) as client:
+        hits = sum(client.recall("big", data[i], k=1)[0].id == ids[i] for i in sample)
+    return {"bench": "cluster", "case": "move", "nodes": len(endpoints), "n": n, "dim": dim,
+            "move_s": report.seconds,
             "frozen_s": report.frozen_seconds, "copied": report.copied, "tail": report.tail,
             "indexed_on_target_s": round(settled, 3), "own_top_hit": round(hits / len(sample), 3),
             "epoch": report.epoch}
@@ -145,17 +145,20 @@ def main(argv=None, prog="python -m bench cluster") -> list[dict]:
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--spaces", type=int, default=12)
     ap.add_argument("--producers", type=int, default=3)
-    ap.add_argument("--nodes", default="1,2,3", help="node counts to compare, comma-separated")
+    ap.add_argument("--nodes", type=int, default=3, help="the cluster grows from 1 to this many nodes")
     ap.add_argument("--move-n", type=int, default=100_000, help="observations of the moved space")
     ap.add_argument("--quick", action="store_true", help="a small run (3000 x 32, a move of 2000) for tests")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.dim, args.move_n = 3000, 32, 2000
-    rows = [emit(ingest(int(k), args.n, args.dim, args.spaces, args.producers))
-            for k in args.nodes.split(",")]
-    print(table("cluster benchmark, aggregate ingest", rows, INGEST_COLUMNS))
-    moved = [emit(move(args.move_n, args.dim))]
-    print(table("cluster benchmark, a move", moved, MOVE_COLUMNS))
+    with EtcdProcess() as etcd, contextlib.ExitStack() as stack:
+        endpoints, rows = [], []
+        for number in range(args.nodes):
+            endpoints.append(add_node(stack, etcd.endpoint, number))
+            rows.append(emit(ingest(etcd.endpoint, endpoints, args.n, args.dim, args.spaces, args.producers)))
+        print(table("cluster benchmark, aggregate ingest", rows, INGEST_COLUMNS))
+        moved = [emit(move(etcd.endpoint, endpoints, args.move_n, args.dim))]
+        print(table("cluster benchmark, a move", moved, MOVE_COLUMNS))
     return rows + moved
 
 

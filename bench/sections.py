@@ -376,15 +376,16 @@ def cluster_losses(rows):
 
 CLUSTER = Section(
     "cluster", "Cluster: aggregate ingest over 1..3 nodes, and a move",
-    "One etcd and 1, 2 or 3 nodes (full servers with a data directory and one index worker each) on "
-    "this machine; 3 producer processes, each with its own cluster client, stream 768-dim "
-    "observations into 12 spaces placed over the nodes by rendezvous hashing: the same offered load "
-    "for each node count. The rates are all producers together: accepted (acked), and indexed (end "
-    "to end, until every node's graphs hold everything). Every node runs on the same 2 cores, so "
-    "more nodes add processes, not CPU: the figures show the cost of the cluster's routing, not a "
-    "scaling a machine with more cores (or more machines) would give. Then a space is moved between "
-    "two nodes while idle: the move's time, the time writes to it waited, and the time until the new "
-    "owner's graphs hold every row.",
+    "One etcd and a cluster grown from 1 to 3 nodes (full servers with a data directory and one "
+    "index worker each) on this machine; at each size 3 producer processes, each with its own "
+    "cluster client, stream 768-dim observations into 12 new spaces placed over the live nodes by "
+    "rendezvous hashing: the same offered load for each node count. The rates are all producers "
+    "together: accepted (acked), and indexed (end to end, until every node's graphs hold "
+    "everything). Every node runs on the same 2 cores, so more nodes add processes, not CPU: the "
+    "figures show the cost of the cluster's routing, not the scaling a machine with more cores (or "
+    "more machines) would give. Then a space is moved from its owner to another node while idle: "
+    "the move's time, the time writes to it waited, and the time until the new owner's graphs hold "
+    "every row.",
     (),
     cluster.INGEST_COLUMNS,
     plot=lambda rows, path: bar_grid(
