@@ -74,6 +74,15 @@ def rows(prefix: str, n: int, seed: int):
     return [f"{prefix}-{i}" for i in range(n)], rng.standard_normal((n, DIM)).astype(np.float32)
 
 
+def fill(nodes: Nodes, client: ClusterClient, space: str, prefix: str, n: int, seed: int):
+    """n rows written into `space` through `client`: (ids, vectors, its owner, another node)."""
+    ids, vectors = rows(prefix, n, seed)
+    client.observe_batch(space, ids, vectors)
+    client.flush()
+    owner = nodes.owner(space)
+    return ids, vectors, owner, next(node for node in nodes.servers if node != owner)
+
+
 def assert_recallable(client: ClusterClient, space: str, ids, vectors) -> None:
     """Each id is the top hit of its own vector (through the client)."""
     missing = [i for i, v in zip(ids, vectors) if client.recall(space, v, k=1)[0].id != i]
@@ -119,12 +128,8 @@ def stream(client: ClusterClient, space: str, stop: threading.Event, sent: list,
 
 def test_a_move_under_load_loses_nothing_and_stores_nothing_twice(nodes):
     space = "moving"
-    ids, vectors = rows("seed", 3000, 1)
     with ClusterClient(nodes.etcd.endpoint, timeout=20) as client:
-        client.observe_batch(space, ids, vectors)
-        client.flush()
-        source = nodes.owner(space)
-        target = next(n for n in nodes.servers if n != source)
+        ids, vectors, source, target = fill(nodes, client, space, "seed", 3000, 1)
         stop, sent, errors = threading.Event(), [], []
         producer = threading.Thread(target=stream, args=(client, space, stop, sent, errors))
         producer.start()
@@ -169,12 +174,8 @@ def test_the_old_owner_refuses_writes_after_a_move_it_slept_through(nodes):
     froze the space and gave up its tail: the switch happens without it. Woken,
     it still refuses a write at the old epoch."""
     space = "fenced"
-    ids, vectors = rows("f", 500, 3)
     with ClusterClient(nodes.etcd.endpoint, timeout=20) as client:
-        client.observe_batch(space, ids, vectors)
-        client.flush()
-    source = nodes.owner(space)
-    target = next(n for n in nodes.servers if n != source)
+        ids, vectors, source, target = fill(nodes, client, space, "f", 500, 3)
     old = nodes.servers[source]
     supervisor = old.proc.pid
     stopped = []
@@ -199,13 +200,9 @@ def test_a_reassign_fences_an_owner_that_lost_its_lease(nodes):
     it refuses the space's writes (its lease lapsed, then the table names
     another node)."""
     space = "orphan"
-    ids, vectors = rows("o", 100, 4)
     with ClusterClient(nodes.etcd.endpoint, timeout=20) as client:
-        client.observe_batch(space, ids, vectors)
-        client.flush()
+        ids, vectors, source, target = fill(nodes, client, space, "o", 100, 4)
     coord = nodes.coord()
-    source = nodes.owner(space)
-    target = next(n for n in nodes.servers if n != source)
     old = nodes.servers[source]
     os.killpg(old.proc.pid, signal.SIGSTOP)
     try:
@@ -224,12 +221,8 @@ def test_a_reassign_fences_an_owner_that_lost_its_lease(nodes):
 
 def test_a_killed_node_is_unavailable_then_takes_its_spaces_back(nodes):
     space = "restart"
-    ids, vectors = rows("r", 400, 5)
     with ClusterClient(nodes.etcd.endpoint, timeout=3) as client:
-        client.observe_batch(space, ids, vectors)
-        client.flush()
-        owner = nodes.owner(space)
-        other = next(n for n in nodes.servers if n != owner)
+        ids, vectors, owner, other = fill(nodes, client, space, "r", 400, 5)
         server = nodes.servers[owner]
         os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
