@@ -261,6 +261,8 @@ def test_transfer_bumps_the_epoch_and_fences_a_stale_owner(coords):
     _, revision = a.table()
     moved = a.transfer("s", placed, other)
     assert moved == Owner(other, placed.epoch + 1)
+    # Sent again (its answer was lost, as on a timeout): it finds its own value and is done.
+    assert a.transfer("s", placed, other) == moved
     with pytest.raises(ClusterConflict) as refused:
         b.transfer("s", placed, placed.node)  # still believes the old entry
     assert refused.value.details == {"space": "s", "node": other, "epoch": 2}

@@ -266,7 +266,9 @@ class Coordinator:
         raise ClusterConflict naming what the table holds."""
         new = Owner(node, expected.epoch + 1 if expected else 1)
         won, current = self._swap(space, expected, new)
-        if not won:
+        # A swap that etcd applied but whose answer was lost is sent again (to
+        # the next endpoint) and finds its own value: that is success.
+        if not won and current != new:
             raise ClusterConflict(
                 f"space {space!r} is {current or 'not in the table'}, not {expected}: read the table again",
                 space=space, node=current and current.node, epoch=current and current.epoch)
