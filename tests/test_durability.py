@@ -19,7 +19,7 @@ from engram_shm import Client, Engine
 from engram_shm.config import EngineConfig
 from engram_shm.errors import DataDirInUse, StorageFull
 from engram_shm.store import checkpoint, shm, wal
-from engram_shm.store.catalog import Catalog, collect_stale
+from engram_shm.store.catalog import FRONT_RECOVERING, Catalog, collect_stale
 from engram_shm.store.verify import verify
 from engram_shm.synthetic import clustered
 from engram_shm.transport import protocol as p
@@ -156,6 +156,26 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         assert e.recovered.checkpoint == 1 and e.recovered.skipped_checkpoints
         assert e.stats()["spaces"]["s"]["count"] == 4000
         assert own_top_hits(e.recall, "s", data[::9], [f"c{i}" for i in range(0, 4000, 9)]) == []
+
+
+def test_no_checkpoint_is_read_while_a_front_recovers(tmp_path):
+    """A restarted front moves the committed generation past the rows its
+    predecessor left half-written, then stores their batches again from the
+    log: a checkpoint read in between records rows that are not there as
+    committed, and a restart from it loses them (a 10-minute chaos run lost an
+    acked batch that way). The checkpoint waits until the front is done."""
+    data = clustered(500, 16, seed=3)
+    with Engine(data_dir=tmp_path, workers=1) as e:
+        e.observe("s", [f"r{i}" for i in range(500)], data)
+        e.catalog.header[FRONT_RECOVERING] = 1
+        taken = []
+        thread = threading.Thread(target=lambda: taken.append(e.checkpointer.checkpoint()))
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and not taken, "a checkpoint was read while a front was recovering"
+        e.catalog.header[FRONT_RECOVERING] = 0
+        thread.join(30)
+        assert taken and taken[0]["generation"] == e.catalog.committed_generation
 
 
 def test_verify_reads_a_healthy_directory(tmp_path):

@@ -8,7 +8,9 @@ lets any local process find an engine's spaces and segments.
 |          |       |                       |         | COMMITTED_GEN, N_SPACES, N_SEGMENTS, |
 |          |       |                       |         | STOPPED (1 once the engine closed);  |
 |          |       |                       | front   | FRONT_INCARNATION, FRONT_START (its  |
-|          |       |                       |         | start time), then FRONT_PID (ready)  |
+|          |       |                       |         | start time), then FRONT_PID (ready); |
+|          |       |                       |         | FRONT_RECOVERING (1 while a front    |
+|          |       |                       |         | replays its log over the memory)     |
 |          |       |                       | writer  | WAL_LSN, CHECKPOINT_REQUEST          |
 |          |       |                       | checkp. | CHECKPOINT_DONE (request answered),  |
 |          |       |                       |         | _ERRNO (0 = ok), _GENERATION, _NS    |
@@ -62,6 +64,11 @@ NAME_BYTES = 128
 (MAGIC, VERSION_WORD, OWNER_PID, OWNER_START, CREATED_NS) = range(5)
 COMMITTED_GEN, N_SPACES, N_SEGMENTS, STOPPED = 8, 9, 10, 11
 FRONT_PID, FRONT_INCARNATION, FRONT_START = 16, 17, 18  # written by the server's front process
+# A restarted front buries the rows its predecessor left uncommitted, moves the
+# committed generation past them, then stores their batches again from the log:
+# in between, the committed generation counts rows that are not there, and a
+# checkpoint taken then would record them as committed and lose them.
+FRONT_RECOVERING = 19
 # The writer's log position (lsn of its last record) and checkpoint requests
 # (a counter the writer bumps); the checkpointer answers on its own line.
 WAL_LSN, CHECKPOINT_REQUEST = 20, 21

@@ -43,7 +43,15 @@ import numpy as np
 from ..errors import Corrupt, DataDirCorrupt
 from ..kernels.atomics import compare_and_swap
 from . import shm
-from .catalog import CHECKPOINT_REQUEST, WAL_LSN, Catalog, SpaceParams, params_and_owner, segment_name
+from .catalog import (
+    CHECKPOINT_REQUEST,
+    FRONT_RECOVERING,
+    WAL_LSN,
+    Catalog,
+    SpaceParams,
+    params_and_owner,
+    segment_name,
+)
 from .datadir import fsync_dir
 from .layout import (
     ACCEPTED,
@@ -155,15 +163,26 @@ class _Image:
             yield self.graph[name] if name in self.graph else getattr(self.seg.r, name)[:n]
 
 
+def _wait_recovered(catalog: Catalog, stop) -> None:
+    while catalog.header[FRONT_RECOVERING]:
+        if stop():
+            raise InterruptedError("stopped while a front was recovering")
+        time.sleep(0.01)
+
+
 def take(catalog: Catalog, segments: list[Segment], sessions, directory: str,
          stop=lambda: False) -> dict:
     """Write a checkpoint of every segment of `catalog` (`segments`: writable
     mappings, in catalog order); `sessions()` lists the sessions. Returns the
     manifest of the complete checkpoint."""
     started = time.time()
-    lsn = int(catalog.header[WAL_LSN])
-    session_rows = sessions()
-    generation = catalog.committed_generation
+    while True:  # read while no front is recovering, before and after (FRONT_RECOVERING)
+        _wait_recovered(catalog, stop)
+        lsn = int(catalog.header[WAL_LSN])
+        session_rows = sessions()
+        generation = catalog.committed_generation
+        if not catalog.header[FRONT_RECOVERING]:
+            break
     spaces = [{**asdict(catalog.space(i)), "owner": catalog.space_owner(i)} for i in range(catalog.n_spaces)]
     segments = segments[:catalog.n_segments]
     number = max((n for n, _ in complete(directory)), default=0) + 1

@@ -65,6 +65,7 @@ from ..store.catalog import (
     CHECKPOINT_GENERATION,
     FRONT_INCARNATION,
     FRONT_PID,
+    FRONT_RECOVERING,
     FRONT_START,
     WAL_LSN,
     Catalog,
@@ -111,8 +112,10 @@ class Front:
         self.writer = EngineWriter(catalog, config, self._on_new_segment)
         self.wal: WalWriter | None = None
         if config.durable:
+            catalog.header[FRONT_RECOVERING] = 1  # no checkpoint meanwhile (catalog.py)
             report = recovery.warm(self.writer, os.path.join(config.data_dir, "wal"), open_segment)
             sessions.merge(report.sessions)
+            catalog.header[FRONT_RECOVERING] = 0
             self.wal = self.writer.wal = WalWriter(
                 os.path.join(config.data_dir, "wal"), config.fsync, config.fsync_interval_ms,
                 config.wal_file_bytes, int(catalog.header[WAL_LSN]) + 1, catalog.committed_generation)

@@ -46,7 +46,7 @@ from ..observability.collector import EngineCollector
 from ..observability.endpoint import MetricsEndpoint
 from ..observability.stats_block import StatsBlock
 from ..store import shm
-from ..store.catalog import FRONT_INCARNATION, FRONT_PID, Catalog
+from ..store.catalog import FRONT_INCARNATION, FRONT_PID, FRONT_RECOVERING, Catalog
 from ..store.datadir import DataDir
 from ..store.segment import Segment
 from .sessions import SessionTable, create_table
@@ -217,7 +217,11 @@ class Server:
         if left:
             log.warning("stopping with %d observations not yet indexed", left)
         self.supervisor.stop()
-        if self.checkpointer is not None:
+        if self.checkpointer is not None and self.catalog.header[FRONT_RECOVERING]:
+            self.checkpointer.stop()  # the memory is half recovered: the log has it all
+            log.warning("the front died while recovering: no final checkpoint; the next start replays "
+                        "the log")
+        elif self.checkpointer is not None:
             self.checkpointer.stop()
             try:
                 manifest = self.checkpointer.checkpoint()
