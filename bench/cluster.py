@@ -40,13 +40,14 @@ def add_node(stack: contextlib.ExitStack, etcd: str, number: int) -> str:
                                               "--recall-workers", "1", workers=1))[0]
 
 
-def produce(etcd: str, spaces: list[str], n: int, dim: int, seed: int, start, done) -> None:
+def produce(etcd: str, spaces: list[str], n: int, dim: int, seed: int, start, done, ready) -> None:
     """A producer process: its own rows into its spaces in turn, batch by batch."""
     data = clustered(n, dim, clusters=max(10, n // 50), spread=1.0, seed=seed)
     ids = [f"{seed}-{i}" for i in range(n)]
     with ClusterClient(etcd, batch_size=BATCH, payload_dtype="f16") as client:
         for space in spaces:  # placed and connected before the clock starts
             client.client(space)
+        ready.put(seed)
         start.wait()
         t = time.perf_counter()
         for b, lo in enumerate(range(0, n, BATCH)):
@@ -78,15 +79,16 @@ def ingest(etcd: str, endpoints: list[str], n: int, dim: int, spaces: int, produ
     ctx = multiprocessing.get_context("spawn")
     nodes = len(endpoints)
     rows_before = indexed(endpoints)[0]
-    start, done = ctx.Event(), ctx.Queue()
+    start, done, ready = ctx.Event(), ctx.Queue(), ctx.Queue()
     names = [f"r{nodes}-space-{i}" for i in range(spaces)]
     share = n // producers
     procs = [ctx.Process(target=produce, args=(etcd, names[p::producers], share, dim, 100 * nodes + p,
-                                               start, done))
+                                               start, done, ready))
              for p in range(producers)]
     for proc in procs:
         proc.start()
-    time.sleep(1.0)  # every producer connected before the clock starts
+    for _ in procs:  # every producer has its data and its connections before the clock starts
+        ready.get(timeout=600)
     t = time.perf_counter()
     start.set()
     seconds = [done.get(timeout=3600) for _ in procs]
