@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..engine.reader import Memory
-from ..errors import InvalidArgument, Moved, Unavailable, UnknownSpace
+from ..errors import InvalidArgument, Moved, NotSessionOwner, Unavailable, UnknownSpace
 from ..transport.client import Client, ClientTimeout
 from .coord import Coordinator, Owner, TableCache
 
@@ -141,7 +141,13 @@ class ClusterClient:
     def close(self) -> None:
         try:
             for client in self.clients.values():
-                client.close()
+                try:
+                    client.close()
+                except NotSessionOwner:
+                    # The node restarted and ZeroMQ reconnected by itself: the
+                    # session is ours, so take it over on this connection first.
+                    client.reconnect()
+                    client.close()
         finally:
             self.table.stop()
 

@@ -445,8 +445,7 @@ class Client:
             first, self._errors = self._errors[0], []
             raise first
 
-    def _request(self, header: dict, *payload, timeout: float | None = None,
-                 resumed: bool = False) -> list[dict]:
+    def _request(self, header: dict, *payload, timeout: float | None = None) -> list[dict]:
         """Send a control request and wait for its whole answer."""
         rid = next(self._rids)
         reply = self._replies[rid] = _Reply()
@@ -461,16 +460,8 @@ class Client:
                                         f"from {self.endpoint}")
         finally:
             del self._replies[rid]
-        error = reply.messages[-1] if reply.messages[-1].get("op") == "error" else None
-        if error is not None and error.get("code") in RESUME_CODES and header.get("session") and \
-                header["op"] != "init" and not resumed:
-            # The server was restarted and ZeroMQ reconnected by itself: take
-            # the session over on this connection, then ask again (once).
-            self._resume(timeout)
-            return self._request({**header, "session": self.session}, *payload, timeout=timeout,
-                                 resumed=True)
-        if error is not None:
-            raise from_dict(error)
+        if reply.messages[-1].get("op") == "error":
+            raise from_dict(reply.messages[-1])
         return reply.messages
 
     # -- recall -----------------------------------------------------------------------
