@@ -56,29 +56,38 @@ def produce(etcd: str, spaces: list[str], n: int, dim: int, seed: int, start, do
         done.put(time.perf_counter() - t)
 
 
-def indexed(endpoints: list[str]) -> tuple[int, int]:
+def indexed(clients: list[Client]) -> tuple[int, int]:
     """(rows, indexed rows) over every node."""
     rows = done = 0
-    for endpoint in endpoints:
-        with Client(endpoint, timeout=30) as c:
-            for s in c.stats()["spaces"].values():
-                rows, done = rows + s["count"], done + s["indexed"]
+    for c in clients:
+        for s in c.stats()["spaces"].values():
+            rows, done = rows + s["count"], done + s["indexed"]
     return rows, done
 
 
 def wait_indexed(endpoints: list[str], rows: int, timeout: float = 3600) -> None:
+    """Poll every node until its graphs hold `rows` in all, over connections
+    opened once (a session per poll would load the nodes being measured)."""
     deadline = time.monotonic() + timeout
-    while indexed(endpoints) != (rows, rows):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not all {rows} rows indexed after {timeout} s")
-        time.sleep(0.2)
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(Client(e, timeout=30)) for e in endpoints]
+        while indexed(clients) != (rows, rows):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not all {rows} rows indexed after {timeout} s")
+            time.sleep(0.2)
+
+
+def stored(endpoints: list[str]) -> int:
+    """Rows over every node, now."""
+    with contextlib.ExitStack() as stack:
+        return indexed([stack.enter_context(Client(e, timeout=30)) for e in endpoints])[0]
 
 
 def ingest(etcd: str, endpoints: list[str], n: int, dim: int, spaces: int, producers: int) -> dict:
     """Stream into new spaces of the cluster as it stands."""
     ctx = multiprocessing.get_context("spawn")
     nodes = len(endpoints)
-    rows_before = indexed(endpoints)[0]
+    rows_before = stored(endpoints)
     start, done, ready = ctx.Event(), ctx.Queue(), ctx.Queue()
     names = [f"r{nodes}-space-{i}" for i in range(spaces)]
     share = n // producers
@@ -110,7 +119,7 @@ def move(etcd: str, endpoints: list[str], n: int, dim: int) -> dict:
     data = clustered(n, dim, clusters=max(10, n // 50), spread=1.0, seed=7)
     coord = Coordinator(etcd)
     ids = [str(i) for i in range(n)]
-    rows_before = indexed(endpoints)[0]
+    rows_before = stored(endpoints)
     with ClusterClient(coord, batch_size=BATCH, payload_dtype="f16") as client:
         for lo in range(0, n, BATCH):
             client.observe_batch("big", ids[lo:lo + BATCH], data[lo:lo + BATCH])
