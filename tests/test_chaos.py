@@ -34,9 +34,9 @@ SAMPLE = 500  # acked ids recalled by their own vector per run (every one is che
 JOBS = int(os.environ.get("CHAOS_JOBS", "2"))  # runs at once: each mostly waits on its faults
 
 
-def chaos(*args: str, timeout: float = 600) -> tuple[int, dict, str]:
+def chaos(*args: str, env: dict | None = None, timeout: float = 600) -> tuple[int, dict, str]:
     r = subprocess.run([sys.executable, "-m", "chaos", "run", *args, "--json"], capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True, env=env, timeout=timeout)
     lines = r.stdout.strip().splitlines()
     assert lines, f"no summary (exit {r.returncode}): {r.stderr[-3000:]}"
     return r.returncode, json.loads(lines[-1]), r.stderr
@@ -67,8 +67,13 @@ def runs(request):
             wanted.append(scenario_args(params["name"]))
         elif "bug" in params:
             wanted.append(bug_args(params["bug"]))
+    # Each child gets this copy of the environment, not the live one: pytest
+    # sets PYTEST_CURRENT_TEST on every test phase in the main thread, and a
+    # child vforked meanwhile (env=None reads the global environ) can fail
+    # its exec with EFAULT, as CI once did.
+    env = os.environ.copy()
     with concurrent.futures.ThreadPoolExecutor(JOBS) as pool:
-        yield {args: pool.submit(chaos, *args) for args in wanted}
+        yield {args: pool.submit(chaos, *args, env=env) for args in wanted}
 
 
 def not_injected(name: str, summary: dict) -> list[str]:
