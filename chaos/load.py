@@ -15,10 +15,11 @@ and re-sends are the ones under test) with a record of what happened:
   after), and `visibility`: seconds from an ack to the `indexed` notice that
   covers it.
 
-A batch the server refuses with a retryable code the client itself does not
-resend (`storage_error`, `storage_full`) is queued again by `ChaosClient`:
-the scenario's clients retry until acked. A refusal that is not retryable is
-recorded and the batch given up (`failed`): the validators then report it.
+A batch the disk refuses (`storage_error`, `storage_full`) keeps its place
+and numbers in the client's queue and goes again; `ChaosClient` does not
+raise that refusal: the scenario's clients retry until acked. A refusal that
+is not retryable is recorded and the batch given up (`failed`): the
+validators then report it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import zlib
 import numpy as np
 
 from engram_shm.transport import protocol as p
-from engram_shm.transport.client import Client, ClientTimeout, _Batch
+from engram_shm.transport.client import HELD_CODES, Client, ClientTimeout, _Batch
 
 SPACE = "chaos"
 
@@ -88,14 +89,11 @@ class ChaosClient(Client):
     def _refused(self, batch: _Batch, msg: dict) -> None:
         queued = batch in self._queue and batch.start is not None
         super()._refused(batch, msg)
-        if not queued or batch in self._queue:
+        if not queued:
             return
-        if msg.get("retryable"):  # refused for now (a failing disk): ours to send again
+        if msg.get("code") in HELD_CODES:  # kept in place by the client: it goes again, unreported
             self._errors.pop()
-            batch.start = batch.rid = None
-            batch.not_before = time.monotonic() + msg.get("retry_after_ms", 50) / 1000
-            self._queue.append(batch)
-        else:
+        elif batch not in self._queue:
             self._given_up.add(id(batch))
             self.failed.append((msg.get("code"), batch.header["ids"]))
             self._errors.pop()

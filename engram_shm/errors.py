@@ -22,6 +22,9 @@ CODES: dict[str, tuple[bool, str]] = {
     "session_paused": (True, "the session is paused; resume it first"),
     "not_session_owner": (False, "the session belongs to another connection"),
     "sequence_gap": (True, "seq is past the next expected number (see expected)"),
+    "sequence_conflict": (False, "the message's numbers were acked for other observations (some of its "
+                                 "ids are not stored): the client gave them to another batch; send "
+                                 "these observations under new numbers (see expected, ids)"),
     "no_credit": (True, "the message passes the granted credit limit"),
     "session_limit": (True, "the server or the key holds its maximum of sessions (see limit)"),
     "busy": (True, "the server holds its maximum of recalls in flight (in total or for this "
@@ -158,6 +161,7 @@ SessionClosed = _error("SessionClosed", "session_closed", ProtocolError)
 SessionPaused = _error("SessionPaused", "session_paused", ProtocolError)
 NotSessionOwner = _error("NotSessionOwner", "not_session_owner", ProtocolError)
 SequenceGap = _error("SequenceGap", "sequence_gap", ProtocolError)
+SequenceConflict = _error("SequenceConflict", "sequence_conflict", ProtocolError)
 NoCredit = _error("NoCredit", "no_credit", ProtocolError)
 SessionLimit = _error("SessionLimit", "session_limit", ProtocolError)
 NotInitialized = _error("NotInitialized", "not_initialized", ProtocolError)

@@ -354,12 +354,15 @@ def test_a_full_disk_is_refused_with_a_code_and_nothing_unwritten_is_acked(tmp_p
             with pytest.raises(StorageFull) as refused:
                 c.observe_batch("full", [f"f{i}" for i in range(9000)], data)
                 c.flush()
-            assert refused.value.retryable and refused.value.details["ids"]
             acked = c.last_acked
             assert 0 < acked < 9000
+            # The refused batch is the first one not acked, still queued under its numbers.
+            assert refused.value.retryable and refused.value.details["ids"][0] == f"f{acked}"
             assert c.stats()["spaces"]["full"]["count"] == acked  # stored = acked, nothing more
             probe = range(0, acked, 25)
             assert own_top_hits(c.recall, "full", data[probe], [f"f{i}" for i in probe]) == []
             after = subprocess.run(["pgrep", "-f", f"engram_shm.transport.front {name}"],
                                    capture_output=True, text=True).stdout.split()
             assert after == front  # the front did not crash
+            with pytest.raises(StorageFull):  # the disk still refuses what is queued: close says so
+                c.close()

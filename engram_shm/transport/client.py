@@ -46,6 +46,13 @@ ROUTED_CODES = {"moved"}
 # restarted front lost who owned it, and ZeroMQ reconnected the socket by
 # itself): take the session over with init{resume}, then resend.
 RESUME_CODES = {"not_session_owner"}
+# The disk refused the batch (docs/durability.md): it keeps its place and its
+# numbers, and goes again after retry_after_ms (default HELD_RETRY_MS), while
+# the refusal is raised to the caller. Never renumbered: a copy of the refused
+# attempt (one sent before a reconnect) may still be stored, and another batch
+# under its numbers would then be acked as a duplicate without being stored.
+HELD_CODES = {"storage_full", "storage_error"}
+HELD_RETRY_MS = 1000
 CLIENT_KEY_ENV, SERVER_KEY_ENV = "ENGRAM_CLIENT_KEY", "ENGRAM_SERVER_KEY"
 _MONITORS = itertools.count()
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -272,7 +279,7 @@ class Client:
         producer slows to what the server accepts instead of buffering without
         bound."""
         self._progress_until(lambda: sum(b.n for b in self._queue) <
-                             2 * max(self.batch_size, self.limit - self.last_acked, 1))
+                             2 * max(self.batch_size, self.limit - self.last_acked, 1) or self._held())
 
     def _progress_until(self, done, patience: float | None = None) -> None:
         """Send and read until done(). After `timeout` s without a reply,
@@ -304,19 +311,28 @@ class Client:
         """Send everything queued and wait until all of it is acked; returns the
         last acked sequence. With `durable`, also wait until the server has it
         on disk per its fsync policy (`durable_seq`; docs/protocol.md). Raises
-        the first refusal seen since the last call. A silent server is
+        the first refusal seen since the last call; a refusal of the disk
+        (StorageError, StorageFull) is raised at once, its batch still queued
+        under its numbers: the next flush sends it again. A silent server is
         reconnected to; with `timeout`, waiting gives up once the server has
         been silent past it."""
+        self._send_all(timeout, durable)
+        self._raise_errors()
+        return self.last_acked
+
+    def _send_all(self, timeout: float | None = None, durable: bool = False) -> None:
+        """flush() without raising the refusals it records."""
         for space in list(self._pending):
             self._flush_pending(space)
         if self.paused and self._queue:
             raise SessionPaused("the session is paused: resume() before flushing", queued=len(self._queue))
         if durable and self.fsync == "none":
             raise InvalidArgument("the server keeps no data directory: nothing becomes durable")
-        self._progress_until(lambda: not self._queue and (not durable or self.durable_seq >= self.last_acked),
-                             timeout)
-        self._raise_errors()
-        return self.last_acked
+
+        def done() -> bool:
+            return (not self._queue and (not durable or self.durable_seq >= self.last_acked)) or self._held()
+
+        self._progress_until(done, timeout)
 
     def _drive(self) -> None:
         """Send the queued batches that credit allows, in order; read replies."""
@@ -418,11 +434,22 @@ class Client:
         elif code in RESEND_CODES:
             self._grant(msg)
             batch.not_before = time.monotonic() + msg.get("retry_after_ms", 20) / 1000
+        elif code in HELD_CODES:
+            batch.not_before = time.monotonic() + msg.get("retry_after_ms", HELD_RETRY_MS) / 1000
+            self._errors.append(self._refusal(batch, msg))
         else:
             self._queue.remove(batch)
-            err = from_dict(msg)
-            err.details["ids"] = batch.header["ids"]
-            self._errors.append(err)
+            self._errors.append(self._refusal(batch, msg))
+
+    @staticmethod
+    def _refusal(batch: _Batch, msg: dict) -> EngramError:
+        err = from_dict(msg)
+        err.details["ids"] = batch.header["ids"]
+        return err
+
+    def _held(self) -> bool:
+        """A batch waits on a refusing disk: the caller must hear of it now."""
+        return any(e.code in HELD_CODES for e in self._errors)
 
     def _drop_acked(self) -> None:
         """Drop the batches the server holds (through last_acked). Queued
@@ -440,10 +467,13 @@ class Client:
         if not self._queue:
             self._base = max(self._base, self.last_acked)
 
-    def _raise_errors(self) -> None:
-        if self._errors:
-            first, self._errors = self._errors[0], []
-            raise first
+    def _raise_errors(self, keep: set[str] = frozenset()) -> None:
+        """Raise the first refusal recorded, forgetting the others; those of
+        a code in `keep` stay for a later call."""
+        raised = [e for e in self._errors if e.code not in keep]
+        if raised:
+            self._errors = [e for e in self._errors if e.code in keep]
+            raise raised[0]
 
     def _request(self, header: dict, *payload, timeout: float | None = None) -> list[dict]:
         """Send a control request and wait for its whole answer."""
@@ -472,7 +502,10 @@ class Client:
         client sent are flushed first, so a strong recall sees them. A recall
         refused with `busy` is asked again after its retry_after_ms, for up
         to `timeout` s."""
-        self.flush()
+        # A batch the disk refuses stays queued, its refusal for the next
+        # observe or flush to raise: recalls go on (docs/durability.md).
+        self._send_all()
+        self._raise_errors(keep=HELD_CODES)
         header = {"op": "recall", "space": space, "k": k, "consistency": consistency,
                   "batch": batch}
         for name, value in (("generation", generation), ("threshold", threshold), ("ef", ef)):

@@ -49,6 +49,7 @@ from ..errors import (
     InvalidArgument,
     NoCredit,
     Overloaded,
+    SequenceConflict,
     SequenceGap,
     SessionLimit,
     SlowConsumer,
@@ -87,6 +88,7 @@ UPKEEP_S = 0.02
 MAX_RECV_PER_TURN = 256
 HEADER_BYTES_PER_OBSERVATION = 64  # msgpack framing of one observation's id, text, when and confidence
 OBSERVATION_OPS = ("observe", "observe_batch")
+MAX_IDS_SHOWN = 10  # ids an error names, at most
 
 
 class Front:
@@ -458,9 +460,12 @@ class Front:
         if seq > last + 1:
             raise SequenceGap(f"expected seq {last + 1}, got {seq}", expected=last + 1)
         if n and end <= last:  # a re-send of what was acked: ack again, store nothing
+            self._check_resent(space, ids, last)
             self._ack_stored(identity, header, session, seq, end)
             return
         skip = last + 1 - seq  # an overlapping re-send: store only the new tail
+        if skip > 0:
+            self._check_resent(space, ids[:skip], last)
         if end > session.limit:
             raise NoCredit(f"seq {end} passes the granted limit {session.limit}", limit=session.limit)
         if faults.DROP_ONE and not self._dropped and n - skip > 1 and self.counters["observations"] >= 1000:
@@ -506,6 +511,23 @@ class Front:
                              "from": seq, "to": end, "first_generation": ack.first_generation,
                              "last_generation": ack.last_generation, **self._durable(session),
                              **self._grant(session)})
+
+    def _check_resent(self, space: str, ids: list, last: int) -> None:
+        """A message re-sends numbers the session acked: they must have been
+        acked for these very ids. One not stored means the client gave the
+        numbers to other observations (it renumbered after a refusal while an
+        earlier copy of the refused message was stored after all); acking it
+        as a duplicate would lose it, so it is refused with the ids."""
+        writer = self.writer.spaces.get(space)
+        named = [i for i in ids if isinstance(i, str)]
+        stored = writer.stored_of(named) if writer is not None and named else set()
+        missing = [i for i in ids if not isinstance(i, str) or i not in stored]
+        if missing:
+            raise SequenceConflict(
+                f"{len(missing)} of the {len(ids)} observations re-sent under acked numbers are not "
+                f"stored in space {space!r} (e.g. {missing[0]!r}): those numbers were acked for other "
+                f"observations; send these under new numbers from {last + 1}",
+                expected=last + 1, ids=missing[:MAX_IDS_SHOWN])
 
     def _ack_stored(self, identity, header, session: Session, seq: int, end: int) -> None:
         """Ack seq..end, all of it stored before (a re-send, or rows a move

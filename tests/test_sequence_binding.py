@@ -1,0 +1,101 @@
+"""Sequence numbers stay bound to the observations they were first sent with
+(docs/protocol.md, "Sequence numbers"). Found by the 10-minute `combined`
+chaos run: a batch refused by a failing disk was stored by a copy of the same
+message (a duplicate on the network; a resend after a reconnect does the
+same), while the client had given its numbers to the next batch, which the
+server then acked as a re-send without storing it."""
+
+import os
+
+import numpy as np
+import pytest
+from test_front import DIM, Raw, ids
+
+from engram_shm import Client
+from engram_shm.errors import StorageError
+from engram_shm.synthetic import clustered
+from engram_shm.transport.launch import running_server
+
+
+def failing_disk(every: int) -> dict:
+    """The environment of a server whose every `every`-th log write fails."""
+    return {**os.environ, "ENGRAM_TEST_FAULTS": f"fail_write_every={every}"}
+
+
+def test_numbers_acked_for_other_ids_are_refused_never_acked_as_a_resend():
+    data = clustered(8, DIM, seed=91)
+    # The fourth log write is the first copy of W's batch record (asserted below).
+    with running_server(env=failing_disk(4)) as (endpoint, name, proc):
+        raw = Raw(endpoint)
+        session = raw.init()["session"]
+        w, x = ids("w", 0, 4), ids("x", 0, 4)
+        raw.batch(session, 1, "bound", w, data[:4], rid=1)
+        first = raw.recv()
+        assert (first["op"], first["code"]) == ("error", "storage_error"), first
+        raw.batch(session, 1, "bound", w, data[:4], rid=2)  # the copy: stored
+        assert (raw.recv()["op"]) == "ack"
+        # A client that renumbered after the refusal sends X under W's numbers.
+        raw.batch(session, 1, "bound", x, data[4:], rid=3)
+        conflict = raw.recv()
+        assert (conflict["code"], conflict["expected"], conflict["ids"]) == ("sequence_conflict", 5, x)
+        raw.batch(session, 3, "bound", [*w[2:], *x[:2]], np.vstack([data[2:4], data[4:6]]), rid=4)
+        overlap = raw.recv()  # its acked part is W's: the overlap is its own, its tail new
+        assert (overlap["op"], overlap["from"], overlap["to"]) == ("ack", 3, 6), overlap
+        raw.batch(session, 3, "bound", x, data[4:], rid=5)  # an overlap that is not its own
+        assert raw.recv()["code"] == "sequence_conflict"
+        raw.batch(session, 1, "bound", w, data[:4], rid=6)  # W's own re-send: acked again
+        again = raw.recv()
+        assert again["op"] == "ack" and again["duplicate"]
+        raw.close()
+        with Client(endpoint) as c:
+            assert c.stats()["spaces"]["bound"]["count"] == 6
+            assert {m.id for m in c.recall("bound", data[0], k=10)} == {*w, *x[:2]}
+
+
+def test_a_batch_the_disk_refuses_keeps_its_numbers_and_is_stored_once_retried():
+    n, size = 600, 25
+    data = clustered(n, DIM, seed=92)
+    with running_server(env=failing_disk(5)) as (endpoint, name, proc):
+        with Client(endpoint, batch_size=size) as c:
+            sent: dict[str, set[int]] = {}  # first id of a batch -> the numbers it went under
+            send = c._send
+
+            def recording(header, *payload):
+                if header.get("op") == "observe_batch":
+                    sent.setdefault(header["ids"][0], set()).add(header["seq"])
+                send(header, *payload)
+
+            c._send = recording
+            refusals = []
+            try:
+                c.observe_batch("kept", ids("k", 0, n), data)
+            except StorageError as e:
+                refusals.append(e)
+            while True:
+                try:
+                    assert c.flush() == n
+                    break
+                except StorageError as e:
+                    refusals.append(e)
+            assert refusals and all(e.details["ids"] for e in refusals)
+            assert {first: seqs for first, seqs in sent.items() if len(seqs) != 1} == {}
+            assert sorted(seq for seqs in sent.values() for seq in seqs) == list(range(1, n + 1, size))
+            assert c.stats()["spaces"]["kept"]["count"] == n
+            probe = range(0, n, 7)
+            found = [c.recall("kept", data[i], k=1)[0].id for i in probe]
+            assert found == [f"k{i}" for i in probe]
+
+
+def test_the_client_raises_a_disk_refusal_at_once_and_keeps_the_batch():
+    """flush() does not wait on a disk that keeps refusing: it raises, with
+    the refused batch still queued; closing says the same."""
+    data = clustered(50, DIM, seed=93)
+    with running_server(env=failing_disk(1)) as (endpoint, name, proc):
+        c = Client(endpoint, batch_size=50)
+        c.observe_batch("never", ids("n", 0, 50), data)
+        with pytest.raises(StorageError) as refused:
+            c.flush()
+        assert refused.value.code == "storage_error" and refused.value.details["ids"] == ids("n", 0, 50)
+        assert c.last_acked == 0 and len(c._queue) == 1
+        with pytest.raises(StorageError):
+            c.close()
