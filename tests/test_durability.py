@@ -17,9 +17,10 @@ import zmq
 
 from engram_shm import Client, Engine
 from engram_shm.config import EngineConfig
+from engram_shm.engine.writer import EngineWriter
 from engram_shm.errors import DataDirInUse, StorageFull
 from engram_shm.store import checkpoint, shm, wal
-from engram_shm.store.catalog import FRONT_RECOVERING, Catalog, collect_stale
+from engram_shm.store.catalog import FRONT_RECOVERING, WAL_LSN, Catalog, collect_stale
 from engram_shm.store.verify import verify
 from engram_shm.synthetic import clustered
 from engram_shm.transport import protocol as p
@@ -219,6 +220,98 @@ def test_a_resend_after_a_front_died_before_recording_the_sequence_is_acked(tmp_
         restarted.close()
     finally:
         catalog.close()
+
+
+class FrontHarness:
+    """Fronts of one engine in this process, run one after another over the
+    same shared memory and log, as the supervisor restarts them."""
+
+    def __init__(self, tmp_path, tag: str):
+        self.name = f"t-{tag}-{os.getpid()}"
+        self.config = EngineConfig(name=self.name, data_dir=str(tmp_path))
+        os.makedirs(tmp_path / "wal")
+        self.catalog = Catalog.create(self.name)
+        shm.close(create_table(self.name))
+        self.who = zmq.Frame(b"\0client")
+
+    def front(self):
+        return front_on(self.name, self.config, self.catalog)
+
+    def ask(self, front, header: dict, frame=None) -> dict:
+        front.handle([self.who, zmq.Frame(p.pack(header)[0]), *([zmq.Frame(frame)] if frame else [])])
+        return front.replies.sock.all[-1]
+
+    def batch(self, session: str, seq: int, space: str, ids: list, seed: int) -> tuple[dict, bytes]:
+        fields, frame = p.vector_payload(clustered(len(ids), DIM, seed=seed))
+        return {"op": "observe_batch", "session": session, "seq": seq, "space": space, "ids": ids,
+                **fields}, frame
+
+    def close(self):
+        self.catalog.close()
+
+
+def test_a_checkpoint_never_counts_a_batch_whose_sequence_is_not_recorded(tmp_path):
+    """WAL_LSN, which a checkpoint takes as the log position it holds, counts a
+    batch only once its session's sequence is recorded too: a front killed in
+    between leaves the record past it, so recovery applies it (a checkpoint
+    taken meanwhile holds the rows but not the sequence, and the log file
+    could go)."""
+    h = FrontHarness(tmp_path, "lsn")
+    try:
+        front = h.front()
+        session = h.ask(front, {"op": "init"})["session"]
+        assert h.ask(front, *h.batch(session, 1, "l", ["a0", "a1"], 104))["op"] == "ack"
+        counted = int(h.catalog.header[WAL_LSN])
+        assert counted == front.wal.last_lsn
+
+        def killed(*args):
+            raise RuntimeError("killed before the sequence was recorded")
+
+        front.sessions.set_last_seq = killed
+        assert h.ask(front, *h.batch(session, 3, "l", ["b0", "b1"], 105))["code"] == "internal"
+        assert front.wal.last_lsn == counted + 1  # logged and published
+        assert int(h.catalog.header[WAL_LSN]) == counted  # but not counted
+        front.close()
+    finally:
+        h.close()
+
+
+def test_a_front_killed_while_recovering_is_followed_by_one_that_recovers_everything(tmp_path):
+    """A restarted front buries the rows its predecessor left unpublished and
+    moves the committed generation past them before it stores their batches
+    again from the log; killed in between, the next front started from the
+    moved generation and never stored them: acked (in the log) but gone."""
+    h = FrontHarness(tmp_path, "rewarm")
+    try:
+        front = h.front()
+        session = h.ask(front, {"op": "init"})["session"]
+        header, frame = h.batch(session, 1, "w", [f"w{i}" for i in range(10)], 106)
+        assert h.ask(front, header, frame)["op"] == "ack"
+        # As if killed after logging the batch, before publishing its generation:
+        h.catalog.publish_generation(0)
+        front.sessions.set_last_seq(front.sessions.live[session], 0)
+        front.close()
+
+        def killed(*args, **kwargs):
+            raise RuntimeError("killed while replaying the log")
+
+        replay = EngineWriter.replay_batch
+        EngineWriter.replay_batch = killed
+        try:
+            with pytest.raises(RuntimeError):
+                h.front()
+        finally:
+            EngineWriter.replay_batch = replay
+        assert h.catalog.header[FRONT_RECOVERING] == 1 and h.catalog.committed_generation == 10
+        front = h.front()
+        assert h.catalog.header[FRONT_RECOVERING] == 0
+        assert front.stats()["spaces"]["w"]["count"] == 10
+        assert h.ask(front, {"op": "init", "resume": session})["last_sequence"] == 10
+        reply = h.ask(front, header, frame)  # the client's re-send
+        assert reply["op"] == "ack" and reply["duplicate"], reply
+        front.close()
+    finally:
+        h.close()
 
 
 def test_a_clean_stop_and_restart_answers_the_same(tmp_path):

@@ -14,7 +14,10 @@ finds. Only the last log file can hold what the dead writer logged but did
 not finish applying (it was killed between logging a batch and publishing
 its generation, or recording the session's sequence): that file is replayed
 on top, so a batch whole in the log is committed and its session's sequence
-covers it, and a re-send is acked as a duplicate instead of refused.
+covers it, and a re-send is acked as a duplicate instead of refused. A
+warm recovery killed midway is started over from the committed generation
+the first attempt found (catalog RECOVERY_FROM): rows past it, the dead
+attempt's replays among them, are buried and stored again from the log.
 """
 
 from __future__ import annotations
@@ -116,13 +119,14 @@ def _after(records, scans: list, lsn: int):
         yield record
 
 
-def warm(writer: EngineWriter, wal_dir: str, open_segment: Callable[[int], Segment]) -> Recovered:
+def warm(writer: EngineWriter, wal_dir: str, open_segment: Callable[[int], Segment],
+         generation: int) -> Recovered:
     """Adopt the shared memory a dead writer left, and replay its last log
-    file on top (see the module docstring)."""
+    file on top (see the module docstring). `generation`: the committed one
+    before any recovery began (a recovery cut short by a kill moved it)."""
     started = time.perf_counter()
     report = Recovered()
-    generation = writer.catalog.committed_generation
-    writer.recover(open_segment)
+    writer.recover(open_segment, generation)
     files = wal.log_files(wal_dir)
     if files:
         scan, records = wal.scan_file(files[-1])

@@ -7,6 +7,13 @@ With a write-ahead log (`wal`), a batch is logged after its rows are written
 and before they are published: the log is the commit point. A batch whose
 record is whole in the log is committed, whatever a crash left in shared
 memory (engine/recovery.py replays it); one that is not was never acked.
+
+The catalog's WAL_LSN is the last record whose every effect is in shared
+memory (a batch's rows, its generation and its session's sequence; a
+space; a session change, which callers apply before they log it). A
+checkpoint reads it first and counts the records up to it as held by what
+it copies next; a writer killed between logging and applying leaves WAL_LSN
+behind, so that record stays in the log for recovery.
 """
 
 from __future__ import annotations
@@ -88,8 +95,10 @@ class EngineWriter:
         if existing is not None:
             return existing
         self.ledger.admit_space(owner, self.sizes.layout(0, params).size, rows_bytes)
-        self._log(walfile.SPACE, {**dataclasses.asdict(params), "owner": owner})
-        return self._add_space(params, owner)
+        lsn = self._log(walfile.SPACE, {**dataclasses.asdict(params), "owner": owner})
+        writer = self._add_space(params, owner)
+        self._applied(lsn)
+        return writer
 
     def replay_space(self, params: SpaceParams, owner: str) -> None:
         """Create a logged space again (recovery): admitted when it was logged."""
@@ -129,13 +138,16 @@ class EngineWriter:
         return self.params(space, batch.dim) if writer is None else shape, batch
 
     def write(self, params: SpaceParams, batch: Batch, session: str | None = None,
-              seq: int | None = None, owner: str = ANONYMOUS) -> tuple[Ack, list[tuple[Segment, int]]]:
+              seq: int | None = None, owner: str = ANONYMOUS,
+              on_commit: Callable[[], None] = lambda: None) -> tuple[Ack, list[tuple[Segment, int]]]:
         """Store a batch prepared for `params`, creating the space for `owner`
         if needed, and log it (with the session and the last sequence it
         covers). The batch, and every segment it opens, is admitted against
-        the space's and its owner's quotas first. Also returns where it went:
-        (segment, end slot) pairs, which are in the graph once each segment's
-        INDEXED reaches its end slot."""
+        the space's and its owner's quotas first. `on_commit()` records what
+        else the batch changes (its session's sequence) once it is published,
+        before WAL_LSN counts it. Also returns where it went: (segment, end
+        slot) pairs, which are in the graph once each segment's INDEXED
+        reaches its end slot."""
         rows_bytes = self.ledger.batch_bytes(params, batch)
         writer = self._existing(params)
         if writer is None:
@@ -147,17 +159,21 @@ class EngineWriter:
         writer.check_new_ids(batch)
         first = self.catalog.committed_generation + 1
         log = None
+        logged = []
         if self.wal is not None:
             def log(vectors):
                 meta = {"space": params.name, "gen": first, "n": batch.n, "dim": batch.dim,
                         "dtype": params.dtype, "scale": writer.scale, "session": session, "seq": seq,
                         "bytes": int(batch.record_ends[-1])}
-                self._log(walfile.BATCH, meta, [*vectors, batch.when, batch.confidence, batch.id_lens,
-                                                batch.record_ends, batch.records])
+                columns = [batch.when, batch.confidence, batch.id_lens, batch.record_ends, batch.records]
+                logged.append(self._log(walfile.BATCH, meta, [*vectors, *columns]))
         spans = writer.append(batch, first, log=log,
                               admit=functools.partial(self.ledger.admit, params.name))
         self.ledger.charge(params.name, disk_bytes=rows_bytes)
         self.catalog.publish_generation(first + batch.n - 1)
+        on_commit()
+        if logged:
+            self._applied(logged[0])
         return Ack(params.name, first, first + batch.n - 1), spans
 
     def replay_batch(self, params: SpaceParams, batch: Batch, first: int, scale: float | None) -> None:
@@ -168,17 +184,25 @@ class EngineWriter:
         self.catalog.publish_generation(max(self.catalog.committed_generation, first + batch.n - 1))
 
     def log_session(self, key: str, state: int, priority: str, principal: str, last_seq: int = 0) -> None:
-        """Log a session's state change (sessions are restored from the log);
-        `last_seq`: a session moved in with a space starts there."""
-        self._log(walfile.SESSION, {"key": key, "state": state, "priority": priority,
-                                    "principal": principal, **({"last_seq": last_seq} if last_seq else {})})
+        """Log a session's state change, already applied to the session table
+        (sessions are restored from the log); `last_seq`: a session moved in
+        with a space starts there."""
+        self._applied(self._log(walfile.SESSION, {
+            "key": key, "state": state, "priority": priority, "principal": principal,
+            **({"last_seq": last_seq} if last_seq else {})}))
 
-    def _log(self, kind: int, meta: dict, blobs=()) -> None:
-        if self.wal is not None:
-            lsn = self.wal.append(kind, meta, blobs, self.catalog.committed_generation)
+    def _log(self, kind: int, meta: dict, blobs=()) -> int | None:
+        """Append a record; its lsn (None without a log)."""
+        if self.wal is None:
+            return None
+        return self.wal.append(kind, meta, blobs, self.catalog.committed_generation)
+
+    def _applied(self, lsn: int | None) -> None:
+        """Every effect of the record `lsn` is in shared memory (module docstring)."""
+        if lsn is not None:
             self.catalog.header[WAL_LSN] = lsn
 
-    def recover(self, open_segment: Callable[[int], Segment]) -> int:
+    def recover(self, open_segment: Callable[[int], Segment], committed: int | None = None) -> int:
         """Adopt the spaces and segments already in the catalog (a writer
         restarted after a crash); returns the number of visible observations.
 
@@ -187,7 +211,8 @@ class EngineWriter:
         invisible for good (generation = max) and their ids released (each
         space's id index is rebuilt without them), so the client's re-send is
         stored; the committed generation moves past them so no generation is
-        handed out twice."""
+        handed out twice. `committed` (default: the catalog's) is the
+        generation rows past which are buried."""
         for index in range(self.catalog.n_spaces):
             params = self.catalog.space(index)
             self.spaces[params.name] = self._space_writer(index, params)
@@ -198,9 +223,10 @@ class EngineWriter:
             space = by_index[self.catalog.segment_space(seg_index)]
             space.adopt(seg)
             self.ledger.charge_segment(space.params.name, seg)
-        committed = self.catalog.committed_generation
+        if committed is None:
+            committed = self.catalog.committed_generation
         highest = max((w.bury_uncommitted(committed) for w in self.spaces.values()), default=0)
-        self.catalog.publish_generation(max(committed, highest))
+        self.catalog.publish_generation(max(self.catalog.committed_generation, highest))
         for w in self.spaces.values():
             w.index_ids()  # from the id_hash columns, now rather than at the first write
         return sum(w.count for w in self.spaces.values())

@@ -11,7 +11,8 @@ lets any local process find an engine's spaces and segments.
 |          |       |                       |         | start time), then FRONT_PID (ready); |
 |          |       |                       |         | FRONT_RECOVERING (1 while a front    |
 |          |       |                       |         | replays its log over the memory)     |
-|          |       |                       | writer  | WAL_LSN, CHECKPOINT_REQUEST          |
+|          |       |                       | writer  | WAL_LSN, CHECKPOINT_REQUEST,         |
+|          |       |                       |         | RECOVERY_FROM                        |
 |          |       |                       | checkp. | CHECKPOINT_DONE (request answered),  |
 |          |       |                       |         | _ERRNO (0 = ok), _GENERATION, _NS    |
 | spaces   | int64 | [MAX_SPACES, 8]       | owner   | dim, dtype, metric, M, ef_c, seed,   |
@@ -69,9 +70,14 @@ FRONT_PID, FRONT_INCARNATION, FRONT_START = 16, 17, 18  # written by the server'
 # in between, the committed generation counts rows that are not there, and a
 # checkpoint taken then would record them as committed and lose them.
 FRONT_RECOVERING = 19
-# The writer's log position (lsn of its last record) and checkpoint requests
-# (a counter the writer bumps); the checkpointer answers on its own line.
+# The writer's log position (lsn of its last record whose effects are all in
+# shared memory: engine/writer.py) and checkpoint requests (a counter the
+# writer bumps); the checkpointer answers on its own line.
 WAL_LSN, CHECKPOINT_REQUEST = 20, 21
+# The committed generation when the recovering front began: a front that
+# finds FRONT_RECOVERING still set (its predecessor died recovering) starts
+# over from there, as the generation had moved past rows not yet replayed.
+RECOVERY_FROM = 22
 CHECKPOINT_DONE, CHECKPOINT_ERRNO, CHECKPOINT_GENERATION, CHECKPOINT_NS = 24, 25, 26, 27
 (S_DIM, S_DTYPE, S_METRIC, S_M, S_EFC, S_SEED, S_NAME_LEN, S_CREATED) = range(8)
 (W_PID, W_INCARNATION, W_INSERTED, W_BUSY_NS, W_HEARTBEAT_NS, W_CLAIMED, W_RESTARTS, W_START) = range(8)

@@ -68,6 +68,7 @@ from ..store.catalog import (
     FRONT_PID,
     FRONT_RECOVERING,
     FRONT_START,
+    RECOVERY_FROM,
     WAL_LSN,
     Catalog,
     process_start,
@@ -114,8 +115,11 @@ class Front:
         self.writer = EngineWriter(catalog, config, self._on_new_segment)
         self.wal: WalWriter | None = None
         if config.durable:
-            catalog.header[FRONT_RECOVERING] = 1  # no checkpoint meanwhile (catalog.py)
-            report = recovery.warm(self.writer, os.path.join(config.data_dir, "wal"), open_segment)
+            if not catalog.header[FRONT_RECOVERING]:  # else the front before died recovering from there
+                catalog.header[RECOVERY_FROM] = catalog.committed_generation
+                catalog.header[FRONT_RECOVERING] = 1  # no checkpoint meanwhile (catalog.py)
+            report = recovery.warm(self.writer, os.path.join(config.data_dir, "wal"), open_segment,
+                                   int(catalog.header[RECOVERY_FROM]))
             sessions.merge(report.sessions)
             catalog.header[FRONT_RECOVERING] = 0
             self.wal = self.writer.wal = WalWriter(
@@ -388,10 +392,10 @@ class Front:
             self._closed(session)
 
     def _set_state(self, session: Session, state: int) -> None:
-        """Change a session's state, logged first: a restart restores it. A
+        """Change a session's state, then log it: a restart restores it. A
         closed session takes nothing more: its credit goes back to its key."""
-        self._log_session(session, state)
         self.sessions.set_state(session, state)
+        self._log_session(session, state)
         if state == CLOSED:
             self._hold_credit(session, 0)
 
@@ -496,8 +500,8 @@ class Front:
                     return
         params, batch = self.writer.prepare(space, ids, vectors, what, when, confidence)
         self._check_room(params.name, batch.n)
-        ack, spans = self.writer.write(params, batch, session.key, end, owner=session.principal)
-        self.sessions.set_last_seq(session, end)
+        ack, spans = self.writer.write(params, batch, session.key, end, owner=session.principal,
+                                       on_commit=lambda: self.sessions.set_last_seq(session, end))
         if self.wal is not None:
             session.logged.append((self.wal.written, end))
         self.counters["observations"] += batch.n
@@ -687,10 +691,10 @@ class Front:
             adopted[key] = {"key": key, "last_seq": p.field(entry, "last_seq", int),
                             "priority": p.field(entry, "priority", str, "normal"),
                             "principal": p.field(entry, "principal", str, ANONYMOUS), "state": ACTIVE}
+        self.sessions.merge(adopted)  # applied, then logged (engine/writer.py)
         for entry in adopted.values():
             self.writer.log_session(entry["key"], ACTIVE, entry["priority"], entry["principal"],
                                     last_seq=entry["last_seq"])
-        self.sessions.merge(adopted)
         self.send(identity, {"op": "adopted", "rid": header.get("rid"), "sessions": len(adopted)})
 
     def op_release(self, identity, header, payload) -> None:
