@@ -159,6 +159,23 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         assert own_top_hits(e.recall, "s", data[::9], [f"c{i}" for i in range(0, 4000, 9)]) == []
 
 
+def test_an_engine_restarted_past_its_checkpoint_interval_checkpoints_what_it_replayed(tmp_path):
+    """The interval counts from the last checkpoint, not from the start, and
+    the records replayed at the start count as logged: an engine killed more
+    often than the interval still checkpoints (a 10-minute chaos run of engine
+    kills never did, so every start replayed and indexed again the whole log)."""
+    data = crashed_engine(tmp_path)  # its last checkpoint holds 2500 of 4000
+    time.sleep(1.5)
+    with Engine(data_dir=tmp_path, workers=1, checkpoint_interval_s=1.0) as e:
+        assert e.recovered.checkpoint == 2 and e.recovered.replayed_observations == 1500
+        deadline = time.monotonic() + 60
+        while e.checkpointer.last is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # no write: the replayed records alone are due
+        assert e.checkpointer.last is not None, "no checkpoint of the replayed records"
+        assert e.checkpointer.last["observations"] == 4000
+        assert own_top_hits(e.recall, "s", data[::50], [f"c{i}" for i in range(0, 4000, 50)]) == []
+
+
 def test_no_checkpoint_is_read_while_a_front_recovers(tmp_path):
     """A restarted front moves the committed generation past the rows its
     predecessor left half-written, then stores their batches again from the

@@ -3,8 +3,9 @@
 One Checkpointer per engine (in the server process, or in the embedded
 engine's): a background thread takes a checkpoint when the log has grown by
 `checkpoint_wal_bytes` since the last one, when `checkpoint_interval_s` has
-passed with anything logged, or when asked (`engram-shm checkpoint`, through
-the catalog's CHECKPOINT_REQUEST counter); the engine takes a last one on a
+passed since the last one (counted across restarts) with anything logged,
+or when asked (`engram-shm checkpoint`, through the catalog's
+CHECKPOINT_REQUEST counter); the engine takes a last one on a
 clean stop. After each, checkpoints beyond `checkpoints_kept` are removed,
 and log files whose records the oldest kept checkpoint holds are deleted.
 A failed checkpoint (a full disk) is logged and answered with its errno; the
@@ -45,7 +46,13 @@ RETRY_S = 5.0
 
 class Checkpointer:
     def __init__(self, catalog: Catalog, datadir: DataDir, config: EngineConfig,
-                 segments: Callable[[], list[Segment]], sessions: Callable[[], list[dict]] = list):
+                 segments: Callable[[], list[Segment]], sessions: Callable[[], list[dict]] = list,
+                 checkpoint_lsn: int = 0):
+        """`checkpoint_lsn`: the log position the newest checkpoint holds (0:
+        none). The triggers count from that checkpoint, not from this start:
+        records replayed at the start are not in it, and an engine restarted
+        more often than the interval still takes checkpoints (otherwise every
+        restart replays, and indexes again, everything since the last one)."""
         self.catalog = catalog
         self.datadir = datadir
         self.config = config
@@ -55,8 +62,13 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last_at = time.monotonic()
-        self._last_lsn = int(catalog.header[WAL_LSN])
+        taken_ns = int(catalog.header[CHECKPOINT_NS])
+        if taken_ns:
+            age_s = max(0.0, time.time() - taken_ns * 1e-9)
+        else:  # never one: due now if the log holds records (replayed at this start)
+            age_s = config.checkpoint_interval_s if catalog.header[WAL_LSN] else 0.0
+        self._last_at = time.monotonic() - age_s
+        self._last_lsn = checkpoint_lsn
         self._wal_bytes_at = self._wal_bytes()
 
     def checkpoint(self, stop: Callable[[], bool] = lambda: False) -> dict:

@@ -112,7 +112,8 @@ class Engine(Recalls):
         c = self.config
         self.writer.wal = WalWriter(self.datadir.wal, c.fsync, c.fsync_interval_ms, c.wal_file_bytes,
                                     int(self.catalog.header[WAL_LSN]) + 1, self.catalog.committed_generation)
-        self.checkpointer = Checkpointer(self.catalog, self.datadir, c, self.directory.segments)
+        self.checkpointer = Checkpointer(self.catalog, self.datadir, c, self.directory.segments,
+                                         checkpoint_lsn=self.recovered.checkpoint_lsn)
         self.checkpointer.start()
 
     # -- context ---------------------------------------------------------------

@@ -47,6 +47,7 @@ class Recovered:
     """What a recovery found and did."""
     checkpoint: int | None = None
     checkpoint_generation: int = 0
+    checkpoint_lsn: int = 0  # the log position the checkpoint holds
     skipped_checkpoints: list[str] = field(default_factory=list)
     log_records: int = 0
     replayed_batches: int = 0
@@ -94,7 +95,7 @@ def cold(writer: EngineWriter, datadir: DataDir, keep: Callable[[int, Segment], 
         catalog.publish_generation(generation)
         catalog.header[CHECKPOINT_GENERATION] = generation
         catalog.header[CHECKPOINT_NS] = int(manifest["created"] * 1e9)
-        report.checkpoint, report.checkpoint_generation = number, generation
+        report.checkpoint, report.checkpoint_generation, report.checkpoint_lsn = number, generation, lsn
         report.sessions = {s["key"]: s for s in manifest["sessions"]}
         break
     writer.recover(open_segment)  # buries rows copied past the checkpoint's generation

@@ -130,7 +130,7 @@ class Server:
                 seg.close()
         log.info("engine %s recovered %s", self.name, self.recovered.summary())
         self.checkpointer = Checkpointer(self.catalog, self.datadir, self.config, self.directory.segments,
-                                         self.sessions.snapshot)
+                                         self.sessions.snapshot, self.recovered.checkpoint_lsn)
 
     def _front_spec(self, config_json: str, backend: str) -> ChildSpec:
         def ready(pid, incarnation):
