@@ -6,6 +6,7 @@ same), while the client had given its numbers to the next batch, which the
 server then acked as a re-send without storing it."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -88,14 +89,26 @@ def test_a_batch_the_disk_refuses_keeps_its_numbers_and_is_stored_once_retried()
 
 def test_the_client_raises_a_disk_refusal_at_once_and_keeps_the_batch():
     """flush() does not wait on a disk that keeps refusing: it raises, with
-    the refused batch still queued; closing says the same."""
-    data = clustered(50, DIM, seed=93)
+    the refused batch still queued and sent again; an ack that covers the
+    batch (an earlier copy stored after all) takes its refusal back; closing
+    with a refused batch queued raises too."""
+    data = clustered(100, DIM, seed=93)
     with running_server(env=failing_disk(1)) as (endpoint, name, proc):
         c = Client(endpoint, batch_size=50)
-        c.observe_batch("never", ids("n", 0, 50), data)
+        c.observe_batch("never", ids("n", 0, 50), data[:50])
         with pytest.raises(StorageError) as refused:
             c.flush()
         assert refused.value.code == "storage_error" and refused.value.details["ids"] == ids("n", 0, 50)
         assert c.last_acked == 0 and len(c._queue) == 1
-        with pytest.raises(StorageError):
-            c.close()
+        deadline = time.monotonic() + 30
+        while not c._held() and time.monotonic() < deadline:  # sent again after retry_after_ms
+            c._drive()
+            c._pump(0.1)
+        assert c._held() and len(c._queue) == 1
+        c._on_message({"op": "ack", "rid": None, "from": 1, "to": 50})
+        assert not c._held() and not c._queue
+        c._close_socket()
+        with Client(endpoint, batch_size=50) as other:
+            other.observe_batch("never", ids("m", 0, 50), data[50:])
+            with pytest.raises(StorageError):
+                other.close()

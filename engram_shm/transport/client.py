@@ -462,6 +462,9 @@ class Client:
             b = self._queue.pop(0)
             if b.rid is not None:
                 self._by_rid.pop(b.rid, None)
+            # Stored after all (sent again, or an earlier copy): no refusal of it to report.
+            self._errors = [e for e in self._errors
+                            if e.code not in HELD_CODES or e.details.get("ids") is not b.header["ids"]]
             b.start = self._base + 1  # the numbers it was stored under
             self._base += b.n
         if not self._queue:
