@@ -2,6 +2,7 @@
 and restarts after clean stops, kills of the whole engine, torn logs,
 corrupt checkpoints and a full disk."""
 
+import gc
 import os
 import random
 import resource
@@ -293,6 +294,9 @@ def test_a_checkpoint_never_counts_a_batch_whose_sequence_is_not_recorded(tmp_pa
         h.close()
 
 
+# The front that "dies" here raises in its constructor with segments mapped;
+# their mappings are collected with views still on them (as a dead process's are).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_front_killed_while_recovering_is_followed_by_one_that_recovers_everything(tmp_path):
     """A restarted front buries the rows its predecessor left unpublished and
     moves the committed generation past them before it stores their batches
@@ -319,6 +323,7 @@ def test_a_front_killed_while_recovering_is_followed_by_one_that_recovers_everyt
                 h.front()
         finally:
             EngineWriter.replay_batch = replay
+        gc.collect()  # now, within this test (see its mark)
         assert h.catalog.header[FRONT_RECOVERING] == 1 and h.catalog.committed_generation == 10
         front = h.front()
         assert h.catalog.header[FRONT_RECOVERING] == 0
