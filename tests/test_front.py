@@ -152,6 +152,28 @@ def test_pause_refuses_observations_until_resume(server):
         assert c.flush() == 1
 
 
+def test_a_batch_refused_by_a_pause_it_crossed_keeps_its_numbers_until_resume(server):
+    """A batch sent just after the pause reached the server is refused
+    `session_paused`: the client keeps it in place, under its numbers, and
+    stores it after resume(), instead of giving it up and renumbering."""
+    v = clustered(2, DIM, seed=69)
+    with Client(server) as c:
+        c._send({"op": "pause", "session": c.session, "rid": -1})  # crosses the batch below
+        c.observe_batch("crossed", ["x0"], v[:1])
+        refused = []
+        handle = c._refused
+        c._refused = lambda batch, msg: (refused.append(msg["code"]), handle(batch, msg))
+        deadline = time.monotonic() + 10
+        while not refused and time.monotonic() < deadline:
+            c._pump(0.1)
+        assert refused[:1] == ["session_paused"] and len(c._queue) == 1 and not c._errors
+        c.paused = True  # as pause() would have recorded
+        c.resume()
+        c.observe_batch("crossed", ["x1"], v[1:])
+        assert c.flush() == 2
+        assert {m.id for m in c.recall("crossed", v[0], k=5)} == {"x0", "x1"}
+
+
 def test_close_with_drain_answers_once_indexed(server):
     data = clustered(3000, DIM, seed=65)
     c = Client(server)

@@ -24,33 +24,42 @@ def failing_disk(every: int) -> dict:
 
 
 def test_numbers_acked_for_other_ids_are_refused_never_acked_as_a_resend():
-    data = clustered(8, DIM, seed=91)
-    # The fourth log write is the first copy of W's batch record (asserted below).
+    data = clustered(40, DIM, seed=91)
     with running_server(env=failing_disk(4)) as (endpoint, name, proc):
         raw = Raw(endpoint)
         session = raw.init()["session"]
-        w, x = ids("w", 0, 4), ids("x", 0, 4)
-        raw.batch(session, 1, "bound", w, data[:4], rid=1)
-        first = raw.recv()
+        # Batches of 4 until the disk refuses one, W (every 4th log write fails;
+        # how many the server wrote before, its readiness probe's sessions among
+        # them, varies): a batch W at sequence s, then X, other ids.
+        s = 1
+        for k in range(5):
+            w = ids(f"w{k}-", 0, 4)
+            raw.batch(session, s, "bound", w, data[4 * k:4 * k + 4], rid=k + 1)
+            first = raw.recv()
+            if first["op"] == "error":
+                break
+            s += 4
         assert (first["op"], first["code"]) == ("error", "storage_error"), first
-        raw.batch(session, 1, "bound", w, data[:4], rid=2)  # the copy: stored
-        assert (raw.recv()["op"]) == "ack"
+        wv, x, xv = data[4 * k:4 * k + 4], ids("x", 0, 4), data[36:40]
+        raw.batch(session, s, "bound", w, wv, rid=100)  # the copy: stored
+        assert raw.recv()["op"] == "ack"
         # A client that renumbered after the refusal sends X under W's numbers.
-        raw.batch(session, 1, "bound", x, data[4:], rid=3)
+        raw.batch(session, s, "bound", x, xv, rid=101)
         conflict = raw.recv()
-        assert (conflict["code"], conflict["expected"], conflict["ids"]) == ("sequence_conflict", 5, x)
-        raw.batch(session, 3, "bound", [*w[2:], *x[:2]], np.vstack([data[2:4], data[4:6]]), rid=4)
+        assert (conflict["code"], conflict["expected"], conflict["ids"]) == ("sequence_conflict", s + 4, x)
+        raw.batch(session, s + 2, "bound", [*w[2:], *x[:2]], np.vstack([wv[2:], xv[:2]]), rid=102)
         overlap = raw.recv()  # its acked part is W's: the overlap is its own, its tail new
-        assert (overlap["op"], overlap["from"], overlap["to"]) == ("ack", 3, 6), overlap
-        raw.batch(session, 3, "bound", x, data[4:], rid=5)  # an overlap that is not its own
+        assert (overlap["op"], overlap["from"], overlap["to"]) == ("ack", s + 2, s + 5), overlap
+        raw.batch(session, s + 2, "bound", x, xv, rid=103)  # an overlap that is not its own
         assert raw.recv()["code"] == "sequence_conflict"
-        raw.batch(session, 1, "bound", w, data[:4], rid=6)  # W's own re-send: acked again
+        raw.batch(session, s, "bound", w, wv, rid=104)  # W's own re-send: acked again
         again = raw.recv()
         assert again["op"] == "ack" and again["duplicate"]
         raw.close()
         with Client(endpoint) as c:
-            assert c.stats()["spaces"]["bound"]["count"] == 6
-            assert {m.id for m in c.recall("bound", data[0], k=10)} == {*w, *x[:2]}
+            assert c.stats()["spaces"]["bound"]["count"] == s + 5
+            stored = [*w, *x[:2]]
+            assert [c.recall("bound", v, k=1)[0].id for v in np.vstack([wv, xv[:2]])] == stored
 
 
 def test_a_batch_the_disk_refuses_keeps_its_numbers_and_is_stored_once_retried():

@@ -37,8 +37,11 @@ from ..errors import (
 from . import protocol as p
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+# Refusals after which a batch is sent again, in its place and under its numbers
+# (a copy of the refused attempt may yet be stored: docs/protocol.md). A batch
+# refused `session_paused` (sent before the pause took effect) waits for resume().
 RESEND_CODES = {"no_credit", "overloaded", "sequence_gap", "internal", "shm_full", "engine_closed",
-                "session_limit", "moving", "unavailable"}
+                "session_limit", "moving", "unavailable", "session_paused"}
 # Another node owns the space (docs/cluster.md): with a router (the cluster
 # client), the session moves there and resumes; without one, an error.
 ROUTED_CODES = {"moved"}
