@@ -24,9 +24,15 @@ from . import protocol as p
 from .client import Client
 
 
-def _answers_ping(endpoint: str, wait_s: float = 1.0) -> bool:
-    """A ping on a bare socket: no session, so a probe the server answers
-    late leaves nothing behind (a session would count against the key's)."""
+def _answers(endpoint: str, auth: bool, wait_s: float = 1.0) -> bool:
+    """Is the server up? Without auth, a ping on a bare socket: no session,
+    so a probe answered late leaves nothing behind (a session would count
+    against the key's). With auth a bare socket gets no answer, and a
+    Client's refused handshake (Unauthenticated) says the server is up."""
+    if auth:
+        with contextlib.suppress(Unauthenticated), Client(endpoint, timeout=wait_s) as c:
+            c.ping()
+        return True
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -35,17 +41,6 @@ def _answers_ping(endpoint: str, wait_s: float = 1.0) -> bool:
         return bool(sock.poll(int(wait_s * 1000)))
     finally:
         sock.close()
-
-
-def _answers_client(endpoint: str) -> bool:
-    """With --auth a bare socket gets no answer: a Client's handshake is
-    refused (Unauthenticated) once the server is up."""
-    try:
-        with Client(endpoint, timeout=1.0) as c:
-            c.ping()
-    except Unauthenticated:
-        pass
-    return True
 
 
 def free_port() -> int:
@@ -86,7 +81,7 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited: {proc.output()[-3000:]}")
             try:
-                if _answers_ping(endpoint) if "--auth" not in flags else _answers_client(endpoint):
+                if _answers(endpoint, auth="--auth" in flags):
                     break
             except Exception:
                 if time.monotonic() > deadline:
