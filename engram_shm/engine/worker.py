@@ -32,7 +32,7 @@ log = logging.getLogger(__spec__.name)  # its module's name, also when run with 
 
 IDLE_MIN_S, IDLE_MAX_S = 0.001, 0.02
 ORPHAN_CHECK_S = 1.0
-WORKER_NICENESS = 10
+WORKER_NICENESS = 19  # below the readers (recall_niceness, 10): a recall waits for no insert
 UTILIZATION_S = 1.0  # the window the utilization is measured over
 
 
