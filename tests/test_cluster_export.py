@@ -14,6 +14,8 @@ from engram_shm.errors import EngramError
 from engram_shm.transport.client import Client
 from engram_shm.transport.launch import running_server
 
+from exports import export_all
+
 DIM = 24
 
 
@@ -31,20 +33,6 @@ def sample(n: int, seed: int, prefix: str):
     when = (1.7e9 + rng.random(n) * 1000).tolist()
     confidence = rng.random(n).astype(np.float32).tolist()
     return ids, vectors, what, when, confidence
-
-
-def export_all(client: Client, space: str, limit: int, cursor=(), freeze=False):
-    """Every row from `cursor` on: (rows by id, last reply)."""
-    out, reply = {}, {"cursor": list(cursor), "more": True}
-    while reply["more"]:
-        reply = client.request({"op": "export", "space": space, "cursor": reply["cursor"], "limit": limit,
-                                "freeze": freeze})
-        vectors = np.frombuffer(reply["_payload"][0], np.float16 if reply["dtype"] == "f16" else np.float32)
-        vectors = vectors.reshape(reply["shape"]).astype(np.float32)
-        for row, obs_id in enumerate(reply["ids"]):
-            assert obs_id not in out, f"{obs_id} exported twice"
-            out[obs_id] = (vectors[row], reply["what"][row], reply["when"][row], reply["confidence"][row])
-    return out, reply
 
 
 def test_export_reads_every_row_once_with_its_fields(two_servers):

@@ -28,9 +28,11 @@ from engram_shm.transport import protocol as p
 from engram_shm.transport.launch import free_port, running_server
 from engram_shm.transport.sessions import create_table
 
+from exports import export_all
 from inproc import front_on
 
 DIM = 32
+RECALL_SAMPLE = 2000  # acked rows a kill test recalls one by one (export reads them all)
 
 
 def own_top_hits(recall, space, vectors, ids):
@@ -362,7 +364,8 @@ def test_a_clean_stop_and_restart_answers_the_same(tmp_path):
 def stream_while_killing(tmp_path, fsync: str, kills: int, seed: int):
     """Stream with one Client while the whole engine (its process group) is
     SIGKILLed `kills` times at random moments and restarted on the same data
-    directory and port; then check that everything is there exactly once.
+    directory and port; then check that everything is there exactly once,
+    with its vector, and that a sample of it is found by recall.
     Returns the kills done; per resume of the client's session, (the
     sequence the client had acked, the sequence the restarted server knew);
     and per kill, how many acked observations the client had not yet been
@@ -425,9 +428,14 @@ def stream_while_killing(tmp_path, fsync: str, kills: int, seed: int):
         c = box["c"]
         assert c.last_acked == n
         assert c.stats()["spaces"]["chaos"]["count"] == n  # none stored twice, none lost
-        misses = own_top_hits(c.recall, "chaos", data[:n], ids[:n])
+        rows, _ = export_all(c, "chaos")  # every acked row once, with its vector
+        assert sorted(rows) == sorted(ids[:n])
+        unit = data[:n] / np.linalg.norm(data[:n], axis=1, keepdims=True)  # as cosine f16 stores them
+        np.testing.assert_allclose(np.stack([rows[i][0] for i in ids[:n]]), unit, atol=2e-3)
+        probe = sorted(rng.sample(range(n), min(n, RECALL_SAMPLE)))  # and found by recall
+        misses = own_top_hits(c.recall, "chaos", data[probe], [ids[i] for i in probe])
         c.close()
-        assert misses == [], f"{len(misses)} of {n} acked observations not found: {misses[:5]}"
+        assert misses == [], f"{len(misses)} of {len(probe)} acked observations not found: {misses[:5]}"
         return killed, resumed, exposed
     finally:
         killing_done.set()
