@@ -20,7 +20,7 @@ import sys
 import time
 
 from ..config import EngineConfig
-from ..kernels.warm import freeze, warm
+from ..kernels.warm import ready_child
 from ..observability import logs
 from ..observability.stats_block import STOLEN, UTILIZATION, StatsBlock
 from ..store.catalog import W_BUSY_NS, W_INCARNATION, W_PID, W_START, Catalog, process_start
@@ -42,8 +42,7 @@ def run(engine: str, worker: int, workers: int, incarnation: int, config: Engine
     os.nice(WORKER_NICENESS)  # the front and recalls come first; indexing takes what is left
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
-    warm(readers=False)
-    freeze()
+    ready_child(readers=False)
     catalog = Catalog.attach(engine)
     directory = SegmentDirectory(catalog, writable=True)
     metrics = StatsBlock.attach(engine, config.metrics_spaces, workers)

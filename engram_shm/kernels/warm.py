@@ -10,6 +10,7 @@ once with a TypeError instead of compiling for seconds inside a worker
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -109,3 +110,17 @@ def freeze() -> int:
                 kernel.disable_compile()
                 frozen += 1
     return frozen
+
+
+def ready_child(readers: bool = True) -> None:
+    """Make the kernels of one of the engine's own child processes ready
+    (`warm`, then `freeze`), without Numba's BLAS probe: when its array-math
+    registry loads, Numba imports scipy.linalg to see whether np.dot can use
+    BLAS (0.3-0.5 s per process here, every start and restart). No kernel
+    calls a BLAS-backed function, and a child runs nothing but the engine,
+    so the child blocks scipy.linalg's import first (a None entry in
+    sys.modules makes the probe's import fail at once, and Numba records no
+    BLAS)."""
+    sys.modules.setdefault("scipy.linalg", None)
+    warm(readers)
+    freeze()

@@ -56,7 +56,7 @@ from ..errors import (
     StorageError,
     UnknownSpace,
 )
-from ..kernels.warm import freeze, warm
+from ..kernels.warm import ready_child
 from ..observability import logs
 from ..observability.stats_block import CONSISTENCIES, REASONS, WAL_WRITTEN, StatsBlock, latency_summary
 from ..store import checkpoint, shm
@@ -888,8 +888,7 @@ def main(argv=None) -> None:
     engine, config_json, incarnation, readers_endpoint = argv[0], argv[1], int(argv[2]), argv[3]
     config = EngineConfig.from_json(config_json)
     logs.configure(config, "front")
-    warm()
-    freeze()
+    ready_child()
     catalog = Catalog.attach(engine)
     metrics = StatsBlock.attach(engine, config.metrics_spaces, config.worker_count) \
         if config.metrics != "off" else None

@@ -29,7 +29,7 @@ from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
 from ..engine.readiness import report_ready
 from ..errors import EngramError, Internal
-from ..kernels.warm import freeze, warm
+from ..kernels.warm import ready_child
 from ..observability import logs
 from ..store.catalog import Catalog
 from . import protocol as p
@@ -68,8 +68,7 @@ def run(engine: str, config: EngineConfig, backend: str, index: int, incarnation
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
     os.nice(config.recall_niceness)
-    warm()
-    freeze()
+    ready_child()
     catalog = Catalog.attach(engine)
     directory = SegmentDirectory(catalog)
     reader = Reader(directory)
