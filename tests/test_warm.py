@@ -1,7 +1,8 @@
 """The specialisations `warm` compiles are every one the engine runs: a
 process whose kernels are frozen after warm-up (as the engine's children
-are) ingests, indexes, recalls, checkpoints and recovers every storage dtype
-and metric without compiling anything."""
+are, by `ready_child`, which also skips Numba's BLAS probe) ingests,
+indexes, recalls, checkpoints and recovers every storage dtype and metric
+without compiling anything, and without scipy.linalg."""
 
 import subprocess
 import sys
@@ -10,9 +11,8 @@ SCRIPT = """
 import sys
 import numpy as np
 from engram_shm import Engine, attach
-from engram_shm.kernels.warm import freeze, warm
-warm()
-assert freeze() > 10
+from engram_shm.kernels.warm import ready_child
+assert ready_child() > 10
 rng = np.random.default_rng(0)
 data = rng.normal(size=(600, 24)).astype(np.float32)
 with Engine(workers=2, data_dir=sys.argv[1]) as e:
@@ -34,6 +34,7 @@ from engram_shm.kernels.policy import metric_of
 try:  # a shape nothing warmed (float64 rows) is refused, not compiled
     _distances(np.zeros((2, 3)), np.zeros((1, 3), np.float32), metric_of("l2"), np.zeros(2, np.float32))
 except TypeError:
+    assert sys.modules["scipy.linalg"] is None  # blocked, and nothing needed it
     print("ok")
 
 """

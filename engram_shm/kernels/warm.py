@@ -112,9 +112,9 @@ def freeze() -> int:
     return frozen
 
 
-def ready_child(readers: bool = True) -> None:
+def ready_child(readers: bool = True) -> int:
     """Make the kernels of one of the engine's own child processes ready
-    (`warm`, then `freeze`), without Numba's BLAS probe: when its array-math
+    (`warm`, then `freeze`; returns how many it froze), without Numba's BLAS probe: when its array-math
     registry loads, Numba imports scipy.linalg to see whether np.dot can use
     BLAS (0.3-0.5 s per process here, every start and restart). No kernel
     calls a BLAS-backed function, and a child runs nothing but the engine,
@@ -123,4 +123,4 @@ def ready_child(readers: bool = True) -> None:
     BLAS)."""
     sys.modules.setdefault("scipy.linalg", None)
     warm(readers)
-    freeze()
+    return freeze()
