@@ -90,7 +90,7 @@ class EngineConfig:
     recall_workers: int = _opt(0, "server: reader processes that answer recalls off the ingest loop; "
                                   "0 means one per core", lo=0, hi=256)
     recall_niceness: int = _opt(10, "server: nice increment of the reader processes, so that "
-                                    "ingestion wins the CPU; index workers run at 10", lo=0, hi=19)
+                                    "ingestion wins the CPU; index workers run at 19", lo=0, hi=19)
     recall_concurrency: int = _opt(64, "server: recalls in flight at once, in total; past it a recall "
                                        "is refused with busy", lo=1, hi=1 << 20)
     recall_concurrency_per_key: int = _opt(32, "server: recalls in flight at once per principal "
