@@ -60,8 +60,10 @@ def cmd_demo(args) -> int:
 
 def cmd_serve(args) -> int:
     from .auth.gate import exposed_addresses
+    from .kernels.warm import skip_blas_probe
     from .transport.server import Server
 
+    skip_blas_probe()  # this process runs nothing but the server
     server = Server(args.settings)
     if server.recovered is not None:
         print(f"recovered {server.recovered.summary()}", flush=True)

@@ -4,8 +4,15 @@ are, by `ready_child`, which also skips Numba's BLAS probe) ingests,
 indexes, recalls, checkpoints and recovers every storage dtype and metric
 without compiling anything, and without scipy.linalg."""
 
+import os
 import subprocess
 import sys
+
+import numpy as np
+import psutil
+
+from engram_shm import Client
+from engram_shm.transport.launch import running_server
 
 SCRIPT = """
 import sys
@@ -44,3 +51,21 @@ def test_an_engine_runs_on_frozen_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_the_server_and_its_children_never_map_scipy_linalg():
+    """`engram-shm serve` and every child it starts skip Numba's BLAS probe
+    (warm.skip_blas_probe): after ingest and recalls, no process of the
+    server has scipy.linalg's libraries mapped."""
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(500, 16)).astype(np.float32)
+    with running_server() as (endpoint, name, proc), Client(endpoint) as c:
+        c.observe_batch("s", [f"a{i}" for i in range(500)], data)
+        c.flush()
+        assert c.recall("s", data[3], k=1)[0].id == "a3"
+        server = psutil.Process(proc.pid)
+        processes = [server, *server.children(recursive=True)]
+        assert len(processes) >= 4  # front, two index workers, recall readers
+        for process in processes:
+            mapped = {m.path for m in process.memory_maps()}
+            assert not [path for path in mapped if f"scipy{os.sep}linalg" in path], process.cmdline()

@@ -112,15 +112,21 @@ def freeze() -> int:
     return frozen
 
 
-def ready_child(readers: bool = True) -> int:
-    """Make the kernels of one of the engine's own child processes ready
-    (`warm`, then `freeze`; returns how many it froze), without Numba's BLAS probe: when its array-math
-    registry loads, Numba imports scipy.linalg to see whether np.dot can use
-    BLAS (0.3-0.5 s per process here, every start and restart). No kernel
-    calls a BLAS-backed function, and a child runs nothing but the engine,
-    so the child blocks scipy.linalg's import first (a None entry in
+def skip_blas_probe() -> None:
+    """Spare this process Numba's BLAS probe: when its array-math registry
+    loads, Numba imports scipy.linalg to see whether np.dot can use BLAS
+    (0.2-0.3 s here, at every start and restart). No kernel calls a
+    BLAS-backed function, so the processes that run nothing but the engine
+    (the server and its children; never a user's process) block
+    scipy.linalg's import before their first kernel: a None entry in
     sys.modules makes the probe's import fail at once, and Numba records no
-    BLAS)."""
+    BLAS."""
     sys.modules.setdefault("scipy.linalg", None)
+
+
+def ready_child(readers: bool = True) -> int:
+    """Make the kernels of one of the engine's child processes ready without
+    the BLAS probe: `warm`, then `freeze`; returns how many it froze."""
+    skip_blas_probe()
     warm(readers)
     return freeze()
