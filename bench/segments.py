@@ -2,7 +2,7 @@
 figure compaction is to bring down (issue 10).
 
     python -m bench segments [--n 200000] [--data clustered:768] [--writers 2]
-                             [--ef 32,64,128] [--ef-construction 32] [--quick]
+                             [--ef 32,64,128] [--ef-construction 100] [--quick]
 
 The same rows, in one embedded engine each way:
 - `grown`: streamed into a space with the engine's segment schedule and
@@ -24,7 +24,7 @@ import numpy as np
 
 from engram_shm.kernels import hnsw
 
-from .ann import M, dataset, exact_top10, timed_queries
+from .ann import EF_CONSTRUCTION, M, dataset, exact_top10, timed_queries
 from .report import emit, parser, percentiles_ms, table
 
 K = 10
@@ -102,8 +102,8 @@ def main(argv=None, prog="python -m bench segments") -> list[dict]:
     ap.add_argument("--data", default="clustered:768", help="dataset, kind:dim (see bench ann)")
     ap.add_argument("--writers", type=int, default=2, help="index writers of the grown space")
     ap.add_argument("--ef", default="32,64,128", help="search beams, comma-separated")
-    ap.add_argument("--ef-construction", type=int, default=32,
-                    help="build beam (32: 200K x 768 builds in minutes on 2 cores)")
+    ap.add_argument("--ef-construction", type=int, default=EF_CONSTRUCTION,
+                    help="build beam (at 32, this data set's recall@10 stays under 0.5)")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a small run (3000 x 32) for tests")
