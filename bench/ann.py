@@ -29,19 +29,25 @@ from engram_shm.synthetic import clustered, sentence_like
 from .report import emit, parser, percentiles_ms, table
 
 M, EF_CONSTRUCTION, EF = 16, 100, 64
+CHUNK = 4096  # observations per observe call
 
 
 def exact_top10(data: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return np.argsort(-(queries @ data.T), axis=1)[:, :10]
 
 
+def recall_at_10(found, exact: np.ndarray) -> float:
+    """Share of the exact top-10 the searches found."""
+    hits = sum(len(set(f) & set(e)) for f, e in zip(found, exact.tolist()))
+    return round(hits / exact.size, 4)
+
+
 def summarise(system, dtype, threads, data_name, n, dim, insert_s, insert_cpu_s, latencies, found,
               exact) -> dict:
-    hits = sum(len(set(f) & set(e)) for f, e in zip(found, exact.tolist()))
     return {"bench": "ann", "system": system, "data": data_name, "n": n, "dim": dim, "dtype": dtype,
             "threads": threads, "insert_per_s": round(n / insert_s, 1),
             "insert_per_cpu_s": round(n / insert_cpu_s, 1),
-            "recall_at_10": round(hits / exact.size, 4), **percentiles_ms(latencies, "query", 4)}
+            "recall_at_10": recall_at_10(found, exact), **percentiles_ms(latencies, "query", 4)}
 
 
 def timed(build):
@@ -61,11 +67,19 @@ def timed_queries(search, queries):
     return found, latencies
 
 
+def fill(engine, space: str, data: np.ndarray) -> None:
+    """Observe `data` into `space` (ids "0".."n-1") in chunks, and wait until
+    all of it is indexed."""
+    ids = [str(i) for i in range(len(data))]
+    for lo in range(0, len(data), CHUNK):
+        engine.observe(space, ids[lo:lo + CHUNK], data[lo:lo + CHUNK])
+    engine.wait_indexed()
+
+
 def run_engram(data_name, data, queries, exact, dtype, threads) -> dict:
     from engram_shm import Engine
 
     n, dim = data.shape
-    ids = [str(i) for i in range(n)]
     # Segments of n, as hnswlib and faiss build one index: one graph per
     # writer (a hot space opens a segment for each).
     with Engine(workers=threads, segment_capacity=max(n, 64), first_segment_capacity=max(n, 64),
@@ -73,12 +87,7 @@ def run_engram(data_name, data, queries, exact, dtype, threads) -> dict:
                 M=M, ef_construction=EF_CONSTRUCTION, ef_search=EF) as engine:
         engine.create_space("bench", dim=dim)
 
-        def build():
-            for lo in range(0, n, 4096):
-                engine.observe("bench", ids[lo:lo + 4096], data[lo:lo + 4096])
-            engine.wait_indexed()
-
-        insert_s, insert_cpu_s = timed(build)
+        insert_s, insert_cpu_s = timed(lambda: fill(engine, "bench", data))
         found, lat = timed_queries(lambda q: [int(m.id) for m in engine.recall("bench", q, k=10)],
                                    queries)
     return summarise("engram_shm", dtype, threads, data_name, n, dim, insert_s, insert_cpu_s, lat, found,

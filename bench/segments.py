@@ -24,11 +24,10 @@ import numpy as np
 
 from engram_shm.kernels import hnsw
 
-from .ann import EF_CONSTRUCTION, M, dataset, exact_top10, timed_queries
+from .ann import EF_CONSTRUCTION, M, dataset, exact_top10, fill, recall_at_10, timed, timed_queries
 from .report import emit, parser, percentiles_ms, table
 
 K = 10
-CHUNK = 4096
 
 
 def build(data: np.ndarray, way: str, writers: int, ef_construction: int):
@@ -41,12 +40,7 @@ def build(data: np.ndarray, way: str, writers: int, ef_construction: int):
     engine = Engine(workers=writers if way == "grown" else 1, ring_capacity=max(n, 64), M=M,
                     ef_construction=ef_construction, **layout)
     engine.create_space("s", dim=data.shape[1])
-    ids = [str(i) for i in range(n)]
-    began = time.perf_counter()
-    for lo in range(0, n, CHUNK):
-        engine.observe("s", ids[lo:lo + CHUNK], data[lo:lo + CHUNK])
-    engine.wait_indexed()
-    return engine, time.perf_counter() - began
+    return engine, timed(lambda: fill(engine, "s", data))[0]
 
 
 def segment_search_ms(engine, queries: np.ndarray, ef: int) -> list[tuple[int, float]]:
@@ -78,11 +72,10 @@ def measure(name: str, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
         for ef in efs:
             found, lat = timed_queries(
                 lambda q, ef=ef: [int(m.id) for m in engine.recall("s", q, k=K, ef=ef)], queries)
-            hits = sum(len(set(f) & set(e)) for f, e in zip(found, exact.tolist()))
             rows.append({"bench": "segments", "data": name, "n": len(data), "dim": data.shape[1],
                          "way": way, "writers": args.writers if way == "grown" else 1,
                          "ef_construction": args.ef_construction, "segments": segments,
-                         "build_s": round(build_s, 1), "ef": ef, "recall_at_10": round(hits / exact.size, 4),
+                         "build_s": round(build_s, 1), "ef": ef, "recall_at_10": recall_at_10(found, exact),
                          **percentiles_ms(lat, "recall", 3)})
         if way == "grown":
             rows[len(rows) // 2]["segment_search_ms"] = segment_search_ms(engine, queries, efs[len(efs) // 2])
