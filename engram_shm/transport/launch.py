@@ -80,14 +80,14 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited: {proc.output()[-3000:]}")
+            failure = None
             try:
                 if _answers(endpoint, auth="--auth" in flags):
                     break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
+            except Exception as e:  # not listening yet, or a probe that failed: try again
+                failure = e
             if time.monotonic() > deadline:
-                raise TimeoutError(f"server {name} did not answer within {startup_s} s")
+                raise TimeoutError(f"server {name} did not answer within {startup_s} s") from failure
             time.sleep(0.1)
         yield endpoint, name, proc
     finally:
