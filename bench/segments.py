@@ -1,5 +1,5 @@
-"""Segments benchmark: what a space's number of graphs costs a recall, the
-figure compaction is to bring down (issue 10).
+"""Segments benchmark: what a space's number of graphs costs a recall, and
+what compaction wins back (issue 10).
 
     python -m bench segments [--n 200000] [--data clustered:768] [--writers 2]
                              [--ef 32,64,128] [--ef-construction 100] [--quick]
@@ -8,7 +8,10 @@ The same rows, in one embedded engine each way:
 - `grown`: streamed into a space with the engine's segment schedule and
   `--writers` index writers, as a hot space grows (a segment per writer,
   each next one larger, up to segment_capacity);
-- `one graph`: one segment as large as the data, one writer.
+- `one graph`: one segment as large as the data, one writer;
+- `compacted`: grown as `grown` with compaction on (the default; `grown` has
+  it off), then `Engine.compact()` merges what compaction merges once the
+  space is idle; `compact_s` is what that took after the fill.
 Then per way and per ef: Engine.recall p50 and p99 (k=10, results decoded,
 one query at a time) and recall@10 against exact search, so that latency
 can be compared at equal recall; and for `grown`, each segment's own search
@@ -30,17 +33,23 @@ from .report import emit, parser, percentiles_ms, table
 K = 10
 
 
+WAYS = ("one graph", "grown", "compacted")
+
+
 def build(data: np.ndarray, way: str, writers: int, ef_construction: int):
-    """An open engine holding `data` in space "s", all of it indexed, and the
-    seconds that took."""
+    """An open engine holding `data` in space "s", all of it indexed, the
+    seconds that took, and those compaction took after it (None: not run)."""
     from engram_shm import Engine
 
     n = len(data)
-    layout = {} if way == "grown" else {"segment_capacity": n, "first_segment_capacity": n}
-    engine = Engine(workers=writers if way == "grown" else 1, ring_capacity=max(n, 64), M=M,
-                    ef_construction=ef_construction, **layout)
+    options = {"one graph": {"segment_capacity": n, "first_segment_capacity": n, "workers": 1},
+               "grown": {"compaction_capacity": 0, "workers": writers},
+               "compacted": {"workers": writers}}[way]
+    engine = Engine(ring_capacity=max(n, 64), M=M, ef_construction=ef_construction, **options)
     engine.create_space("s", dim=data.shape[1])
-    return engine, timed(lambda: fill(engine, "s", data))[0]
+    build_s = timed(lambda: fill(engine, "s", data))[0]
+    compact_s = timed(engine.compact)[0] if way == "compacted" else None
+    return engine, build_s, compact_s
 
 
 def segment_search_ms(engine, queries: np.ndarray, ef: int) -> list[tuple[int, float]]:
@@ -64,7 +73,7 @@ def segment_search_ms(engine, queries: np.ndarray, ef: int) -> list[tuple[int, f
 
 def measure(name: str, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, way: str,
             args) -> list[dict]:
-    engine, build_s = build(data, way, args.writers, args.ef_construction)
+    engine, build_s, compact_s = build(data, way, args.writers, args.ef_construction)
     try:
         segments = engine.stats()["spaces"]["s"]["segments"]
         efs = [int(e) for e in args.ef.split(",")]
@@ -73,11 +82,13 @@ def measure(name: str, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
             found, lat = timed_queries(
                 lambda q, ef=ef: [int(m.id) for m in engine.recall("s", q, k=K, ef=ef)], queries)
             rows.append({"bench": "segments", "data": name, "n": len(data), "dim": data.shape[1],
-                         "way": way, "writers": args.writers if way == "grown" else 1,
+                         "way": way, "writers": 1 if way == "one graph" else args.writers,
                          "ef_construction": args.ef_construction, "segments": segments,
-                         "build_s": round(build_s, 1), "ef": ef, "recall_at_10": recall_at_10(found, exact),
+                         "build_s": round(build_s, 1),
+                         "compact_s": None if compact_s is None else round(compact_s, 1), "ef": ef,
+                         "recall_at_10": recall_at_10(found, exact),
                          **percentiles_ms(lat, "recall", 3)})
-        if way == "grown":
+        if way != "one graph":
             rows[len(rows) // 2]["segment_search_ms"] = segment_search_ms(engine, queries, efs[len(efs) // 2])
         return [emit(r) for r in rows]
     finally:
@@ -85,6 +96,7 @@ def measure(name: str, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
 
 
 COLUMNS = [("way", "way", ""), ("segments", "segments", "d"), ("build s", "build_s", ".1f"),
+           ("compact s", "compact_s", ".1f"),
            ("ef", "ef", "d"), ("recall@10", "recall_at_10", ".3f"), ("p50 ms", "recall_p50_ms", ".3f"),
            ("p99 ms", "recall_p99_ms", ".3f")]
 
@@ -111,11 +123,11 @@ def main(argv=None, prog="python -m bench segments") -> list[dict]:
     print(f"# seed {args.seed}: {name}, {args.n} unit vectors, {args.queries} held-out queries, "
           f"M={M}, ef_construction {args.ef_construction}", flush=True)
     rows = []
-    for way in ("one graph", "grown"):
+    for way in WAYS:
         rows += measure(name, data, queries, exact, way, args)
     for row in rows:
         if "segment_search_ms" in row:
-            print("# grown, each segment's own search (rows: p50 ms at ef "
+            print(f"# {row['way']}, each segment's own search (rows: p50 ms at ef "
                   f"{row['ef']}): " + ", ".join(f"{n}: {ms}" for n, ms in row["segment_search_ms"]))
     print(table(f"recall over many segments and over one graph, {name}", rows, COLUMNS))
     return rows

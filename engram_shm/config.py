@@ -50,6 +50,12 @@ class EngineConfig:
                                          "each next one 4x more, up to this", lo=64, hi=1 << 26)
     first_segment_capacity: int = _opt(64, "slots of a space's first segment; each next one has 4x "
                                            "more, up to segment_capacity", lo=16, hi=1 << 26)
+    compaction_capacity: int = _opt(1 << 22, "observations of the largest graph compaction merges a "
+                                             "space's sealed segments into (docs/architecture.md); "
+                                             "0 turns compaction off", lo=0, hi=1 << 30)
+    compaction_idle_s: float = _opt(2.0, "seconds without writes after which a space counts as idle: "
+                                         "compaction then also merges its open segments, and smaller "
+                                         "remainders", lo=0.0, hi=1e9)
     ring_capacity: int = _opt(65536, "bound of a space's accepted-but-unindexed window; "
                                      "observe waits (embedded) or refuses credit (server) beyond it",
                               lo=64, hi=1 << 30)

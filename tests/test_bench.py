@@ -125,15 +125,17 @@ def test_cluster_quick_measures_one_to_three_nodes_and_a_move():
     assert "accepted x1" in out and "writes waited s" in out
 
 
-def test_segments_quick_compares_a_grown_space_with_one_graph_at_each_beam():
+def test_segments_quick_compares_a_grown_and_a_compacted_space_with_one_graph_at_each_beam():
     out, rows = quick("segments")
     assert [(r["way"], r["ef"]) for r in rows] == [("one graph", 16), ("one graph", 64), ("grown", 16),
-                                                    ("grown", 64)]
-    one, grown = rows[0], rows[2]
+                                                    ("grown", 64), ("compacted", 16), ("compacted", 64)]
+    one, grown, compacted = rows[0], rows[2], rows[4]
     assert one["segments"] == 1 and grown["segments"] > 3  # 3000 rows: 64, 256, 1024, ... slots
+    assert compacted["segments"] == 1 and compacted["compact_s"] >= 0 and grown["compact_s"] is None
     for r in rows:
         assert r["recall_p50_ms"] > 0 and 0 < r["recall_at_10"] <= 1 and r["machine"] and r["date"]
     assert rows[1]["recall_at_10"] >= rows[0]["recall_at_10"] - 0.02  # a wider beam finds as much
     per_segment = rows[3]["segment_search_ms"]
     assert len(per_segment) == grown["segments"] and sum(n for n, _ in per_segment) == 3000
+    assert [n for n, _ in rows[5]["segment_search_ms"]] == [3000]
     assert "recall over many segments and over one graph" in out

@@ -132,6 +132,8 @@ def test_wrappers_check_their_inputs():
 
 # -- the index in the writer ---------------------------------------------------
 def restarted(e: Engine) -> EngineWriter:
+    """A second writer over an engine's memory, as after its writer died (the
+    engine must run with compaction off: its own writer stands still)."""
     fresh = EngineWriter(e.catalog, e.config, e._on_new_segment)
     fresh.recover(e._segments.__getitem__)
     return fresh
@@ -139,7 +141,7 @@ def restarted(e: Engine) -> EngineWriter:
 
 def test_a_restarted_writer_refuses_a_resent_id_and_decodes_no_id(monkeypatch):
     data = clustered(700, 8, seed=3)
-    with Engine(workers=1, segment_capacity=256) as e:
+    with Engine(workers=1, segment_capacity=256, compaction_capacity=0) as e:
         e.observe("s", [f"a{i}" for i in range(600)], data[:600])
         e.observe("t", "a1", data[0])  # ids are unique per space only
         with monkeypatch.context() as m:
@@ -158,7 +160,7 @@ def test_a_restarted_writer_refuses_a_resent_id_and_decodes_no_id(monkeypatch):
 
 def test_buried_ids_are_free_again():
     data = clustered(400, 8, seed=4)
-    with Engine(workers=1, segment_capacity=128) as e:
+    with Engine(workers=1, segment_capacity=128, compaction_capacity=0) as e:
         e.observe("s", [f"a{i}" for i in range(200)], data[:200])
         params, batch = e.writer.prepare("s", [f"b{i}" for i in range(200)], data[200:])
         e.writer.spaces["s"].append(batch, e.generation + 1)  # published, never committed
@@ -179,7 +181,7 @@ def test_different_ids_with_one_hash_are_both_stored():
     a stored row's id_hash is set to the hash of another id, as if the two
     collided; the restarted writer's index holds that hash for the row."""
     data = clustered(10, 8, seed=5)
-    with Engine(workers=1) as e:
+    with Engine(workers=1, compaction_capacity=0) as e:
         e.observe("s", ["a", "c"], data[:2])
         w = e.writer.spaces["s"]
         seg, slot = w.find_id("a")

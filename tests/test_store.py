@@ -223,7 +223,7 @@ def test_a_growing_space_gets_ever_larger_segments_and_finds_every_observation()
     n = 5000
     data = clustered(n, 32, seed=41)
     ids = [f"g{i}" for i in range(n)]
-    with Engine(workers=2, segment_capacity=4096) as e:
+    with Engine(workers=2, segment_capacity=4096, compaction_capacity=0) as e:  # the schedule alone
         for lo in range(0, n, 500):
             e.observe("grow", ids[lo:lo + 500], data[lo:lo + 500])
         assert e.wait_indexed(120)

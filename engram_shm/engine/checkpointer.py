@@ -48,7 +48,8 @@ class Checkpointer:
     def __init__(self, catalog: Catalog, datadir: DataDir, config: EngineConfig,
                  segments: Callable[[], list[Segment]], sessions: Callable[[], list[dict]] = list,
                  checkpoint_lsn: int = 0):
-        """`checkpoint_lsn`: the log position the newest checkpoint holds (0:
+        """`segments()`: the engine's LIVE segments (SegmentDirectory.live).
+        `checkpoint_lsn`: the log position the newest checkpoint holds (0:
         none). The triggers count from that checkpoint, not from this start:
         records replayed at the start are not in it, and an engine restarted
         more often than the interval still takes checkpoints (otherwise every
@@ -77,7 +78,7 @@ class Checkpointer:
         when `stop()` turns true while it waits for a segment."""
         with self._lock:
             self._last_at = time.monotonic()
-            manifest = checkpoint.take(self.catalog, self.segments(), self.sessions,
+            manifest = checkpoint.take(self.catalog, self.segments, self.sessions,
                                        self.datadir.checkpoints, stop)
             self.last = manifest
             self._last_lsn = manifest["wal_lsn"]

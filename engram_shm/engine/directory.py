@@ -1,8 +1,14 @@
-"""The segments of an engine's catalog, mapped into this process as they appear.
+"""The segments of an engine's catalog, mapped into this process as they appear
+and forgotten as compactions retire them.
 
 The engine hands out the segments it created; other processes (index workers,
-attached readers) attach them by name. Readers look segments up by space;
-index writers take them as targets with their space's parameters.
+attached readers, the checkpointer) attach them by name. Readers look up a
+space's LIVE segments; index writers take LIVE and BUILDING ones as targets
+with their space's parameters. Each refresh takes the catalog's layout (the
+segment states, read under its sequence lock), so a reader never sees a merged
+segment together with its sources. A retired segment is only forgotten, never
+unmapped here: a recall in flight may still search it, and its mapping goes
+when the last view of it does (Segment.__del__).
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from ..store.catalog import Catalog, SpaceParams, segment_name
+from ..store.catalog import BUILDING, LAYOUT_SEQ, LIVE, Catalog, SpaceParams, segment_name
 from ..store.segment import Segment
 
 
@@ -21,59 +28,116 @@ class Target:
     index: int  # catalog segment index
     segment: Segment
     params: SpaceParams
+    building: bool = False  # a compaction's merged segment, not yet searched
+
+
+class _Layout(NamedTuple):
+    token: tuple[int, int] | None  # (LAYOUT_SEQ, N_SEGMENTS) it was taken at
+    by_space: dict[int, list[Segment]]  # LIVE segments of each space, catalog order
+    live: list[Segment]  # every LIVE segment, catalog order
+    targets: list[Target]  # LIVE and BUILDING
+
+
+_EMPTY = _Layout(None, {}, [], [])
 
 
 class SegmentDirectory:
-    """`open_segment(index)` hands out a segment the caller owns; without it,
-    the directory attaches segments by name itself (writable or read-only)
-    and closes them in `close()`."""
+    """`open_segment(index)` hands out a segment the caller owns (None once
+    the caller has let it go); without it, the directory attaches segments by
+    name itself (writable or read-only) and closes them in `close()`."""
 
-    def __init__(self, catalog: Catalog, open_segment: Callable[[int], Segment] | None = None,
+    def __init__(self, catalog: Catalog, open_segment: Callable[[int], Segment | None] | None = None,
                  writable: bool = False):
         self.catalog = catalog
-        self._attached: list[Segment] = []
+        self._attached: dict[int, Segment] = {}
         self.open_segment = open_segment or (lambda index: self._attach(index, writable))
-        self._by_space: dict[int, list[Segment]] = {}
-        self._targets: list[Target] = []
+        self._mapped: dict[int, Segment] = {}
         self._params: dict[int, SpaceParams] = {}
+        self._layout = _EMPTY  # replaced whole, so threads always read one layout
         self._lock = threading.Lock()
 
     def refresh(self) -> None:
-        """Map the segments published since the last call."""
-        n = self.catalog.n_segments
-        if n <= len(self._targets):
+        """Take the catalog's layout if it changed since the last call: map
+        segments published since, forget those retired."""
+        if self._layout.token == (int(self.catalog.header[LAYOUT_SEQ]), self.catalog.n_segments):
             return
         with self._lock:
-            for index in range(len(self._targets), n):
-                space = self.catalog.segment_space(index)
-                params = self._params.get(space)
-                if params is None:
-                    params = self._params[space] = self.catalog.space(space)
-                seg = self.open_segment(index)
-                self._by_space.setdefault(space, []).append(seg)
-                self._targets.append(Target(index, seg, params))
+            while not self._take_layout():
+                pass
+
+    def _take_layout(self) -> bool:
+        """False if a segment of the layout read was unlinked before it could
+        be mapped (retired meanwhile: the layout is read again)."""
+        seq, states = self.catalog.layout()
+        by_space: dict[int, list[Segment]] = {}
+        live, targets = [], []
+        for index, state in enumerate(states.tolist()):
+            if state not in (LIVE, BUILDING):
+                self._forget(index)
+                continue
+            seg = self._mapped.get(index)
+            if seg is None:
+                try:
+                    seg = self.open_segment(index)
+                except FileNotFoundError:
+                    seg = None
+                if seg is None:
+                    return False
+                self._mapped[index] = seg
+            space = self.catalog.segment_space(index)
+            params = self._params.get(space)
+            if params is None:
+                params = self._params[space] = self.catalog.space(space)
+            if state == LIVE:
+                by_space.setdefault(space, []).append(seg)
+                live.append(seg)
+            targets.append(Target(index, seg, params, building=state == BUILDING))
+        self._layout = _Layout((seq, len(states)), by_space, live, targets)
+        return True
+
+    def _forget(self, index: int) -> None:
+        self._mapped.pop(index, None)
+        self._attached.pop(index, None)
+
+    @property
+    def token(self) -> tuple[int, int] | None:
+        """That of the layout held (see `space_layout`)."""
+        return self._layout.token
 
     def of_space(self, space: int) -> list[Segment]:
+        """The space's LIVE segments, in catalog order."""
+        return self.space_layout(space)[1]
+
+    def space_layout(self, space: int) -> tuple[tuple[int, int], list[Segment]]:
+        """(a token that changes whenever the segments held change, the
+        space's LIVE segments), from one layout."""
         self.refresh()
-        return list(self._by_space.get(space, ()))
+        layout = self._layout
+        return layout.token, list(layout.by_space.get(space, ()))
+
+    def live(self) -> list[Segment]:
+        """Every LIVE segment, in catalog order, from one layout."""
+        self.refresh()
+        return list(self._layout.live)
 
     def targets(self) -> list[Target]:
         self.refresh()
-        return list(self._targets)
+        return list(self._layout.targets)
 
     def segments(self) -> list[Segment]:
+        """Every segment index writers may work on (LIVE and BUILDING)."""
         return [t.segment for t in self.targets()]
 
     def _attach(self, index: int, writable: bool) -> Segment:
         seg = Segment.attach(segment_name(self.catalog.engine, index), writable=writable)
-        self._attached.append(seg)
+        self._attached[index] = seg
         return seg
 
     def close(self) -> None:
         """Forget the mappings and unmap the segments this directory attached."""
         with self._lock:
-            self._by_space.clear()
-            self._targets.clear()
-            for seg in self._attached:
+            self._layout = _EMPTY
+            self._mapped.clear()
+            for seg in self._attached.values():
                 seg.close()
             self._attached.clear()

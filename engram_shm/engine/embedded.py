@@ -54,6 +54,7 @@ from .writer import Ack, EngineWriter
 log = logging.getLogger(__name__)
 
 POLL_S = 0.01  # how often waits re-check counters that worker processes advance
+MAINTAIN_S = 0.02  # period of the background compaction step (as the server's upkeep)
 
 
 class Engine(Recalls):
@@ -81,11 +82,12 @@ class Engine(Recalls):
         self._finalizer = weakref.finalize(self, _release, self.catalog, self._segments, self.datadir)
         self.directory = SegmentDirectory(self.catalog, self._segments.__getitem__)
         self.reader = Reader(self.directory)
-        self.writer = EngineWriter(self.catalog, self.config, self._on_new_segment)
+        self.writer = EngineWriter(self.catalog, self.config, self._on_new_segment, self._on_retired)
         self._write_lock = threading.Lock()
         self._progress = threading.Condition()
         self._stop = False
         self.checkpointer = None
+        self._compactor: threading.Thread | None = None
         self.recovered: recovery.Recovered | None = None
         try:
             if self.datadir is not None:
@@ -99,6 +101,9 @@ class Engine(Recalls):
                 self.supervisor = None
                 self._indexing = IndexThreads(self.catalog, n, self.directory.targets, self._progress)
             self._indexing.start()
+            self._compactor = threading.Thread(target=self._compact_in_background,
+                                               name=f"engram-{self.name}-compaction", daemon=True)
+            self._compactor.start()
         except BaseException:
             self.writer.close()
             self._finalizer()
@@ -112,7 +117,7 @@ class Engine(Recalls):
         c = self.config
         self.writer.wal = WalWriter(self.datadir.wal, c.fsync, c.fsync_interval_ms, c.wal_file_bytes,
                                     int(self.catalog.header[WAL_LSN]) + 1, self.catalog.committed_generation)
-        self.checkpointer = Checkpointer(self.catalog, self.datadir, c, self.directory.segments,
+        self.checkpointer = Checkpointer(self.catalog, self.datadir, c, self.directory.live,
                                          checkpoint_lsn=self.recovered.checkpoint_lsn)
         self.checkpointer.start()
 
@@ -130,6 +135,8 @@ class Engine(Recalls):
         with self._progress:
             self._stop = True
             self._progress.notify_all()
+        if self._compactor is not None:
+            self._compactor.join()
         with self._write_lock:  # let an observe in flight finish
             self._indexing.stop()
             if self.checkpointer is not None:
@@ -159,6 +166,41 @@ class Engine(Recalls):
     def _on_new_segment(self, index: int, seg: Segment) -> None:
         assert index == len(self._segments)
         self._segments.append(seg)
+
+    def _on_retired(self, index: int, seg: Segment) -> None:
+        self._segments[index] = None  # unmapped once no recall in flight holds it
+
+    # -- compaction ----------------------------------------------------------------
+    def _compact_in_background(self) -> None:
+        while True:
+            with self._progress:
+                if self._stop:
+                    return
+                self._progress.wait(MAINTAIN_S)
+            with self._write_lock:
+                if self._stop:
+                    return
+                self.writer.maintain()
+
+    def compact(self, timeout: float | None = None) -> bool:
+        """Merge now what compaction merges once a space is idle, and wait
+        until every merge is swapped in (recalls and writes go on meanwhile);
+        False on timeout. Compaction also runs by itself in the background
+        (docs/architecture.md); this is for a bulk load that is done."""
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.wait_indexed(timeout):  # a merge takes wholly indexed segments
+            return False
+        while True:
+            with self._write_lock:
+                self._check_open()
+                if not self.writer.maintain(idle_s=0.0):
+                    return True
+            with self._progress:
+                self._raise_failure()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                self._progress.wait(POLL_S)
 
     # -- spaces ----------------------------------------------------------------
     def create_space(self, name: str, dim: int, dtype: str | None = None, metric: str | None = None,
@@ -223,12 +265,14 @@ class Engine(Recalls):
             raise IndexFailed(f"an index writer failed: {failure!r}") from failure
 
     def wait_indexed(self, timeout: float | None = None) -> bool:
-        """Block until every stored observation is in the graph; False on timeout."""
+        """Block until every stored observation is in the graph; False on
+        timeout. (A merge compaction is building does not count: its rows
+        are in their own graphs already.)"""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._progress:
             while True:
                 self._raise_failure()
-                if all(s.backlog == 0 for s in self.directory.segments()):
+                if all(s.backlog == 0 for s in self.directory.live()):
                     return True
                 if self._stop:
                     return False
@@ -263,7 +307,8 @@ def _release(catalog: Catalog, segments: list[Segment], datadir: DataDir | None)
     interpreter exit, for an engine never closed), and release the data
     directory."""
     for seg in segments:
-        seg.close()
+        if seg is not None:
+            seg.close()
     segments.clear()
     catalog.close()
     if datadir is not None:

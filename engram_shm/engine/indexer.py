@@ -4,7 +4,8 @@ A writer claims a segment by compare-and-swap of the segment's WRITER word
 from 0 to its token, so a graph never has two writers, whether the writers are
 threads of one process or separate processes. It first looks at the segments a
 stable hash assigns to it, then steals any other segment with a backlog (the
-rebalancing of whole segments). Each claim inserts a chunk sized to take about
+rebalancing of whole segments); segments a compaction builds come after every
+live one. Each claim inserts a chunk sized to take about
 `slice_s`, publishes INDEXED, and releases, so an idle writer can take over a
 hot segment between chunks.
 
@@ -88,13 +89,16 @@ class IndexWriter:
 
     def _claim(self, targets: list[Target]) -> Target | None:
         waiting = [t for t in targets if t.segment.backlog > 0 and t.segment.writer == 0]
-        mine = [t for t in waiting if self.owner_of(t.segment) == self.worker]
-        others = sorted((t for t in waiting if self.owner_of(t.segment) != self.worker),
-                        key=lambda t: -t.segment.backlog)
-        for t in mine + others:
-            if compare_and_swap(t.segment.header, WRITER, 0, self.token) == 0:
-                self.stolen += self.owner_of(t.segment) != self.worker
-                return t
+        # Live windows first (strong recalls scan them); a compaction's build
+        # takes what is left.
+        for group in ([t for t in waiting if not t.building], [t for t in waiting if t.building]):
+            mine = [t for t in group if self.owner_of(t.segment) == self.worker]
+            others = sorted((t for t in group if self.owner_of(t.segment) != self.worker),
+                            key=lambda t: -t.segment.backlog)
+            for t in mine + others:
+                if compare_and_swap(t.segment.header, WRITER, 0, self.token) == 0:
+                    self.stolen += self.owner_of(t.segment) != self.worker
+                    return t
         return None
 
     def owner_of(self, seg: Segment) -> int:

@@ -122,7 +122,7 @@ class Ledger:
             usage.shm_bytes += shm_bytes
             usage.disk_bytes += disk_bytes
         self.shm_bytes += shm_bytes
-        self.segments += shm_bytes > 0
+        self.segments += (shm_bytes > 0) - (shm_bytes < 0)  # a segment created, or retired
 
     def charge_segment(self, space: str, seg: Segment) -> None:
         """Count a segment found in shared memory (a restart): its block and

@@ -1,6 +1,7 @@
 """Recall over a space, in any process that maps the engine's shared memory.
 
-A recall reads the committed generation G, then for each segment its indexed
+A recall reads the committed generation G, takes the space's LIVE segments (one
+consistent layout: engine/directory.py), then for each segment its indexed
 count n_i and accepted count n_a (in that order; both only grow). It searches
 the graph over [0, n_i) and scans [n_i, n_a) exactly, keeping generations <= G,
 and merges the segments' top-k. Everything committed before the recall started
@@ -81,7 +82,7 @@ class Reader:
         self._spaces: dict[str, tuple[int, SpaceParams]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._views_of: dict[int, tuple[list[Segment], hnsw.SpaceViews, float]] = {}
+        self._views_of: dict[int, tuple[tuple, list[Segment], hnsw.SpaceViews, float]] = {}
 
     def space(self, name: str) -> tuple[int, SpaceParams]:
         found = self._spaces.get(name)
@@ -102,17 +103,27 @@ class Reader:
         return cache.get(views.capacity, views.dim, views.M, max(ef, 256), MAX_LEVEL)
 
     def _views(self, index: int) -> tuple[list[Segment], hnsw.SpaceViews | None, float]:
-        """The space's segments, their kernel views and the scale of their
-        codes, rebuilt only when a segment was added (segments are never
-        removed while mapped; every segment of a space has its scale)."""
-        segments = self.directory.of_space(index)
+        """The space's LIVE segments, their kernel views and the scale of
+        their codes, rebuilt only when the directory's segments changed (one
+        added, or a compaction's swap; every segment of a space has its
+        scale). A rebuilt set drops the last reference this reader held to
+        retired segments."""
+        token, segments = self.directory.space_layout(index)
         cached = self._views_of.get(index)
-        if cached is None or cached[1].n != len(segments):
+        if cached is None or cached[0] != token:
             if not segments:
                 return segments, None, 1.0
-            cached = self._views_of[index] = (segments, hnsw.SpaceViews([s.view for s in segments]),
+            cached = self._views_of[index] = (token, segments, hnsw.SpaceViews([s.view for s in segments]),
                                               segments[0].scale)
-        return cached
+        return cached[1:]
+
+    def drop_retired(self) -> None:
+        """Let go of the segments compaction retired since the last recall
+        (a process that may sit idle calls this now and then: otherwise it
+        holds their memory until it next recalls from their space)."""
+        self.directory.refresh()
+        token = self.directory.token
+        self._views_of = {i: v for i, v in self._views_of.items() if v[0] == token}
 
     def resolve_generation(self, consistency) -> tuple[int, bool]:
         """(generation bound, whether to scan unindexed windows)."""

@@ -20,23 +20,44 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import EngineConfig
-from ..errors import InvalidArgument, SpaceExists
+from ..errors import InvalidArgument, QuotaExceeded, ShmFull, SpaceExists, SpaceLimit
 from ..limits import ANONYMOUS
 from ..observations import Batch, Limits, checked_rows, prepare
+from ..store import shm
 from ..store import wal as walfile
-from ..store.catalog import WAL_LSN, Catalog, SpaceParams
+from ..store.catalog import (
+    BUILDING,
+    G_MERGED_INTO,
+    G_STATE,
+    LIVE,
+    RETIRED,
+    WAL_LSN,
+    Catalog,
+    SpaceParams,
+    segment_name,
+)
 from ..store.prefault import Prefaulter
 from ..store.segment import Segment
 from ..store.space import SegmentSizes, SpaceWriter
 from ..store.wal import WalWriter
 from .ledger import Ledger
 from .window import window_limit
+
+log = logging.getLogger(__name__)
+
+# Compaction: the time one `maintain` call copies rows for, per space (the
+# server's front calls it every upkeep, 20 ms), and how long a merge a quota
+# refused waits before it is tried again.
+MAINTAIN_BUDGET_S = 0.005
+MERGE_RETRY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -59,11 +80,14 @@ def check_space_name(name) -> None:
 
 class EngineWriter:
     def __init__(self, catalog: Catalog, config: EngineConfig,
-                 on_new_segment: Callable[[int, Segment], None]):
+                 on_new_segment: Callable[[int, Segment], None],
+                 on_retired: Callable[[int, Segment], None] = lambda index, seg: None):
         self.catalog = catalog
         self.config = config
         self.limits = Limits(config.max_id_bytes, config.max_text_bytes)
         self.on_new_segment = on_new_segment
+        self.on_retired = on_retired
+        self._merge_refused: dict[str, float] = {}  # space -> when a refused merge may be tried again
         self.spaces: dict[str, SpaceWriter] = {}
         self.ledger = Ledger(config)
         self.sizes = SegmentSizes(config.segment_capacity, config.text_bytes_per_observation,
@@ -120,11 +144,39 @@ class EngineWriter:
     def _space_writer(self, index: int, params: SpaceParams) -> SpaceWriter:
         return SpaceWriter(self.catalog, index, params, self.sizes, self.config.worker_count,
                            functools.partial(self._segment_created, params.name), self.prefault,
-                           window_limit(self.config, params.dim, params.dtype))
+                           window_limit(self.config, params.dim, params.dtype),
+                           functools.partial(self._segment_retired, params.name))
 
     def _segment_created(self, space: str, index: int, seg: Segment) -> None:
         self.ledger.charge(space, shm_bytes=seg.layout.size)
         self.on_new_segment(index, seg)
+
+    def _segment_retired(self, space: str, index: int, seg: Segment) -> None:
+        self.ledger.charge(space, shm_bytes=-seg.layout.size)
+        self.on_retired(index, seg)
+
+    def maintain(self, skip=(), budget_s: float = MAINTAIN_BUDGET_S, idle_s: float | None = None) -> bool:
+        """Background work between batches: advance compaction in each space
+        but those in `skip` (an export reads them by segment), for about
+        `budget_s` each; `idle_s` overrides compaction_idle_s (0: every space
+        counts as idle). A merge the space's or its owner's quota refuses is
+        tried again after MERGE_RETRY_S. Returns whether any space had a merge to work on."""
+        largest = self.config.compaction_capacity
+        if largest == 0:
+            return False
+        busy = False
+        now = time.monotonic()
+        for name, writer in self.spaces.items():
+            if name in skip or self._merge_refused.get(name, 0.0) > now:
+                continue
+            try:
+                idle = self.config.compaction_idle_s if idle_s is None else idle_s
+                busy |= writer.maintain(largest, idle, budget_s,
+                                        functools.partial(self.ledger.admit, name))
+            except (QuotaExceeded, ShmFull, SpaceLimit) as e:
+                log.warning("space %s: compaction waits: %s", name, e)
+                self._merge_refused[name] = now + MERGE_RETRY_S
+        return busy
 
     def prepare(self, space: str, ids, vectors, what=None, when=None,
                 confidence=None) -> tuple[SpaceParams, Batch]:
@@ -218,10 +270,10 @@ class EngineWriter:
             self.spaces[params.name] = self._space_writer(index, params)
             self.ledger.add_space(params.name, self.catalog.space_owner(index))
         by_index = {w.index: w for w in self.spaces.values()}
-        for seg_index in range(self.catalog.n_segments):
+        for seg_index in self._settle_layout():
             seg = open_segment(seg_index)
             space = by_index[self.catalog.segment_space(seg_index)]
-            space.adopt(seg)
+            space.adopt(seg, seg_index)
             self.ledger.charge_segment(space.params.name, seg)
         if committed is None:
             committed = self.catalog.committed_generation
@@ -230,6 +282,25 @@ class EngineWriter:
         for w in self.spaces.values():
             w.index_ids()  # from the id_hash columns, now rather than at the first write
         return sum(w.count for w in self.spaces.values())
+
+    def _settle_layout(self) -> list[int]:
+        """Finish what a dead writer's compaction left (recover): a merge it
+        did not swap in is given up, one it swapped in retires its sources
+        (it died between the two stores of the swap), and the blocks of
+        segments retired are unlinked. Returns the LIVE segments' indexes."""
+        cat = self.catalog
+        rows = cat.segments[:cat.n_segments].copy()
+        states, merged_into = rows[:, G_STATE], rows[:, G_MERGED_INTO]
+        changes = {}
+        for index, state in enumerate(states.tolist()):
+            target = int(merged_into[index])
+            if state == BUILDING or (state == LIVE and target >= 0 and states[target] == LIVE):
+                changes[index] = RETIRED
+        cat.change_states(changes)  # also closes a change the dead writer left open
+        for index, state in enumerate(cat.segments[:cat.n_segments, G_STATE].tolist()):
+            if state == RETIRED:
+                shm.unlink(segment_name(cat.engine, index))
+        return [i for i, state in enumerate(states.tolist()) if state == LIVE and i not in changes]
 
     def close(self) -> None:
         """Stop background work (before the segments are unmapped) and close

@@ -12,7 +12,8 @@ lets any local process find an engine's spaces and segments.
 |          |       |                       |         | FRONT_RECOVERING (1 while a front    |
 |          |       |                       |         | replays its log over the memory)     |
 |          |       |                       | writer  | WAL_LSN, CHECKPOINT_REQUEST,         |
-|          |       |                       |         | RECOVERY_FROM                        |
+|          |       |                       |         | RECOVERY_FROM, LAYOUT_SEQ (odd while |
+|          |       |                       |         | segment states change)               |
 |          |       |                       | checkp. | CHECKPOINT_DONE (request answered),  |
 |          |       |                       |         | _ERRNO (0 = ok), _GENERATION, _NS    |
 | spaces   | int64 | [MAX_SPACES, 8]       | owner   | dim, dtype, metric, M, ef_c, seed,   |
@@ -21,7 +22,10 @@ lets any local process find an engine's spaces and segments.
 | owners   | uint8 | [MAX_SPACES, 64]      | owner   | the principal that created the space |
 |          |       |                       |         | (UTF-8, zero-padded; its quotas and  |
 |          |       |                       |         | space count charge it)               |
-| segments | int64 | [MAX_SEGMENTS, 2]     | owner   | space index, number within the space |
+| segments | int64 | [MAX_SEGMENTS, 4]     | writer  | space index, number within the space,|
+|          |       |                       |         | state (LIVE, BUILDING, RETIRED), the |
+|          |       |                       |         | segment a compaction merges it into  |
+|          |       |                       |         | (-1: none)                           |
 | workers  | int64 | [MAX_WORKERS, 8]      | worker  | per index writer: pid, incarnation,  |
 |          |       |                       |         | nodes inserted, busy ns, heartbeat   |
 |          |       |                       |         | ns, claimed segment (-1), restarts   |
@@ -33,6 +37,12 @@ Rows are written completely before N_SPACES / N_SEGMENTS count them, and a
 generation is published in COMMITTED_GEN only after every observation up to it
 is in a published slot: a reader that reads COMMITTED_GEN first and the counts
 after sees everything up to that generation.
+
+Segment states change only under LAYOUT_SEQ, a sequence lock: the writer makes
+it odd, changes states (a compaction's swap: the merged segment becomes LIVE
+and its sources RETIRED), and makes it even. A reader takes the states and the
+count of segments between two equal, even reads of it (`layout`), so it never
+sees a merged segment together with its sources, nor neither.
 
 Liveness: an engine lives while any of its processes does, its owner, its
 front or one of its index workers, each known by pid and start time (a reused
@@ -57,7 +67,7 @@ from . import shm
 log = logging.getLogger(__name__)
 
 MAGIC_VALUE = 0x454E4752414D4354  # "ENGRAMCT"
-VERSION = 2  # 2: the owners region
+VERSION = 3  # 2: the owners region; 3: segment states
 MAX_SPACES = 4096
 MAX_SEGMENTS = 65536
 MAX_WORKERS = 256
@@ -78,8 +88,17 @@ WAL_LSN, CHECKPOINT_REQUEST = 20, 21
 # finds FRONT_RECOVERING still set (its predecessor died recovering) starts
 # over from there, as the generation had moved past rows not yet replayed.
 RECOVERY_FROM = 22
+LAYOUT_SEQ = 23
 CHECKPOINT_DONE, CHECKPOINT_ERRNO, CHECKPOINT_GENERATION, CHECKPOINT_NS = 24, 25, 26, 27
 (S_DIM, S_DTYPE, S_METRIC, S_M, S_EFC, S_SEED, S_NAME_LEN, S_CREATED) = range(8)
+(G_SPACE, G_NUMBER, G_STATE, G_MERGED_INTO) = range(4)
+# Segment states. EMPTY: a catalog row never published (a checkpoint is loaded
+# renumbered, so rows below N_SEGMENTS are never empty). BUILDING: a merged
+# segment a compaction fills; index writers work on it, readers do not see it.
+# RETIRED: its rows live on in a merged segment (or it was a build that was
+# given up); its block is unlinked, and mappings of it go as their users do.
+EMPTY, LIVE, BUILDING, RETIRED = range(4)
+SEGMENT_COLUMNS = 4
 (W_PID, W_INCARNATION, W_INSERTED, W_BUSY_NS, W_HEARTBEAT_NS, W_CLAIMED, W_RESTARTS, W_START) = range(8)
 
 
@@ -108,7 +127,7 @@ def _layout():
     spaces = MAX_SPACES * 8 * 8
     names = MAX_SPACES * NAME_BYTES
     owners = MAX_SPACES * PRINCIPAL_BYTES
-    segments = MAX_SEGMENTS * 2 * 8
+    segments = MAX_SEGMENTS * SEGMENT_COLUMNS * 8
     workers = MAX_WORKERS * 8 * 8
     return header, spaces, names, owners, segments, workers
 
@@ -149,7 +168,8 @@ class Catalog:
         self.spaces = np.ndarray((MAX_SPACES, 8), np.int64, buffer=buf, offset=h)
         self.names = np.ndarray((MAX_SPACES, NAME_BYTES), np.uint8, buffer=buf, offset=h + s)
         self.owners = np.ndarray((MAX_SPACES, PRINCIPAL_BYTES), np.uint8, buffer=buf, offset=h + s + n)
-        self.segments = np.ndarray((MAX_SEGMENTS, 2), np.int64, buffer=buf, offset=h + s + n + o)
+        self.segments = np.ndarray((MAX_SEGMENTS, SEGMENT_COLUMNS), np.int64, buffer=buf,
+                                   offset=h + s + n + o)
         self.workers = np.ndarray((MAX_WORKERS, 8), np.int64, buffer=buf, offset=h + s + n + o + g)
 
     @classmethod
@@ -231,12 +251,47 @@ class Catalog:
                              quota="catalog_segments", limit=MAX_SEGMENTS)
         return index
 
-    def add_segment(self, index: int, space: int, number: int) -> None:
-        self.segments[index] = [space, number]
+    def add_segment(self, index: int, space: int, number: int, state: int = LIVE) -> None:
+        self.segments[index] = [space, number, state, -1]
         self.header[N_SEGMENTS] = index + 1
 
     def segment_space(self, index: int) -> int:
-        return int(self.segments[index, 0])
+        return int(self.segments[index, G_SPACE])
+
+    def segment_state(self, index: int) -> int:
+        return int(self.segments[index, G_STATE])
+
+    def layout(self) -> tuple[int, np.ndarray]:
+        """(LAYOUT_SEQ, the state of every published segment), read between
+        two equal even reads of the sequence. A writer changes states in a
+        few stores, so a reader waits microseconds; one that died in between
+        left the sequence odd, and the states are then taken as they stand
+        (the merged segment is made LIVE before its sources are RETIRED, so
+        at worst rows show twice until its successor settles them)."""
+        while True:
+            seq = int(self.header[LAYOUT_SEQ])
+            states = self.segments[:self.n_segments, G_STATE].copy()
+            if seq & 1 == 0 and int(self.header[LAYOUT_SEQ]) == seq:
+                return seq, states
+            if seq & 1 and self._writer_gone():
+                return seq, states
+            time.sleep(0)
+
+    def _writer_gone(self) -> bool:
+        pid, start = int(self.header[FRONT_PID]), int(self.header[FRONT_START])
+        writer_alive = process_start(pid) == start if pid > 0 else self.owner_alive()
+        return not writer_alive
+
+    def change_states(self, changes: dict[int, int]) -> None:
+        """Set the states of segments (index -> state) under the sequence
+        lock, in one step for readers. A writer that died inside a change left
+        the sequence odd: its successor's change (recovery settles every
+        state) closes it."""
+        if self.header[LAYOUT_SEQ] & 1 == 0:
+            self.header[LAYOUT_SEQ] += 1
+        for index, state in changes.items():
+            self.segments[index, G_STATE] = state
+        self.header[LAYOUT_SEQ] += 1
 
     # -- lifetime --------------------------------------------------------------
     @property

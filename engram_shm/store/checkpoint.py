@@ -170,11 +170,13 @@ def _wait_recovered(catalog: Catalog, stop) -> None:
         time.sleep(0.01)
 
 
-def take(catalog: Catalog, segments: list[Segment], sessions, directory: str,
-         stop=lambda: False) -> dict:
-    """Write a checkpoint of every segment of `catalog` (`segments`: writable
-    mappings, in catalog order); `sessions()` lists the sessions. Returns the
-    manifest of the complete checkpoint."""
+def take(catalog: Catalog, live, sessions, directory: str, stop=lambda: False) -> dict:
+    """Write a checkpoint of the LIVE segments of `catalog` (`live()`: writable
+    mappings of them from one layout, in catalog order, taken after the log
+    position and the generation: any row up to that generation is in them);
+    `sessions()` lists the sessions. Returns the manifest of the complete
+    checkpoint. Its segments are numbered 0.. in that order (a compaction's
+    retired segments leave gaps in the catalog, not in a checkpoint)."""
     started = time.time()
     while True:  # read while no front is recovering, before and after (FRONT_RECOVERING)
         _wait_recovered(catalog, stop)
@@ -184,7 +186,7 @@ def take(catalog: Catalog, segments: list[Segment], sessions, directory: str,
         if not catalog.header[FRONT_RECOVERING]:
             break
     spaces = [{**asdict(catalog.space(i)), "owner": catalog.space_owner(i)} for i in range(catalog.n_spaces)]
-    segments = segments[:catalog.n_segments]
+    segments = live()
     number = max((n for n, _ in complete(directory)), default=0) + 1
     tmp = os.path.join(directory, f"{PREFIX}{number:08d}{TMP}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,9 +1,12 @@
 """A mapped segment: numpy views over one shared-memory block (see layout.py).
 
-Segments are created by the writing process and attached by others; none of
-them unlinks a segment: the owner of the engine's catalog removes them all
-(catalog.py). Writable views exist only where a writer needs them; readers get read-only
-views, so the recall kernels never hold a pointer they could write through.
+Segments are created by the writing process and attached by others. The
+writer unlinks the segments a compaction retires; the owner of the engine's
+catalog removes all the others (catalog.py). A mapping no longer referenced
+closes itself: processes forget retired segments rather than close them, as a
+recall in flight may still hold views of one. Writable views exist only where
+a writer needs them; readers get read-only views, so the recall kernels never
+hold a pointer they could write through.
 """
 
 from __future__ import annotations
@@ -130,11 +133,17 @@ class Segment:
             out.append((raw[:cut].decode("utf-8"), raw[cut:].decode("utf-8"), conf, when, gen))
         return out
 
-    def close(self) -> None:
+    def close(self, warn: bool = True) -> None:
         """Release the views and unmap (the block stays for other processes)."""
         if self.block is None:
             return
         self.r = self.w = self.graph_r = self.graph_w = self.header = self.view = None
         self._arena_bytes.release()
         block, self.block = self.block, None
-        shm.close(block)
+        shm.close(block, warn)
+
+    def __del__(self):
+        # Views of a forgotten segment may outlive it (a recall's kernel
+        # table); they keep the mapping until they go.
+        if getattr(self, "block", None) is not None:
+            self.close(warn=False)

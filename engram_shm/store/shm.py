@@ -119,13 +119,15 @@ def destroy(block: shared_memory.SharedMemory) -> None:
     close(block)
 
 
-def close(shm: shared_memory.SharedMemory) -> None:
+def close(shm: shared_memory.SharedMemory, warn: bool = True) -> None:
     """Close a mapping; numpy views of it must be released first. A view still
-    held elsewhere keeps the mapping open until that process exits (logged)."""
+    held elsewhere keeps the mapping open until that view goes (logged unless
+    `warn` is false: the caller expects it)."""
     try:
         shm.close()
     except BufferError:
-        log.warning("shared memory %s still has views in use; left mapped", shm.name)
+        if warn:
+            log.warning("shared memory %s still has views in use; left mapped", shm.name)
 
 
 def list_blocks(engine: str | None = None) -> list[str]:

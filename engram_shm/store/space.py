@@ -22,6 +22,8 @@ both stored.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,8 +36,8 @@ from ..kernels.policy import METRIC_CODES
 from ..kernels.rows import append_rows, draw_levels
 from ..kernels.vectors import ROW_OK
 from ..observations import Batch, raise_bad_row, vector_rule
-from . import shm
-from .catalog import Catalog, SpaceParams, segment_name
+from . import compaction, shm
+from .catalog import BUILDING, G_MERGED_INTO, LIVE, RETIRED, Catalog, SpaceParams, segment_name
 from .layout import (
     ACCEPTED,
     ARENA_USED,
@@ -44,11 +46,14 @@ from .layout import (
     MAX_LEVEL,
     MIN_GEN,
     SEALED,
+    SEGMENT_NO,
     UPPER_USED,
     SegmentLayout,
 )
 from .prefault import Prefaulter
 from .segment import Segment
+
+log = logging.getLogger(__name__)
 
 CHUNK = 256
 # int8 calibration: the scale is this much above the largest magnitude of the
@@ -116,15 +121,22 @@ class _Placement:
 class SpaceWriter:
     def __init__(self, catalog: Catalog, index: int, params: SpaceParams, sizes: SegmentSizes,
                  writers: int, on_new_segment: Callable[[int, Segment], None],
-                 prefault: Prefaulter | None = None, window_limit: int = 1 << 30):
+                 prefault: Prefaulter | None = None, window_limit: int = 1 << 30,
+                 on_retired: Callable[[int, Segment], None] = lambda index, seg: None):
         self.catalog = catalog
         self.index = index
         self.params = params
         self.sizes = sizes
         self.writers = writers
         self.on_new_segment = on_new_segment
-        self.segments: list[Segment] = []
+        self.on_retired = on_retired
+        self.segments: list[Segment] = []  # the LIVE ones, in catalog order
         self.open: list[Segment] = []
+        self._catalog_index: dict[int, int] = {}  # id(segment) -> its catalog index
+        self.next_number = 0  # of the space's next segment (numbers are never reused)
+        self.merge: compaction.Merge | None = None
+        self.compactions = 0  # merges swapped in
+        self.last_append = time.monotonic()
         self._id_table: idindex.IdTable | None = idindex.new_table()  # None: rebuild before use
         self.prefault = prefault
         self.vector_rule = vector_rule(params.metric, params.dtype)
@@ -166,14 +178,20 @@ class SpaceWriter:
         return {"count": rows - self.buried, "buried": self.buried, "indexed": indexed, "window": window,
                 "window_limit": self.window_limit,
                 "pressure": round(window / self.window_limit, 4),
-                "segments": len(self.segments),
-                "shm_bytes": sum(shm.block_bytes(s.name) for s in self.segments)}
+                "segments": len(self.segments), "compactions": self.compactions,
+                "compacting": self.merge.rows if self.merge else 0,
+                "shm_bytes": sum(shm.block_bytes(s.name) for s in self._all_segments())}
 
-    def adopt(self, seg: Segment) -> None:
-        """Take over a segment written before (a restarted writer): its place
-        among the open segments unless sealed; its ids join the index when it
-        is next used (`index_ids`)."""
+    def _all_segments(self) -> list[Segment]:
+        return self.segments + ([self.merge.target] if self.merge else [])
+
+    def adopt(self, seg: Segment, index: int) -> None:
+        """Take over a LIVE segment written before (a restarted writer), with
+        its catalog index: its place among the open segments unless sealed;
+        its ids join the index when it is next used (`index_ids`)."""
         self.segments.append(seg)
+        self._catalog_index[id(seg)] = index
+        self.next_number = max(self.next_number, int(seg.header[SEGMENT_NO]) + 1)
         if not seg.sealed:
             self.open.append(seg)
         self._id_table = None
@@ -257,6 +275,7 @@ class SpaceWriter:
         coded with (int8)."""
         if self.scale is None:
             self.scale = scale if stored else calibrate(batch.vectors, self.params.metric)
+        self.last_append = time.monotonic()
         self.index_ids()  # before publishing: a rebuild must not see the rows, then get them again
         generations = np.arange(first_generation, first_generation + batch.n, dtype=np.uint64)
         levels = draw_levels(self.params.seed, generations, self.params.M, MAX_LEVEL)
@@ -274,10 +293,7 @@ class SpaceWriter:
             self._publish(p, generations)
         for seg in self.open[:]:
             if id(seg) in full or seg.accepted == seg.layout.capacity:
-                seg.header[SEALED] = 1
-                self.open.remove(seg)
-                if self.prefault is not None:
-                    self.prefault.forget(id(seg))
+                self._seal(seg)
         self._index_placements(placements)
         return [(p.segment, p.end.slot) for p in placements]
 
@@ -335,18 +351,84 @@ class SpaceWriter:
         return best
 
     def _new_segment(self, admit: Callable[[int], None] | None) -> Segment:
+        seg = self._create(self.sizes.layout(self.next_number, self.params), admit)
+        self.segments.append(seg)
+        self.open.append(seg)
+        self._publish_segment(seg, LIVE)
+        return seg
+
+    def _create(self, layout: SegmentLayout, admit: Callable[[int], None] | None) -> Segment:
+        """A new segment of this space (admitted first), not yet published."""
         index = self.catalog.reserve_segment()
-        number = len(self.segments)
-        layout = self.sizes.layout(number, self.params)
         if admit is not None:
             admit(layout.size)
         seg = Segment.create(segment_name(self.catalog.engine, index), layout,
-                             METRIC_CODES[self.params.metric], self.index, number, self.scale)
-        self.segments.append(seg)
-        self.open.append(seg)
+                             METRIC_CODES[self.params.metric], self.index, self.next_number, self.scale)
+        self.next_number += 1
+        self._catalog_index[id(seg)] = index
         self.on_new_segment(index, seg)  # before the catalog publishes it
-        self.catalog.add_segment(index, self.index, len(self.segments) - 1)
         return seg
+
+    def _publish_segment(self, seg: Segment, state: int) -> None:
+        self.catalog.add_segment(self._catalog_index[id(seg)], self.index, int(seg.header[SEGMENT_NO]), state)
+
+    # -- compaction (store/compaction.py) ------------------------------------------
+    def maintain(self, largest: int, idle_s: float, budget_s: float,
+                 admit: Callable[[int], None] | None = None) -> bool:
+        """Advance compaction by about `budget_s`: start a merge if the policy
+        asks for one, copy rows, swap a merged graph in once it is complete.
+        Returns whether there was a merge to work on."""
+        if self.merge is None and not self._start_merge(largest, idle_s, admit):
+            return False
+        self.merge.step(budget_s)
+        if self.merge.done:
+            self._swap()
+        return True
+
+    def _start_merge(self, largest: int, idle_s: float, admit: Callable[[int], None] | None) -> bool:
+        idle = time.monotonic() - self.last_append >= idle_s
+        settled = [s for s in self.segments if s.backlog == 0 and s.accepted > 0]
+        # An idle space's open segments are sealed only if the merge takes them.
+        sources = compaction.choose([s for s in settled if s.sealed or idle], idle, largest)
+        if not sources:
+            return False
+        seg = self._create(compaction.merged_layout(sources, self.params), admit)
+        for src in sources:
+            if not src.sealed:
+                self._seal(src)
+        indexes = [self._catalog_index[id(s)] for s in sources]
+        self.catalog.segments[indexes, G_MERGED_INTO] = self._catalog_index[id(seg)]
+        self._publish_segment(seg, BUILDING)
+        self.merge = compaction.Merge(self._catalog_index[id(seg)], seg, sources, indexes)
+        log.info("space %s: merging %d segments (%d observations) into segment %d", self.params.name,
+                 len(sources), self.merge.rows, self.merge.index)
+        return True
+
+    def _swap(self) -> None:
+        """Put the merged graph in its sources' place, for readers (one
+        layout change), for ids (the index is rebuilt over the new segments)
+        and for memory (the sources are unlinked)."""
+        m = self.merge
+        self.catalog.change_states({m.index: LIVE, **{i: RETIRED for i in m.source_indexes}})
+        gone = {id(s) for s in m.sources}
+        self.segments = sorted([s for s in self.segments if id(s) not in gone] + [m.target],
+                               key=lambda s: self._catalog_index[id(s)])
+        self._id_table = None
+        self.index_ids()
+        for seg, index in zip(m.sources, m.source_indexes):
+            del self._catalog_index[id(seg)]
+            shm.unlink(seg.name)
+            self.on_retired(index, seg)
+        self.merge = None
+        self.compactions += 1
+        log.info("space %s: segment %d (%d observations) swapped in for %d segments after %.1f s",
+                 self.params.name, m.index, m.rows, len(m.sources), time.monotonic() - m.started)
+
+    def _seal(self, seg: Segment) -> None:
+        seg.header[SEALED] = 1
+        self.open.remove(seg)
+        if self.prefault is not None:
+            self.prefault.forget(id(seg))
 
     # -- publishing --------------------------------------------------------------
     def _index_placements(self, placements: list[_Placement]) -> None:

@@ -86,6 +86,7 @@ from .sessions import ACTIVE, ANONYMOUS, CLOSED, FREE, PAUSED, Session, SessionT
 log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
 
 UPKEEP_S = 0.02
+EXPORT_HOLD_S = 60.0  # see Front._exports
 MAX_RECV_PER_TURN = 256
 HEADER_BYTES_PER_OBSERVATION = 64  # msgpack framing of one observation's id, text, when and confidence
 OBSERVATION_OPS = ("observe", "observe_batch")
@@ -101,18 +102,17 @@ class Front:
         self.metrics = metrics
         self.catalog = catalog
         self.sessions = sessions
-        self._segments: list[Segment] = []
+        self._segments: dict[int, Segment] = {}  # catalog index -> the front's mapping
 
         def open_segment(index: int) -> Segment:
-            """The front's own mapping of a segment, one per segment (segments
-            its writer creates arrive via _on_new_segment)."""
-            while len(self._segments) <= index:
-                name = segment_name(catalog.engine, len(self._segments))
-                self._segments.append(Segment.attach(name, writable=True))
+            """The front's own mapping of a segment it adopts (segments its
+            writer creates arrive via _on_new_segment)."""
+            if index not in self._segments:
+                self._segments[index] = Segment.attach(segment_name(catalog.engine, index), writable=True)
             return self._segments[index]
 
         self.gate = gate_for(config)
-        self.writer = EngineWriter(catalog, config, self._on_new_segment)
+        self.writer = EngineWriter(catalog, config, self._on_new_segment, self._on_retired)
         self.wal: WalWriter | None = None
         if config.durable:
             if not catalog.header[FRONT_RECOVERING]:  # else the front before died recovering from there
@@ -149,12 +149,17 @@ class Front:
         self._held: list | None = None  # replies of the turn being read (fsync=always)
         self._waiting: collections.deque = collections.deque()  # (log position, replies) to sync
         self._checkpoints: list[tuple[int, bytes, object]] = []  # (request, identity, rid)
+        # Spaces an export reads: their cursors name segments, so compaction
+        # leaves them alone until EXPORT_HOLD_S after the last chunk.
+        self._exports: dict[str, float] = {}
         log.info("front of %s: %d observations and %d sessions recovered", catalog.engine,
                  recovered, len(sessions.live))
 
     def _on_new_segment(self, index: int, seg: Segment) -> None:
-        assert index == len(self._segments)
-        self._segments.append(seg)
+        self._segments[index] = seg
+
+    def _on_retired(self, index: int, seg: Segment) -> None:
+        del self._segments[index]  # unmapped once nothing here holds it
 
     # -- the loop ----------------------------------------------------------------
     def serve(self, endpoint: str, readers_endpoint: str, ready=lambda: None) -> None:
@@ -662,6 +667,7 @@ class Front:
         epoch = None
         if self.cluster is not None:
             epoch = (self.cluster.freeze(space) if freeze else self.cluster.owns(space)).epoch
+        self._exports[space] = time.monotonic() + EXPORT_HOLD_S
         chunk = export.read_chunk(writer.segments, self.catalog.committed_generation, cursor, limit,
                                   writer.params.dim, writer.params.dtype)
         fields, frame = p.vector_payload(chunk.vectors)
@@ -759,6 +765,9 @@ class Front:
         if self.cluster is not None:
             self.cluster.upkeep()
         self._track_pressure()
+        now = time.monotonic()
+        self._exports = {space: until for space, until in self._exports.items() if until > now}
+        self.writer.maintain(skip=self._exports)
         if self.wal is not None and self.metrics is not None:
             self.metrics.front[WAL_WRITTEN] += self.wal.written - self._wal_counted
             self._wal_counted = self.wal.written
@@ -851,7 +860,7 @@ class Front:
         if self.metrics is not None:
             self.metrics.close()
         self.sessions.close()
-        for seg in self._segments:
+        for seg in self._segments.values():
             seg.close()
         self._segments.clear()
 

@@ -25,7 +25,7 @@ from ..errors import (
     WrongType,
 )
 
-VERSION = "1.6"
+VERSION = "1.7"
 MAJOR = int(VERSION.split(".")[0])
 
 CLIENT_OPS = frozenset({"init", "observe", "observe_batch", "pause", "resume", "close", "recall",

@@ -85,6 +85,7 @@ def run(engine: str, config: EngineConfig, backend: str, index: int, incarnation
             if now >= next_hello:  # also how a restarted front learns of this reader
                 sock.send_multipart(hello)
                 next_hello = now + HELLO_S
+                reader.drop_retired()
             if not sock.poll(int(HELLO_S * 1000)):
                 continue
             frames = sock.recv_multipart(copy=False)

@@ -129,7 +129,7 @@ class Server:
             for seg in loaded:
                 seg.close()
         log.info("engine %s recovered %s", self.name, self.recovered.summary())
-        self.checkpointer = Checkpointer(self.catalog, self.datadir, self.config, self.directory.segments,
+        self.checkpointer = Checkpointer(self.catalog, self.datadir, self.config, self.directory.live,
                                          self.sessions.snapshot, self.recovered.checkpoint_lsn)
 
     def _front_spec(self, config_json: str, backend: str) -> ChildSpec:
@@ -200,7 +200,7 @@ class Server:
             self.start()
             on_ready(self)
             while not self._stop.wait(0.2):
-                pass
+                self.directory.refresh()  # let go of segments compaction retired
         finally:
             self.shutdown()
 
