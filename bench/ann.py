@@ -9,7 +9,9 @@ Datasets: `clustered` (points around random centres) and `sentence` (the
 structure of sentence embeddings: engram_shm.synthetic.sentence_like). For
 each thread count, hnswlib builds with add_items(num_threads=T) and
 engram_shm with T index writers (faiss, whose HNSW build is one thread, runs
-at T=1 only). Insert rates are per wall second and per CPU second of the
+at T=1 only). T writers build T graphs; at T > 1 engram_shm runs twice: as
+built, and `+compact` (the graphs merged into one by Engine.compact(), which
+the insert rates include). Insert rates are per wall second and per CPU second of the
 process (engram_shm's caller thread stores while its writers index, so its
 wall rate at one writer may use more than one core: the CPU rate is the
 honest "per core" figure). Queries are one at a time, one thread, through
@@ -76,22 +78,30 @@ def fill(engine, space: str, data: np.ndarray) -> None:
     engine.wait_indexed()
 
 
-def run_engram(data_name, data, queries, exact, dtype, threads) -> dict:
+def run_engram(data_name, data, queries, exact, dtype, threads, compact: bool = False) -> dict:
+    """As built (compaction off), or `compact`ed: the writers' graphs merged
+    into one by `Engine.compact()` after the fill, its time counted in the
+    insert rates (system "engram_shm+compact")."""
     from engram_shm import Engine
 
     n, dim = data.shape
     # Segments of n, as hnswlib and faiss build one index: one graph per
     # writer (a hot space opens a segment for each).
     with Engine(workers=threads, segment_capacity=max(n, 64), first_segment_capacity=max(n, 64),
-                ring_capacity=max(n, 64), dtype=dtype,
+                ring_capacity=max(n, 64), dtype=dtype, compaction_capacity=n if compact else 0,
                 M=M, ef_construction=EF_CONSTRUCTION, ef_search=EF) as engine:
         engine.create_space("bench", dim=dim)
 
-        insert_s, insert_cpu_s = timed(lambda: fill(engine, "bench", data))
+        def build():
+            fill(engine, "bench", data)
+            if compact:
+                engine.compact()
+
+        insert_s, insert_cpu_s = timed(build)
         found, lat = timed_queries(lambda q: [int(m.id) for m in engine.recall("bench", q, k=10)],
                                    queries)
-    return summarise("engram_shm", dtype, threads, data_name, n, dim, insert_s, insert_cpu_s, lat, found,
-                     exact)
+    system = "engram_shm+compact" if compact else "engram_shm"
+    return summarise(system, dtype, threads, data_name, n, dim, insert_s, insert_cpu_s, lat, found, exact)
 
 
 def run_hnswlib(data_name, data, queries, exact, threads) -> dict:
@@ -167,8 +177,9 @@ def main(argv=None, prog="python -m bench ann") -> list[dict]:
             runs.append(emit(run_hnswlib(name, data, queries, exact, threads)))
             if threads == 1:
                 runs.append(emit(run_faiss(name, data, queries, exact)))
-            runs += [emit(run_engram(name, data, queries, exact, dtype.strip(), threads))
-                     for dtype in args.dtype.split(",")]
+            for compact in (False, True) if threads > 1 else (False,):
+                runs += [emit(run_engram(name, data, queries, exact, dtype.strip(), threads, compact))
+                         for dtype in args.dtype.split(",")]
         # The first row, hnswlib at the first thread count, is the base of ratios.
         print(table(f"ann benchmark, {name}", runs, COLUMNS))
         rows += runs

@@ -5,9 +5,12 @@ dimensions with ~100-byte texts occupies in shared memory, in the process and on
 
 For each dtype a durable embedded engine (M=16, one index writer per core,
 a data directory with the write-ahead log at fsync=interval) takes the
-observations and indexes them all; then it reports:
+observations, indexes them all and compacts them (`Engine.compact()`: the
+space at rest, as compaction leaves an idle space); then it reports:
 - shared: the shared memory its blocks occupy (pages actually touched in
-  /dev/shm: vectors, graph, ids, texts, catalog);
+  /dev/shm: vectors, graph, ids, texts, catalog), at rest and at its peak
+  (sampled every 0.1 s from the first observation on: while a merge is
+  built, its sources and the merged segment exist together);
 - resident: the process's resident set (VmRSS: its own anonymous pages -
   heap, id index, Numba - plus the shared pages it has mapped and touched),
   and its anonymous pages alone;
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 
 import numpy as np
 
@@ -53,17 +57,38 @@ def tree_bytes(path: str) -> int:
                for root, _, names in os.walk(path) for name in names)
 
 
+class PeakSampler:
+    """The most shared memory an engine's blocks occupied, sampled in a thread."""
+
+    def __init__(self, engine_name: str, period_s: float = 0.1):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(engine_name, period_s), daemon=True)
+        self._thread.start()
+
+    def _sample(self, engine_name: str, period_s: float) -> None:
+        while not self._stop.wait(period_s):
+            self.peak = max(self.peak, engine_shm_bytes(engine_name))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="engram-memory-") as data_dir, \
             Engine(data_dir=data_dir, dtype=dtype, M=M, ef_construction=ef_construction,
                    ring_capacity=1 << 20) as engine:
         engine.create_space("mem", dim=dim)
+        peak = PeakSampler(engine.name)
         for lo in range(0, n, CHUNK):
             hi = min(n, lo + CHUNK)
             engine.observe("mem", [f"m{i}" for i in range(lo, hi)], unit_rows(rng, hi - lo, dim),
                            what=[text(i, text_bytes) for i in range(lo, hi)])
         engine.wait_indexed()
+        engine.compact()
+        peak.stop()
         shm_bytes = engine_shm_bytes(engine.name)
         rss, anonymous = self_bytes("smaps_rollup", "Rss"), self_bytes("smaps_rollup", "Anonymous")
         segments = engine.stats()["spaces"]["mem"]["segments"]
@@ -76,6 +101,7 @@ def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, see
     floor = n * (dim * STORAGE[dtype].itemsize + (2 * M + 1) * 4)
     return {"bench": "memory", "n": n, "dim": dim, "dtype": dtype, "text_bytes": text_bytes,
             "ef_construction": ef_construction, "segments": segments, "shm_bytes": shm_bytes,
+            "shm_peak_bytes": max(peak.peak, shm_bytes),
             "process_rss_bytes": rss, "process_anonymous_bytes": anonymous,
             "wal_bytes": wal_bytes, "checkpoint_bytes": checkpoint_bytes, "data_dir_bytes": data_dir_bytes,
             "shm_bytes_per_observation": round(shm_bytes / n, 1),
@@ -86,7 +112,8 @@ def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, see
 
 COLUMNS = [
     ("dtype", "dtype", ""), ("n", "n", ",d"), ("dim", "dim", "d"), ("segments", "segments", "d"),
-    ("shm GB", "shm_gb", ".3f"), ("bytes/obs", "shm_bytes_per_observation", ",.0f"),
+    ("shm GB", "shm_gb", ".3f"), ("peak GB", lambda r: r["shm_peak_bytes"] / 1e9, ".3f"),
+    ("bytes/obs", "shm_bytes_per_observation", ",.0f"),
     ("floor", "floor_bytes_per_observation", ",.0f"), ("RSS MiB", mib("process_rss_bytes"), ",.0f"),
     ("anon MiB", mib("process_anonymous_bytes"), ",.0f"), ("WAL MiB", mib("wal_bytes"), ",.0f"),
     ("checkpoint MiB", mib("checkpoint_bytes"), ",.0f"), ("data dir MiB", mib("data_dir_bytes"), ",.0f"),

@@ -50,7 +50,7 @@ def run(name: str, seconds: float, seed: int, bug: str | None = None, sample: in
     # One recall reader (the validators recall through shared memory, not the
     # server) and a checkpoint every 5 s, so restarts load one and replay a tail.
     server = Server(["--fsync", sc.fsync, "--ring-capacity", "50000", "--recall-workers", "1",
-                     "--checkpoint-interval-s", "5"], env)
+                     "--checkpoint-interval-s", "5", *sc.server_flags], env)
     proxy = killer = None
     producers: list[Producer] = []
     t0 = time.monotonic()

@@ -40,6 +40,7 @@ class Scenario:
     fsync: str = "interval"
     rate: float = 1500.0  # steady observations per second
     visibility_s: float = 60.0  # the bound on ack-to-indexed p99 (a 2-core machine shared with CI)
+    server_flags: tuple[str, ...] = ()  # more `serve` options
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,10 @@ SCENARIOS = {sc.name: sc for sc in [
     Scenario("front_kills", "SIGKILL the front every 6 s", every_s={"kill_front": 6.0}),
     Scenario("engine_kills", "SIGKILL the whole engine every 8 s and start it again on its data "
              "directory (fsync always)", every_s={"kill_engine": 8.0}, fsync="always"),
+    Scenario("compaction", "segments of 1,024 slots, so merges run all the time; SIGKILL the front "
+             "and an index worker every 5 s each, in the middle of merges",
+             every_s={"kill_front": 5.0, "kill_worker": 5.0},
+             server_flags=("--segment-capacity", "1024", "--compaction-idle-s", "0.5")),
     Scenario("stalls", "SIGSTOP the front or a worker for 1-3 s, then SIGCONT, every 5 s",
              every_s={"stall_front": 10.0, "stall_worker": 10.0}),
     Scenario("bursts", "10,000 observations at once every 5 s on top of the steady rate", burst=10_000),

@@ -9,11 +9,12 @@ def test_ann_quick_runs_all_peers_and_prints_json_lines():
     for data in ("clustered-64", "sentence-48"):
         assert {(r["system"], r["dtype"], r["threads"]) for r in rows if r["data"] == data} == {
             ("hnswlib", "f32", 1), ("faiss", "f32", 1), ("engram_shm", "f16", 1), ("engram_shm", "int8", 1),
-            ("hnswlib", "f32", 2), ("engram_shm", "f16", 2), ("engram_shm", "int8", 2)}
+            ("hnswlib", "f32", 2), ("engram_shm", "f16", 2), ("engram_shm", "int8", 2),
+            ("engram_shm+compact", "f16", 2), ("engram_shm+compact", "int8", 2)}
     for r in rows:
         assert set(r) == KEYS
         assert r["insert_per_s"] > 0 and r["insert_per_cpu_s"] > 0 and 0 <= r["recall_at_10"] <= 1
-    engram = [r for r in rows if r["system"] == "engram_shm"]
+    engram = [r for r in rows if r["system"].startswith("engram_shm")]
     assert all(r["recall_at_10"] >= 0.9 for r in engram), engram
     assert out.count("x hnswlib") == 2
 
@@ -97,6 +98,7 @@ def test_memory_quick_reports_bytes_per_observation():
     assert [r["dtype"] for r in rows] == ["f16", "f32", "int8"]
     for r in rows:
         assert r["n"] == 20000 and r["shm_bytes"] > r["n"] * r["floor_bytes_per_observation"]
+        assert r["shm_peak_bytes"] >= r["shm_bytes"] and r["segments"] == 1  # compacted at rest
         assert r["process_rss_bytes"] > r["process_anonymous_bytes"] > 0
         # the log holds every vector as stored; a checkpoint holds them and the graph
         vector_bytes = r["n"] * r["dim"] * {"f16": 2, "f32": 4, "int8": 1}[r["dtype"]]

@@ -14,9 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engram_shm import Client, Engine
+from engram_shm.engine.writer import EngineWriter
 from engram_shm.errors import DuplicateId
 from engram_shm.store import compaction, shm
-from engram_shm.store.catalog import BUILDING, FRONT_PID, LIVE, Catalog, segment_name
+from engram_shm.store.catalog import (
+    BUILDING,
+    FRONT_PID,
+    G_STATE,
+    LAYOUT_SEQ,
+    LIVE,
+    RETIRED,
+    Catalog,
+    segment_name,
+)
 from engram_shm.synthetic import clustered
 from engram_shm.transport.launch import free_port, running_server
 
@@ -205,3 +215,37 @@ def test_a_front_killed_during_merges_loses_nothing_and_leaks_no_segment(tmp_pat
     assert kills == 5 and building_seen >= 3, building_seen
     print(f"{kills} front kills; a merge was in progress at {building_seen} of them; {stats['segments']} "
           f"segments left after {stats['compactions']} merges by the last front")
+
+
+@pytest.mark.parametrize("died", ["inside the swap", "while building"])
+def test_a_writer_restarted_mid_swap_or_mid_build_settles_the_layout(died):
+    """A writer that died inside a swap (the merged segment LIVE, its sources
+    not yet RETIRED, the sequence odd), or with a merge still BUILDING: its
+    successor finishes the one and gives up the other, and unlinks what it
+    retires."""
+    n = 2000
+    data = clustered(n, 8, seed=205)
+    with Engine(workers=1, compaction_capacity=0, **SMALL) as e:  # its own writer stands still
+        e.observe("s", [f"m{i}" for i in range(n)], data)
+        assert e.wait_indexed(60)
+        space = e.writer.spaces["s"]
+        assert space.maintain(1 << 20, 0.0, 0.0)  # a merge begins, the copy barely
+        merge = space.merge
+        cat = e.catalog
+        if died == "inside the swap":
+            while not merge.done:  # built, not swapped
+                merge.step(1.0)
+                time.sleep(0.01)
+            cat.header[LAYOUT_SEQ] += 1  # odd: killed after the first store of change_states
+            cat.segments[merge.index, G_STATE] = LIVE
+        fresh = EngineWriter(cat, e.config, e._on_new_segment)
+        assert fresh.recover(e._segments.__getitem__) == n
+        assert cat.header[LAYOUT_SEQ] % 2 == 0
+        retired = merge.source_indexes if died == "inside the swap" else [merge.index]
+        states = cat.segments[:cat.n_segments, G_STATE]
+        assert [i for i, s in enumerate(states.tolist()) if s == RETIRED] == sorted(retired)
+        live = fresh.spaces["s"].segments
+        assert sum(s.accepted for s in live) == n
+        stored = sorted(i for s in live for i in s.ids(np.arange(s.accepted)))
+        assert stored == sorted(f"m{i}" for i in range(n))
+        assert all(not os.path.exists(f"/dev/shm/{segment_name(e.name, i)}") for i in retired)
