@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "batch": "batch size against ingest rate and ack latency",
     "memory": "bytes per observation at 1M: shared, resident and on disk",
     "ann": "build and query against hnswlib and faiss, one thread and two",
-    "segments": "recall over a space grown through many segments against one graph of the same rows",
+    "segments": "recall over a space grown through many segments, compacted, and one graph of the same rows",
     "ingest": "the front's accepted rate against the raw transport ceiling",
     "restart": "recovery time from checkpoint and log",
     "websocket": "the WebSocket bridge against the ZeroMQ client",
