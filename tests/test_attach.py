@@ -1,12 +1,14 @@
 import json
+import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 
 from engram_shm import Engine, attach
-from engram_shm.errors import EngineClosed, EngineNotFound
+from engram_shm.errors import Corrupt, EngineClosed, EngineNotFound
 from engram_shm.synthetic import clustered
 
 READER = """
@@ -60,3 +62,28 @@ def test_attached_reader_follows_new_data_and_stops_with_the_engine():
     reader.close()
     with pytest.raises(EngineNotFound):
         attach(e.name)
+
+
+def test_an_attached_reader_names_a_segment_removed_behind_the_engine():
+    """A LIVE segment whose block someone else removed is reported with a
+    stable code, not retried for ever as if a compaction had retired it."""
+    with Engine(workers=1) as e:
+        e.observe("s", "first", np.ones(8))
+        os.unlink(f"/dev/shm/{e.writer.spaces['s'].segments[0].name}")  # the engine keeps its mapping
+        reader = attach(e.name)
+        try:
+            outcome = []
+            recall = threading.Thread(target=lambda: outcome.append(_raised(reader.recall, "s", np.ones(8))))
+            recall.start()
+            recall.join(30)
+            assert outcome and isinstance(outcome[0], Corrupt) and "gone from /dev/shm" in str(outcome[0])
+        finally:
+            reader.close()
+
+
+def _raised(call, *args):
+    try:
+        call(*args)
+    except Exception as e:
+        return e
+    return None

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..errors import Corrupt
 from ..store.catalog import BUILDING, LAYOUT_SEQ, LIVE, Catalog, SpaceParams, segment_name
 from ..store.segment import Segment
 
@@ -66,8 +67,8 @@ class SegmentDirectory:
                 pass
 
     def _take_layout(self) -> bool:
-        """False if a segment of the layout read was unlinked before it could
-        be mapped (retired meanwhile: the layout is read again)."""
+        """False if a segment of the layout read was retired and unlinked
+        before it could be mapped (the layout is read again)."""
         seq, states = self.catalog.layout()
         by_space: dict[int, list[Segment]] = {}
         live, targets = [], []
@@ -80,7 +81,11 @@ class SegmentDirectory:
                 try:
                     seg = self.open_segment(index)
                 except FileNotFoundError:
-                    seg = None
+                    if self.catalog.segment_state(index) in (LIVE, BUILDING):  # a writer retires
+                        # before it unlinks, so this one was removed by someone else
+                        raise Corrupt(f"segment {segment_name(self.catalog.engine, index)} of engine "
+                                      f"{self.catalog.engine!r} is gone from /dev/shm") from None
+                    return False
                 if seg is None:
                     return False
                 self._mapped[index] = seg
