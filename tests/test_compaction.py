@@ -108,33 +108,35 @@ def test_a_grown_space_becomes_one_graph_that_finds_every_row_once():
 
 def test_recalls_during_swaps_see_every_row_exactly_once():
     """Recalls wide enough to return the whole space, in a thread, while the
-    writer merges and swaps: never a row twice (a merged segment with its
-    sources) nor a row missing (neither)."""
+    writer merges and swaps (twice): never a row twice (a merged segment with
+    its sources) nor a row missing (neither)."""
     n, dim = 3000, 8
     data = clustered(n, dim, seed=202)
     problems, answers = [], [0]
     with Engine(workers=2, compaction_idle_s=1e9, segment_capacity=256, first_segment_capacity=64) as e:
-        e.observe("s", [f"r{i}" for i in range(n)], data)
-        assert e.wait_indexed(60)
-        stop = threading.Event()
+        for stored in (2000, n):
+            lo = e.stats()["spaces"]["s"]["count"] if stored == n else 0
+            e.observe("s", [f"r{i}" for i in range(lo, stored)], data[lo:stored])
+            assert e.wait_indexed(60)
+            stop = threading.Event()
 
-        def recall_all():
-            while not stop.is_set():
-                got = [m.id for m in e.recall("s", data[0], k=n, ef=n)]
-                answers[0] += 1
-                if len(got) != len(set(got)) or len(got) != n:
-                    problems.append((len(got), len(set(got))))
+            def recall_all(stored=stored, stop=stop):
+                while not stop.is_set():
+                    got = [m.id for m in e.recall("s", data[0], k=stored, ef=stored)]
+                    answers[0] += 1
+                    if len(got) != len(set(got)) or len(got) != stored:
+                        problems.append((stored, len(got), len(set(got))))
 
-        reader = threading.Thread(target=recall_all)
-        reader.start()
-        try:
-            assert e.compact(120)
-            time.sleep(0.2)
-        finally:
-            stop.set()
-            reader.join(60)
+            reader = threading.Thread(target=recall_all)
+            reader.start()
+            try:
+                assert e.compact(120)
+                time.sleep(0.2)
+            finally:
+                stop.set()
+                reader.join(60)
         assert e.writer.spaces["s"].compactions >= 2
-    assert answers[0] >= 3 and problems == [], (answers, problems[:5])
+    assert answers[0] >= 6 and problems == [], (answers, problems[:5])
 
 
 def test_a_compacted_space_comes_back_from_its_checkpoint(tmp_path):

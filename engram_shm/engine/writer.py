@@ -54,10 +54,12 @@ from .window import window_limit
 log = logging.getLogger(__name__)
 
 # Compaction: the time one `maintain` call copies rows for, per space (the
-# server's front calls it every upkeep, 20 ms), and how long a merge a quota
-# refused waits before it is tried again.
+# server's front calls it every upkeep, 20 ms), how long a merge a quota
+# refused waits before it is tried again, and how often spaces are asked
+# whether they need a merge.
 MAINTAIN_BUDGET_S = 0.005
 MERGE_RETRY_S = 60.0
+POLICY_PERIOD_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class EngineWriter:
         self.on_new_segment = on_new_segment
         self.on_retired = on_retired
         self._merge_refused: dict[str, float] = {}  # space -> when a refused merge may be tried again
+        self._next_policy = 0.0  # when spaces are next asked whether they need a merge (maintain)
         self.spaces: dict[str, SpaceWriter] = {}
         self.ledger = Ledger(config)
         self.sizes = SegmentSizes(config.segment_capacity, config.text_bytes_per_observation,
@@ -158,21 +161,26 @@ class EngineWriter:
     def maintain(self, skip=(), budget_s: float = MAINTAIN_BUDGET_S, idle_s: float | None = None) -> bool:
         """Background work between batches: advance compaction in each space
         but those in `skip` (an export reads them by segment), for about
-        `budget_s` each; `idle_s` overrides compaction_idle_s (0: every space
-        counts as idle). A merge the space's or its owner's quota refuses is
-        tried again after MERGE_RETRY_S. Returns whether any space had a merge to work on."""
+        `budget_s` each. Spaces with no merge in progress are asked whether
+        they need one every POLICY_PERIOD_S (an engine may hold thousands of
+        spaces), or on every call with `idle_s`, which overrides
+        compaction_idle_s (0: every space counts as idle). A merge the
+        space's or its owner's quota refuses is tried again after
+        MERGE_RETRY_S. Returns whether any space had a merge to work on."""
         largest = self.config.compaction_capacity
         if largest == 0:
             return False
-        busy = False
         now = time.monotonic()
+        ask = idle_s is not None or now >= self._next_policy
+        if ask:
+            self._next_policy = now + POLICY_PERIOD_S
+        idle = self.config.compaction_idle_s if idle_s is None else idle_s
+        busy = False
         for name, writer in self.spaces.items():
-            if name in skip or self._merge_refused.get(name, 0.0) > now:
+            if name in skip or self._merge_refused.get(name, 0.0) > now or (writer.merge is None and not ask):
                 continue
             try:
-                idle = self.config.compaction_idle_s if idle_s is None else idle_s
-                busy |= writer.maintain(largest, idle, budget_s,
-                                        functools.partial(self.ledger.admit, name))
+                busy |= writer.maintain(largest, idle, budget_s, functools.partial(self.ledger.admit, name))
             except (QuotaExceeded, ShmFull, SpaceLimit) as e:
                 log.warning("space %s: compaction waits: %s", name, e)
                 self._merge_refused[name] = now + MERGE_RETRY_S

@@ -386,6 +386,8 @@ class SpaceWriter:
         return True
 
     def _start_merge(self, largest: int, idle_s: float, admit: Callable[[int], None] | None) -> bool:
+        if len(self.segments) < 2:
+            return False
         idle = time.monotonic() - self.last_append >= idle_s
         settled = [s for s in self.segments if s.backlog == 0 and s.accepted > 0]
         # An idle space's open segments are sealed only if the merge takes them.
