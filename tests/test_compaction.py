@@ -163,7 +163,7 @@ def test_a_compacted_space_comes_back_from_its_checkpoint(tmp_path):
 def live_and_building(name: str) -> set[str]:
     cat = Catalog.attach(name)
     try:
-        states = cat.segments[:cat.n_segments, 2]
+        states = cat.segments[:cat.n_segments, G_STATE]
         return {segment_name(name, i) for i, s in enumerate(states.tolist()) if s in (LIVE, BUILDING)}
     finally:
         cat.close()

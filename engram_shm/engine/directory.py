@@ -104,21 +104,10 @@ class SegmentDirectory:
         self._mapped.pop(index, None)
         self._attached.pop(index, None)
 
-    @property
-    def token(self) -> tuple[int, int] | None:
-        """That of the layout held (see `space_layout`)."""
-        return self._layout.token
-
     def of_space(self, space: int) -> list[Segment]:
-        """The space's LIVE segments, in catalog order."""
-        return self.space_layout(space)[1]
-
-    def space_layout(self, space: int) -> tuple[tuple[int, int], list[Segment]]:
-        """(a token that changes whenever the segments held change, the
-        space's LIVE segments), from one layout."""
+        """The space's LIVE segments, in catalog order, from one layout."""
         self.refresh()
-        layout = self._layout
-        return layout.token, list(layout.by_space.get(space, ()))
+        return list(self._layout.by_space.get(space, ()))
 
     def live(self) -> list[Segment]:
         """Every LIVE segment, in catalog order, from one layout."""

@@ -72,6 +72,10 @@ def similarity(distance: np.ndarray, metric: str) -> np.ndarray:
     return 1.0 - distance
 
 
+def _same(a: list[Segment], b: list[Segment]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 class Reader:
     """Recall over the spaces of an engine's catalog and the segments of its
     directory."""
@@ -82,7 +86,7 @@ class Reader:
         self._spaces: dict[str, tuple[int, SpaceParams]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._views_of: dict[int, tuple[tuple, list[Segment], hnsw.SpaceViews, float]] = {}
+        self._views_of: dict[int, tuple[list[Segment], hnsw.SpaceViews, float]] = {}
 
     def space(self, name: str) -> tuple[int, SpaceParams]:
         found = self._spaces.get(name)
@@ -104,26 +108,23 @@ class Reader:
 
     def _views(self, index: int) -> tuple[list[Segment], hnsw.SpaceViews | None, float]:
         """The space's LIVE segments, their kernel views and the scale of
-        their codes, rebuilt only when the directory's segments changed (one
-        added, or a compaction's swap; every segment of a space has its
-        scale). A rebuilt set drops the last reference this reader held to
-        retired segments."""
-        token, segments = self.directory.space_layout(index)
+        their codes, rebuilt only when its segments changed (one added, or a
+        compaction's swap; every segment of a space has its scale). A rebuilt
+        set drops the last reference this reader held to retired segments."""
+        segments = self.directory.of_space(index)
         cached = self._views_of.get(index)
-        if cached is None or cached[0] != token:
+        if cached is None or not _same(cached[0], segments):
             if not segments:
                 return segments, None, 1.0
-            cached = self._views_of[index] = (token, segments, hnsw.SpaceViews([s.view for s in segments]),
+            cached = self._views_of[index] = (segments, hnsw.SpaceViews([s.view for s in segments]),
                                               segments[0].scale)
-        return cached[1:]
+        return cached
 
     def drop_retired(self) -> None:
         """Let go of the segments compaction retired since the last recall
         (a process that may sit idle calls this now and then: otherwise it
         holds their memory until it next recalls from their space)."""
-        self.directory.refresh()
-        token = self.directory.token
-        self._views_of = {i: v for i, v in self._views_of.items() if v[0] == token}
+        self._views_of = {i: v for i, v in self._views_of.items() if _same(v[0], self.directory.of_space(i))}
 
     def resolve_generation(self, consistency) -> tuple[int, bool]:
         """(generation bound, whether to scan unindexed windows)."""

@@ -389,7 +389,7 @@ class SpaceWriter:
         if len(self.segments) < 2:
             return False
         idle = time.monotonic() - self.last_append >= idle_s
-        settled = [s for s in self.segments if s.backlog == 0 and s.accepted > 0]
+        settled = [s for s in self.segments if s.backlog == 0]  # (choose skips empty ones)
         # An idle space's open segments are sealed only if the merge takes them.
         sources = compaction.choose([s for s in settled if s.sealed or idle], idle, largest)
         if not sources:
