@@ -68,11 +68,15 @@ class SegmentDirectory:
 
     def _take_layout(self) -> bool:
         """False if a segment of the layout read was retired and unlinked
-        before it could be mapped (the layout is read again)."""
+        before it could be mapped (the layout is read again). Only segments
+        were added while the sequence stayed the same: the layout held is
+        extended with them (an engine may hold thousands)."""
         seq, states = self.catalog.layout()
-        by_space: dict[int, list[Segment]] = {}
-        live, targets = [], []
-        for index, state in enumerate(states.tolist()):
+        held = self._layout
+        start = held.token[1] if held.token is not None and held.token[0] == seq else 0
+        by_space = dict(held.by_space) if start else {}
+        live, targets = (list(held.live), list(held.targets)) if start else ([], [])
+        for index, state in enumerate(states[start:].tolist(), start):
             if state not in (LIVE, BUILDING):
                 self._forget(index)
                 continue
@@ -94,7 +98,7 @@ class SegmentDirectory:
             if params is None:
                 params = self._params[space] = self.catalog.space(space)
             if state == LIVE:
-                by_space.setdefault(space, []).append(seg)
+                by_space[space] = [*by_space.get(space, ()), seg]  # the held layout's lists stay as they are
                 live.append(seg)
             targets.append(Target(index, seg, params, building=state == BUILDING))
         self._layout = _Layout((seq, len(states)), by_space, live, targets)
