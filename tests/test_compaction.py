@@ -160,6 +160,32 @@ def test_a_compacted_space_comes_back_from_its_checkpoint(tmp_path):
             e.observe("s", "c10", data[10])
 
 
+def test_a_merge_copies_a_chunk_at_a_time_and_hands_back_once_requests_wait(monkeypatch):
+    """A server's loop copies between requests: a step ends after one chunk
+    (a bounded number of bytes) when `pending()` says a request waits, and
+    copies on to its budget otherwise."""
+    monkeypatch.setattr(compaction, "COPY_BYTES", 64 << 10)
+    n = 2000
+    data = clustered(n, 64, seed=206)
+    with Engine(workers=1, compaction_capacity=0, **SMALL) as e:  # its own writer stands still
+        e.observe("s", [f"c{i}" for i in range(n)], data)
+        assert e.wait_indexed(60)
+        space = e.writer.spaces["s"]
+        asked = []
+
+        def pending():
+            asked.append(space.merge.slot)
+            return True
+
+        assert space.maintain(1 << 20, 0.0, 10.0, pending=pending)
+        merge = space.merge
+        w = merge.target.w
+        chunk = compaction.COPY_BYTES // (w.vectors[0].nbytes + w.links0[0].nbytes)
+        assert asked == [chunk] and merge.slot == chunk < n
+        merge.step(10.0)  # nothing waits: the whole budget, every row
+        assert merge.copied and merge.slot == n
+
+
 def live_and_building(name: str) -> set[str]:
     cat = Catalog.attach(name)
     try:

@@ -158,11 +158,14 @@ class EngineWriter:
         self.ledger.charge(space, shm_bytes=-seg.layout.size)
         self.on_retired(index, seg)
 
-    def maintain(self, skip=(), budget_s: float = MAINTAIN_BUDGET_S, idle_s: float | None = None) -> bool:
+    def maintain(self, skip=(), budget_s: float = MAINTAIN_BUDGET_S, idle_s: float | None = None,
+                 pending: Callable[[], bool] = lambda: False) -> bool:
         """Background work between batches: advance compaction in each space
         but those in `skip` (an export reads them by segment), for about
-        `budget_s` each. Spaces with no merge in progress are asked whether
-        they need one every POLICY_PERIOD_S (an engine may hold thousands of
+        `budget_s` each, handing back sooner once `pending()` says requests
+        wait (a recall's answer then waits for one chunk's copy at most).
+        Spaces with no merge in progress are asked whether they need one
+        every POLICY_PERIOD_S (an engine may hold thousands of
         spaces), or on every call with `idle_s`, which overrides
         compaction_idle_s (0: every space counts as idle). A merge the
         space's or its owner's quota refuses is tried again after
@@ -180,7 +183,8 @@ class EngineWriter:
             if name in skip or self._merge_refused.get(name, 0.0) > now or (writer.merge is None and not ask):
                 continue
             try:
-                busy |= writer.maintain(largest, idle, budget_s, functools.partial(self.ledger.admit, name))
+                busy |= writer.maintain(largest, idle, budget_s, functools.partial(self.ledger.admit, name),
+                                        pending)
             except (QuotaExceeded, ShmFull, SpaceLimit) as e:
                 log.warning("space %s: compaction waits: %s", name, e)
                 self._merge_refused[name] = now + MERGE_RETRY_S

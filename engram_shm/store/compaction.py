@@ -19,6 +19,7 @@ sources.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +50,7 @@ IDLE_SHARE = 1 / 64
 # the largest) once there are this many: small ones cost a recall little each,
 # but not nothing.
 MAX_SMALL = 4
-COPY_ROWS = 4096  # rows copied per step; a step takes a few ms at 768 dims
+COPY_BYTES = 1 << 20  # of rows and links copied per step: well under a millisecond, at any dimension
 GRAPH_COLUMNS = ("parent", "links0")
 ROW_COLUMNS = ("vectors", "generation", "when", "confidence", "id_hash", "id_len", "level")
 
@@ -121,12 +122,15 @@ class Merge:
     def rows(self) -> int:
         return sum(s.accepted for s in self.sources)
 
-    def step(self, budget_s: float) -> None:
-        """Copy rows for about `budget_s` (at least one step)."""
+    def step(self, budget_s: float, pending: Callable[[], bool] = lambda: False) -> None:
+        """Copy rows for about `budget_s` (at least one step), or until
+        `pending()` says other work waits (a server's requests)."""
         deadline = time.perf_counter() + budget_s
+        w = self.target.w
+        rows = max(1, COPY_BYTES // (w.vectors[0].nbytes + w.links0[0].nbytes))
         while not self.copied:
-            self._copy(COPY_ROWS)
-            if time.perf_counter() >= deadline:
+            self._copy(rows)
+            if time.perf_counter() >= deadline or pending():
                 break
 
     def _copy(self, n: int) -> None:

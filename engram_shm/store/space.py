@@ -374,13 +374,15 @@ class SpaceWriter:
 
     # -- compaction (store/compaction.py) ------------------------------------------
     def maintain(self, largest: int, idle_s: float, budget_s: float,
-                 admit: Callable[[int], None] | None = None) -> bool:
-        """Advance compaction by about `budget_s`: start a merge if the policy
-        asks for one, copy rows, swap a merged graph in once it is complete.
-        Returns whether there was a merge to work on."""
+                 admit: Callable[[int], None] | None = None,
+                 pending: Callable[[], bool] = lambda: False) -> bool:
+        """Advance compaction by about `budget_s` (less once `pending()`):
+        start a merge if the policy asks for one, copy rows, swap a merged
+        graph in once it is complete. Returns whether there was a merge to
+        work on."""
         if self.merge is None and not self._start_merge(largest, idle_s, admit):
             return False
-        self.merge.step(budget_s)
+        self.merge.step(budget_s, pending)
         if self.merge.done:
             self._swap()
         return True

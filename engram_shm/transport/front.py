@@ -196,6 +196,8 @@ class Front:
         try:
             while not self.stopping:
                 events = dict(poller.poll(int(UPKEEP_S * 1000)))
+                if readers in events:  # answers first: a recall's answer never waits behind batches
+                    self._relay_answers(readers)
                 if sock in events:
                     if group_commit:
                         self._held = []
@@ -205,18 +207,10 @@ class Front:
                         except zmq.Again:
                             break
                         self.handle(frames)
+                        if _readable(readers):
+                            self._relay_answers(readers)
                     if group_commit:
                         self._commit_turn()
-                if readers in events:
-                    for _ in range(MAX_RECV_PER_TURN):
-                        try:
-                            message = readers.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        try:
-                            self.recalls.on_message(message)
-                        except Exception:  # a reader's bug must not cost the front
-                            log.exception("a message from a recall reader could not be handled")
                 if wake_r in events:
                     while _drain(wake_r):
                         pass
@@ -241,6 +235,22 @@ class Front:
             ctx.term()
             os.close(wake_r)
             os.close(wake_w)
+
+    def _relay_answers(self, readers) -> None:
+        """Relay the parts of answers the recall readers sent (recalls.py)."""
+        for _ in range(MAX_RECV_PER_TURN):
+            try:
+                message = readers.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                self.recalls.on_message(message)
+            except Exception:  # a reader's bug must not cost the front
+                log.exception("a message from a recall reader could not be handled")
+
+    def _requests_waiting(self) -> bool:
+        """Does a client's request or a reader's answer wait for the loop?"""
+        return _readable(self.replies.sock) or _readable(self.recalls.sock)
 
     def handle(self, frames) -> None:
         self.counters["received"] += 1
@@ -767,7 +777,7 @@ class Front:
         self._track_pressure()
         now = time.monotonic()
         self._exports = {space: until for space, until in self._exports.items() if until > now}
-        self.writer.maintain(skip=self._exports)
+        self.writer.maintain(skip=self._exports, pending=self._requests_waiting)
         if self.wal is not None and self.metrics is not None:
             self.metrics.front[WAL_WRITTEN] += self.wal.written - self._wal_counted
             self._wal_counted = self.wal.written
@@ -878,6 +888,10 @@ def max_part_bytes(config: EngineConfig) -> int:
 def _poke(fd: int) -> None:
     with contextlib.suppress(BlockingIOError):  # the pipe is full: the loop is awake anyway
         os.write(fd, b"\0")
+
+
+def _readable(sock) -> bool:
+    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
 
 def _drain(fd: int) -> bool:
