@@ -24,9 +24,13 @@ At each size, once everything is indexed:
   (via=attach): the `Reader` and kernel the embedded `Engine` recalls with,
   without the transport and the server's reader processes, and on the same
   space, so that no second 1M build is needed for an embedded figure.
-- ingest: a producer (this process) streams batches of 256 at `--load`
+- ingest: a producer (this process) streams batches of 256 (made before
+  the round, so that making them takes no core from the engine) at `--load`
   (0.7) times the fill's indexed rate, while one client recalls ten times a
-  second, "strong" for `--ingest-seconds`, then "indexed" as long. The
+  second, "strong" for `--ingest-seconds`, then "indexed" as long, and
+  at the same time one process recalls as often via attach (20 recalls a
+  second in all, a light load beside the ingestion; one period, so that
+  the space grows by rate x 2 x ingest-seconds, not twice that). The
   unindexed window's peak (sampled 4 times a second) tells whether indexing
   kept up; what the ingestion adds stays in the space.
 
@@ -78,6 +82,7 @@ class Observations:
         self.dim, self.seed, self.sent = dim, seed, 0
         self.centres = np.random.default_rng([seed, 0]).normal(size=(clusters, dim)).astype(np.float32)
         self.chunk_no, self.chunk = -1, np.zeros((0, dim), np.float32)
+        self.made: dict[int, np.ndarray] = {}  # chunks made ahead of their use
 
     def rows(self, n: int, stream: int, chunk_no: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, stream, chunk_no])
@@ -93,12 +98,21 @@ class Observations:
         """Held-out rows of the same distribution, different for each client."""
         return self.rows(CUES, 2, client)
 
+    def make_ahead(self, n: int) -> None:
+        """Make the chunks of the next n observations now, so that streaming
+        them later costs the producer no random numbers: on a machine of few
+        cores, those would take a core from the engine and its recalls."""
+        for chunk_no in range(self.sent // CHUNK, (self.sent + n) // CHUNK + 1):
+            if chunk_no not in self.made:
+                self.made[chunk_no] = self.rows(CHUNK, 1, chunk_no)
+
     def take(self, n: int) -> tuple[list[str], np.ndarray]:
         """The next n observations (at most to the end of the current chunk
         of CHUNK: fewer than n there)."""
         chunk_no, at = divmod(self.sent, CHUNK)
         if chunk_no != self.chunk_no:
-            self.chunk_no, self.chunk = chunk_no, self.rows(CHUNK, 1, chunk_no)
+            made = self.made.pop(chunk_no, None)
+            self.chunk_no, self.chunk = chunk_no, self.rows(CHUNK, 1, chunk_no) if made is None else made
         vectors = self.chunk[at:at + n]
         ids = [f"o{i}" for i in range(self.sent, self.sent + len(vectors))]
         self.sent += len(vectors)
@@ -184,10 +198,11 @@ class Recallers:
             self.close()
             raise
 
-    def start(self, clients: int, seconds: float, per_s: float = 0.0) -> float:
+    def start(self, clients: int, seconds: float, per_s: float = 0.0, at: float | None = None) -> float:
         """Start a round of `clients`: each consistency for `seconds`, all in
-        step from START_S from now; returns when it starts (monotonic)."""
-        at = time.monotonic() + START_S
+        step from `at` (default START_S from now); returns when it starts
+        (monotonic)."""
+        at = time.monotonic() + START_S if at is None else at
         for proc in self.procs[:clients]:
             proc.stdin.write(json.dumps({"at": at, "seconds": seconds, "per_s": per_s}) + "\n")
             proc.stdin.flush()
@@ -291,7 +306,7 @@ def ingest(producer: Client, data: Observations, rate: float, until: float) -> d
 def at_size(pools: dict[str, Recallers], producer: Client, data: Observations, n: int, filled: dict,
             args) -> list[dict]:
     """Once the space holds n and all of it is indexed: an idle round by
-    each pool and client count, then one client's round under ingestion."""
+    each pool and client count, then one client of each pool at once under ingestion."""
     space = wait_indexed(producer)
     base = {"bench": "recall", "n": n, "dim": args.dim, "dtype": "f16", "k": K,
             "ef_construction": args.ef_construction, "count": space["count"], **filled}
@@ -303,18 +318,24 @@ def at_size(pools: dict[str, Recallers], producer: Client, data: Observations, n
                       "seconds": args.seconds, "segments": space["segments"], **pooled[consistency]}
                      for consistency in CONSISTENCIES]
     rate = args.load * filled["indexed_per_s"]
-    at = pools["client"].start(1, args.ingest_seconds, INGEST_RECALLS_PER_S)
+    data.make_ahead(int(rate * len(CONSISTENCIES) * args.ingest_seconds) + BATCH)
+    at = time.monotonic() + START_S
+    for pool in pools.values():
+        pool.start(1, args.ingest_seconds, INGEST_RECALLS_PER_S, at)
     ingested = ingest(producer, data, rate, at + len(CONSISTENCIES) * args.ingest_seconds)
-    pooled = pools["client"].results(1, args.ingest_seconds)
-    segments = space_stats(producer)["segments"]
-    rows += [{**base, "via": "client", "phase": "ingest", "consistency": consistency, "clients": 1,
-              "seconds": args.ingest_seconds, "segments": segments, **pooled[consistency],
-              "target_ingest_per_s": round(rate, 1), **ingested}
-             for consistency in CONSISTENCIES]
+    after = space_stats(producer)
+    for via, pool in pools.items():
+        pooled = pool.results(1, args.ingest_seconds)
+        rows += [{**base, "via": via, "phase": "ingest", "consistency": consistency, "clients": 1,
+                  "seconds": args.ingest_seconds, "segments": after["segments"],
+                  "count_after": after["count"], **pooled[consistency],
+                  "target_ingest_per_s": round(rate, 1), **ingested}
+                 for consistency in CONSISTENCIES]
     return rows
 
 
-COLUMNS = [("n", "n", "d"), ("indexed/s", "indexed_per_s", ".0f"), ("segments", "segments", "d"),
+COLUMNS = [("n", "n", "d"), ("rows", "count", "d"), ("rows after", "count_after", "d"),
+           ("indexed/s", "indexed_per_s", ".0f"), ("segments", "segments", "d"),
            ("via", "via", ""), ("phase", "phase", ""), ("consistency", "consistency", ""),
            ("clients", "clients", "d"), ("queries/s", "queries_per_s", ".0f"),
            ("p50 ms", "recall_p50_ms", ".2f"), ("p99 ms", "recall_p99_ms", ".2f"),

@@ -82,7 +82,8 @@ def test_recall_quick_measures_idle_and_ingesting_recalls_by_consistency_and_cli
     out, rows = quick("recall")
     idle = {(via, "idle", consistency, clients) for via in ("client", "attach")
             for consistency in ("strong", "indexed") for clients in (1, 2)}
-    ingest = {("client", "ingest", consistency, 1) for consistency in ("strong", "indexed")}
+    ingest = {(via, "ingest", consistency, 1) for via in ("client", "attach")
+              for consistency in ("strong", "indexed")}
     combinations = [(r["via"], r["phase"], r["consistency"], r["clients"]) for r in rows]
     assert sorted(combinations) == sorted(idle | ingest)  # each once
     for r in rows:
@@ -90,6 +91,7 @@ def test_recall_quick_measures_idle_and_ingesting_recalls_by_consistency_and_cli
         assert r["recall_p99_ms"] >= r["recall_p50_ms"] > 0 and r["queries_per_s"] > 0 and r["recalls"] > 0, r
         assert r["count"] >= r["n"] and r["segments"] >= 1 and r["indexed_per_s"] > 0, r
         assert (r["ingest_per_s"] > 0) if r["phase"] == "ingest" else "ingest_per_s" not in r, r
+        assert (r["count_after"] > r["count"]) if r["phase"] == "ingest" else "count_after" not in r, r
     assert "graphs built with ef_construction" in out
 
 
