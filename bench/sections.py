@@ -213,19 +213,20 @@ RAMP = Section(
 
 
 def recall_losses(rows):
-    return [f"{r['n']:,} observations, {r['consistency']} recalls under ingestion with {r['clients']} "
-            f"client(s): p99 {r['recall_p99_ms']:.1f} ms, above the 5 ms goal"
+    return [f"{r['n']:,} observations, {r['consistency']} recalls via {r['via']} under ingestion: "
+            f"p99 {r['recall_p99_ms']:.1f} ms, above the 5 ms goal"
             for r in rows if r.get("phase") == "ingest" and r.get("recall_p99_ms", 0) > 5]
 
 
 RECALL = Section(
     "recall", "Recall latency: idle and under ingestion, strong and indexed",
     "Recalls (k=10) of a space grown through a server (data directory, two index workers) to each "
-    "size: idle, back to back, by 1 and 4 client processes, through `Client` (via client) and "
+    "size: idle, back to back, by one process through `Client` (via client) and one "
     "through `attach()` on the server's shared memory (via attach: the embedded engine's path); "
-    "then during sustained ingestion at 0.7x the rate the fill was indexed at, 10 recalls a second. "
-    "`strong` also scans the unindexed window; `indexed` searches the graphs only.",
-    (),
+    "then during sustained ingestion at 0.7x the rate the fill was indexed at, 10 recalls a second "
+    "by one client and, at the same time, by one attach() process; rows after: the space's size when "
+    "the ingestion ended. `strong` also scans the unindexed window; `indexed` searches the graphs only.",
+    ("--n", "100000,200000,1000000", "--clients", "1", "--ingest-seconds", "12"),
     recall.COLUMNS,
     plot=lambda rows, path: bar_grid(
         rows, lambda r: f"{r['n'] // 1000}K {r['via']} {r['phase']} {r['consistency']} c{r['clients']}",
