@@ -2,6 +2,7 @@
 for readers, writers, checkpoints and restarts without a row lost, doubled
 or changed."""
 
+import contextlib
 import os
 import signal
 import threading
@@ -160,17 +161,23 @@ def test_a_compacted_space_comes_back_from_its_checkpoint(tmp_path):
             e.observe("s", "c10", data[10])
 
 
+@contextlib.contextmanager
+def standing_still(n: int, dim: int, seed: int):
+    """An engine whose space "s" holds rows m0..m{n-1} in several segments,
+    all indexed, and whose own writer never merges: the test drives it."""
+    with Engine(workers=1, compaction_capacity=0, **SMALL) as e:
+        e.observe("s", [f"m{i}" for i in range(n)], clustered(n, dim, seed=seed))
+        assert e.wait_indexed(60)
+        yield e, e.writer.spaces["s"]
+
+
 def test_a_merge_copies_a_chunk_at_a_time_and_hands_back_once_requests_wait(monkeypatch):
     """A server's loop copies between requests: a step ends after one chunk
     (a bounded number of bytes) when `pending()` says a request waits, and
     copies on to its budget otherwise."""
     monkeypatch.setattr(compaction, "COPY_BYTES", 64 << 10)
     n = 2000
-    data = clustered(n, 64, seed=206)
-    with Engine(workers=1, compaction_capacity=0, **SMALL) as e:  # its own writer stands still
-        e.observe("s", [f"c{i}" for i in range(n)], data)
-        assert e.wait_indexed(60)
-        space = e.writer.spaces["s"]
+    with standing_still(n, 64, seed=206) as (e, space):
         asked = []
 
         def pending():
@@ -252,11 +259,7 @@ def test_a_writer_restarted_mid_swap_or_mid_build_settles_the_layout(died):
     successor finishes the one and gives up the other, and unlinks what it
     retires."""
     n = 2000
-    data = clustered(n, 8, seed=205)
-    with Engine(workers=1, compaction_capacity=0, **SMALL) as e:  # its own writer stands still
-        e.observe("s", [f"m{i}" for i in range(n)], data)
-        assert e.wait_indexed(60)
-        space = e.writer.spaces["s"]
+    with standing_still(n, 8, seed=205) as (e, space):
         assert space.maintain(1 << 20, 0.0, 0.0)  # a merge begins, the copy barely
         merge = space.merge
         cat = e.catalog
