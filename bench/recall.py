@@ -198,15 +198,13 @@ class Recallers:
             self.close()
             raise
 
-    def start(self, clients: int, seconds: float, per_s: float = 0.0, at: float | None = None) -> float:
+    def start(self, clients: int, seconds: float, per_s: float = 0.0, at: float | None = None) -> None:
         """Start a round of `clients`: each consistency for `seconds`, all in
-        step from `at` (default START_S from now); returns when it starts
-        (monotonic)."""
+        step from `at` (monotonic; default START_S from now)."""
         at = time.monotonic() + START_S if at is None else at
         for proc in self.procs[:clients]:
             proc.stdin.write(json.dumps({"at": at, "seconds": seconds, "per_s": per_s}) + "\n")
             proc.stdin.flush()
-        return at
 
     def results(self, clients: int, seconds: float) -> dict[str, dict]:
         """The round's recalls per consistency: all clients' latencies

@@ -31,7 +31,7 @@ from ..config import EngineConfig
 from ..errors import InvalidArgument, QuotaExceeded, ShmFull, SpaceExists, SpaceLimit
 from ..limits import ANONYMOUS
 from ..observations import Batch, Limits, checked_rows, prepare
-from ..store import shm
+from ..store import compaction, shm
 from ..store import wal as walfile
 from ..store.catalog import (
     BUILDING,
@@ -159,11 +159,12 @@ class EngineWriter:
         self.on_retired(index, seg)
 
     def maintain(self, skip=(), budget_s: float = MAINTAIN_BUDGET_S, idle_s: float | None = None,
-                 pending: Callable[[], bool] = lambda: False) -> bool:
+                 pending: Callable[[], bool] = compaction.nothing_waits) -> bool:
         """Background work between batches: advance compaction in each space
         but those in `skip` (an export reads them by segment), for about
         `budget_s` each, handing back sooner once `pending()` says requests
-        wait (a recall's answer then waits for one chunk's copy at most).
+        wait (a recall's answer then waits for one chunk's copy per space
+        with a merge in progress at most).
         Spaces with no merge in progress are asked whether they need one
         every POLICY_PERIOD_S (an engine may hold thousands of
         spaces), or on every call with `idle_s`, which overrides

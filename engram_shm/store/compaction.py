@@ -50,9 +50,14 @@ IDLE_SHARE = 1 / 64
 # the largest) once there are this many: small ones cost a recall little each,
 # but not nothing.
 MAX_SMALL = 4
-COPY_BYTES = 1 << 20  # of rows and links copied per step: well under a millisecond, at any dimension
+COPY_BYTES = 1 << 20  # of rows and links copied per step: about a millisecond, at any dimension
 GRAPH_COLUMNS = ("parent", "links0")
 ROW_COLUMNS = ("vectors", "generation", "when", "confidence", "id_hash", "id_len", "level")
+
+
+def nothing_waits() -> bool:
+    """The default `pending`: no caller's requests wait for a merge's step."""
+    return False
 
 
 def choose(candidates: list[Segment], idle: bool, largest: int) -> list[Segment]:
@@ -122,7 +127,7 @@ class Merge:
     def rows(self) -> int:
         return sum(s.accepted for s in self.sources)
 
-    def step(self, budget_s: float, pending: Callable[[], bool] = lambda: False) -> None:
+    def step(self, budget_s: float, pending: Callable[[], bool] = nothing_waits) -> None:
         """Copy rows for about `budget_s` (at least one step), or until
         `pending()` says other work waits (a server's requests)."""
         deadline = time.perf_counter() + budget_s

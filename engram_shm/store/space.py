@@ -375,7 +375,7 @@ class SpaceWriter:
     # -- compaction (store/compaction.py) ------------------------------------------
     def maintain(self, largest: int, idle_s: float, budget_s: float,
                  admit: Callable[[int], None] | None = None,
-                 pending: Callable[[], bool] = lambda: False) -> bool:
+                 pending: Callable[[], bool] = compaction.nothing_waits) -> bool:
         """Advance compaction by about `budget_s` (less once `pending()`):
         start a merge if the policy asks for one, copy rows, swap a merged
         graph in once it is complete. Returns whether there was a merge to
