@@ -15,8 +15,11 @@ the insert rates include). Insert rates are per wall second and per CPU second o
 process (engram_shm's caller thread stores while its writers index, so its
 wall rate at one writer may use more than one core: the CPU rate is the
 honest "per core" figure). Queries are one at a time, one thread, through
-Engine.recall with results decoded. Prints one JSON object per system per
-line, then a table per dataset with ratios to hnswlib at one thread.
+Engine.recall with results decoded. For int8, `codes recall@10` is that of
+an exact search over the codes the engine stores (calibrated from the first
+batch as a space is): the most a graph over them can find. Prints one JSON
+object per system per line, then a table per dataset with ratios to hnswlib
+at one thread.
 """
 
 from __future__ import annotations
@@ -42,6 +45,18 @@ def recall_at_10(found, exact: np.ndarray) -> float:
     """Share of the exact top-10 the searches found."""
     hits = sum(len(set(f) & set(e)) for f, e in zip(found, exact.tolist()))
     return round(hits / exact.size, 4)
+
+
+def codes_recall(data: np.ndarray, queries: np.ndarray, exact: np.ndarray) -> float:
+    """recall@10 of the exact search over the int8 codes of `data`, stored
+    as an int8 cosine space stores them (scales from its first batch)."""
+    from engram_shm.kernels.vectors import check_store_rows
+    from engram_shm.store import quantization
+
+    scales = quantization.calibrate(data[:CHUNK], "cosine")
+    codes = np.empty(data.shape, np.int8)
+    check_store_rows(data, True, np.inf, codes, quantization.codes_per_unit(scales))
+    return recall_at_10(exact_top10(quantization.decoded(codes, scales), queries).tolist(), exact)
 
 
 def summarise(system, dtype, threads, data_name, n, dim, insert_s, insert_cpu_s, latencies, found,
@@ -101,7 +116,10 @@ def run_engram(data_name, data, queries, exact, dtype, threads, compact: bool = 
         found, lat = timed_queries(lambda q: [int(m.id) for m in engine.recall("bench", q, k=10)],
                                    queries)
     system = "engram_shm+compact" if compact else "engram_shm"
-    return summarise(system, dtype, threads, data_name, n, dim, insert_s, insert_cpu_s, lat, found, exact)
+    row = summarise(system, dtype, threads, data_name, n, dim, insert_s, insert_cpu_s, lat, found, exact)
+    if dtype == "int8":
+        row["codes_recall_at_10"] = codes_recall(data, queries, exact)
+    return row
 
 
 def run_hnswlib(data_name, data, queries, exact, threads) -> dict:
@@ -145,6 +163,7 @@ def dataset(spec: str, n: int, seed: int) -> tuple[str, np.ndarray]:
 COLUMNS = [("system", "system", ""), ("dtype", "dtype", ""), ("threads", "threads", "d"),
            ("insert/s", "insert_per_s", ".0f"), ("insert/cpu-s", "insert_per_cpu_s", ".0f"),
            ("x hnswlib", "x insert_per_cpu_s", ".2f"), ("recall@10", "recall_at_10", ".3f"),
+           ("codes recall@10", "codes_recall_at_10", ".3f"),
            ("p50 ms", "query_p50_ms", ".3f"), ("x", "x query_p50_ms", ".2f"),
            ("p99 ms", "query_p99_ms", ".3f"), ("x", "x query_p99_ms", ".2f")]
 

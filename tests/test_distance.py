@@ -61,17 +61,18 @@ def test_bad_shapes_are_refused():
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@given(data=store_and_query(), scale=st.floats(0.05, 20))
-def test_int8_distances_are_in_the_data_units(metric, data, scale):
-    """int8 codes c = x * 127 / scale and a cue in the same units give the
-    distance of the decoded rows (c * scale / 127) to the decoded cue."""
+@given(data=store_and_query(), draw=st.data())
+def test_int8_distances_are_in_the_data_units(metric, data, draw):
+    """int8 codes c = x * 127 / scales (per dimension) and a cue in the same
+    units give the distance of the decoded rows (c * scales / 127) to the
+    decoded cue."""
     store, q = data
-    codes = np.clip(np.rint(store * (127 / scale)), -127, 127).astype(np.int8)
-    cue = (q * np.float32(127 / scale)).astype(np.float32)
-    got = distances(codes, cue, metric, unit=(scale / 127) ** 2)
-    want = naive.distances(codes.astype(np.float64) * (scale / 127), cue.astype(np.float64) * (scale / 127),
-                           metric)
-    x = codes.astype(np.float64) * (scale / 127)
-    qd = cue.astype(np.float64) * (scale / 127)
+    scales = draw.draw(arrays(np.float32, store.shape[1:], elements=st.floats(0.0625, 20, width=32)))
+    codes = np.clip(np.rint(store * (127 / scales)), -127, 127).astype(np.int8)
+    cue = (q * (127 / scales)).astype(np.float32)
+    got = distances(codes, cue, metric, scales)
+    x = codes.astype(np.float64) * (scales / 127)
+    qd = cue.astype(np.float64) * (scales / 127)
+    want = naive.distances(x, qd, metric)
     bound = np.maximum(1.0, (np.abs(x) * np.abs(qd)).sum(axis=1) + ((x - qd) ** 2).sum(axis=1))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * bound.max())

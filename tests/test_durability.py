@@ -130,15 +130,16 @@ def test_a_torn_log_tail_is_cut_and_everything_before_it_recovered(tmp_path, dam
     assert verify(str(tmp_path))["ok"]
 
 
-def test_an_int8_space_comes_back_with_its_scale_and_codes(tmp_path):
-    """int8 codes are logged as stored and the space's scale with them: a
-    crashed engine's checkpointed and replayed rows decode as before."""
+def test_an_int8_space_comes_back_with_its_scales_and_codes(tmp_path):
+    """int8 codes are logged as stored and the space's per-dimension scales
+    with them: a crashed engine's checkpointed and replayed rows decode as before."""
     data = crashed_engine(tmp_path, "int8")
     with Engine(data_dir=tmp_path, workers=1) as e:
         assert e.recovered.replayed_observations == 1500
         segments = e._segments
-        scales = {s.scale for s in segments}
-        assert len(scales) == 1 and 0 < scales.pop() < 1
+        scales = segments[0].scales
+        assert all(np.array_equal(s.scales, scales) for s in segments)
+        assert 0 < scales.min() < scales.max() <= 1  # one per dimension, at most 1 under cosine
         hits = [e.recall("s", v, k=1)[0] for v in data[::9]]
         assert [h.id for h in hits] == [f"c{i}" for i in range(0, 4000, 9)]
         assert min(h.similarity for h in hits) > 0.99  # a row against its own codes

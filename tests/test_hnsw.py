@@ -7,6 +7,7 @@ from engram_shm.errors import InvalidArgument
 from engram_shm.kernels import hnsw
 from engram_shm.kernels.rows import draw_levels
 from engram_shm.store.layout import MAX_LEVEL
+from engram_shm.store.quantization import calibrate, codes_per_unit, cue_in_codes
 from engram_shm.synthetic import clustered
 
 import naive
@@ -271,27 +272,29 @@ def test_space_search_leaves_out_segments_past_the_snapshot():
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_int8_graph_recall_against_brute_force_of_the_float_data(metric):
-    """A graph over int8 codes (scale from the data, cue in code units, unit
-    (scale/127)^2) finds the float data's true neighbours, and its distances
-    are the float ones within the quantisation bound sqrt(dim) * scale / 254
-    per unit-norm side."""
+    """A graph over int8 codes (per-dimension scales from the first rows,
+    cue in code units) finds the float data's true neighbours, and its
+    distances are the float ones within the quantisation bound: with e the
+    norm of the rounding errors, at most |scales| / 254, a unit cue's dot
+    product is off by at most e and a squared distance between unit vectors
+    by e (4 + e)."""
     data = clustered(4200, 48, clusters=40, seed=11)
     base, queries = data[:4000], data[4000:]
-    scale = 1.25 * float(np.abs(base).max())
-    codes = np.clip(np.rint(base * (127 / scale)), -127, 127).astype(np.int8)
-    unit = (scale / 127) ** 2
+    scales = calibrate(base[:256], metric)
+    codes = np.clip(np.rint(base * codes_per_unit(scales)), -127, 127).astype(np.int8)
     gens = np.arange(1, 4001, dtype=np.uint64)
     g = hnsw.new_graph(draw_levels(7, gens, 16, MAX_LEVEL), 16, MAX_LEVEL)
     sc = hnsw.new_scratch(4000, 48, 16, 256, MAX_LEVEL)
-    hnsw.insert(codes, gens, g, 0, 4000, 100, metric, sc, unit)
+    hnsw.insert(codes, gens, g, 0, 4000, 100, metric, sc, scales)
+    e = float(np.linalg.norm(scales.astype(np.float64))) / 254
+    bound = 1.01 * (e if metric == "cosine" else e * (4 + e))  # 1%: float32 sums
     found, exact = [], []
     for q in queries:
-        d, ids = hnsw.search(codes, gens, g, q * np.float32(127 / scale), 10, 64, 4000, 0, 0, ANY, metric, sc,
-                             unit)
+        d, ids = hnsw.search(codes, gens, g, cue_in_codes(q, scales), 10, 64, 4000, 0, 0, ANY, metric, sc,
+                             scales)
         found.append(ids)
         exact.append(naive.exact_knn(base, q, 10, metric))
         true = naive.distances(base, q, metric)[ids]
-        bound = np.sqrt(48) * scale / 254 * (2 if metric == "cosine" else 4 * np.sqrt(48) * scale)
         assert np.abs(d - true).max() <= bound
     r = naive.recall_at_k(found, exact)
     assert r >= 0.93, f"int8 recall@10 {r:.3f} below 0.93 ({metric})"

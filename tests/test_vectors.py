@@ -55,10 +55,11 @@ def test_check_and_store_match_the_reference(m, unit, src_kind, dst_kind):
             np.testing.assert_array_equal(dst[done].view(np.float16), want_rows[done].astype(np.float16))
 
 
-@given(matrices(), st.booleans(), st.floats(0.01, 100))
-def test_int8_codes_match_the_reference(m, unit, scale):
-    """int8 storage: each stored value times 127 / scale, rounded half up and
-    clipped to +-127; the checks are those of float storage."""
+@given(matrices(), st.booleans(), st.data())
+def test_int8_codes_match_the_reference(m, unit, draw):
+    """int8 storage: each stored value times 127 / its dimension's scale,
+    rounded half up and clipped to +-127; the checks are those of float storage."""
+    scale = draw.draw(arrays(np.float64, m.shape[1:], elements=st.floats(0.01, 100)))
     dst = np.zeros(m.shape, np.int8)
     bad, reason = check_store_rows(m, unit, np.inf, dst, 127 / scale)
     want_bad, want_reason, want_rows = reference(m, unit, np.inf)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..store import quantization
 from ..store.segment import Segment
 
 
@@ -54,5 +55,5 @@ def _decoded(seg: Segment, slots: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "f16":
         return stored.view(np.float16)
     if dtype == "int8":
-        return stored.astype(np.float32) * np.float32(seg.scale / 127.0)
+        return quantization.decoded(stored, seg.scales)
     return stored.astype(np.float32, copy=False)

@@ -74,7 +74,7 @@ class IndexWriter:
             hi = min(accepted, lo + max(1, int(self.slice_s / self._per_node_s)))
             start = time.perf_counter_ns()
             hnsw.insert(seg.w.vectors, seg.w.generation, seg.graph_w, lo, hi,
-                        params.ef_construction, params.metric, sc, seg.unit,
+                        params.ef_construction, params.metric, sc, seg.scales,
                         reverse=not faults.SKIP_REVERSE_LINKS)
             elapsed = time.perf_counter_ns() - start
             seg.header[INDEXED] = hi  # publish after the kernel returned: its stores are done

@@ -20,7 +20,8 @@ from ..errors import InvalidArgument, UnknownSpace
 from ..kernels import hnsw
 from ..observations import prepare_cue
 from ..store.catalog import SpaceParams
-from ..store.layout import INT8_MAX, MAX_LEVEL, unit_of
+from ..store.layout import MAX_LEVEL
+from ..store.quantization import cue_in_codes
 from ..store.segment import Segment
 from .directory import SegmentDirectory
 
@@ -106,18 +107,19 @@ class Reader:
             cache = self._local.scratch = hnsw.ScratchCache()
         return cache.get(views.capacity, views.dim, views.M, max(ef, 256), MAX_LEVEL)
 
-    def _views(self, index: int) -> tuple[list[Segment], hnsw.SpaceViews | None, float]:
-        """The space's LIVE segments, their kernel views and the scale of
-        their codes, rebuilt only when its segments changed (one added, or a
-        compaction's swap; every segment of a space has its scale). A rebuilt
-        set drops the last reference this reader held to retired segments."""
+    def _views(self, index: int) -> tuple[list[Segment], hnsw.SpaceViews | None, np.ndarray | None]:
+        """The space's LIVE segments, their kernel views and the scales of
+        their int8 codes, rebuilt only when its segments changed (one added,
+        or a compaction's swap; every segment of a space has its scales). A
+        rebuilt set drops the last reference this reader held to retired
+        segments."""
         segments = self.directory.of_space(index)
         cached = self._views_of.get(index)
         if cached is None or not _same(cached[0], segments):
             if not segments:
-                return segments, None, 1.0
+                return segments, None, None
             cached = self._views_of[index] = (segments, hnsw.SpaceViews([s.view for s in segments]),
-                                              segments[0].scale)
+                                              segments[0].scales)
         return cached
 
     def drop_retired(self) -> None:
@@ -157,14 +159,14 @@ class Reader:
         index, params = self.space(space)
         q = prepare_cue(cue, params.dim, params.metric)
         generation, scan = self.resolve_generation(consistency)
-        segments, views, scale = self._views(index)
+        segments, views, scales = self._views(index)
         if views is None:
             return Found(generation, segments, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
         k, ef = int(k), max(int(ef), int(k))
-        if params.dtype == "int8":  # the cue in the units of the space's codes
-            q = q * np.float32(INT8_MAX / scale)
+        if scales is not None:  # int8: the cue in the units of the space's codes
+            q = cue_in_codes(q, scales)
         d, refs = hnsw.search_space(views, q, k, ef, generation, scan, params.metric,
-                                    self._scratch(views, ef), unit_of(params.dtype, scale))
+                                    self._scratch(views, ef), scales)
         sims = similarity(d, params.metric)
         if threshold is not None:
             keep = sims >= threshold

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import DataDirCorrupt
 from ..observations import Batch
-from ..store import checkpoint, wal
+from ..store import checkpoint, quantization, wal
 from ..store.catalog import CHECKPOINT_GENERATION, CHECKPOINT_NS, WAL_LSN, params_and_owner
 from ..store.datadir import DataDir
 from ..store.segment import Segment
@@ -153,7 +153,7 @@ def _replay(writer: EngineWriter, records, generation: int, report: Recovered) -
         elif record.kind == wal.BATCH:
             if meta["gen"] > generation:
                 params = writer.spaces[meta["space"]].params
-                writer.replay_batch(params, _batch(record), meta["gen"], meta.get("scale"))
+                writer.replay_batch(params, _batch(record), meta["gen"], quantization.from_log(meta))
                 report.replayed_batches += 1
                 report.replayed_observations += meta["n"]
             if meta["session"] is not None and meta["seq"]:

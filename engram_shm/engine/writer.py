@@ -31,7 +31,7 @@ from ..config import EngineConfig
 from ..errors import InvalidArgument, QuotaExceeded, ShmFull, SpaceExists, SpaceLimit
 from ..limits import ANONYMOUS
 from ..observations import Batch, Limits, checked_rows, prepare
-from ..store import compaction, shm
+from ..store import compaction, quantization, shm
 from ..store import wal as walfile
 from ..store.catalog import (
     BUILDING,
@@ -228,7 +228,8 @@ class EngineWriter:
         if self.wal is not None:
             def log(vectors):
                 meta = {"space": params.name, "gen": first, "n": batch.n, "dim": batch.dim,
-                        "dtype": params.dtype, "scale": writer.scale, "session": session, "seq": seq,
+                        "dtype": params.dtype, "scales": quantization.logged(writer.scales),
+                        "session": session, "seq": seq,
                         "bytes": int(batch.record_ends[-1])}
                 columns = [batch.when, batch.confidence, batch.id_lens, batch.record_ends, batch.records]
                 logged.append(self._log(walfile.BATCH, meta, [*vectors, *columns]))
@@ -241,10 +242,10 @@ class EngineWriter:
             self._applied(logged[0])
         return Ack(params.name, first, first + batch.n - 1), spans
 
-    def replay_batch(self, params: SpaceParams, batch: Batch, first: int, scale: float | None) -> None:
+    def replay_batch(self, params: SpaceParams, batch: Batch, first: int, scales: np.ndarray | None) -> None:
         """Store a logged batch again with its own generations and stored
-        vectors coded with `scale` (recovery); it is not logged twice."""
-        self.spaces[params.name].append(batch, first, stored=True, scale=scale)
+        vectors coded with `scales` (recovery); it is not logged twice."""
+        self.spaces[params.name].append(batch, first, stored=True, scales=scales)
         self.ledger.charge(params.name, disk_bytes=self.ledger.batch_bytes(params, batch))
         self.catalog.publish_generation(max(self.catalog.committed_generation, first + batch.n - 1))
 

@@ -4,7 +4,8 @@ Stored rows are float32, float16 bits (uint16) or int8 codes; queries are
 float32 in the store's units (an int8 space's cue is scaled like its rows).
 Cosine and inner product both rank by `1 - dot` (cosine rows and cues are
 unit-norm); L2 is the squared Euclidean distance. Sums are taken in the
-store's units and multiplied by `metric.unit` once (see policy.Metric).
+store's units, weighted per dimension for int8 codes, and multiplied by
+`metric.unit` once (see policy.Metric).
 """
 
 import numpy as np
@@ -21,14 +22,24 @@ def dist(a, i, b, j, metric):
     """Distance between row i of `a` and row j of `b` (stored rows or a float32
     query held as a one-row matrix)."""
     dim = a.shape[1]
+    w = metric.weights
     acc = np.float32(0.0)
     if metric.code == L2:
-        for t in range(dim):
-            diff = as_f32(a[i, t]) - as_f32(b[j, t])
-            acc += diff * diff
+        if w.shape[0] == 0:
+            for t in range(dim):
+                diff = as_f32(a[i, t]) - as_f32(b[j, t])
+                acc += diff * diff
+        else:
+            for t in range(dim):
+                diff = as_f32(a[i, t]) - as_f32(b[j, t])
+                acc += diff * diff * w[t]
         return acc * metric.unit
-    for t in range(dim):
-        acc += as_f32(a[i, t]) * as_f32(b[j, t])
+    if w.shape[0] == 0:
+        for t in range(dim):
+            acc += as_f32(a[i, t]) * as_f32(b[j, t])
+    else:
+        for t in range(dim):
+            acc += as_f32(a[i, t]) * as_f32(b[j, t]) * w[t]
     return np.float32(1.0) - acc * metric.unit
 
 
@@ -50,10 +61,11 @@ def check_query(q: np.ndarray, dim: int) -> None:
         raise DimensionMismatch(f"query has {q.shape[0]} dims, store has {dim}")
 
 
-def distances(store: np.ndarray, q: np.ndarray, metric: str, unit: float = 1.0) -> np.ndarray:
-    """Distance of `q` to every row of `store` (float32 [n])."""
+def distances(store: np.ndarray, q: np.ndarray, metric: str, scales: np.ndarray | None = None) -> np.ndarray:
+    """Distance of `q` to every row of `store` (float32 [n]); `scales`: those
+    of an int8 store's codes (policy.metric_of), `q` then in code units."""
     check_store(store)
     check_query(q, store.shape[1])
     out = np.empty(store.shape[0], np.float32)
-    _distances(store, q.reshape(1, -1), metric_of(metric, unit), out)
+    _distances(store, q.reshape(1, -1), metric_of(metric, scales), out)
     return out

@@ -644,17 +644,17 @@ class SpaceViews:
 
 
 def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric: str,
-           sc: Scratch, unit: float = 1.0, reverse: bool = True) -> None:
+           sc: Scratch, scales: np.ndarray | None = None, reverse: bool = True) -> None:
     """Insert nodes [lo, hi) into the graph, in order. Nodes must have complete
-    vectors, levels and upper rows; re-inserting a node is safe. `unit`: see
-    policy.Metric (int8 stores). `reverse=False` adds no reverse links: a
+    vectors, levels and upper rows; re-inserting a node is safe. `scales`:
+    those of an int8 store's codes (policy.metric_of). `reverse=False` adds no reverse links: a
     broken graph, only for the chaos suite's deliberate bug (faults.py)."""
     M = _check_graph(store, gens, g, sc)
     if not (0 <= lo <= hi <= store.shape[0]):
         raise InvalidArgument(f"insert range [{lo}, {hi}) is outside [0, {store.shape[0]}]")
     if not (1 <= ef_construction < sc.res_k.shape[0]) or sc.qbuf.shape[1] != store.shape[1]:
         raise InvalidArgument("scratch is too small for ef_construction or the dimension")
-    _insert_range(store, gens, g, lo, hi, M, ef_construction, metric_of(metric, unit), sc, bool(reverse))
+    _insert_range(store, gens, g, lo, hi, M, ef_construction, metric_of(metric, scales), sc, bool(reverse))
 
 
 def repair(g: Graph, n_nodes: int, sc: Scratch) -> bool:
@@ -669,7 +669,8 @@ def repair(g: Graph, n_nodes: int, sc: Scratch) -> bool:
 
 
 def search(store, gens, g: Graph, q: np.ndarray, k: int, ef: int, n_indexed: int,
-           scan_lo: int, scan_hi: int, gen_max: int, metric: str, sc: Scratch, unit: float = 1.0):
+           scan_lo: int, scan_hi: int, gen_max: int, metric: str, sc: Scratch,
+           scales: np.ndarray | None = None):
     """Top-k (distances ascending, node ids) of one segment: graph search over
     [0, n_indexed) merged with an exact scan of [scan_lo, scan_hi), generation
     <= gen_max. Safe to call while a writer inserts."""
@@ -684,12 +685,12 @@ def search(store, gens, g: Graph, q: np.ndarray, k: int, ef: int, n_indexed: int
     out_d = np.empty(k, np.float32)
     out_i = np.empty(k, np.int32)
     n = _search_segment(store, gens, g, q.reshape(1, -1), k, ef, n_indexed, scan_lo, scan_hi,
-                        np.uint64(gen_max), metric_of(metric, unit), sc, out_d, out_i)
+                        np.uint64(gen_max), metric_of(metric, scales), sc, out_d, out_i)
     return out_d[:n], out_i[:n]
 
 
 def search_space(views: SpaceViews, q: np.ndarray, k: int, ef: int, gen_max: int, scan: bool,
-                 metric: str, sc: Scratch, unit: float = 1.0):
+                 metric: str, sc: Scratch, scales: np.ndarray | None = None):
     """Top-k of a whole space (distances ascending, segment << 32 | slot
     references): `search` of every segment, with each one's counters read
     by the kernel, merged in the kernel. Safe to call while writers append
@@ -702,6 +703,6 @@ def search_space(views: SpaceViews, q: np.ndarray, k: int, ef: int, gen_max: int
     out_d = np.empty(k, np.float32)
     out_ref = np.empty(k, np.int64)
     n = _search_space(views.table, views.like, q.reshape(1, -1), k, ef, np.uint64(gen_max), scan,
-                      metric_of(metric, unit), sc, np.empty(k, np.float32), np.empty(k, np.int32),
+                      metric_of(metric, scales), sc, np.empty(k, np.float32), np.empty(k, np.int32),
                       out_d, out_ref)
     return out_d[:n], out_ref[:n]

@@ -71,7 +71,7 @@ def draw_levels(seed: int, generations: np.ndarray, M: int, max_level: int) -> n
 
 def append_rows(columns, batch, first_generation: int, levels: np.ndarray, lo: int, hi: int,
                 slot: int, arena_at: int, upper_at: int, unit: bool, limit: float,
-                quant: float = 1.0) -> tuple[int, int]:
+                quant: float | np.ndarray = 1.0) -> tuple[int, int]:
     """Write batch rows [lo, hi) into `columns` (a segment's writable Columns)
     at `slot`, `arena_at`, `upper_at`, checking each vector as it is stored
     (`check_store_rows` with unit, limit and quant). Returns (ROW_OK, next free upper

@@ -21,7 +21,7 @@ ROW_TOO_BIG = 3
 @kernel
 def _check_store(src, bits, exponent, unit, limit, quant, dst):
     """dst[i] = src[i] * factor * quant row by row, where factor is 1/norm
-    (unit) or 1 and quant turns values into int8 codes (1 for float stores),
+    (unit) or 1 and quant [dim] turns values into int8 codes (1 for float stores),
     after checking the row: returns (first bad row, reason) or (-1, ROW_OK).
     Each row is read from memory once (the second pass hits the cache).
     Finiteness is read from the bits (all-ones exponent): fastmath may fold
@@ -48,20 +48,19 @@ def _check_store(src, bits, exponent, unit, limit, quant, dst):
             if peak > limit:
                 return i, ROW_TOO_BIG
             factor = 1.0
-        factor *= quant
         for j in range(src.shape[1]):
-            store_f32(dst, i, j, np.float32(as_f32(src[i, j]) * factor))
+            store_f32(dst, i, j, np.float32(as_f32(src[i, j]) * factor * quant[j]))
     return -1, ROW_OK
 
 
 def check_store_rows(src: np.ndarray, unit: bool, limit: float, dst: np.ndarray,
-                     quant: float = 1.0) -> tuple[int, int]:
+                     quant: float | np.ndarray = 1.0) -> tuple[int, int]:
     """Check each row of `src` (float32 or f16 bits, 2-D) and store it scaled
     into `dst` (float32, f16 bits or int8 codes, same shape): rows must be
     finite, and non-zero when `unit` (stored at unit norm), within +-limit
-    otherwise (stored as is); int8 codes are value * quant, rounded and
-    clipped to +-127. Returns (first bad row, reason) or (-1, ROW_OK); rows
-    before a bad one are written. int8 rows from a log are stored codes:
+    otherwise (stored as is); int8 codes are value * quant (one factor, or
+    one per dimension), rounded and clipped to +-127. Returns (first bad
+    row, reason) or (-1, ROW_OK); rows before a bad one are written. int8 rows from a log are stored codes:
     copied as they are."""
     if dst.shape != src.shape or dst.dtype not in STORE_DTYPES:
         raise InvalidArgument("check_store_rows needs dst of the source's shape, float32, f16 bits or int8")
@@ -73,7 +72,8 @@ def check_store_rows(src: np.ndarray, unit: bool, limit: float, dst: np.ndarray,
         bits, exponent = src.view(np.uint32), np.uint32(0x7F800000)
     else:
         bits, exponent = src, np.uint16(0x7C00)
-    bad, reason = _check_store(src, bits, exponent, unit, np.float64(limit), np.float64(quant), dst)
+    quant = np.array(np.broadcast_to(np.asarray(quant, np.float64), src.shape[1:]))  # one kernel type
+    bad, reason = _check_store(src, bits, exponent, unit, np.float64(limit), quant, dst)
     return int(bad), int(reason)
 
 

@@ -111,6 +111,8 @@ def _prefixes(layout: SegmentLayout, accepted: int, upper_used: int, arena_used:
     for name, _, _ in layout.columns():
         if name == "upper":
             yield name, upper_used
+        elif name == "scales":
+            yield name, layout.dim
         elif name == "arena":
             yield name, arena_used
         else:
@@ -160,7 +162,10 @@ class _Image:
     def _parts(self):
         yield self.header
         for name, n in _prefixes(self.seg.layout, self.accepted, self.upper_used, self.arena_used):
-            yield self.graph[name] if name in self.graph else getattr(self.seg.r, name)[:n]
+            if name == "scales":
+                yield self.seg.scales
+            else:
+                yield self.graph[name] if name in self.graph else getattr(self.seg.r, name)[:n]
 
 
 def _wait_recovered(catalog: Catalog, stop) -> None:
@@ -272,13 +277,17 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
             raise ValueError(f"{entry['file']} is cut short")
         layout = SegmentLayout.from_header(header, sys.maxsize)
         seg = Segment.create(name, layout, int(header[METRIC]), int(header[SPACE]), int(header[SEGMENT_NO]),
-                             scale_of(header))
+                             _scales(f, layout, header))
         try:
             crc = crc32c.crc32c(memoryview(header).cast("B"))
             size = header.nbytes
+            read_scales = seg.scales
             for column, n in _prefixes(layout, int(header[ACCEPTED]), int(header[UPPER_USED]),
                                        int(header[ARENA_USED])):
-                part = getattr(seg.w, column)[:n]
+                if column == "scales":  # which `create` wrote: read again for the checksum
+                    part = read_scales = np.empty(n, np.float32)
+                else:
+                    part = getattr(seg.w, column)[:n]
                 if part.size == 0:
                     continue
                 view = memoryview(part).cast("B")
@@ -286,7 +295,8 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
                     raise ValueError(f"{entry['file']} is cut short in column {column}")
                 crc = crc32c.crc32c(view, value=crc)
                 size += view.nbytes
-            if f.read(1) or size != entry["bytes"] or crc != entry["crc32c"]:
+            if (f.read(1) or size != entry["bytes"] or crc != entry["crc32c"]
+                    or not np.array_equal(read_scales, seg.scales)):
                 raise ValueError(f"{entry['file']} does not match its checksum")
             for word in (ACCEPTED, ARENA_USED, UPPER_USED, SEALED, MIN_GEN, MAX_GEN, INDEXED, ENTRY, REPAIR):
                 seg.header[word] = header[word]
@@ -294,6 +304,20 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
             _discard(seg)
             raise
     return seg
+
+
+def _scales(f, layout: SegmentLayout, header: np.ndarray) -> np.ndarray | None:
+    """An int8 segment file's scales: its last column (read ahead of the
+    others, which the checksum then covers), or a layout 1 block's one SCALE."""
+    if layout.dtype != "int8":
+        return None
+    if not layout.has_scales:
+        return np.full(layout.dim, scale_of(header), np.float32)
+    at = f.tell()
+    f.seek(-4 * layout.dim, os.SEEK_END)
+    scales = np.frombuffer(f.read(4 * layout.dim), np.float32).copy()
+    f.seek(at)
+    return scales
 
 
 def spaces(manifest: dict) -> list[tuple[SpaceParams, str]]:

@@ -9,7 +9,7 @@ another process's counters.
 | MAGIC..     | creator       | magic, layout version, capacity, dim, dtype, metric,  |
 |             |               | M, max level, upper capacity, arena capacity, space,  |
 |             |               | segment number, creation time, SCALE (float64 bits:   |
-|             |               | int8 codes are value * 127 / SCALE; 1 otherwise)      |
+|             |               | the largest of an int8 store's scales; 1 otherwise)   |
 | ACCEPTED    | front         | slots [0, ACCEPTED) are complete and visible          |
 | ARENA_USED  | front         | bytes of the text arena in use                        |
 | UPPER_USED  | front         | rows of `upper` handed out                            |
@@ -37,6 +37,11 @@ Columns (cap = capacity; `-1` sentinels are written by the creator):
 | links0     | int32             | [cap, 2M+1]                 | count 0  | index writer |
 | upper      | int32             | [upper_cap, MAX_LEVEL, M+1] | count 0  | index writer |
 | arena      | uint8             | [arena_cap]                 |          | front        |
+| scales     | float32           | [dim], int8 stores only     |          | creator      |
+
+int8 codes of element d are value * 127 / scales[d] (kernels/policy.Metric).
+Layout version 1 had no `scales` column: its int8 stores code every element
+with SCALE, and are read as scales of SCALE throughout.
 
 Slot i's record is arena[text_end[i-1]:text_end[i]] (0 for i = 0): its first
 id_len[i] bytes are the id, the rest the text, both UTF-8.
@@ -51,7 +56,8 @@ import numpy as np
 from ..errors import Corrupt
 
 MAGIC_VALUE = 0x454E4752414D5347  # "ENGRAMSG"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before int8 stores had per-dimension scales
 MAX_LEVEL = 6
 HEADER_WORDS = 64
 ALIGN = 64
@@ -65,7 +71,6 @@ WRITER = 32
 
 DTYPE_NAMES = {0: "f32", 1: "f16", 2: "int8"}
 STORAGE = {"f32": np.dtype(np.float32), "f16": np.dtype(np.uint16), "int8": np.dtype(np.int8)}
-INT8_MAX = 127  # int8 codes span +-INT8_MAX (symmetric: -128 is never stored)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class SegmentLayout:
     dtype: str
     M: int
     arena_capacity: int
+    version: int = LAYOUT_VERSION
 
     @property
     def upper_capacity(self) -> int:
@@ -98,7 +104,11 @@ class SegmentLayout:
             ("links0", np.dtype(np.int32), (cap, 2 * self.M + 1)),
             ("upper", np.dtype(np.int32), (self.upper_capacity, MAX_LEVEL, self.M + 1)),
             ("arena", np.dtype(np.uint8), (self.arena_capacity,)),
-        ]
+        ] + ([("scales", np.dtype(np.float32), (self.dim,))] if self.has_scales else [])
+
+    @property
+    def has_scales(self) -> bool:
+        return self.dtype == "int8" and self.version >= 2
 
     def offsets(self) -> tuple[dict[str, int], int]:
         """Byte offset of every column, and the total size."""
@@ -116,6 +126,7 @@ class SegmentLayout:
 
     def write_header(self, header: np.ndarray, metric: int, space: int, segment_no: int,
                      created_ns: int, scale: float = 1.0) -> None:
+        """The creator's words; `scale`: the largest of an int8 store's scales."""
         dtype_code = {v: k for k, v in DTYPE_NAMES.items()}[self.dtype]
         header[[CAPACITY, DIM, DTYPE, METRIC, M_WORD, MAX_LEVEL_WORD, UPPER_CAP, ARENA_CAP,
                 SPACE, SEGMENT_NO, CREATED_NS]] = [
@@ -123,18 +134,18 @@ class SegmentLayout:
             self.upper_capacity, self.arena_capacity, space, segment_no, created_ns]
         header[SCALE:SCALE + 1].view(np.float64)[0] = scale
         header[ENTRY] = -1
-        header[VERSION] = LAYOUT_VERSION
+        header[VERSION] = self.version
         header[MAGIC] = MAGIC_VALUE  # last: a block with a magic has a whole header
 
     @classmethod
     def from_header(cls, header: np.ndarray, size: int) -> "SegmentLayout":
-        if header[MAGIC] != MAGIC_VALUE or header[VERSION] != LAYOUT_VERSION:
+        if header[MAGIC] != MAGIC_VALUE or header[VERSION] not in READABLE_VERSIONS:
             raise Corrupt("segment header has no engram magic or an unknown layout version")
         dtype = DTYPE_NAMES.get(int(header[DTYPE]))
         if dtype is None:
             raise Corrupt(f"segment header names unknown dtype code {header[DTYPE]}")
         layout = cls(int(header[CAPACITY]), int(header[DIM]), dtype, int(header[M_WORD]),
-                     int(header[ARENA_CAP]))
+                     int(header[ARENA_CAP]), int(header[VERSION]))
         if (layout.size > size or header[MAX_LEVEL_WORD] != MAX_LEVEL
                 or header[UPPER_CAP] != layout.upper_capacity):
             raise Corrupt("segment header does not match the block it heads")
@@ -144,9 +155,3 @@ class SegmentLayout:
 def scale_of(header: np.ndarray) -> float:
     """The SCALE word of a segment header."""
     return float(header[SCALE:SCALE + 1].view(np.float64)[0])
-
-
-def unit_of(dtype: str, scale: float) -> float:
-    """The distance unit of a store (kernels/policy.Metric): (scale / 127)^2
-    for int8 codes, 1 for floats."""
-    return (scale / INT8_MAX) ** 2 if dtype == "int8" else 1.0

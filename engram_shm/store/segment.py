@@ -18,7 +18,7 @@ import numpy as np
 
 from ..kernels.hnsw import Graph, SegmentView
 from . import shm
-from .layout import ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout, scale_of, unit_of
+from .layout import ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout, scale_of
 
 Columns = namedtuple("Columns", "vectors generation when confidence id_hash text_end id_len "
                                 "level upper_row parent links0 upper arena")
@@ -35,7 +35,7 @@ class Segment:
 
         def columns(buf):
             return Columns(*(np.ndarray(shape, dtype, buffer=buf, offset=offsets[name])
-                             for name, dtype, shape in layout.columns()))
+                             for name, dtype, shape in layout.columns() if name in Columns._fields))
 
         self.r = columns(ro)
         self._arena_bytes = ro[offsets["arena"]:offsets["arena"] + layout.arena_capacity]
@@ -46,6 +46,7 @@ class Segment:
         self.view = SegmentView(self.r.vectors, self.r.generation, self.graph_r,
                                 np.ndarray((64,), np.int64, buffer=ro))
         self.graph_w = (self._graph(self.w, self.header[ENTRY:ENTRY + 2]) if writable else None)
+        self.scales = self._read_scales(ro, offsets)  # written by the creator, before anyone attaches
 
     @staticmethod
     def _graph(c: Columns, state: np.ndarray) -> Graph:
@@ -53,15 +54,23 @@ class Segment:
 
     @classmethod
     def create(cls, name: str, layout: SegmentLayout, metric: int, space: int,
-               segment_no: int, scale: float = 1.0) -> "Segment":
+               segment_no: int, scales: np.ndarray | None = None) -> "Segment":
+        """A new segment; `scales`: an int8 store's (store/quantization.py)."""
+        if (scales is None) != (layout.dtype != "int8"):
+            raise ValueError("an int8 segment needs its scales, a float one has none")
         block = shm.create(name, layout.size)
         try:
             header = np.ndarray((64,), np.int64, buffer=block.buf)
-            parent = np.ndarray((layout.capacity,), np.int32, buffer=block.buf,
-                                offset=layout.offsets()[0]["parent"])
+            offsets = layout.offsets()[0]
+            parent = np.ndarray((layout.capacity,), np.int32, buffer=block.buf, offset=offsets["parent"])
             parent.fill(-1)
             del parent
-            layout.write_header(header, metric, space, segment_no, time.time_ns(), scale)
+            if layout.has_scales:
+                column = np.ndarray((layout.dim,), np.float32, buffer=block.buf, offset=offsets["scales"])
+                column[:] = scales
+                del column
+            layout.write_header(header, metric, space, segment_no, time.time_ns(),
+                                1.0 if scales is None else float(np.max(scales)))
             del header
             return cls(block, layout, writable=True)
         except BaseException:
@@ -89,15 +98,15 @@ class Segment:
     def indexed(self) -> int:
         return int(self.header[INDEXED])
 
-    @property
-    def scale(self) -> float:
-        """int8 codes are value * 127 / scale (1 for float storage)."""
-        return scale_of(self.header)
-
-    @property
-    def unit(self) -> float:
-        """The distance unit of this segment's store (kernels/policy.Metric)."""
-        return unit_of(self.layout.dtype, self.scale)
+    def _read_scales(self, ro, offsets: dict[str, int]) -> np.ndarray | None:
+        """A copy (it outlives the mapping: a space keeps it after its
+        segments retire) of the per-dimension scales of an int8 store's codes,
+        a layout 1 block's one SCALE for every dimension; None for floats."""
+        if self.layout.dtype != "int8":
+            return None
+        if self.layout.has_scales:
+            return np.ndarray((self.layout.dim,), np.float32, buffer=ro, offset=offsets["scales"]).copy()
+        return np.full(self.layout.dim, scale_of(self.header), np.float32)
 
     @property
     def sealed(self) -> bool:

@@ -36,12 +36,11 @@ from ..kernels.policy import METRIC_CODES
 from ..kernels.rows import append_rows, draw_levels
 from ..kernels.vectors import ROW_OK
 from ..observations import Batch, raise_bad_row, vector_rule
-from . import compaction, shm
+from . import compaction, quantization, shm
 from .catalog import BUILDING, G_MERGED_INTO, LIVE, RETIRED, Catalog, SpaceParams, segment_name
 from .layout import (
     ACCEPTED,
     ARENA_USED,
-    INT8_MAX,
     MAX_GEN,
     MAX_LEVEL,
     MIN_GEN,
@@ -56,10 +55,6 @@ from .segment import Segment
 log = logging.getLogger(__name__)
 
 CHUNK = 256
-# int8 calibration: the scale is this much above the largest magnitude of the
-# space's first batch, so that later rows rarely clip (those that do are stored
-# at +-scale in that element).
-CALIBRATION_MARGIN = 1.25
 _LOW32 = 0xFFFFFFFF
 
 # The size schedule of a space's segments: its first segment has
@@ -142,9 +137,10 @@ class SpaceWriter:
         self.vector_rule = vector_rule(params.metric, params.dtype)
         self.window_limit = window_limit  # the most unindexed rows it holds (engine/window.py)
         self.buried = 0  # rows hidden for good after a crash (bury_uncommitted)
-        # int8 spaces: the scale of their codes, fixed by the first batch stored
-        # (`calibrate`) and kept in every segment header; 1 for float storage.
-        self.scale: float | None = None if params.dtype == "int8" else 1.0
+        # int8 spaces: the per-dimension scales of their codes, fixed by the
+        # first batch stored (quantization.calibrate) and kept in every
+        # segment; None until then, and for float storage.
+        self.scales: np.ndarray | None = None
 
     @property
     def count(self) -> int:
@@ -195,7 +191,7 @@ class SpaceWriter:
         if not seg.sealed:
             self.open.append(seg)
         self._id_table = None
-        self.scale = seg.scale
+        self.scales = seg.scales
 
     def bury_uncommitted(self, committed: int) -> int:
         """Hide rows published past the committed generation (a batch cut short
@@ -260,7 +256,8 @@ class SpaceWriter:
             if seg.ids(np.array([slot]))[0] == ids[row]:
                 yield row, seg, slot
 
-    def append(self, batch: Batch, first_generation: int, stored: bool = False, scale: float | None = None,
+    def append(self, batch: Batch, first_generation: int, stored: bool = False,
+               scales: np.ndarray | None = None,
                log: Callable[[list[np.ndarray]], None] | None = None,
                admit: Callable[[int], None] | None = None) -> list[tuple[Segment, int]]:
         """Store a prepared batch with generations first_generation.. (ids must
@@ -271,17 +268,17 @@ class SpaceWriter:
         created and refuses it by raising. `log` gets the stored vectors (a view per placement, in
         batch order) after they are written and before anything is published.
         `stored` vectors are already in storage form (a log replay): they are
-        copied bit for bit, not scaled again, and `scale` is the one they were
+        copied bit for bit, not scaled again, and `scales` are those they were
         coded with (int8)."""
-        if self.scale is None:
-            self.scale = scale if stored else calibrate(batch.vectors, self.params.metric)
+        if self.params.dtype == "int8" and self.scales is None:
+            self.scales = scales if stored else quantization.calibrate(batch.vectors, self.params.metric)
         self.last_append = time.monotonic()
         self.index_ids()  # before publishing: a rebuild must not see the rows, then get them again
         generations = np.arange(first_generation, first_generation + batch.n, dtype=np.uint64)
         levels = draw_levels(self.params.seed, generations, self.params.M, MAX_LEVEL)
         placements, full = self._plan(batch, levels, admit)
         rule = (False, np.inf) if stored else self.vector_rule
-        quant = INT8_MAX / self.scale if self.params.dtype == "int8" else 1.0
+        quant = quantization.codes_per_unit(self.scales) if self.params.dtype == "int8" else 1.0
         for p in placements:
             reason, value = append_rows(p.segment.w, batch, first_generation, levels, p.lo, p.hi,
                                         p.at.slot, p.at.arena, p.at.upper, *rule, quant)
@@ -363,7 +360,7 @@ class SpaceWriter:
         if admit is not None:
             admit(layout.size)
         seg = Segment.create(segment_name(self.catalog.engine, index), layout,
-                             METRIC_CODES[self.params.metric], self.index, self.next_number, self.scale)
+                             METRIC_CODES[self.params.metric], self.index, self.next_number, self.scales)
         self.next_number += 1
         self._catalog_index[id(seg)] = index
         self.on_new_segment(index, seg)  # before the catalog publishes it
@@ -455,19 +452,3 @@ class SpaceWriter:
             vectors = p.segment.w.vectors
             self.prefault.ahead(id(p.segment), p.segment.vectors_address, p.end.slot * vectors.strides[0],
                                 vectors.nbytes)
-
-
-def calibrate(vectors: np.ndarray, metric: str) -> float:
-    """The int8 scale of a space, from its first batch (float32 or f16 bits):
-    CALIBRATION_MARGIN times the largest element magnitude of its rows as they
-    will be stored (at unit norm under cosine, where no element exceeds 1).
-    Rows the store refuses (not finite) do not count."""
-    rows = vectors.view(np.float16) if vectors.dtype == np.uint16 else vectors
-    rows = np.abs(rows.astype(np.float64))
-    rows = rows[np.isfinite(rows).all(axis=1)]
-    if metric == "cosine":
-        rows /= np.maximum(np.sqrt((rows * rows).sum(axis=1, keepdims=True)), np.finfo(np.float64).tiny)
-    scale = CALIBRATION_MARGIN * (float(rows.max()) if rows.size else 0.0)
-    if metric == "cosine":
-        scale = min(scale, 1.0)
-    return scale if scale > 0 else 1.0

@@ -11,7 +11,8 @@ A file `<first lsn, 20 digits>.wal` is a 32-byte header, then records:
 
 Every record has the next log sequence number (lsn), across files. Kinds:
 SPACE (meta: the space's parameters and owner), SESSION (meta: key, state, priority) and
-BATCH (meta: space, first generation, n, dim, dtype, int8 scale, session, last
+BATCH (meta: space, first generation, n, dim, dtype, an int8 space's scales as
+float32 bytes (records before layout 2 carry one `scale`), session, last
 sequence, record bytes; blobs: the vectors in their storage dtype, as stored, then when
 f64[n], confidence f32[n], id_lens i32[n], record_ends i64[n], the UTF-8
 records). A batch's vectors are logged from the segment after they were
