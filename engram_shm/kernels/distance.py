@@ -9,12 +9,53 @@ store's units, weighted per dimension for int8 codes, and multiplied by
 """
 
 import numpy as np
+from numba import carray, types
+from numba.extending import overload
 
 from ..errors import DimensionMismatch, InvalidArgument
 from .policy import L2, kernel, metric_of
-from .scalar import as_f32
+from .scalar import as_f32, pointer_to
 
 STORE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int8))
+
+
+def weights_of(metric, dim):
+    """A WeightedMetric's weights as an array; None for a Metric (jitted code only)."""
+    raise NotImplementedError("weights_of is for jitted code")
+
+
+@overload(weights_of, inline="always")
+def _weights_of(metric, dim):
+    if isinstance(metric, types.BaseNamedTuple) and "weights" in metric.fields:
+        return lambda metric, dim: carray(pointer_to(metric.weights, np.float32), dim)
+    return lambda metric, dim: None
+
+
+def row_weights(weights, b):
+    """The weights of a distance to `b`: none when `b` is a float32 cue
+    beside int8 codes under a dot metric, which `weighted_cue` has weighted
+    already (one multiply less per element on the search path); the
+    weights otherwise (jitted code only)."""
+    raise NotImplementedError("row_weights is for jitted code")
+
+
+@overload(row_weights, inline="always")
+def _row_weights(weights, b):
+    if weights != types.none and b.dtype == types.float32:
+        return lambda weights, b: None
+    return lambda weights, b: weights
+
+
+def weight(weights, t):
+    """weights[t], or 1 when there are none (jitted code only)."""
+    raise NotImplementedError("weight is for jitted code")
+
+
+@overload(weight, inline="always")
+def _weight(weights, t):
+    if weights == types.none:
+        return lambda weights, t: np.float32(1.0)
+    return lambda weights, t: weights[t]
 
 
 @kernel
@@ -22,24 +63,16 @@ def dist(a, i, b, j, metric):
     """Distance between row i of `a` and row j of `b` (stored rows or a float32
     query held as a one-row matrix)."""
     dim = a.shape[1]
-    w = metric.weights
+    w = weights_of(metric, dim)
     acc = np.float32(0.0)
     if metric.code == L2:
-        if w.shape[0] == 0:
-            for t in range(dim):
-                diff = as_f32(a[i, t]) - as_f32(b[j, t])
-                acc += diff * diff
-        else:
-            for t in range(dim):
-                diff = as_f32(a[i, t]) - as_f32(b[j, t])
-                acc += diff * diff * w[t]
+        for t in range(dim):
+            diff = as_f32(a[i, t]) - as_f32(b[j, t])
+            acc += diff * diff * weight(w, t)
         return acc * metric.unit
-    if w.shape[0] == 0:
-        for t in range(dim):
-            acc += as_f32(a[i, t]) * as_f32(b[j, t])
-    else:
-        for t in range(dim):
-            acc += as_f32(a[i, t]) * as_f32(b[j, t]) * w[t]
+    w = row_weights(w, b)
+    for t in range(dim):
+        acc += as_f32(a[i, t]) * as_f32(b[j, t]) * weight(w, t)
     return np.float32(1.0) - acc * metric.unit
 
 
@@ -47,6 +80,14 @@ def dist(a, i, b, j, metric):
 def _distances(store, q, metric, out):
     for i in range(store.shape[0]):
         out[i] = dist(store, i, q, 0, metric)
+
+
+def weighted_cue(q: np.ndarray, metric, weights: np.ndarray | None) -> np.ndarray:
+    """A float32 cue as `dist` takes it: under a dot metric with weights
+    (int8), multiplied by them (see `row_weights`)."""
+    if weights is None or metric.code == L2:
+        return q
+    return q * weights
 
 
 def check_store(store: np.ndarray) -> None:
@@ -67,5 +108,6 @@ def distances(store: np.ndarray, q: np.ndarray, metric: str, scales: np.ndarray 
     check_store(store)
     check_query(q, store.shape[1])
     out = np.empty(store.shape[0], np.float32)
-    _distances(store, q.reshape(1, -1), metric_of(metric, scales), out)
+    kernel_metric, weights = metric_of(metric, scales)  # weights: referenced until the kernel returns
+    _distances(store, weighted_cue(q, kernel_metric, weights).reshape(1, -1), kernel_metric, out)
     return out

@@ -39,9 +39,9 @@ from numba import carray
 from ..errors import InvalidArgument
 from ..store.layout import ACCEPTED, ENTRY, HEADER_WORDS, INDEXED, MAX_LEVEL, MIN_GEN
 from .atomics import fence
-from .distance import check_query, check_store, dist
+from .distance import check_query, check_store, dist, weight, weighted_cue, weights_of
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
-from .policy import kernel, metric_of
+from .policy import L2, kernel, metric_of
 from .scalar import as_f32, pointer_to, prefetch_row
 
 Graph = namedtuple("Graph", "links0 upper level upper_row parent state")
@@ -380,8 +380,13 @@ def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc, reverse)
 @kernel
 def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
     dim = store.shape[1]
-    for j in range(dim):
-        sc.qbuf[0, j] = as_f32(store[node, j])
+    w = weights_of(metric, dim)
+    if metric.code == L2:
+        for j in range(dim):
+            sc.qbuf[0, j] = as_f32(store[node, j])
+    else:  # the node as a cue: weighted as distance.weighted_cue weights one
+        for j in range(dim):
+            sc.qbuf[0, j] = as_f32(store[node, j]) * weight(w, j)
     q = sc.qbuf
     node_level = g.level[node]
     entry = g.state[0]
@@ -654,7 +659,8 @@ def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric
         raise InvalidArgument(f"insert range [{lo}, {hi}) is outside [0, {store.shape[0]}]")
     if not (1 <= ef_construction < sc.res_k.shape[0]) or sc.qbuf.shape[1] != store.shape[1]:
         raise InvalidArgument("scratch is too small for ef_construction or the dimension")
-    _insert_range(store, gens, g, lo, hi, M, ef_construction, metric_of(metric, scales), sc, bool(reverse))
+    kernel_metric, weights = metric_of(metric, scales)  # weights: referenced until the kernel returns
+    _insert_range(store, gens, g, lo, hi, M, ef_construction, kernel_metric, sc, bool(reverse))
 
 
 def repair(g: Graph, n_nodes: int, sc: Scratch) -> bool:
@@ -684,8 +690,10 @@ def search(store, gens, g: Graph, q: np.ndarray, k: int, ef: int, n_indexed: int
         raise InvalidArgument(f"scratch holds ef < {sc.res_k.shape[0]}, asked {ef}")
     out_d = np.empty(k, np.float32)
     out_i = np.empty(k, np.int32)
+    kernel_metric, weights = metric_of(metric, scales)  # weights: referenced until the kernel returns
+    q = weighted_cue(q, kernel_metric, weights)
     n = _search_segment(store, gens, g, q.reshape(1, -1), k, ef, n_indexed, scan_lo, scan_hi,
-                        np.uint64(gen_max), metric_of(metric, scales), sc, out_d, out_i)
+                        np.uint64(gen_max), kernel_metric, sc, out_d, out_i)
     return out_d[:n], out_i[:n]
 
 
@@ -702,7 +710,9 @@ def search_space(views: SpaceViews, q: np.ndarray, k: int, ef: int, gen_max: int
                               f"{views.capacity} nodes")
     out_d = np.empty(k, np.float32)
     out_ref = np.empty(k, np.int64)
+    kernel_metric, weights = metric_of(metric, scales)  # weights: referenced until the kernel returns
+    q = weighted_cue(q, kernel_metric, weights)
     n = _search_space(views.table, views.like, q.reshape(1, -1), k, ef, np.uint64(gen_max), scan,
-                      metric_of(metric, scales), sc, np.empty(k, np.float32), np.empty(k, np.int32),
+                      kernel_metric, sc, np.empty(k, np.float32), np.empty(k, np.int32),
                       out_d, out_ref)
     return out_d[:n], out_ref[:n]

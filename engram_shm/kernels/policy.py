@@ -22,26 +22,31 @@ METRIC_CODES = {"cosine": COSINE, "ip": IP, "l2": L2}
 # int8 codes span +-INT8_MAX (symmetric: -128 is never stored).
 INT8_MAX = 127
 
-# What kernels take as `metric`: the code, the unit that turns a sum over
-# stored elements into a distance, and per-dimension weights of that sum
-# (empty: all 1). Float stores: unit 1, no weights. int8 stores code element d
-# as value * 127 / scales[d]; with S = max(scales), unit = (S / 127)^2 and
-# weights[d] = (scales[d] / S)^2, so that sums over codes (and over cues
+# What kernels take as `metric`: the code and the unit that turns a sum over
+# stored elements into a distance (Metric: float stores, unit 1), and for int8
+# stores per-dimension weights of that sum (WeightedMetric). int8 stores code
+# element d as value * 127 / scales[d]; with S = max(scales), unit = (S / 127)^2
+# and weights[d] = (scales[d] / S)^2, so that sums over codes (and over cues
 # multiplied by 127 / scales) come out in the data's own units and thresholds
-# such as DUPLICATE keep meaning.
-Metric = namedtuple("Metric", "code unit weights")
+# such as DUPLICATE keep meaning. The weights are passed as the address of a
+# float32 [dim] array: an array in the tuple would be reference-counted at
+# every distance call, which costs float stores a fifth of their insert rate
+# even when unused. Two types, so float stores compile without weights at all.
+Metric = namedtuple("Metric", "code unit")
+WeightedMetric = namedtuple("WeightedMetric", "code unit weights")
 
-_NO_WEIGHTS = np.zeros(0, np.float32)
 
-
-def metric_of(name: str, scales: np.ndarray | None = None) -> Metric:
-    """The kernels' metric for a store: float (`scales` None) or int8 codes
-    of per-dimension `scales`."""
+def metric_of(name: str, scales: np.ndarray | None = None
+              ) -> tuple[Metric | WeightedMetric, np.ndarray | None]:
+    """The kernels' metric for a store, float (`scales` None) or int8 codes
+    of per-dimension `scales`, and the weights array it points to, which the
+    caller keeps referenced until the kernel returns."""
+    code = np.int64(METRIC_CODES[name])
     if scales is None:
-        return Metric(np.int64(METRIC_CODES[name]), np.float32(1.0), _NO_WEIGHTS)
+        return Metric(code, np.float32(1.0)), None
     top = float(np.max(scales))
     weights = ((np.asarray(scales, np.float64) / top) ** 2).astype(np.float32)
-    return Metric(np.int64(METRIC_CODES[name]), np.float32((top / INT8_MAX) ** 2), weights)
+    return WeightedMetric(code, np.float32((top / INT8_MAX) ** 2), np.int64(weights.ctypes.data)), weights
 
 # Status codes kernels return instead of raising (Numba leaks a raising kernel's arrays).
 OK = 0

@@ -77,10 +77,11 @@ def warm(readers: bool = True) -> float:
         data = rng.normal(size=(n, dim)).astype(np.float32)
         store = np.empty((n, dim), dtype)  # rows as a space of this dtype stores them
         check_store_rows(data, False, np.inf, store, 40.0 if dtype == np.int8 else 1.0)
+        scales = np.ones(dim, np.float32) if dtype == np.int8 else None  # int8: a WeightedMetric
         g = hnsw.new_graph(levels, M, max_level)
         sc = hnsw.new_scratch(n, dim, M, 8, max_level)
         check_store_rows(data, True, 1.0, np.empty((n, dim), np.float32))  # cues
-        hnsw.insert(store, gens, g, 0, n, 4, "cosine", sc)
+        hnsw.insert(store, gens, g, 0, n, 4, "cosine", sc, scales)
         g.state[1] = 1  # a journal entry, as a killed writer leaves it
         hnsw.repair(g, n, sc)
         if readers:
@@ -91,8 +92,8 @@ def warm(readers: bool = True) -> float:
             ro = ro._replace(state=_readonly(header[hnsw.ENTRY:hnsw.ENTRY + 2]))
             view = hnsw.SegmentView(_readonly(store), _readonly(gens), ro, _readonly(header))
             views = hnsw.SpaceViews([view])
-            hnsw.search_space(views, data[0], 2, 4, n, True, "cosine", sc)
-            distances(store, data[0], "l2")
+            hnsw.search_space(views, data[0], 2, 4, n, True, "cosine", sc, scales)
+            distances(store, data[0], "l2", scales)
         _warm_append(dtype, dim)
     _warm_ids()
     compare_and_swap(np.zeros(1, np.int64), 0, 0, 0)
