@@ -652,8 +652,9 @@ def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric
            sc: Scratch, scales: np.ndarray | None = None, reverse: bool = True) -> None:
     """Insert nodes [lo, hi) into the graph, in order. Nodes must have complete
     vectors, levels and upper rows; re-inserting a node is safe. `scales`:
-    those of an int8 store's codes (policy.metric_of). `reverse=False` adds no reverse links: a
-    broken graph, only for the chaos suite's deliberate bug (faults.py)."""
+    those of an int8 store's codes (policy.metric_of). `reverse=False` adds
+    no reverse links: a broken graph, only for the chaos suite's deliberate
+    bug (faults.py)."""
     M = _check_graph(store, gens, g, sc)
     if not (0 <= lo <= hi <= store.shape[0]):
         raise InvalidArgument(f"insert range [{lo}, {hi}) is outside [0, {store.shape[0]}]")

@@ -29,9 +29,9 @@ INT8_MAX = 127
 # and weights[d] = (scales[d] / S)^2, so that sums over codes (and over cues
 # multiplied by 127 / scales) come out in the data's own units and thresholds
 # such as DUPLICATE keep meaning. The weights are passed as the address of a
-# float32 [dim] array: an array in the tuple would be reference-counted at
-# every distance call, which costs float stores a fifth of their insert rate
-# even when unused. Two types, so float stores compile without weights at all.
+# float32 [dim] array: an array in the tuple is reference-counted at every
+# distance call, which slowed every store's inserts and searches, float ones
+# too. Two types, so that float stores compile without weights at all.
 Metric = namedtuple("Metric", "code unit")
 WeightedMetric = namedtuple("WeightedMetric", "code unit weights")
 
