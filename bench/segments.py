@@ -65,7 +65,7 @@ def segment_search_ms(engine, queries: np.ndarray, ef: int) -> list[tuple[int, f
         for q in queries:
             start = time.perf_counter()
             hnsw.search(v.store, v.gens, v.graph, q, K, ef, seg.indexed, 0, 0, engine.generation,
-                        params.metric, scratch, seg.unit)
+                        params.metric, scratch, seg.scales)
             lat.append(time.perf_counter() - start)
         out.append((seg.accepted, round(float(np.median(lat)) * 1e3, 3)))
     return out

@@ -39,7 +39,7 @@ with Engine(workers=1, data_dir=sys.argv[1]) as e:
 from engram_shm.kernels.distance import _distances
 from engram_shm.kernels.policy import metric_of
 try:  # a shape nothing warmed (float64 rows) is refused, not compiled
-    _distances(np.zeros((2, 3)), np.zeros((1, 3), np.float32), metric_of("l2"), np.zeros(2, np.float32))
+    _distances(np.zeros((2, 3)), np.zeros((1, 3), np.float32), metric_of("l2")[0], np.zeros(2, np.float32))
 except TypeError:
     assert sys.modules["scipy.linalg"] is None  # blocked, and nothing needed it
     print("ok")
