@@ -5,7 +5,7 @@ float32 in the store's units (an int8 space's cue is scaled like its rows).
 Cosine and inner product both rank by `1 - dot` (cosine rows and cues are
 unit-norm); L2 is the squared Euclidean distance. Sums are taken in the
 store's units, weighted per dimension for int8 codes, and multiplied by
-`metric.unit` once (see policy.Metric).
+`metric.unit` once (see policy.Metric and WeightedMetric).
 """
 
 import numpy as np

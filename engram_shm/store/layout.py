@@ -39,7 +39,7 @@ Columns (cap = capacity; `-1` sentinels are written by the creator):
 | arena      | uint8             | [arena_cap]                 |          | front        |
 | scales     | float32           | [dim], int8 stores only     |          | creator      |
 
-int8 codes of element d are value * 127 / scales[d] (kernels/policy.Metric).
+int8 codes of element d are value * 127 / scales[d] (kernels/policy.WeightedMetric).
 Layout version 1 had no `scales` column: its int8 stores code every element
 with SCALE, and are read as scales of SCALE throughout.
 

@@ -1,7 +1,7 @@
 """int8 storage: per-dimension scales, taken from a space's first batch.
 
 Element d of a row is stored as round(value * 127 / scales[d]), clipped to
-+-127; kernels weight their sums by dimension (kernels/policy.Metric), so
++-127; kernels weight their sums by dimension (kernels/policy.WeightedMetric), so
 distances stay in the data's own units. One scale per dimension, not one per
 space: embeddings often have a few dimensions much larger than the rest, and
 one scale set by those leaves every other dimension a few coarse steps.
