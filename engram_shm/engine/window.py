@@ -31,7 +31,8 @@ def scan_ns_per_row(dim: int, dtype: str) -> float:
     best of three passes over a block larger than the L2 cache)."""
     rows = np.random.default_rng(0).normal(size=(_PROBE_ROWS, dim)).astype(np.float32)
     store = np.empty(rows.shape, STORAGE[dtype])  # stored as a space stores them
-    scales = np.ones(dim, np.float32) if dtype == "int8" else None  # int8 sums are weighted: timed so
+    # int8: with scales, as a space's scan runs (and the only int8 kernel type warmed)
+    scales = np.ones(dim, np.float32) if dtype == "int8" else None
     check_store_rows(rows, True, np.inf, store, INT8_MAX if dtype == "int8" else 1.0)
     q = rows[0] / np.linalg.norm(rows[0])
     best = float("inf")

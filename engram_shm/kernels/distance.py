@@ -70,9 +70,9 @@ def dist(a, i, b, j, metric):
             diff = as_f32(a[i, t]) - as_f32(b[j, t])
             acc += diff * diff * weight(w, t)
         return acc * metric.unit
-    w = row_weights(w, b)
+    dot_w = row_weights(w, b)
     for t in range(dim):
-        acc += as_f32(a[i, t]) * as_f32(b[j, t]) * weight(w, t)
+        acc += as_f32(a[i, t]) * as_f32(b[j, t]) * weight(dot_w, t)
     return np.float32(1.0) - acc * metric.unit
 
 
