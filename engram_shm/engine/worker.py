@@ -32,14 +32,27 @@ log = logging.getLogger(__spec__.name)  # its module's name, also when run with 
 
 IDLE_MIN_S, IDLE_MAX_S = 0.001, 0.02
 ORPHAN_CHECK_S = 1.0
-WORKER_NICENESS = 19  # below the readers (recall_niceness, 10): a recall waits for no insert
+WORKER_NICENESS = 19  # where SCHED_IDLE is missing: below the readers (recall_niceness, 10)
 UTILIZATION_S = 1.0  # the window the utilization is measured over
+
+
+def run_when_idle() -> None:
+    """Take only the CPU nobody else wants: SCHED_IDLE, where the kernel has it
+    (elsewhere nice 19). A core that runs nothing but index workers then
+    counts as idle when the scheduler places a process that wakes (a reader
+    handed a recall, the front), and that process preempts them at once; at
+    nice 19 a woken reader could share the front's core instead
+    (docs/architecture.md)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(WORKER_NICENESS)
 
 
 def run(engine: str, worker: int, workers: int, incarnation: int, config: EngineConfig) -> None:
     lifeline.bind_to_parent()  # first; the orphan check below only runs while idle
     stop = lifeline.StopRequest()
-    os.nice(WORKER_NICENESS)  # the front and recalls come first; indexing takes what is left
+    run_when_idle()  # the front and recalls come first; indexing takes what is left
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     ready_child(readers=False)
