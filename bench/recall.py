@@ -15,7 +15,8 @@ the engine's 100: at 100 two cores index 768-d rows at about 600-700/s (1M
 in some 25 minutes), at 32 about three times as fast; a recall's cost is set
 by ef_search and the number of segments more than by the build's beam.
 
-At each size, once everything is indexed:
+At each size, once everything is indexed and compaction has merged what the
+fill left (no merge for 3 s, past the server's compaction_idle_s of 2 s):
 - idle: `--clients` processes at a time each recall (k=10, held-out cues)
   back to back for `--seconds` with consistency "strong", then as long with
   "indexed", all clients in step; queries/s is all clients' recalls in the
@@ -26,9 +27,10 @@ At each size, once everything is indexed:
   space, so that no second 1M build is needed for an embedded figure.
 - ingest: a producer (this process) streams batches of 256 (made before
   the round, so that making them takes no core from the engine) at `--load`
-  (0.7) times the fill's indexed rate, while one client recalls ten times a
-  second, "strong" for `--ingest-seconds`, then "indexed" as long, and
-  at the same time one process recalls as often via attach (20 recalls a
+  (0.7) times the fill's indexed rate for 2 x `--ingest-seconds`, while
+  one client recalls ten times a second, "strong" and "indexed" in turn
+  (each sees the same ingestion, the merges it starts included), and at
+  the same time one process recalls as often via attach (20 recalls a
   second in all, a light load beside the ingestion; one period, so that
   the space grows by rate x 2 x ingest-seconds, not twice that). The
   unindexed window's peak (sampled 4 times a second) tells whether indexing
@@ -71,6 +73,7 @@ INGEST_RECALLS_PER_S = 10.0
 STATS_PERIOD_S = 0.25
 START_S = 1.0  # from telling the clients when to start to their start: room for the producer to get going
 WARM = 4  # recalls (untimed) before each round
+AT_REST_S = 3.0  # no merge for this long: past the server's compaction_idle_s (2 s) and its 0.5 s look
 
 
 class Observations:
@@ -121,16 +124,20 @@ class Observations:
 
 # -- the recalling clients: processes of their own -------------------------------------
 
-def timed(recall, cues: np.ndarray, consistency: str, begin: float, end: float, per_s: float) -> list[float]:
+def timed(recall, cues: np.ndarray, consistencies: tuple[str, ...], begin: float, end: float,
+          per_s: float) -> dict[str, list[float]]:
     """Recalls from `begin` to `end` (monotonic clock, the same in every
-    process), back to back or `per_s` a second; their latencies in seconds."""
-    latencies = []
+    process), back to back or `per_s` a second, taking the consistencies in
+    turn; the latencies of each in seconds."""
+    latencies = {consistency: [] for consistency in consistencies}
     time.sleep(max(0.0, begin - time.monotonic()))
-    next_at = begin
+    next_at, done = begin, 0
     while time.monotonic() < end:
+        consistency = consistencies[done % len(consistencies)]
         start = time.perf_counter()
-        recall(cues[len(latencies) % len(cues)], consistency)
-        latencies.append(time.perf_counter() - start)
+        recall(cues[done % len(cues)], consistency)
+        latencies[consistency].append(time.perf_counter() - start)
+        done += 1
         if per_s:
             next_at += 1.0 / per_s
             time.sleep(max(0.0, min(next_at, end) - time.monotonic()))
@@ -171,10 +178,13 @@ def client(argv: list[str]) -> None:
             order = json.loads(line)
             for cue in cues[-WARM:]:  # the reader's views of new segments
                 recall(cue, "strong")
-            at, seconds = order["at"], order["seconds"]
-            out = {consistency: timed(recall, cues, consistency, at + i * seconds, at + (i + 1) * seconds,
-                                      order["per_s"])
-                   for i, consistency in enumerate(CONSISTENCIES)}
+            at, seconds, per_s = order["at"], order["seconds"], order["per_s"]
+            if order["mixed"]:
+                out = timed(recall, cues, CONSISTENCIES, at, at + seconds, per_s)
+            else:
+                out = {consistency: timed(recall, cues, (consistency,), at + i * seconds,
+                                          at + (i + 1) * seconds, per_s)[consistency]
+                       for i, consistency in enumerate(CONSISTENCIES)}
             print(json.dumps(out), flush=True)
 
 
@@ -198,12 +208,15 @@ class Recallers:
             self.close()
             raise
 
-    def start(self, clients: int, seconds: float, per_s: float = 0.0, at: float | None = None) -> None:
-        """Start a round of `clients`: each consistency for `seconds`, all in
-        step from `at` (monotonic; default START_S from now)."""
+    def start(self, clients: int, seconds: float, per_s: float = 0.0, at: float | None = None,
+              mixed: bool = False) -> None:
+        """Start a round of `clients`: each consistency for `seconds` in
+        turn, or with `mixed` all of them for `seconds`, one recall of each
+        in turn; all in step from `at` (monotonic; default START_S from now)."""
         at = time.monotonic() + START_S if at is None else at
+        order = json.dumps({"at": at, "seconds": seconds, "per_s": per_s, "mixed": mixed})
         for proc in self.procs[:clients]:
-            proc.stdin.write(json.dumps({"at": at, "seconds": seconds, "per_s": per_s}) + "\n")
+            proc.stdin.write(order + "\n")
             proc.stdin.flush()
 
     def results(self, clients: int, seconds: float) -> dict[str, dict]:
@@ -263,6 +276,22 @@ def wait_indexed(producer: Client) -> dict:
         time.sleep(0.1)
 
 
+def wait_at_rest(producer: Client, idle_s: float) -> dict:
+    """Wait until the space is wholly indexed and no merge has run for
+    `idle_s` (longer than the server's compaction_idle_s, after which an
+    idle space's last merge starts): the space as a stream leaves it."""
+    quiet_since = None
+    while True:
+        space = space_stats(producer)
+        if space["indexed"] < space["count"] or space["compacting"]:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= idle_s:
+            return space
+        time.sleep(0.1)
+
+
 def fill(producer: Client, data: Observations, n: int) -> dict | None:
     """Stream observations until the space holds n, then wait until all are
     indexed: the rate accepted, and the rate indexed (first row sent to the
@@ -303,9 +332,10 @@ def ingest(producer: Client, data: Observations, rate: float, until: float) -> d
 
 def at_size(pools: dict[str, Recallers], producer: Client, data: Observations, n: int, filled: dict,
             args) -> list[dict]:
-    """Once the space holds n and all of it is indexed: an idle round by
-    each pool and client count, then one client of each pool at once under ingestion."""
-    space = wait_indexed(producer)
+    """Once the space holds n, all of it indexed and its merges done: an
+    idle round by each pool and client count, then one client of each pool
+    at once under ingestion."""
+    space = wait_at_rest(producer, AT_REST_S)
     base = {"bench": "recall", "n": n, "dim": args.dim, "dtype": "f16", "k": K,
             "ef_construction": args.ef_construction, "count": space["count"], **filled}
     rows = []
@@ -318,14 +348,15 @@ def at_size(pools: dict[str, Recallers], producer: Client, data: Observations, n
     rate = args.load * filled["indexed_per_s"]
     data.make_ahead(int(rate * len(CONSISTENCIES) * args.ingest_seconds) + BATCH)
     at = time.monotonic() + START_S
+    seconds = len(CONSISTENCIES) * args.ingest_seconds
     for pool in pools.values():
-        pool.start(1, args.ingest_seconds, INGEST_RECALLS_PER_S, at)
-    ingested = ingest(producer, data, rate, at + len(CONSISTENCIES) * args.ingest_seconds)
+        pool.start(1, seconds, INGEST_RECALLS_PER_S, at, mixed=True)
+    ingested = ingest(producer, data, rate, at + seconds)
     after = space_stats(producer)
     for via, pool in pools.items():
-        pooled = pool.results(1, args.ingest_seconds)
+        pooled = pool.results(1, seconds)
         rows += [{**base, "via": via, "phase": "ingest", "consistency": consistency, "clients": 1,
-                  "seconds": args.ingest_seconds, "segments": after["segments"],
+                  "seconds": seconds, "segments": after["segments"],
                   "count_after": after["count"], **pooled[consistency],
                   "target_ingest_per_s": round(rate, 1), **ingested}
                  for consistency in CONSISTENCIES]

@@ -221,10 +221,11 @@ def recall_losses(rows):
 RECALL = Section(
     "recall", "Recall latency: idle and under ingestion, strong and indexed",
     "Recalls (k=10) of a space grown through a server (data directory, two index workers) to each "
-    "size: idle, back to back, by one process through `Client` (via client) and one "
-    "through `attach()` on the server's shared memory (via attach: the embedded engine's path); "
+    "size, once indexed and merged: idle, back to back, by one process through `Client` (via client) "
+    "and one through `attach()` on the server's shared memory (via attach: the embedded engine's path); "
     "then during sustained ingestion at 0.7x the rate the fill was indexed at, 10 recalls a second "
-    "by one client and, at the same time, by one attach() process; rows after: the space's size when "
+    "(strong and indexed in turn) by one client and, at the same time, by one attach() process; "
+    "rows after: the space's size when "
     "the ingestion ended. `strong` also scans the unindexed window; `indexed` searches the graphs only.",
     ("--n", "100000,200000,1000000", "--clients", "1", "--ingest-seconds", "12"),
     recall.COLUMNS,
