@@ -5,7 +5,8 @@
 
 One `engram-shm serve` (its defaults: a data directory with its log and
 checkpoints, fsync=interval, two index workers, one recall reader per core,
-ef_search 64) holds one space of f16 vectors, unit-norm around (largest n)/100
+ef_search 64; sessions kept an hour idle, as the producer waits for
+merges) holds one space of f16 vectors, unit-norm around (largest n)/100
 random centres. The space grows by streaming through `engram_shm.Client`
 (batches of 256, the server's backpressure pacing it) to each `--n` in turn,
 and the fill is part of the run: its accepted rate, and the rate it was
@@ -73,6 +74,8 @@ INGEST_RECALLS_PER_S = 10.0
 STATS_PERIOD_S = 0.25
 START_S = 1.0  # from telling the clients when to start to their start: room for the producer to get going
 WARM = 4  # recalls (untimed) before each round
+# The producer waits for merges between sizes (minutes at 1M): its session must outlast that.
+SESSION_IDLE_S = 3600.0
 AT_REST_S = 3.0  # no merge for this long: past the server's compaction_idle_s (2 s) and its 0.5 s look
 
 
@@ -405,7 +408,8 @@ def main(argv=None, prog="python -m bench recall") -> list[dict]:
           f"k={K}, clients {args.clients}", flush=True)
     data = Observations(args.dim, max(10, sizes[-1] // 100), args.seed)
     rows = []
-    with running_server("--ef-construction", str(args.ef_construction)) as (endpoint, name, _), \
+    with running_server("--ef-construction", str(args.ef_construction),
+                        "--session-idle-s", str(SESSION_IDLE_S)) as (endpoint, name, _), \
             Client(endpoint, batch_size=BATCH, timeout=300) as producer, contextlib.ExitStack() as stack:
         pools = {}
         filled = {}
