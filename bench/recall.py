@@ -74,7 +74,8 @@ INGEST_RECALLS_PER_S = 10.0
 STATS_PERIOD_S = 0.25
 START_S = 1.0  # from telling the clients when to start to their start: room for the producer to get going
 WARM = 4  # recalls (untimed) before each round
-# The producer waits for merges between sizes (minutes at 1M): its session must outlast that.
+# The producer waits for merges between sizes (minutes at 1M, at most this long): its
+# session must outlast that.
 SESSION_IDLE_S = 3600.0
 AT_REST_S = 3.0  # no merge for this long: past the server's compaction_idle_s (2 s) and its 0.5 s look
 
@@ -283,8 +284,8 @@ def wait_at_rest(producer: Client, idle_s: float) -> dict:
     """Wait until the space is wholly indexed and no merge has run for
     `idle_s` (longer than the server's compaction_idle_s, after which an
     idle space's last merge starts): the space as a stream leaves it."""
-    quiet_since = None
-    while True:
+    quiet_since, deadline = None, time.monotonic() + SESSION_IDLE_S
+    while time.monotonic() < deadline:
         space = space_stats(producer)
         if space["indexed"] < space["count"] or space["compacting"]:
             quiet_since = None
@@ -293,6 +294,7 @@ def wait_at_rest(producer: Client, idle_s: float) -> dict:
         elif time.monotonic() - quiet_since >= idle_s:
             return space
         time.sleep(0.1)
+    raise RuntimeError(f"the space did not come to rest within {SESSION_IDLE_S:.0f} s: {space}")
 
 
 def fill(producer: Client, data: Observations, n: int) -> dict | None:
