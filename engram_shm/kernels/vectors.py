@@ -60,8 +60,8 @@ def check_store_rows(src: np.ndarray, unit: bool, limit: float, dst: np.ndarray,
     finite, and non-zero when `unit` (stored at unit norm), within +-limit
     otherwise (stored as is); int8 codes are value * quant (one factor, or
     one per dimension), rounded and clipped to +-127. Returns (first bad
-    row, reason) or (-1, ROW_OK); rows before a bad one are written. int8 rows from a log are stored codes:
-    copied as they are."""
+    row, reason) or (-1, ROW_OK); rows before a bad one are written. int8
+    rows from a log are stored codes: copied as they are."""
     if dst.shape != src.shape or dst.dtype not in STORE_DTYPES:
         raise InvalidArgument("check_store_rows needs dst of the source's shape, float32, f16 bits or int8")
     if src.dtype == np.int8 and dst.dtype == np.int8 and src.ndim == 2:

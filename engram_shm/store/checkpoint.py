@@ -69,7 +69,7 @@ from .layout import (
     UPPER_USED,
     WRITER,
     SegmentLayout,
-    scale_of,
+    uniform_scales,
 )
 from .segment import Segment
 
@@ -312,7 +312,7 @@ def _scales(f, layout: SegmentLayout, header: np.ndarray) -> np.ndarray | None:
     if layout.dtype != "int8":
         return None
     if not layout.has_scales:
-        return np.full(layout.dim, scale_of(header), np.float32)
+        return uniform_scales(header)
     at = f.tell()
     f.seek(-4 * layout.dim, os.SEEK_END)
     scales = np.frombuffer(f.read(4 * layout.dim), np.float32).copy()

@@ -152,6 +152,6 @@ class SegmentLayout:
         return layout
 
 
-def scale_of(header: np.ndarray) -> float:
-    """The SCALE word of a segment header."""
-    return float(header[SCALE:SCALE + 1].view(np.float64)[0])
+def uniform_scales(header: np.ndarray) -> np.ndarray:
+    """A layout 1 int8 block's scales: its header's one SCALE for every dimension."""
+    return np.full(int(header[DIM]), header[SCALE:SCALE + 1].view(np.float64)[0], np.float32)

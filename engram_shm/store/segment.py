@@ -18,7 +18,7 @@ import numpy as np
 
 from ..kernels.hnsw import Graph, SegmentView
 from . import shm
-from .layout import ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout, scale_of
+from .layout import ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout, uniform_scales
 
 Columns = namedtuple("Columns", "vectors generation when confidence id_hash text_end id_len "
                                 "level upper_row parent links0 upper arena")
@@ -106,7 +106,7 @@ class Segment:
             return None
         if self.layout.has_scales:
             return np.ndarray((self.layout.dim,), np.float32, buffer=ro, offset=offsets["scales"]).copy()
-        return np.full(self.layout.dim, scale_of(self.header), np.float32)
+        return uniform_scales(self.header)
 
     @property
     def sealed(self) -> bool:
