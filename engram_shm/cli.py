@@ -209,7 +209,7 @@ def cmd_recall(args) -> int:
                      else np.load(args.cue), dtype=np.float32)
     with _client(args.settings) as client:
         for m in client.recall(args.space, cue, k=args.k, consistency=args.consistency):
-            print(json.dumps(dataclasses.asdict(m), ensure_ascii=False))
+            print(json.dumps(m._asdict(), ensure_ascii=False))
     return 0
 
 

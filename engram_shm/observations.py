@@ -94,17 +94,20 @@ def prepare(ids, vectors, what=None, when=None, confidence=None, *, dim: int | N
     )
 
 
-def prepare_cue(cue, dim: int, metric: str) -> np.ndarray:
-    """A recall cue as a contiguous float32 [dim] vector (unit-norm under cosine)."""
-    return checked_rows(vectors_matrix(cue, 1, True, dim, "cue"), metric, "f32", "cue")[0]
+def prepare_cue(cue, dim: int, metric: str, quant: float | np.ndarray = 1.0) -> np.ndarray:
+    """A recall cue as a contiguous float32 [dim] vector (unit-norm under
+    cosine), times `quant`: an int8 space's codes per unit put the cue in
+    the units of its codes."""
+    return checked_rows(vectors_matrix(cue, 1, True, dim, "cue"), metric, "f32", "cue", quant)[0]
 
 
-def checked_rows(matrix: np.ndarray, metric: str, dtype: str, what: str) -> np.ndarray:
+def checked_rows(matrix: np.ndarray, metric: str, dtype: str, what: str,
+                 quant: float | np.ndarray = 1.0) -> np.ndarray:
     """The rows of a float32 or f16-bits matrix as float32, scaled as a space
-    of `metric` and `dtype` stores them; raises the error of the first row it
-    would refuse."""
+    of `metric` and `dtype` stores them (then times `quant`); raises the
+    error of the first row it would refuse."""
     out = np.empty(matrix.shape, np.float32)
-    row, reason = check_store_rows(matrix, *vector_rule(metric, dtype), out)
+    row, reason = check_store_rows(matrix, *vector_rule(metric, dtype), out, quant)
     if reason != ROW_OK:
         raise_bad_row(reason, row, what)
     return out
@@ -134,7 +137,7 @@ def vectors_matrix(vectors, n: int, single: bool, dim: int | None, what: str) ->
     if dim is not None and array.shape[1] != dim:
         raise DimensionMismatch(f"{what} have {array.shape[1]} dims, the space has {dim}",
                                 expected=dim, got=int(array.shape[1]))
-    if array.dtype == np.uint16:
+    if array.dtype == np.uint16 or array.dtype == np.float32:  # nothing to convert
         return np.ascontiguousarray(array)
     with np.errstate(over="ignore", invalid="ignore"):
         return np.ascontiguousarray(array, dtype=np.float32)

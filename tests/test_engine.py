@@ -109,10 +109,19 @@ def test_results_carry_what_was_observed(engine):
 def test_threshold_and_k(engine):
     data = clustered(50, DIM, seed=25)
     engine.observe("thr", ids("t", 50), data)
+    everything = engine.recall("thr", data[0], k=50)
+    unit = data / np.linalg.norm(data, axis=1, keepdims=True)
+    cosines = dict(zip(ids("t", 50), (unit @ unit[0]).tolist()))
+    for m in everything:  # the cosine of the stored (f16) rows, as Python numbers
+        assert abs(m.similarity - cosines[m.id]) < 2e-3
+        assert all(type(v) is t for v, t in zip(m, (str, float, float, str, float, int)))
     found = engine.recall("thr", data[0], k=50, threshold=0.5)
-    assert found and all(m.similarity >= 0.5 for m in found)
+    assert found == [m for m in everything if m.similarity >= 0.5] and 0 < len(found) < 50
     assert [m.similarity for m in found] == sorted((m.similarity for m in found), reverse=True)
     assert len(engine.recall("thr", data[0], k=7)) == 7
+    for bad in ("0.5", float("nan"), True, [0.5]):
+        with pytest.raises(InvalidArgument, match="threshold"):
+            engine.recall("thr", data[0], threshold=bad)
 
 
 def test_space_takes_dimension_from_first_observation_and_defaults(engine):

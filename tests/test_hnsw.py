@@ -6,8 +6,9 @@ from hypothesis import strategies as st
 from engram_shm.errors import InvalidArgument
 from engram_shm.kernels import hnsw
 from engram_shm.kernels.rows import draw_levels
+from engram_shm.observations import prepare_cue
 from engram_shm.store.layout import MAX_LEVEL
-from engram_shm.store.quantization import calibrate, codes_per_unit, cue_in_codes
+from engram_shm.store.quantization import calibrate, codes_per_unit
 from engram_shm.synthetic import clustered
 
 import naive
@@ -290,8 +291,8 @@ def test_int8_graph_recall_against_brute_force_of_the_float_data(metric):
     bound = 1.01 * (e if metric == "cosine" else e * (4 + e))  # 1%: float32 sums
     found, exact = [], []
     for q in queries:
-        d, ids = hnsw.search(codes, gens, g, cue_in_codes(q, scales), 10, 64, 4000, 0, 0, ANY, metric, sc,
-                             scales)
+        cue = prepare_cue(q, 48, metric, codes_per_unit(scales))  # in the units of the codes
+        d, ids = hnsw.search(codes, gens, g, cue, 10, 64, 4000, 0, 0, ANY, metric, sc, scales)
         found.append(ids)
         exact.append(naive.exact_knn(base, q, 10, metric))
         true = naive.distances(base, q, metric)[ids]

@@ -646,6 +646,16 @@ class SpaceViews:
         self.dim = views[0].store.shape[1]
         self.M = views[0].graph.upper.shape[2] - 1
         self.n = len(views)
+        self._metric = None
+
+    def metric(self, name: str, scales: np.ndarray | None):
+        """The kernels' metric and its weights (policy.metric_of), worked out
+        once: the segments of a space share their metric and scales, and
+        this costs microseconds a recall would spend on every call."""
+        cached = self._metric
+        if cached is None or cached[0] != name or cached[1] is not scales:
+            cached = self._metric = (name, scales, *metric_of(name, scales))
+        return cached[2], cached[3]
 
 
 def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric: str,
@@ -711,7 +721,7 @@ def search_space(views: SpaceViews, q: np.ndarray, k: int, ef: int, gen_max: int
                               f"{views.capacity} nodes")
     out_d = np.empty(k, np.float32)
     out_ref = np.empty(k, np.int64)
-    kernel_metric, weights = metric_of(metric, scales)  # weights: referenced until the kernel returns
+    kernel_metric, weights = views.metric(metric, scales)  # views hold the weights
     q = weighted_cue(q, kernel_metric, weights)
     n = _search_space(views.table, views.like, q.reshape(1, -1), k, ef, np.uint64(gen_max), scan,
                       kernel_metric, sc, np.empty(k, np.float32), np.empty(k, np.int32),

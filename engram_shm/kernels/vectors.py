@@ -5,6 +5,8 @@ half-dozen numpy passes (cast, isfinite, norm, divide, astype) a batch of
 256 x 768 would otherwise take on the ingest hot path, and reads the batch
 from memory once."""
 
+import functools
+
 import numpy as np
 
 from ..errors import InvalidArgument
@@ -72,9 +74,26 @@ def check_store_rows(src: np.ndarray, unit: bool, limit: float, dst: np.ndarray,
         bits, exponent = src.view(np.uint32), np.uint32(0x7F800000)
     else:
         bits, exponent = src, np.uint16(0x7C00)
-    quant = np.array(np.broadcast_to(np.asarray(quant, np.float64), src.shape[1:]))  # one kernel type
+    quant = _per_dimension(quant, src.shape[1])
     bad, reason = _check_store(src, bits, exponent, unit, np.float64(limit), quant, dst)
     return int(bad), int(reason)
+
+
+@functools.cache
+def _ones(dim: int) -> np.ndarray:
+    return np.ones(dim)  # shared by every call: the kernel only reads it
+
+
+def _per_dimension(quant: float | np.ndarray, dim: int) -> np.ndarray:
+    """`quant` as float64 [dim], the one type the kernel is compiled for;
+    without a copy when it is one already or 1 (a recall's cue passes here:
+    broadcasting costs microseconds)."""
+    if (isinstance(quant, np.ndarray) and quant.dtype == np.float64 and quant.shape == (dim,)
+            and quant.flags.c_contiguous):
+        return quant
+    if isinstance(quant, float) and quant == 1.0:
+        return _ones(dim)
+    return np.array(np.broadcast_to(np.asarray(quant, np.float64), (dim,)))
 
 
 def _check_matrix(src: np.ndarray) -> None:

@@ -52,12 +52,6 @@ def codes_per_unit(scales: np.ndarray) -> np.ndarray:
     return INT8_MAX / scales.astype(np.float64)
 
 
-def cue_in_codes(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """A float32 cue in the units of a store's codes (not rounded: the
-    kernels compare it with codes as a float vector)."""
-    return (q * codes_per_unit(scales)).astype(np.float32)
-
-
 def logged(scales: np.ndarray | None) -> bytes | None:
     """Scales as a log record carries them (float32 bytes)."""
     return None if scales is None else np.ascontiguousarray(scales, np.float32).tobytes()
