@@ -88,7 +88,7 @@ class Reader:
         self._spaces: dict[str, tuple[int, SpaceParams]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._views_of: dict[int, tuple[list[Segment], hnsw.SpaceViews, float]] = {}
+        self._views_of: dict[int, tuple[list[Segment], hnsw.SpaceViews, np.ndarray | None, np.ndarray | float]] = {}
 
     def space(self, name: str) -> tuple[int, SpaceParams]:
         found = self._spaces.get(name)
