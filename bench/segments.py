@@ -56,7 +56,8 @@ def segment_search_ms(engine, queries: np.ndarray, ef: int) -> list[tuple[int, f
     """(rows, p50 ms of the kernel's search) of each of the space's segments."""
     reader = engine.reader
     index, params = reader.space("s")
-    segments, views, _, _ = reader._views(index)
+    segments, p = reader._plan(index, params.metric)
+    views = p.views
     scratch = reader._scratch(views, ef)
     out = []
     for seg in segments:

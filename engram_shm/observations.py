@@ -94,13 +94,6 @@ def prepare(ids, vectors, what=None, when=None, confidence=None, *, dim: int | N
     )
 
 
-def prepare_cue(cue, dim: int, metric: str, quant: float | np.ndarray = 1.0) -> np.ndarray:
-    """A recall cue as a contiguous float32 [dim] vector (unit-norm under
-    cosine), times `quant`: an int8 space's codes per unit put the cue in
-    the units of its codes."""
-    return checked_rows(vectors_matrix(cue, 1, True, dim, "cue"), metric, "f32", "cue", quant)[0]
-
-
 def checked_rows(matrix: np.ndarray, metric: str, dtype: str, what: str,
                  quant: float | np.ndarray = 1.0) -> np.ndarray:
     """The rows of a float32 or f16-bits matrix as float32, scaled as a space

@@ -4,9 +4,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engram_shm.errors import InvalidArgument
-from engram_shm.kernels import hnsw
+from engram_shm.kernels import hnsw, recall
 from engram_shm.kernels.rows import draw_levels
-from engram_shm.observations import prepare_cue
+from engram_shm.kernels.vectors import ROW_NON_FINITE, ROW_OK, ROW_ZERO, check_store_rows
+from engram_shm.observations import checked_rows
 from engram_shm.store.layout import MAX_LEVEL
 from engram_shm.store.quantization import calibrate, codes_per_unit
 from engram_shm.synthetic import clustered
@@ -271,6 +272,88 @@ def test_space_search_leaves_out_segments_past_the_snapshot():
         hnsw.SpaceViews([hnsw.SegmentView(store, gens, g, np.zeros(64, np.int64))])
 
 
+def _records(rng, n):
+    """Record columns of n rows: text ends, id lengths within each record,
+    confidences and times."""
+    lengths = rng.integers(1, 20, n)
+    return (np.cumsum(lengths).astype(np.int64), rng.integers(0, lengths + 1).astype(np.int32),
+            rng.random(n).astype(np.float32), rng.random(n) * 1e9)
+
+
+def _similarity(d, metric):
+    d = np.asarray(d, np.float64)
+    if metric == "l2":
+        return 1 / (1 + np.sqrt(np.maximum(d, 0)))
+    return np.clip(1 - d, -1, 1) if metric == "cosine" else 1 - d
+
+
+@given(st.lists(st.integers(1, 80), min_size=1, max_size=3), st.integers(1, 12),
+       st.sampled_from(["cosine", "ip", "l2"]), st.sampled_from(["f32", "f16"]),
+       st.one_of(st.none(), st.floats(-1.5, 1.5)), st.booleans(), st.integers(0, 2**31))
+def test_one_call_recall_gathers_the_rows_of_the_space_search(sizes, k, metric, dtype, threshold, f16_cue,
+                                                               seed):
+    """The recall kernel checks and scales the cue as checked_rows does,
+    searches as search_space does, and of each row kept (those reaching the
+    threshold: a prefix) gathers its similarity, where its id and text lie,
+    its confidence, time and generation."""
+    rng = np.random.default_rng(seed)
+    views, columns, first = [], [], 1
+    for n in sizes:
+        data = rng.normal(size=(n, 8)).astype(np.float32)
+        if metric == "cosine":
+            data /= np.linalg.norm(data, axis=1, keepdims=True)
+        store, _, g, _ = build(data, M=4, ef_c=16, metric=metric, dtype=dtype)
+        views.append(_view(store, np.arange(first, first + n, dtype=np.uint64), g, n, n))
+        columns.append(_records(rng, n))
+        first += n
+    space = hnsw.SpaceViews(views)
+    sc = hnsw.new_scratch(space.capacity, 8, 4, 64, MAX_LEVEL)
+    cue = rng.normal(size=(1, 8)).astype(np.float32)
+    cue = cue.astype(np.float16).view(np.uint16) if f16_cue else cue
+    p = recall.plan(space, columns, metric, None, 1.0)
+    reason, rows, values = recall.recall(p, cue, metric == "cosine", np.inf, k, 16, first, True,
+                                         -np.inf if threshold is None else threshold, sc)
+    d, refs = hnsw.search_space(space, checked_rows(cue, metric, "f32", "cue")[0], k, 16, first, True,
+                                metric, sc)
+    sims = _similarity(d, metric)
+    kept = len(sims) if threshold is None else int(np.sum(sims >= threshold))
+    assert reason == ROW_OK and sims[:kept].tolist() == sorted(sims[:kept], reverse=True)
+    assert rows[:, recall.ROW_REF].tolist() == refs[:kept].tolist()
+    np.testing.assert_allclose(values[:, recall.VALUE_SIMILARITY], sims[:kept], rtol=1e-12)
+    for (ref, start, split, end, gen), (_, conf, when) in zip(rows.tolist(), values.tolist()):
+        s, slot = ref >> 32, ref & 0xFFFFFFFF
+        text_end, id_len, confidence, times = columns[s]
+        assert (start, split, end) == ((text_end[slot - 1] if slot else 0),
+                                       (text_end[slot - 1] if slot else 0) + id_len[slot], text_end[slot])
+        assert (gen, conf, when) == (views[s].gens[slot], confidence[slot], times[slot])
+
+
+def test_one_call_recall_reports_a_bad_cue_and_weighs_an_int8_one():
+    """A cue the space would refuse comes back as the row check's reason; an
+    int8 space's cue is put in code units and weighted as search_space's."""
+    data = clustered(300, 16, seed=5)
+    scales = calibrate(data, "cosine")
+    codes = np.empty(data.shape, np.int8)
+    check_store_rows(data, True, np.inf, codes, codes_per_unit(scales))
+    gens = np.arange(1, 301, dtype=np.uint64)
+    g = hnsw.new_graph(draw_levels(3, gens, 8, MAX_LEVEL), 8, MAX_LEVEL)
+    sc = hnsw.new_scratch(300, 16, 8, 256, MAX_LEVEL)
+    hnsw.insert(codes, gens, g, 0, 300, 64, "cosine", sc, scales)
+    space = hnsw.SpaceViews([_view(codes, gens, g, 300, 300)])
+    per_unit = codes_per_unit(scales)
+    p = recall.plan(space, [_records(np.random.default_rng(1), 300)], "cosine", scales, per_unit)
+    for q in data[:20].reshape(20, 1, 16):
+        reason, rows, values = recall.recall(p, q, True, np.inf, 10, 64, 300, True, -np.inf, sc)
+        cue = checked_rows(q, "cosine", "f32", "cue", per_unit)[0]
+        d, refs = hnsw.search_space(space, cue, 10, 64, 300, True, "cosine", sc, scales)
+        assert reason == ROW_OK and rows[:, recall.ROW_REF].tolist() == refs.tolist()
+        np.testing.assert_allclose(values[:, recall.VALUE_SIMILARITY], _similarity(d, "cosine"), atol=1e-5)
+    for bad, why in ((np.full((1, 16), np.nan, np.float32), ROW_NON_FINITE),
+                     (np.zeros((1, 16), np.float32), ROW_ZERO)):
+        reason, rows, _ = recall.recall(p, bad, True, np.inf, 10, 64, 300, True, -np.inf, sc)
+        assert (reason, len(rows)) == (why, 0)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_int8_graph_recall_against_brute_force_of_the_float_data(metric):
     """A graph over int8 codes (per-dimension scales from the first rows,
@@ -291,7 +374,7 @@ def test_int8_graph_recall_against_brute_force_of_the_float_data(metric):
     bound = 1.01 * (e if metric == "cosine" else e * (4 + e))  # 1%: float32 sums
     found, exact = [], []
     for q in queries:
-        cue = prepare_cue(q, 48, metric, codes_per_unit(scales))  # in the units of the codes
+        cue = checked_rows(q.reshape(1, -1), metric, "f32", "cue", codes_per_unit(scales))[0]  # in code units
         d, ids = hnsw.search(codes, gens, g, cue, 10, 64, 4000, 0, 0, ANY, metric, sc, scales)
         found.append(ids)
         exact.append(naive.exact_knn(base, q, 10, metric))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -21,7 +20,10 @@ import numpy as np
 from ..config import MAX_EF, MAX_K
 from ..errors import InvalidArgument, UnknownSpace
 from ..kernels import hnsw
-from ..observations import prepare_cue
+from ..kernels.recall import RecallPlan, plan
+from ..kernels.recall import recall as recall_kernel
+from ..kernels.vectors import ROW_OK
+from ..observations import checked_rows, raise_bad_row, vector_rule, vectors_matrix
 from ..store.catalog import SpaceParams
 from ..store.layout import MAX_LEVEL
 from ..store.quantization import codes_per_unit
@@ -44,34 +46,28 @@ class Memory(NamedTuple):
     generation: int
 
 
-@dataclass(frozen=True, slots=True)
 class Found:
-    """A recall's answer, best first, before its rows are read: for each
-    result its reference (segment << 32 | slot, the segment an index into
-    `segments`) and similarity. Python lists: an answer has at most k
-    results, which numpy would take longer to slice and convert."""
-    generation: int
-    segments: list[Segment]
-    refs: list[int]
-    sims: list[float]
+    """A recall's answer, best first, before its ids and texts are decoded:
+    per result the fields the kernel gathered (kernels/recall.py) as Python
+    lists, and the space's segments, held so that the arenas the ids and
+    texts are read from stay mapped (a server streams a large answer part by
+    part)."""
+    __slots__ = ("generation", "rows", "segments", "values")
+
+    def __init__(self, generation: int, segments: list[Segment], rows: list[list[int]],
+                 values: list[list[float]]):
+        self.generation, self.segments, self.rows, self.values = generation, segments, rows, values
 
     def __len__(self) -> int:
-        return len(self.sims)
+        return len(self.rows)
 
     def memories(self, lo: int, hi: int) -> list[Memory]:
-        """Results lo..hi-1, read from their segments."""
+        """Results lo..hi-1."""
         segments = self.segments
-        return [Memory(ident, sim, conf, what, when, gen)
-                for ref, sim in zip(self.refs[lo:hi], self.sims[lo:hi])
-                for ident, what, conf, when, gen in (segments[ref >> 32].record(ref & 0xFFFFFFFF),)]
-
-
-def similarities(distances: list[float], metric: str) -> list[float]:
-    if metric == "l2":
-        return [1.0 / (1.0 + math.sqrt(max(d, 0.0))) for d in distances]
-    if metric == "cosine":  # f16 rounding can carry a unit vector's dot past 1
-        return [min(1.0, max(-1.0, 1.0 - d)) for d in distances]
-    return [1.0 - d for d in distances]
+        return [Memory(str(arena[start:split], "utf-8"), sim, conf, str(arena[split:end], "utf-8"), when, gen)
+                for (ref, start, split, end, gen), (sim, conf, when)
+                in zip(self.rows[lo:hi], self.values[lo:hi])
+                for arena in (segments[ref >> 32].arena,)]
 
 
 def _same(a: list[Segment], b: list[Segment]) -> bool:
@@ -88,7 +84,7 @@ class Reader:
         self._spaces: dict[str, tuple[int, SpaceParams]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._views_of: dict[int, tuple[list[Segment], hnsw.SpaceViews, np.ndarray | None, np.ndarray | float]] = {}
+        self._plans: dict[int, tuple[list[Segment], RecallPlan]] = {}
 
     def space(self, name: str) -> tuple[int, SpaceParams]:
         found = self._spaces.get(name)
@@ -108,29 +104,29 @@ class Reader:
             cache = self._local.scratch = hnsw.ScratchCache()
         return cache.get(views.capacity, views.dim, views.M, max(ef, 256), MAX_LEVEL)
 
-    def _views(self, index: int) -> tuple[list[Segment], hnsw.SpaceViews | None, np.ndarray | None,
-                                          np.ndarray | float]:
-        """The space's LIVE segments, their kernel views, the scales of their
-        int8 codes and the codes per unit a cue is multiplied by (1 for float
-        stores), rebuilt only when its segments changed (one added, or a
-        compaction's swap; every segment of a space has its scales). A
-        rebuilt set drops the last reference this reader held to retired
-        segments."""
+    def _plan(self, index: int, metric: str) -> tuple[list[Segment], RecallPlan | None]:
+        """The space's LIVE segments and the recall kernel's plan of them
+        (None: no segment yet), rebuilt only when its segments changed (one
+        added, or a compaction's swap; every segment of a space has the same
+        scales). A rebuilt plan drops the last reference this reader held to
+        retired segments."""
         segments = self.directory.of_space(index)
-        cached = self._views_of.get(index)
+        cached = self._plans.get(index)
         if cached is None or not _same(cached[0], segments):
             if not segments:
-                return segments, None, None, 1.0
+                return segments, None
             scales = segments[0].scales
-            cached = self._views_of[index] = (segments, hnsw.SpaceViews([s.view for s in segments]), scales,
-                                              1.0 if scales is None else codes_per_unit(scales))
+            columns = [(s.r.text_end, s.r.id_len, s.r.confidence, s.r.when) for s in segments]
+            cached = self._plans[index] = (segments, plan(
+                hnsw.SpaceViews([s.view for s in segments]), columns, metric, scales,
+                1.0 if scales is None else codes_per_unit(scales)))
         return cached
 
     def drop_retired(self) -> None:
         """Let go of the segments compaction retired since the last recall
         (a process that may sit idle calls this now and then: otherwise it
         holds their memory until it next recalls from their space)."""
-        self._views_of = {i: v for i, v in self._views_of.items() if _same(v[0], self.directory.of_space(i))}
+        self._plans = {i: p for i, p in self._plans.items() if _same(p[0], self.directory.of_space(i))}
 
     def resolve_generation(self, consistency) -> tuple[int, bool]:
         """(generation bound, whether to scan unindexed windows)."""
@@ -160,23 +156,24 @@ class Reader:
             raise InvalidArgument(f"k must be an integer in [1, {MAX_K}], got {k!r}")
         if isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or not 1 <= ef <= MAX_EF:
             raise InvalidArgument(f"ef must be an integer in [1, {MAX_EF}], got {ef!r}")
-        index, params = self.space(space)
-        segments, views, scales, per_unit = self._views(index)
-        q = prepare_cue(cue, params.dim, params.metric, per_unit)  # int8: in the units of the codes
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                                       or math.isnan(threshold)):
             raise InvalidArgument(f"threshold must be a number, got {threshold!r}")
+        index, params = self.space(space)
+        cue = vectors_matrix(cue, 1, True, params.dim, "cue")
         generation, scan = self.resolve_generation(consistency)
-        if views is None:
+        segments, p = self._plan(index, params.metric)
+        if p is None:
+            checked_rows(cue, params.metric, "f32", "cue")  # a bad cue fails the same with or without rows
             return Found(generation, segments, [], [])
         k, ef = int(k), max(int(ef), int(k))
-        d, refs = hnsw.search_space(views, q, k, ef, generation, scan, params.metric,
-                                    self._scratch(views, ef), scales)
-        sims, refs = similarities(d.tolist(), params.metric), refs.tolist()
-        if threshold is not None:  # best first: the results kept are a prefix
-            n = sum(1 for sim in sims if sim >= threshold)
-            sims, refs = sims[:n], refs[:n]
-        return Found(generation, segments, refs, sims)
+        unit, limit = vector_rule(params.metric, "f32")  # a cue's rule: any finite magnitude
+        reason, rows, values = recall_kernel(p, cue, unit, limit, k, ef, generation, scan,
+                                             -math.inf if threshold is None else threshold,
+                                             self._scratch(p.views, ef))
+        if reason != ROW_OK:
+            raise_bad_row(reason, 0, "cue")
+        return Found(generation, segments, rows.tolist(), values.tolist())
 
     def close(self) -> None:
         self._spaces.clear()

@@ -69,11 +69,7 @@ def check_store_rows(src: np.ndarray, unit: bool, limit: float, dst: np.ndarray,
     if src.dtype == np.int8 and dst.dtype == np.int8 and src.ndim == 2:
         dst[...] = src
         return -1, ROW_OK
-    _check_matrix(src)
-    if src.dtype == np.float32:
-        bits, exponent = src.view(np.uint32), np.uint32(0x7F800000)
-    else:
-        bits, exponent = src, np.uint16(0x7C00)
+    bits, exponent = source_bits(src)
     quant = _per_dimension(quant, src.shape[1])
     bad, reason = _check_store(src, bits, exponent, unit, np.float64(limit), quant, dst)
     return int(bad), int(reason)
@@ -96,6 +92,11 @@ def _per_dimension(quant: float | np.ndarray, dim: int) -> np.ndarray:
     return np.array(np.broadcast_to(np.asarray(quant, np.float64), (dim,)))
 
 
-def _check_matrix(src: np.ndarray) -> None:
+def source_bits(src: np.ndarray) -> tuple[np.ndarray, np.uint32 | np.uint16]:
+    """The bits of a float32 or f16-bits matrix `_check_store` reads, and their
+    exponent mask (all ones: infinity or NaN)."""
     if src.ndim != 2 or src.dtype not in (np.float32, np.uint16) or not src.flags.c_contiguous:
         raise InvalidArgument("vectors must be a C-contiguous 2-D float32 or f16-bits array")
+    if src.dtype == np.float32:
+        return src.view(np.uint32), np.uint32(0x7F800000)
+    return src, np.uint16(0x7C00)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 from numba.core.registry import CPUDispatcher
 
-from . import atomics, distance, heap, hnsw, idindex, ids, rows, scalar, vectors
+from . import atomics, distance, heap, hnsw, idindex, ids, recall, rows, scalar, vectors
 from .atomics import compare_and_swap
 from .distance import distances
 from .ids import fnv1a_range
@@ -46,6 +46,17 @@ def _warm_append(dtype, dim: int) -> None:
     for payload in (np.ones((n, dim), np.float32), np.ones((n, dim), np.float16).view(np.uint16)):
         batch = prepare(["a", "b"], payload, dim=dim, metric="cosine", dtype="f32")
         append_rows(cols, batch, 1, levels, 0, n, 0, 0, 0, True, np.inf)
+
+
+def _warm_recall(views: hnsw.SpaceViews, cue: np.ndarray, scales: np.ndarray | None,
+                 sc: hnsw.Scratch) -> None:
+    """A recall of the space, by a float32 cue and by an f16-bits one (as the
+    wire may carry it)."""
+    n = views.capacity
+    columns = [(np.zeros(n, np.int64), np.zeros(n, np.int32), np.zeros(n, np.float32), np.zeros(n))]
+    p = recall.plan(views, columns, "cosine", scales, 1.0)
+    for payload in (cue, cue.astype(np.float16).view(np.uint16)):
+        recall.recall(p, payload, True, np.inf, 2, 4, n, True, -np.inf, sc)
 
 
 def _warm_ids() -> None:
@@ -91,8 +102,7 @@ def warm(readers: bool = True) -> float:
             header[hnsw.ENTRY:hnsw.ENTRY + 2] = g.state
             ro = ro._replace(state=_readonly(header[hnsw.ENTRY:hnsw.ENTRY + 2]))
             view = hnsw.SegmentView(_readonly(store), _readonly(gens), ro, _readonly(header))
-            views = hnsw.SpaceViews([view])
-            hnsw.search_space(views, data[0], 2, 4, n, True, "cosine", sc, scales)
+            _warm_recall(hnsw.SpaceViews([view]), data[:1], scales, sc)
             distances(store, data[0], "l2", scales)
         _warm_append(dtype, dim)
     _warm_ids()
@@ -105,7 +115,7 @@ def freeze() -> int:
     (call after `warm`); returns how many kernels it froze. Kernels only
     ever called from other kernels have none of their own and need none."""
     frozen = 0
-    for module in (atomics, distance, heap, hnsw, idindex, ids, rows, scalar, vectors):
+    for module in (atomics, distance, heap, hnsw, idindex, ids, recall, rows, scalar, vectors):
         for kernel in vars(module).values():
             if isinstance(kernel, CPUDispatcher) and kernel._can_compile and kernel.signatures:
                 kernel.disable_compile()

@@ -39,7 +39,7 @@ class Segment:
                              for name, dtype, shape in layout.columns() if name in Columns._fields))
 
         self.r = columns(ro)
-        self._arena_bytes = ro[offsets["arena"]:offsets["arena"] + layout.arena_capacity]
+        self.arena = ro[offsets["arena"]:offsets["arena"] + layout.arena_capacity]  # ids and texts, UTF-8
         # A slot's record read through memoryviews: each index gives a Python
         # number at once, several times faster than numpy's scalar indexing
         # (a recall reads its k results this way).
@@ -129,9 +129,9 @@ class Segment:
         """(id, text, confidence, when, generation) of one slot."""
         text_end, id_len, confidence, when, generation = self._record_columns
         start = text_end[slot - 1] if slot > 0 else 0
-        raw = bytes(self._arena_bytes[start:text_end[slot]])
-        ident, text = raw[:id_len[slot]].decode("utf-8"), raw[id_len[slot]:].decode("utf-8")
-        return ident, text, confidence[slot], when[slot], generation[slot]
+        split = start + id_len[slot]
+        return (str(self.arena[start:split], "utf-8"), str(self.arena[split:text_end[slot]], "utf-8"),
+                confidence[slot], when[slot], generation[slot])
 
     def rows(self, slots) -> list[tuple[str, str, float, float, int]]:
         """`record` of each slot."""
@@ -145,7 +145,7 @@ class Segment:
         if self.block is None:
             return
         self.r = self.w = self.graph_r = self.graph_w = self.header = self.view = None
-        for view in (self._arena_bytes, *self._record_columns):
+        for view in (self.arena, *self._record_columns):
             view.release()
         block, self.block = self.block, None
         shm.close(block, warn)

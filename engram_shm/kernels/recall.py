@@ -1,0 +1,124 @@
+"""A whole recall in one kernel call: the cue checked and scaled as the space
+stores rows, every segment of the space searched and merged (hnsw), and the
+fields of the k rows kept gathered (similarity, confidence, time,
+generation, where the id and text lie in the arena).
+
+One call instead of a kernel per step and a numpy or Python pass per field:
+at 384 dimensions the search itself takes about as long as hnswlib's, so
+what a recall pays around it decides whether it keeps up. Only the id and
+text are left to Python to decode, and only for the rows a caller reads.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import carray
+
+from .hnsw import T_CAPACITY, T_GENS, Scratch, SpaceViews, _search_space
+from .policy import COSINE, L2, kernel, metric_of
+from .scalar import pointer_to
+from .vectors import ROW_OK, _check_store, source_bits
+
+# A space's record columns as the kernel reads them: a row of addresses per
+# segment, in the order of its SpaceViews table.
+(R_TEXT_END, R_ID_LEN, R_CONFIDENCE, R_WHEN) = range(4)
+# What the kernel writes per row kept: rows (int64) and values (float64).
+(ROW_REF, ROW_START, ROW_SPLIT, ROW_END, ROW_GENERATION) = range(5)
+(VALUE_SIMILARITY, VALUE_CONFIDENCE, VALUE_WHEN) = range(3)
+_LOW32 = np.int64(0xFFFFFFFF)
+
+
+class RecallPlan(NamedTuple):
+    """What every recall of a space's current segments needs, worked out once
+    when they change: the search table, the record columns, the kernels'
+    metric and the factor per dimension a cue is multiplied by (int8: codes
+    per unit, times the metric's weights under a dot product). `weights` is
+    held so that the address in `metric` stays valid."""
+    views: SpaceViews
+    records: np.ndarray
+    metric: object
+    weights: np.ndarray | None
+    cue_scale: np.ndarray
+
+
+def plan(views: SpaceViews, record_columns: list[tuple[np.ndarray, ...]], metric: str,
+         scales: np.ndarray | None, codes_per_unit: np.ndarray | float) -> RecallPlan:
+    """The plan of a space whose segments have `views` and, in the same order,
+    record columns (text_end int64, id_len int32, confidence float32, when
+    float64)."""
+    want = (np.int64, np.int32, np.float32, np.float64)
+    if len(record_columns) != views.n or any(
+            len(cols) != 4 or any(c.dtype != d or c.ndim != 1 or c.shape[0] < v.store.shape[0]
+                                  or not c.flags.c_contiguous for c, d in zip(cols, want))
+            for cols, v in zip(record_columns, views.views)):
+        raise ValueError("record columns must match the segments: text_end, id_len, confidence, when")
+    records = np.array([[c.ctypes.data for c in cols] for cols in record_columns], np.int64)
+    kernel_metric, weights = metric_of(metric, scales)
+    cue_scale = np.broadcast_to(np.asarray(codes_per_unit, np.float64), (views.dim,)).copy()
+    if weights is not None and kernel_metric.code != L2:  # dot products weigh the cue, not the rows
+        cue_scale *= weights
+    return RecallPlan(views, records, kernel_metric, weights, cue_scale)
+
+
+@kernel
+def _similarity(d, code):
+    """Higher for closer: 1 - cosine distance (clipped: f16 rounding can carry
+    a unit vector's dot past 1), 1 - ip distance, 1 / (1 + euclidean)."""
+    d = np.float64(d)
+    if code == L2:
+        return 1.0 / (1.0 + np.sqrt(max(d, 0.0)))
+    if code == COSINE:
+        return min(1.0, max(-1.0, 1.0 - d))
+    return 1.0 - d
+
+
+@kernel
+def _recall(table, records, like, src, bits, exponent, unit, limit, cue_scale, k, ef, gen_max, scan,
+            metric, threshold, sc, seg_d, seg_i, out_d, out_ref, rows, values):
+    """Check and scale the cue into sc.qbuf, search the space, and gather the
+    rows whose similarity reaches `threshold` (best first: a prefix).
+    Returns (cue check reason, rows kept)."""
+    _, reason = _check_store(src, bits, exponent, unit, limit, cue_scale, sc.qbuf)
+    if reason != ROW_OK:
+        return reason, 0
+    n = _search_space(table, like, sc.qbuf, k, ef, gen_max, scan, metric, sc, seg_d, seg_i, out_d, out_ref)
+    for i in range(n):
+        sim = _similarity(out_d[i], metric.code)
+        if sim < threshold:
+            return reason, i
+        ref = out_ref[i]
+        s = ref >> 32
+        slot = ref & _LOW32
+        cap = table[s, T_CAPACITY]
+        text_end = carray(pointer_to(records[s, R_TEXT_END], np.int64), cap)
+        start = text_end[slot - 1] if slot > 0 else 0
+        rows[i, ROW_REF] = ref
+        rows[i, ROW_START] = start
+        rows[i, ROW_SPLIT] = start + carray(pointer_to(records[s, R_ID_LEN], np.int32), cap)[slot]
+        rows[i, ROW_END] = text_end[slot]
+        rows[i, ROW_GENERATION] = np.int64(carray(pointer_to(table[s, T_GENS], np.uint64), cap)[slot])
+        values[i, VALUE_SIMILARITY] = sim
+        values[i, VALUE_CONFIDENCE] = carray(pointer_to(records[s, R_CONFIDENCE], np.float32), cap)[slot]
+        values[i, VALUE_WHEN] = carray(pointer_to(records[s, R_WHEN], np.float64), cap)[slot]
+    return reason, n
+
+
+def recall(p: RecallPlan, cue: np.ndarray, unit: bool, limit: float, k: int, ef: int, gen_max: int,
+           scan: bool, threshold: float, sc: Scratch) -> tuple[int, np.ndarray, np.ndarray]:
+    """(cue check reason, rows, values) of the best k rows of generation <=
+    gen_max with similarity >= threshold, best first. `cue`: one row, float32
+    or f16 bits [1, dim], checked by the rule (unit, limit) of
+    vectors.check_store_rows; `sc` sized for the views and ef >= k."""
+    views = p.views
+    if (cue.shape != (1, views.dim) or not 1 <= k <= ef < sc.res_k.shape[0]
+            or sc.visited.shape[0] < views.capacity or sc.qbuf.shape[1] != views.dim):
+        raise ValueError(f"recall needs a [1, {views.dim}] cue, 1 <= k <= ef and scratch for ef "
+                         f"and {views.capacity} nodes")
+    bits, exponent = source_bits(cue)
+    rows = np.empty((k, 5), np.int64)
+    values = np.empty((k, 3), np.float64)
+    reason, n = _recall(views.table, p.records, views.like, cue, bits, exponent, unit, np.float64(limit),
+                        p.cue_scale, k, ef, np.uint64(gen_max), scan, p.metric, np.float64(threshold), sc,
+                        np.empty(k, np.float32), np.empty(k, np.int32), np.empty(k, np.float32),
+                        np.empty(k, np.int64), rows, values)
+    return int(reason), rows[:n], values[:n]
