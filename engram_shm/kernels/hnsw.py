@@ -114,6 +114,8 @@ def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_m
         if n_res >= ef and c_d > -sc.res_k[0]:
             break
         n_cand = heap_pop(sc.cand_k, sc.cand_v, n_cand)
+        if n_cand > 0 and layer == 0:  # the list likely read next: in cache by then
+            prefetch_row(g.links0, sc.cand_v[0])
         row = _row(g, c, layer)
         cnt = _count(row)
         for t in range(1, cnt + 1):

@@ -51,7 +51,9 @@ def prefetch_row(typingctx, arr, i):
         return None
 
     def codegen(context, builder, signature, args):
-        ptr = _item_pointer(context, builder, signature.args[0], args[0], args[1])
+        # As a byte pointer: one declaration serves rows of every dtype in a module.
+        ptr = builder.bitcast(_item_pointer(context, builder, signature.args[0], args[0], args[1]),
+                              ir.IntType(8).as_pointer())
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
