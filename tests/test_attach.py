@@ -1,5 +1,6 @@
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -9,6 +10,8 @@ import pytest
 
 from engram_shm import Engine, attach
 from engram_shm.errors import Corrupt, EngineClosed, EngineNotFound
+from engram_shm.store import shm
+from engram_shm.store.catalog import ProcessWatch, process_start
 from engram_shm.synthetic import clustered
 
 READER = """
@@ -62,6 +65,54 @@ def test_attached_reader_follows_new_data_and_stops_with_the_engine():
     reader.close()
     with pytest.raises(EngineNotFound):
         attach(e.name)
+
+
+OWNER = """
+import time
+import numpy as np
+from engram_shm import Engine
+engine = Engine(workers=1)
+engine.observe("s", "first", np.ones(8))
+print(engine.name, flush=True)
+time.sleep(120)
+"""
+
+
+def test_an_attached_reader_stops_when_the_engine_is_killed():
+    """The engine's process SIGKILLed, with no clean stop recorded: the next
+    recall of a reader attached before says the engine has stopped."""
+    proc = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    name = None
+    try:
+        assert select.select([proc.stdout], [], [], 120)[0], "the engine did not start"
+        name = proc.stdout.readline().strip()
+        with attach(name) as reader:
+            assert reader.recall("s", np.ones(8), k=1)[0].id == "first"
+            proc.kill()
+            proc.wait(30)
+            with pytest.raises(EngineClosed, match="has stopped"):
+                reader.recall("s", np.ones(8))
+    finally:
+        proc.kill()
+        proc.wait(30)
+        for block in shm.list_blocks(name) if name else ():
+            shm.unlink(block)
+
+
+def test_a_process_watch_names_one_process_and_sees_it_exit():
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        start = process_start(child.pid)
+        watch, wrong = ProcessWatch(child.pid, start), ProcessWatch(child.pid, start - 1)
+        assert watch.alive() and not wrong.alive()  # another start: a reused pid
+        child.stdin.close()
+        child.wait(30)  # reaped: the pid may now be reused, the watch still knows
+        assert not watch.alive() and not ProcessWatch(child.pid, start).alive()
+        watch.close()
+        wrong.close()
+    finally:
+        child.kill()
+        child.wait(30)
 
 
 def test_an_attached_reader_names_a_segment_removed_behind_the_engine():

@@ -20,11 +20,12 @@ class AttachedEngine(Recalls):
         self.catalog = Catalog.attach(name)
         self.directory = SegmentDirectory(self.catalog)
         self.reader = Reader(self.directory)
+        self.owner = self.catalog.owner_watch()  # asked at every recall
 
     def _check_open(self) -> None:
         if self.catalog is None:
             raise EngineClosed(f"reader of engine {self.name!r} is closed")
-        if self.catalog.stopped or not self.catalog.owner_alive():
+        if self.catalog.stopped or not self.owner.alive():
             raise EngineClosed(f"engine {self.name!r} has stopped")
 
     def spaces(self) -> list[str]:
@@ -34,6 +35,7 @@ class AttachedEngine(Recalls):
         """Unmap everything; the engine's memory stays."""
         if self.catalog is None:
             return
+        self.owner.close()
         self.reader.close()
         self.directory.close()
         self.catalog.close()
