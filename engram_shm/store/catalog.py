@@ -161,7 +161,7 @@ def process_start(pid: int) -> int | None:
 class ProcessWatch:
     """Whether one process (pid and start time, as process_start gives) still
     lives, asked as often as every recall of an attached reader: a poll of a
-    pidfd costs about a microsecond, a read of /proc/<pid>/stat about 20.
+    pidfd is one system call, a read of /proc/<pid>/stat three and a parse.
     The pidfd is opened once and checked against the start time once it is
     open, so it names that process for as long as it is held, however the
     pid is reused. Without pidfds (not Linux 5.3+) each call reads /proc."""
