@@ -1,3 +1,4 @@
+import math
 import threading
 from contextlib import contextmanager
 
@@ -237,6 +238,31 @@ def test_hostile_input_raises_engram_errors_only(engine, ids, vectors, what, whe
                           "non_finite", "zero_vector", "out_of_range", "invalid_utf8",
                           "text_too_long", "duplicate_id"}
         assert engine.generation == before
+
+
+cues = st.one_of(hostile, st.lists(st.floats(width=32), min_size=DIM, max_size=DIM),
+                 st.lists(st.integers(-2**70, 2**70), min_size=DIM, max_size=DIM),
+                 st.lists(st.floats(), min_size=DIM, max_size=DIM).map(lambda v: np.array(v, np.float16)))
+
+
+@given(cue=cues, k=st.one_of(st.integers(-2, 3), st.floats(), st.none()),
+       threshold=st.one_of(st.none(), st.floats(), st.text(max_size=2)))
+def test_hostile_cues_raise_engram_errors_only(engine, cue, k, threshold):
+    """A recall by any cue, k and threshold answers or raises an input error
+    with a stable code; an answer holds at most k rows, best first, all
+    reaching the threshold."""
+    if "cues" not in engine.stats()["spaces"]:
+        engine.observe("cues", ids("c", 8), np.eye(8, DIM) + 0.1)
+    try:
+        found = engine.recall("cues", cue, k=k, threshold=threshold)
+    except InvalidInput as e:
+        assert e.code in {"invalid_argument", "length_mismatch", "dim_mismatch", "non_finite",
+                          "zero_vector"}
+        return
+    sims = [m.similarity for m in found]
+    assert len(found) <= k and sims == sorted(sims, reverse=True)
+    assert threshold is None or all(s >= threshold for s in sims)
+    assert all(math.isfinite(s) and -1 <= s <= 1 for s in sims)
 
 
 def test_concurrent_observers_and_readers():
