@@ -65,7 +65,12 @@ def test_workers_killed_five_times_during_heavy_indexing_lose_nothing():
             assert seg.indexed == seg.accepted
             assert naive.graph_violations(seg.graph_r, seg.indexed, 16) == [], seg.name
         misses = [i for i in range(N) if e.recall("hot", data[i], k=1)[0].id != ids[i]]
-        assert misses == []
+        # The search is approximate: after kills, a graph may leave the odd row
+        # off the default beam's path (row 14439 in some runs, with the code
+        # of 2026-12-02 too). Not lost: a wide beam finds it; a graph the kills
+        # broke would miss far more than one row in 10,000.
+        assert len(misses) <= N // 10_000, misses
+        assert [i for i in misses if e.recall("hot", data[i], k=1, ef=4096)[0].id != ids[i]] == []
 
 
 def stalled_claim_holder(e) -> int:
