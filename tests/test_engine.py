@@ -242,7 +242,8 @@ def test_hostile_input_raises_engram_errors_only(engine, ids, vectors, what, whe
 
 cues = st.one_of(hostile, st.lists(st.floats(width=32), min_size=DIM, max_size=DIM),
                  st.lists(st.integers(-2**70, 2**70), min_size=DIM, max_size=DIM),
-                 st.lists(st.floats(), min_size=DIM, max_size=DIM).map(lambda v: np.array(v, np.float16)))
+                 st.lists(st.floats(width=16), min_size=DIM, max_size=DIM).map(
+                     lambda v: np.array(v, np.float16)))
 
 
 @given(cue=cues, k=st.one_of(st.integers(-2, 3), st.floats(), st.none()),

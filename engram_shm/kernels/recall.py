@@ -114,6 +114,8 @@ def recall(p: RecallPlan, cue: np.ndarray, unit: bool, limit: float, k: int, ef:
             or sc.visited.shape[0] < views.capacity or sc.qbuf.shape[1] != views.dim):
         raise ValueError(f"recall needs a [1, {views.dim}] cue, 1 <= k <= ef and scratch for ef "
                          f"and {views.capacity} nodes")
+    if cue.dtype == np.uint16:  # f16 bits from the wire: widened here, so the kernel has one cue type
+        cue = cue.view(np.float16).astype(np.float32)
     bits, exponent = source_bits(cue)
     rows = np.empty((k, 5), np.int64)
     values = np.empty((k, 3), np.float64)

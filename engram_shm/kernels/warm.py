@@ -50,13 +50,12 @@ def _warm_append(dtype, dim: int) -> None:
 
 def _warm_recall(views: hnsw.SpaceViews, cue: np.ndarray, scales: np.ndarray | None,
                  sc: hnsw.Scratch) -> None:
-    """A recall of the space, by a float32 cue and by an f16-bits one (as the
-    wire may carry it)."""
+    """A recall of the space (its kernel takes float32 cues only: f16 bits
+    are widened before it)."""
     n = views.capacity
     columns = [(np.zeros(n, np.int64), np.zeros(n, np.int32), np.zeros(n, np.float32), np.zeros(n))]
-    p = recall.plan(views, columns, "cosine", scales, 1.0)
-    for payload in (cue, cue.astype(np.float16).view(np.uint16)):
-        recall.recall(p, payload, True, np.inf, 2, 4, n, True, -np.inf, sc)
+    recall.recall(recall.plan(views, columns, "cosine", scales, 1.0), cue, True, np.inf, 2, 4, n, True,
+                  -np.inf, sc)
 
 
 def _warm_ids() -> None:
