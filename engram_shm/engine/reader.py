@@ -20,7 +20,7 @@ import numpy as np
 from ..config import MAX_EF, MAX_K
 from ..errors import InvalidArgument, UnknownSpace
 from ..kernels import hnsw
-from ..kernels.recall import RecallPlan, plan
+from ..kernels.recall import RECORD_COLUMNS, RecallPlan, plan
 from ..kernels.recall import recall as recall_kernel
 from ..kernels.vectors import ROW_OK
 from ..observations import checked_rows, raise_bad_row, vector_rule, vectors_matrix
@@ -119,7 +119,7 @@ class Reader:
             if not segments:
                 return segments, None
             scales = segments[0].scales
-            columns = [(s.r.text_end, s.r.id_len, s.r.confidence, s.r.when) for s in segments]
+            columns = [tuple(getattr(s.r, name) for name, _ in RECORD_COLUMNS) for s in segments]
             cached = self._plans[index] = (segments, plan(
                 hnsw.SpaceViews([s.view for s in segments]), columns, metric, scales,
                 1.0 if scales is None else codes_per_unit(scales)))

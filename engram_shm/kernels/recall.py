@@ -19,9 +19,12 @@ from .policy import COSINE, L2, kernel, metric_of
 from .scalar import pointer_to
 from .vectors import ROW_OK, _check_store, source_bits
 
-# A space's record columns as the kernel reads them: a row of addresses per
-# segment, in the order of its SpaceViews table.
-(R_TEXT_END, R_ID_LEN, R_CONFIDENCE, R_WHEN) = range(4)
+# A space's record columns as the kernel reads them (segment column names,
+# with their dtypes): a row of addresses per segment, in the order of its
+# SpaceViews table.
+RECORD_COLUMNS = (("text_end", np.int64), ("id_len", np.int32), ("confidence", np.float32),
+                  ("when", np.float64))
+(R_TEXT_END, R_ID_LEN, R_CONFIDENCE, R_WHEN) = range(len(RECORD_COLUMNS))
 # What the kernel writes per row kept: rows (int64) and values (float64).
 (ROW_REF, ROW_START, ROW_SPLIT, ROW_END, ROW_GENERATION) = range(5)
 (VALUE_SIMILARITY, VALUE_CONFIDENCE, VALUE_WHEN) = range(3)
@@ -44,14 +47,13 @@ class RecallPlan(NamedTuple):
 def plan(views: SpaceViews, record_columns: list[tuple[np.ndarray, ...]], metric: str,
          scales: np.ndarray | None, codes_per_unit: np.ndarray | float) -> RecallPlan:
     """The plan of a space whose segments have `views` and, in the same order,
-    record columns (text_end int64, id_len int32, confidence float32, when
-    float64)."""
-    want = (np.int64, np.int32, np.float32, np.float64)
+    record columns (RECORD_COLUMNS)."""
+    want = [dtype for _, dtype in RECORD_COLUMNS]
     if len(record_columns) != views.n or any(
-            len(cols) != 4 or any(c.dtype != d or c.ndim != 1 or c.shape[0] < v.store.shape[0]
-                                  or not c.flags.c_contiguous for c, d in zip(cols, want))
+            len(cols) != len(want) or any(c.dtype != d or c.ndim != 1 or c.shape[0] < v.store.shape[0]
+                                          or not c.flags.c_contiguous for c, d in zip(cols, want))
             for cols, v in zip(record_columns, views.views)):
-        raise ValueError("record columns must match the segments: text_end, id_len, confidence, when")
+        raise ValueError(f"record columns must match the segments: {[n for n, _ in RECORD_COLUMNS]}")
     records = np.array([[c.ctypes.data for c in cols] for cols in record_columns], np.int64)
     kernel_metric, weights = metric_of(metric, scales)
     cue_scale = np.broadcast_to(np.asarray(codes_per_unit, np.float64), (views.dim,)).copy()

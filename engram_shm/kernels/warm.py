@@ -53,7 +53,7 @@ def _warm_recall(views: hnsw.SpaceViews, cue: np.ndarray, scales: np.ndarray | N
     """A recall of the space (its kernel takes float32 cues only: f16 bits
     are widened before it)."""
     n = views.capacity
-    columns = [(np.zeros(n, np.int64), np.zeros(n, np.int32), np.zeros(n, np.float32), np.zeros(n))]
+    columns = [tuple(np.zeros(n, dtype) for _, dtype in recall.RECORD_COLUMNS)]
     recall.recall(recall.plan(views, columns, "cosine", scales, 1.0), cue, True, np.inf, 2, 4, n, True,
                   -np.inf, sc)
 

@@ -42,7 +42,7 @@ class Segment:
         self.arena = ro[offsets["arena"]:offsets["arena"] + layout.arena_capacity]  # ids and texts, UTF-8
         # A slot's record read through memoryviews: each index gives a Python
         # number at once, several times faster than numpy's scalar indexing
-        # (a recall reads its k results this way).
+        # (exports and id checks read rows this way; a recall's kernel gathers its own).
         self._record_columns = tuple(memoryview(getattr(self.r, name)) for name in RECORD_COLUMNS)
         self.w = columns(block.buf) if writable else None
         self.vectors_address = self.r.vectors.ctypes.data  # read once: .ctypes costs microseconds
