@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from engram_shm.kernels import hnsw
+from engram_shm.store.layout import MAX_LEVEL
 
 from .ann import EF_CONSTRUCTION, M, dataset, exact_top10, fill, recall_at_10, timed, timed_queries
 from .report import emit, parser, percentiles_ms, table
@@ -58,7 +59,7 @@ def segment_search_ms(engine, queries: np.ndarray, ef: int) -> list[tuple[int, f
     index, params = reader.space("s")
     segments, p = reader._plan(index, params.metric)
     views = p.views
-    scratch = reader._scratch(views, ef)
+    scratch = hnsw.new_scratch(views.capacity, views.dim, views.M, ef, MAX_LEVEL)
     out = []
     for seg in segments:
         v = seg.view

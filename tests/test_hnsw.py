@@ -308,11 +308,12 @@ def test_one_call_recall_gathers_the_rows_of_the_space_search(sizes, k, metric, 
         first += n
     space = hnsw.SpaceViews(views)
     sc = hnsw.new_scratch(space.capacity, 8, 4, 64, MAX_LEVEL)
+    rs = recall.RecallScratch(space.capacity, 8, 4, 64, MAX_LEVEL)
     cue = rng.normal(size=(1, 8)).astype(np.float32)
     cue = cue.astype(np.float16).view(np.uint16) if f16_cue else cue
-    p = recall.plan(space, columns, metric, None, 1.0)
-    reason, rows, values = recall.recall(p, cue, metric == "cosine", np.inf, k, 16, first, True,
-                                         -np.inf if threshold is None else threshold, sc)
+    p = recall.plan(space, columns, metric, None, 1.0, (metric == "cosine", np.inf))
+    reason, rows, values = recall.recall(p, cue, k, 16, first, True,
+                                         -np.inf if threshold is None else threshold, rs)
     d, refs = hnsw.search_space(space, checked_rows(cue, metric, "f32", "cue")[0], k, 16, first, True,
                                 metric, sc)
     sims = _similarity(d, metric)
@@ -341,16 +342,18 @@ def test_one_call_recall_reports_a_bad_cue_and_weighs_an_int8_one():
     hnsw.insert(codes, gens, g, 0, 300, 64, "cosine", sc, scales)
     space = hnsw.SpaceViews([_view(codes, gens, g, 300, 300)])
     per_unit = codes_per_unit(scales)
-    p = recall.plan(space, [_records(np.random.default_rng(1), 300)], "cosine", scales, per_unit)
+    p = recall.plan(space, [_records(np.random.default_rng(1), 300)], "cosine", scales, per_unit,
+                    (True, np.inf))
+    rs = recall.RecallScratch(300, 16, 8, 256, MAX_LEVEL)
     for q in data[:20].reshape(20, 1, 16):
-        reason, rows, values = recall.recall(p, q, True, np.inf, 10, 64, 300, True, -np.inf, sc)
+        reason, rows, values = recall.recall(p, q, 10, 64, 300, True, -np.inf, rs)
         cue = checked_rows(q, "cosine", "f32", "cue", per_unit)[0]
         d, refs = hnsw.search_space(space, cue, 10, 64, 300, True, "cosine", sc, scales)
         assert reason == ROW_OK and rows[:, recall.ROW_REF].tolist() == refs.tolist()
         np.testing.assert_allclose(values[:, recall.VALUE_SIMILARITY], _similarity(d, "cosine"), atol=1e-5)
     for bad, why in ((np.full((1, 16), np.nan, np.float32), ROW_NON_FINITE),
                      (np.zeros((1, 16), np.float32), ROW_ZERO)):
-        reason, rows, _ = recall.recall(p, bad, True, np.inf, 10, 64, 300, True, -np.inf, sc)
+        reason, rows, _ = recall.recall(p, bad, 10, 64, 300, True, -np.inf, rs)
         assert (reason, len(rows)) == (why, 0)
 
 

@@ -110,8 +110,13 @@ class SegmentDirectory:
 
     def of_space(self, space: int) -> list[Segment]:
         """The space's LIVE segments, in catalog order, from one layout."""
+        return list(self.layout().by_space.get(space, ()))
+
+    def layout(self) -> _Layout:
+        """The current layout, refreshed: the same object until the catalog's
+        changes (its lists are never changed in place)."""
         self.refresh()
-        return list(self._layout.by_space.get(space, ()))
+        return self._layout
 
     def live(self) -> list[Segment]:
         """Every LIVE segment, in catalog order, from one layout."""

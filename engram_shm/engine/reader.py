@@ -20,10 +20,10 @@ import numpy as np
 from ..config import MAX_EF, MAX_K
 from ..errors import InvalidArgument, UnknownSpace
 from ..kernels import hnsw
-from ..kernels.recall import RECORD_COLUMNS, RecallPlan, plan
+from ..kernels.recall import RECORD_COLUMNS, RecallPlan, RecallScratch, plan
 from ..kernels.recall import recall as recall_kernel
 from ..kernels.vectors import ROW_OK
-from ..observations import checked_rows, raise_bad_row, vector_rule, vectors_matrix
+from ..observations import checked_rows, cue_row, raise_bad_row, vector_rule
 from ..store.catalog import SpaceParams
 from ..store.layout import MAX_LEVEL
 from ..store.quantization import codes_per_unit
@@ -87,7 +87,9 @@ class Reader:
         self._spaces: dict[str, tuple[int, SpaceParams]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._plans: dict[int, tuple[list[Segment], RecallPlan]] = {}
+        # per space: the directory layout it was last checked against, its
+        # segments then, and their plan
+        self._plans: dict[int, tuple[object, list[Segment], RecallPlan | None]] = {}
 
     def space(self, name: str) -> tuple[int, SpaceParams]:
         found = self._spaces.get(name)
@@ -101,10 +103,10 @@ class Reader:
                 raise UnknownSpace(f"no space named {name!r}", space=name)
         return found
 
-    def _scratch(self, views: hnsw.SpaceViews, ef: int) -> hnsw.Scratch:
+    def _scratch(self, views: hnsw.SpaceViews, ef: int) -> RecallScratch:
         cache = getattr(self._local, "scratch", None)
         if cache is None:
-            cache = self._local.scratch = hnsw.ScratchCache()
+            cache = self._local.scratch = hnsw.ScratchCache(RecallScratch)
         return cache.get(views.capacity, views.dim, views.M, max(ef, 256), MAX_LEVEL)
 
     def _plan(self, index: int, metric: str) -> tuple[list[Segment], RecallPlan | None]:
@@ -113,27 +115,33 @@ class Reader:
         added, or a compaction's swap; every segment of a space has the same
         scales). A rebuilt plan drops the last reference this reader held to
         retired segments."""
-        segments = self.directory.of_space(index)
+        layout = self.directory.layout()
         cached = self._plans.get(index)
-        if cached is None or not _same(cached[0], segments):
-            if not segments:
-                return segments, None
-            scales = segments[0].scales
-            columns = [tuple(getattr(s.r, name) for name, _ in RECORD_COLUMNS) for s in segments]
-            cached = self._plans[index] = (segments, plan(
-                hnsw.SpaceViews([s.view for s in segments]), columns, metric, scales,
-                1.0 if scales is None else codes_per_unit(scales)))
-        return cached
+        if cached is not None and cached[0] is layout:  # nothing changed in any space
+            return cached[1], cached[2]
+        segments = layout.by_space.get(index, [])
+        if cached is None or not _same(cached[1], segments):
+            p = None
+            if segments:
+                scales = segments[0].scales
+                columns = [tuple(getattr(s.r, name) for name, _ in RECORD_COLUMNS) for s in segments]
+                p = plan(hnsw.SpaceViews([s.view for s in segments]), columns, metric, scales,
+                         1.0 if scales is None else codes_per_unit(scales), vector_rule(metric, "f32"))
+            cached = (layout, segments, p)
+        self._plans[index] = (layout, *cached[1:])
+        return cached[1], cached[2]
 
     def drop_retired(self) -> None:
         """Let go of the segments compaction retired since the last recall
         (a process that may sit idle calls this now and then: otherwise it
         holds their memory until it next recalls from their space)."""
-        self._plans = {i: p for i, p in self._plans.items() if _same(p[0], self.directory.of_space(i))}
+        self._plans = {i: p for i, p in self._plans.items() if _same(p[1], self.directory.of_space(i))}
 
     def resolve_generation(self, consistency) -> tuple[int, bool]:
         """(generation bound, whether to scan unindexed windows)."""
         committed = self.catalog.committed_generation
+        if type(consistency) is str and consistency == "strong":  # the default first: recalls are hot
+            return committed, True
         if isinstance(consistency, (int, np.integer)) and not isinstance(consistency, bool):
             if not 0 <= consistency <= committed:
                 raise InvalidArgument(f"snapshot generation {consistency} is not committed "
@@ -163,15 +171,14 @@ class Reader:
                                       or math.isnan(threshold)):
             raise InvalidArgument(f"threshold must be a number, got {threshold!r}")
         index, params = self.space(space)
-        cue = vectors_matrix(cue, 1, True, params.dim, "cue")
+        cue = cue_row(cue, params.dim)
         generation, scan = self.resolve_generation(consistency)
         segments, p = self._plan(index, params.metric)
         if p is None:
             checked_rows(cue, params.metric, "f32", "cue")  # a bad cue fails the same with or without rows
             return Found(generation, segments, [], [])
         k, ef = int(k), max(int(ef), int(k))
-        unit, limit = vector_rule(params.metric, "f32")  # a cue's rule: any finite magnitude
-        reason, rows, values = recall_kernel(p, cue, unit, limit, k, ef, generation, scan,
+        reason, rows, values = recall_kernel(p, cue, k, ef, generation, scan,
                                              -math.inf if threshold is None else threshold,
                                              self._scratch(p.views, ef))
         if reason != ROW_OK:

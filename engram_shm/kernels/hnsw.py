@@ -583,17 +583,20 @@ def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int) -> Scr
 
 
 class ScratchCache:
-    """Scratch per graph shape for one thread, grown when a wider beam asks."""
+    """Scratch per graph shape for one thread, grown when a wider beam asks;
+    made by `make(capacity, dim, M, ef, max_level)` (new_scratch, or the
+    recall kernel's)."""
 
-    def __init__(self):
-        self._by_shape: dict[tuple, Scratch] = {}
+    def __init__(self, make=None):
+        self._make = make or new_scratch
+        self._by_shape: dict[tuple, tuple[int, object]] = {}
 
-    def get(self, capacity: int, dim: int, M: int, ef: int, max_level: int) -> Scratch:
+    def get(self, capacity: int, dim: int, M: int, ef: int, max_level: int):
         key = (capacity, dim, M, max_level)
-        sc = self._by_shape.get(key)
-        if sc is None or sc.res_k.shape[0] <= ef:
-            sc = self._by_shape[key] = new_scratch(capacity, dim, M, ef, max_level)
-        return sc
+        held = self._by_shape.get(key)
+        if held is None or held[0] < ef:
+            held = self._by_shape[key] = (ef, self._make(capacity, dim, M, ef, max_level))
+        return held[1]
 
 
 def _check_graph(store: np.ndarray, gens: np.ndarray, g: Graph, sc: Scratch) -> int:

@@ -8,6 +8,8 @@ from collections import namedtuple
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 FASTMATH = frozenset({"contract", "reassoc", "arcp", "nsz", "afn"})
 
@@ -47,6 +49,28 @@ def metric_of(name: str, scales: np.ndarray | None = None
     top = float(np.max(scales))
     weights = ((np.asarray(scales, np.float64) / top) ** 2).astype(np.float32)
     return WeightedMetric(code, np.float32((top / INT8_MAX) ** 2), np.int64(weights.ctypes.data)), weights
+
+
+def metric_fields(metric: Metric | WeightedMetric) -> tuple:
+    """A kernel metric as a plain tuple of Python numbers, which Numba types
+    at a call in C (a named tuple or NumPy scalars: in Python, microseconds
+    per call); `metric_from` makes the metric again in the kernel."""
+    return (int(metric.code), float(metric.unit), *(int(w) for w in metric[2:]))
+
+
+def metric_from(fields):
+    """The Metric or WeightedMetric of `metric_fields` (jitted code only)."""
+    raise NotImplementedError("metric_from is for jitted code")
+
+
+@overload(metric_from, inline="always")
+def _metric_from(fields):
+    if not isinstance(fields, types.BaseTuple):
+        return None
+    if len(fields) == 2:
+        return lambda fields: Metric(np.int64(fields[0]), np.float32(fields[1]))
+    return lambda fields: WeightedMetric(np.int64(fields[0]), np.float32(fields[1]), np.int64(fields[2]))
+
 
 # Status codes kernels return instead of raising (Numba leaks a raising kernel's arrays).
 OK = 0

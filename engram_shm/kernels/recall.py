@@ -14,8 +14,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import carray
 
-from .hnsw import T_CAPACITY, T_GENS, Scratch, SpaceViews, _search_space
-from .policy import COSINE, L2, kernel, metric_of
+from .hnsw import T_CAPACITY, T_GENS, Scratch, SpaceViews, _search_space, new_scratch
+from .policy import COSINE, L2, kernel, metric_fields, metric_from, metric_of
 from .scalar import pointer_to
 from .vectors import ROW_OK, _check_store, source_bits
 
@@ -26,28 +26,51 @@ RECORD_COLUMNS = (("text_end", np.int64), ("id_len", np.int32), ("confidence", n
                   ("when", np.float64))
 (R_TEXT_END, R_ID_LEN, R_CONFIDENCE, R_WHEN) = range(len(RECORD_COLUMNS))
 # What the kernel writes per row kept: rows (int64) and values (float64).
-(ROW_REF, ROW_START, ROW_SPLIT, ROW_END, ROW_GENERATION) = range(5)
-(VALUE_SIMILARITY, VALUE_CONFIDENCE, VALUE_WHEN) = range(3)
+ROW_FIELDS = ("ref", "start", "split", "end", "generation")
+VALUE_FIELDS = ("similarity", "confidence", "when")
+(ROW_REF, ROW_START, ROW_SPLIT, ROW_END, ROW_GENERATION) = range(len(ROW_FIELDS))
+(VALUE_SIMILARITY, VALUE_CONFIDENCE, VALUE_WHEN) = range(len(VALUE_FIELDS))
 _LOW32 = np.int64(0xFFFFFFFF)
 
 
 class RecallPlan(NamedTuple):
     """What every recall of a space's current segments needs, worked out once
     when they change: the search table, the record columns, the kernels'
-    metric and the factor per dimension a cue is multiplied by (int8: codes
-    per unit, times the metric's weights under a dot product). `weights` is
-    held so that the address in `metric` stays valid."""
+    metric (policy.metric_fields), the factor per dimension a cue is
+    multiplied by (int8: codes per unit, times the metric's weights under a
+    dot product) and the cue's check (vectors.check_store_rows: scaled to
+    unit norm, or within +-limit). `weights` is held so that the address in
+    `metric` stays valid."""
     views: SpaceViews
     records: np.ndarray
-    metric: object
+    metric: tuple
     weights: np.ndarray | None
     cue_scale: np.ndarray
+    unit: bool
+    limit: float
+
+
+class RecallScratch:
+    """One thread's scratch for recalls of spaces of up to `capacity` nodes
+    with beams up to `ef`: the search's (hnsw.Scratch) and the buffers the
+    kernel writes its answer to, as the plain tuples the kernel takes (Numba
+    types a named tuple argument in Python at every call: 3 us here)."""
+    __slots__ = ("capacity", "dim", "ef", "outputs", "search")
+
+    def __init__(self, capacity: int, dim: int, M: int, ef: int, max_level: int):
+        self.capacity, self.dim, self.ef = capacity, dim, ef
+        self.search = tuple(new_scratch(capacity, dim, M, ef, max_level))
+        n = ef + 1
+        self.outputs = (np.empty(n, np.float32), np.empty(n, np.int32), np.empty(n, np.float32),
+                        np.empty(n, np.int64), np.empty((n, len(ROW_FIELDS)), np.int64),
+                        np.empty((n, len(VALUE_FIELDS)), np.float64))
 
 
 def plan(views: SpaceViews, record_columns: list[tuple[np.ndarray, ...]], metric: str,
-         scales: np.ndarray | None, codes_per_unit: np.ndarray | float) -> RecallPlan:
+         scales: np.ndarray | None, codes_per_unit: np.ndarray | float,
+         cue_rule: tuple[bool, float]) -> RecallPlan:
     """The plan of a space whose segments have `views` and, in the same order,
-    record columns (RECORD_COLUMNS)."""
+    record columns (RECORD_COLUMNS); `cue_rule`: (unit, limit) of a cue."""
     want = [dtype for _, dtype in RECORD_COLUMNS]
     if len(record_columns) != views.n or any(
             len(cols) != len(want) or any(c.dtype != d or c.ndim != 1 or c.shape[0] < v.store.shape[0]
@@ -59,7 +82,9 @@ def plan(views: SpaceViews, record_columns: list[tuple[np.ndarray, ...]], metric
     cue_scale = np.broadcast_to(np.asarray(codes_per_unit, np.float64), (views.dim,)).copy()
     if weights is not None and kernel_metric.code != L2:  # dot products weigh the cue, not the rows
         cue_scale *= weights
-    return RecallPlan(views, records, kernel_metric, weights, cue_scale)
+    unit, limit = cue_rule
+    return RecallPlan(views, records, metric_fields(kernel_metric), weights, cue_scale, bool(unit),
+                      float(limit))
 
 
 @kernel
@@ -76,14 +101,19 @@ def _similarity(d, code):
 
 @kernel
 def _recall(table, records, like, src, bits, exponent, unit, limit, cue_scale, k, ef, gen_max, scan,
-            metric, threshold, sc, seg_d, seg_i, out_d, out_ref, rows, values):
-    """Check and scale the cue into sc.qbuf, search the space, and gather the
-    rows whose similarity reaches `threshold` (best first: a prefix).
-    Returns (cue check reason, rows kept)."""
+            fields, threshold, search_scratch, outputs):
+    """Check and scale the cue into the scratch's qbuf, search the space, and
+    gather the rows whose similarity reaches `threshold` (best first: a
+    prefix) into `outputs`' rows and values. Returns (cue check reason, rows
+    kept)."""
+    sc = Scratch(*search_scratch)
+    metric = metric_from(fields)
+    seg_d, seg_i, out_d, out_ref, rows, values = outputs
     _, reason = _check_store(src, bits, exponent, unit, limit, cue_scale, sc.qbuf)
     if reason != ROW_OK:
         return reason, 0
-    n = _search_space(table, like, sc.qbuf, k, ef, gen_max, scan, metric, sc, seg_d, seg_i, out_d, out_ref)
+    n = _search_space(table, like, sc.qbuf, k, ef, np.uint64(gen_max), scan, metric, sc, seg_d, seg_i,
+                      out_d, out_ref)
     for i in range(n):
         sim = _similarity(out_d[i], metric.code)
         if sim < threshold:
@@ -105,24 +135,23 @@ def _recall(table, records, like, src, bits, exponent, unit, limit, cue_scale, k
     return reason, n
 
 
-def recall(p: RecallPlan, cue: np.ndarray, unit: bool, limit: float, k: int, ef: int, gen_max: int,
-           scan: bool, threshold: float, sc: Scratch) -> tuple[int, np.ndarray, np.ndarray]:
+def recall(p: RecallPlan, cue: np.ndarray, k: int, ef: int, gen_max: int, scan: bool, threshold: float,
+           rs: RecallScratch) -> tuple[int, np.ndarray, np.ndarray]:
     """(cue check reason, rows, values) of the best k rows of generation <=
     gen_max with similarity >= threshold, best first. `cue`: one row, float32
-    or f16 bits [1, dim], checked by the rule (unit, limit) of
-    vectors.check_store_rows; `sc` sized for the views and ef >= k."""
+    or f16 bits [1, dim]; `rs` sized for the views and ef >= k. The rows and
+    values are views of rs's buffers: read them before its next recall."""
     views = p.views
-    if (cue.shape != (1, views.dim) or not 1 <= k <= ef < sc.res_k.shape[0]
-            or sc.visited.shape[0] < views.capacity or sc.qbuf.shape[1] != views.dim):
+    if (cue.shape != (1, views.dim) or not 1 <= k <= ef <= rs.ef or rs.capacity < views.capacity
+            or rs.dim != views.dim):
         raise ValueError(f"recall needs a [1, {views.dim}] cue, 1 <= k <= ef and scratch for ef "
                          f"and {views.capacity} nodes")
     if cue.dtype == np.uint16:  # f16 bits from the wire: widened here, so the kernel has one cue type
         cue = cue.view(np.float16).astype(np.float32)
     bits, exponent = source_bits(cue)
-    rows = np.empty((k, 5), np.int64)
-    values = np.empty((k, 3), np.float64)
-    reason, n = _recall(views.table, p.records, views.like, cue, bits, exponent, unit, np.float64(limit),
-                        p.cue_scale, k, ef, np.uint64(gen_max), scan, p.metric, np.float64(threshold), sc,
-                        np.empty(k, np.float32), np.empty(k, np.int32), np.empty(k, np.float32),
-                        np.empty(k, np.int64), rows, values)
+    # Python numbers: Numba types them in C, and never compiles another specialisation for them
+    reason, n = _recall(views.table, p.records, views.like, cue, bits, exponent, p.unit, p.limit, p.cue_scale,
+                        int(k), int(ef), int(gen_max), bool(scan), p.metric, float(threshold), rs.search,
+                        rs.outputs)
+    rows, values = rs.outputs[4:]
     return int(reason), rows[:n], values[:n]
