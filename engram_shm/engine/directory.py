@@ -113,8 +113,8 @@ class SegmentDirectory:
         return list(self.layout().by_space.get(space, ()))
 
     def layout(self) -> _Layout:
-        """The current layout, refreshed: the same object until the catalog's
-        changes (its lists are never changed in place)."""
+        """The current layout, refreshed (its lists are never changed in
+        place; its token changes with it)."""
         self.refresh()
         return self._layout
 

@@ -87,8 +87,9 @@ class Reader:
         self._spaces: dict[str, tuple[int, SpaceParams]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        # per space: the directory layout it was last checked against, its
-        # segments then, and their plan
+        # per space: the token of the directory layout it was last checked
+        # against (not the layout: it would hold other spaces' retired
+        # segments), its segments then, and their plan
         self._plans: dict[int, tuple[object, list[Segment], RecallPlan | None]] = {}
 
     def space(self, name: str) -> tuple[int, SpaceParams]:
@@ -117,7 +118,7 @@ class Reader:
         retired segments."""
         layout = self.directory.layout()
         cached = self._plans.get(index)
-        if cached is not None and cached[0] is layout:  # nothing changed in any space
+        if cached is not None and cached[0] == layout.token:  # nothing changed in any space
             return cached[1], cached[2]
         segments = layout.by_space.get(index, [])
         if cached is None or not _same(cached[1], segments):
@@ -127,8 +128,8 @@ class Reader:
                 columns = [tuple(getattr(s.r, name) for name, _ in RECORD_COLUMNS) for s in segments]
                 p = plan(hnsw.SpaceViews([s.view for s in segments]), columns, metric, scales,
                          1.0 if scales is None else codes_per_unit(scales), vector_rule(metric, "f32"))
-            cached = (layout, segments, p)
-        self._plans[index] = (layout, *cached[1:])
+            cached = (layout.token, segments, p)
+        self._plans[index] = (layout.token, *cached[1:])
         return cached[1], cached[2]
 
     def drop_retired(self) -> None:
