@@ -14,8 +14,10 @@ built, and `+compact` (the graphs merged into one by Engine.compact(), which
 the insert rates include). Insert rates are per wall second and per CPU second of the
 process (engram_shm's caller thread stores while its writers index, so its
 wall rate at one writer may use more than one core: the CPU rate is the
-honest "per core" figure). Queries are one at a time, one thread, through
-Engine.recall with results decoded. For int8, `codes recall@10` is that of
+honest "per core" figure). Every system is built first and kept open; then
+queries go one at a time, one thread, in blocks of 50 that every system
+answers in turn (engram_shm's through Engine.recall with results decoded),
+so that the machine's drift falls on all of them alike. For int8, `codes recall@10` is that of
 an exact search over the codes the engine stores (calibrated from the first
 batch as a space is): the most a graph over them can find. Prints one JSON
 object per system per line, then a table per dataset with ratios to hnswlib
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,12 +63,21 @@ def codes_recall(data: np.ndarray, queries: np.ndarray, exact: np.ndarray) -> fl
     return recall_at_10(exact_top10(quantization.decoded(codes, scales), queries).tolist(), exact)
 
 
-def summarise(system, dtype, threads, data_name, n, dim, insert_s, insert_cpu_s, latencies, found,
-              exact) -> dict:
-    return {"bench": "ann", "system": system, "data": data_name, "n": n, "dim": dim, "dtype": dtype,
-            "threads": threads, "insert_per_s": round(n / insert_s, 1),
-            "insert_per_cpu_s": round(n / insert_cpu_s, 1),
-            "recall_at_10": recall_at_10(found, exact), **percentiles_ms(latencies, "query", 4)}
+class Built(NamedTuple):
+    """A system with its index built and open: its row so far (name, dtype,
+    threads, insert rates), the search of one query (ids of its top 10) and
+    what closes it."""
+    row: dict
+    search: Callable[[np.ndarray], list[int]]
+    close: Callable[[], None]
+
+
+def built(system, dtype, threads, data_name, data, insert_s, insert_cpu_s, search,
+          close=lambda: None) -> Built:
+    n, dim = data.shape
+    return Built({"bench": "ann", "system": system, "data": data_name, "n": n, "dim": dim, "dtype": dtype,
+                  "threads": threads, "insert_per_s": round(n / insert_s, 1),
+                  "insert_per_cpu_s": round(n / insert_cpu_s, 1)}, search, close)
 
 
 def timed(build):
@@ -84,6 +97,27 @@ def timed_queries(search, queries):
     return found, latencies
 
 
+def interleaved_queries(systems: list[Built], queries: np.ndarray,
+                        block: int = 50) -> list[tuple[list, list[float]]]:
+    """(found, latencies) of each system, asked the queries in blocks of
+    `block`, each block of every system in turn, after one untimed query
+    that warms its caches: this machine's speed drifts by up to a fifth
+    within minutes, and so the drift falls on every system alike instead
+    of on whichever was queried at the time, while each still answers a
+    stream of queries as it would alone."""
+    found = [[] for _ in systems]
+    latencies = [[] for _ in systems]
+    for lo in range(0, len(queries), block):
+        for s, system in enumerate(systems):
+            system.search(queries[lo])
+            for q in queries[lo:lo + block]:
+                start = time.perf_counter()
+                ids = system.search(q)
+                latencies[s].append(time.perf_counter() - start)
+                found[s].append(list(ids))
+    return list(zip(found, latencies))
+
+
 def fill(engine, space: str, data: np.ndarray) -> None:
     """Observe `data` into `space` (ids "0".."n-1") in chunks, and wait until
     all of it is indexed."""
@@ -93,7 +127,7 @@ def fill(engine, space: str, data: np.ndarray) -> None:
     engine.wait_indexed()
 
 
-def run_engram(data_name, data, queries, exact, dtype, threads, compact: bool = False) -> dict:
+def build_engram(data_name, data, dtype, threads, compact: bool = False) -> Built:
     """As built (compaction off), or `compact`ed: the writers' graphs merged
     into one by `Engine.compact()` after the fill, its time counted in the
     insert rates (system "engram_shm+compact")."""
@@ -102,9 +136,10 @@ def run_engram(data_name, data, queries, exact, dtype, threads, compact: bool = 
     n, dim = data.shape
     # Segments of n, as hnswlib and faiss build one index: one graph per
     # writer (a hot space opens a segment for each).
-    with Engine(workers=threads, segment_capacity=max(n, 64), first_segment_capacity=max(n, 64),
-                ring_capacity=max(n, 64), dtype=dtype, compaction_capacity=n if compact else 0,
-                M=M, ef_construction=EF_CONSTRUCTION, ef_search=EF) as engine:
+    engine = Engine(workers=threads, segment_capacity=max(n, 64), first_segment_capacity=max(n, 64),
+                    ring_capacity=max(n, 64), dtype=dtype, compaction_capacity=n if compact else 0,
+                    M=M, ef_construction=EF_CONSTRUCTION, ef_search=EF)
+    try:
         engine.create_space("bench", dim=dim)
 
         def build():
@@ -113,16 +148,14 @@ def run_engram(data_name, data, queries, exact, dtype, threads, compact: bool = 
                 engine.compact()
 
         insert_s, insert_cpu_s = timed(build)
-        found, lat = timed_queries(lambda q: [int(m.id) for m in engine.recall("bench", q, k=10)],
-                                   queries)
-    system = "engram_shm+compact" if compact else "engram_shm"
-    row = summarise(system, dtype, threads, data_name, n, dim, insert_s, insert_cpu_s, lat, found, exact)
-    if dtype == "int8":
-        row["codes_recall_at_10"] = codes_recall(data, queries, exact)
-    return row
+    except BaseException:
+        engine.close()
+        raise
+    return built("engram_shm+compact" if compact else "engram_shm", dtype, threads, data_name, data, insert_s,
+                 insert_cpu_s, lambda q: [int(m.id) for m in engine.recall("bench", q, k=10)], engine.close)
 
 
-def run_hnswlib(data_name, data, queries, exact, threads) -> dict:
+def build_hnswlib(data_name, data, threads) -> Built:
     import hnswlib
 
     n, dim = data.shape
@@ -130,21 +163,20 @@ def run_hnswlib(data_name, data, queries, exact, threads) -> dict:
     index.init_index(n, M=M, ef_construction=EF_CONSTRUCTION, random_seed=1)
     insert_s, insert_cpu_s = timed(lambda: index.add_items(data, np.arange(n), num_threads=threads))
     index.set_ef(EF)
-    found, lat = timed_queries(lambda q: index.knn_query(q, 10, num_threads=1)[0][0], queries)
-    return summarise("hnswlib", "f32", threads, data_name, n, dim, insert_s, insert_cpu_s, lat, found, exact)
+    return built("hnswlib", "f32", threads, data_name, data, insert_s, insert_cpu_s,
+                 lambda q: index.knn_query(q, 10, num_threads=1)[0][0])
 
 
-def run_faiss(data_name, data, queries, exact) -> dict:
+def build_faiss(data_name, data) -> Built:
     import faiss
 
     faiss.omp_set_num_threads(1)
-    n, dim = data.shape
-    index = faiss.IndexHNSWFlat(dim, M, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexHNSWFlat(data.shape[1], M, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = EF_CONSTRUCTION
     insert_s, insert_cpu_s = timed(lambda: index.add(data))
     index.hnsw.efSearch = EF
-    found, lat = timed_queries(lambda q: index.search(q[None, :], 10)[1][0], queries)
-    return summarise("faiss", "f32", 1, data_name, n, dim, insert_s, insert_cpu_s, lat, found, exact)
+    return built("faiss", "f32", 1, data_name, data, insert_s, insert_cpu_s,
+                 lambda q: index.search(q[None, :], 10)[1][0])
 
 
 def dataset(spec: str, n: int, seed: int) -> tuple[str, np.ndarray]:
@@ -191,14 +223,27 @@ def main(argv=None, prog="python -m bench ann") -> list[dict]:
         exact = exact_top10(data, queries)
         print(f"# seed {args.seed}: {name}, {args.n} unit vectors, {args.queries} held-out queries",
               flush=True)
-        runs = []
-        for threads in (int(t) for t in args.threads.split(",")):
-            runs.append(emit(run_hnswlib(name, data, queries, exact, threads)))
-            if threads == 1:
-                runs.append(emit(run_faiss(name, data, queries, exact)))
-            for compact in (False, True) if threads > 1 else (False,):
-                runs += [emit(run_engram(name, data, queries, exact, dtype.strip(), threads, compact))
-                         for dtype in args.dtype.split(",")]
+        systems: list[Built] = []
+        try:
+            for threads in (int(t) for t in args.threads.split(",")):
+                systems.append(build_hnswlib(name, data, threads))
+                if threads == 1:
+                    systems.append(build_faiss(name, data))
+                for compact in (False, True) if threads > 1 else (False,):
+                    systems += [build_engram(name, data, dtype.strip(), threads, compact)
+                                for dtype in args.dtype.split(",")]
+            answers = interleaved_queries(systems, queries)
+        finally:
+            for system in systems:
+                system.close()
+        runs, int8_codes_recall = [], None
+        for system, (found, latencies) in zip(systems, answers):
+            row = {**system.row, "recall_at_10": recall_at_10(found, exact),
+                   **percentiles_ms(latencies, "query", 4)}
+            if row["system"].startswith("engram_shm") and row["dtype"] == "int8":
+                int8_codes_recall = int8_codes_recall or codes_recall(data, queries, exact)
+                row["codes_recall_at_10"] = int8_codes_recall
+            runs.append(emit(row))
         # The first row, hnswlib at the first thread count, is the base of ratios.
         print(table(f"ann benchmark, {name}", runs, COLUMNS))
         rows += runs
