@@ -53,17 +53,19 @@ class RecallPlan(NamedTuple):
 class RecallScratch:
     """One thread's scratch for recalls of spaces of up to `capacity` nodes
     with beams up to `ef`: the search's (hnsw.Scratch) and the buffers the
-    kernel writes its answer to, as the plain tuples the kernel takes (Numba
+    kernel writes to (each segment's top-k, the merged top-k, and the rows
+    and values it gathers), as the plain tuples the kernel takes (Numba
     types a named tuple argument in Python at every call: 3 us here)."""
-    __slots__ = ("capacity", "dim", "ef", "outputs", "search")
+    __slots__ = ("capacity", "dim", "ef", "outputs", "rows", "search", "values")
 
     def __init__(self, capacity: int, dim: int, M: int, ef: int, max_level: int):
         self.capacity, self.dim, self.ef = capacity, dim, ef
         self.search = tuple(new_scratch(capacity, dim, M, ef, max_level))
         n = ef + 1
+        self.rows = np.empty((n, len(ROW_FIELDS)), np.int64)
+        self.values = np.empty((n, len(VALUE_FIELDS)), np.float64)
         self.outputs = (np.empty(n, np.float32), np.empty(n, np.int32), np.empty(n, np.float32),
-                        np.empty(n, np.int64), np.empty((n, len(ROW_FIELDS)), np.int64),
-                        np.empty((n, len(VALUE_FIELDS)), np.float64))
+                        np.empty(n, np.int64), self.rows, self.values)
 
 
 def plan(views: SpaceViews, record_columns: list[tuple[np.ndarray, ...]], metric: str,
@@ -153,5 +155,4 @@ def recall(p: RecallPlan, cue: np.ndarray, k: int, ef: int, gen_max: int, scan: 
     reason, n = _recall(views.table, p.records, views.like, cue, bits, exponent, p.unit, p.limit, p.cue_scale,
                         int(k), int(ef), int(gen_max), bool(scan), p.metric, float(threshold), rs.search,
                         rs.outputs)
-    rows, values = rs.outputs[4:]
-    return int(reason), rows[:n], values[:n]
+    return int(reason), rs.rows[:n], rs.values[:n]
