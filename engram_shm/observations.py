@@ -107,18 +107,13 @@ def checked_rows(matrix: np.ndarray, metric: str, dtype: str, what: str,
     return out
 
 
-def cue_row(cue, dim: int) -> np.ndarray:
-    """A recall's cue as vectors_matrix(cue, 1, True, dim, "cue") makes it,
-    sparing the common case, a C-contiguous float32 vector of the space's
-    dimension, the microseconds of the general checks."""
-    if type(cue) is np.ndarray and cue.dtype == _FLOAT32 and cue.shape == (dim,) and cue.flags.c_contiguous:
-        return cue.reshape(1, dim)
-    return vectors_matrix(cue, 1, True, dim, "cue")
-
-
 def vectors_matrix(vectors, n: int, single: bool, dim: int | None, what: str) -> np.ndarray:
     """`vectors` as a C-contiguous [n, dim] float32 matrix (float16 bits, as
     uint16, pass through), checked for shape and type."""
+    if (type(vectors) is np.ndarray and vectors.dtype == _FLOAT32 and dim and vectors.flags.c_contiguous
+            and (vectors.shape == (n, dim) or (single and n == 1 and vectors.shape == (dim,)))):
+        # the common case (every recall's cue, most batches): none of the checks below
+        return vectors if vectors.ndim == 2 else vectors.reshape(1, dim)
     if isinstance(vectors, np.ndarray) and vectors.dtype == np.uint16 and vectors.ndim == 2:
         array = vectors  # f16 payload from the wire, as bits
     else:

@@ -76,3 +76,31 @@ def test_int8_rows_from_the_log_are_copied_as_they_are():
     dst = np.zeros_like(codes)
     assert check_store_rows(codes, False, np.inf, dst, 3.0) == (-1, ROW_OK)
     np.testing.assert_array_equal(dst, codes)
+
+
+@given(st.integers(1, 4), st.integers(1, 6), st.booleans(), st.booleans(), st.integers(0, 2**31))
+def test_vectors_matrix_takes_float32_rows_as_its_checks_would(n, dim, one_d, strided, seed):
+    """A C-contiguous float32 matrix (or one vector, for a single cue) skips
+    vectors_matrix's general checks: the result, and the error of a shape
+    that does not fit, are those of the same values in a strided copy, which
+    takes the general path."""
+    import pytest
+
+    from engram_shm.errors import DimensionMismatch, LengthMismatch
+    from engram_shm.observations import vectors_matrix
+
+    rng = np.random.default_rng(seed)
+    shape = (dim,) if one_d else (n, dim)
+    values = rng.normal(size=shape).astype(np.float32)
+    given_ = np.repeat(values, 2, axis=-1)[..., ::2] if strided else values
+    assert given_.flags.c_contiguous or strided
+    if strided and dim > 1:  # (numpy may call one strided column contiguous)
+        assert not given_.flags.c_contiguous
+    expect_n = 1 if one_d else n
+    out = vectors_matrix(given_, expect_n, True, dim, "cue")
+    assert out.shape == (expect_n, dim) and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, values.reshape(expect_n, dim))
+    with pytest.raises(DimensionMismatch):
+        vectors_matrix(given_, expect_n, True, dim + 1, "cue")
+    with pytest.raises(LengthMismatch):
+        vectors_matrix(given_, expect_n + 1, True, dim, "cue")

@@ -23,7 +23,7 @@ from ..kernels import hnsw
 from ..kernels.recall import RECORD_COLUMNS, RecallPlan, RecallScratch, plan
 from ..kernels.recall import recall as recall_kernel
 from ..kernels.vectors import ROW_OK
-from ..observations import checked_rows, cue_row, raise_bad_row, vector_rule
+from ..observations import checked_rows, raise_bad_row, vector_rule, vectors_matrix
 from ..store.catalog import SpaceParams
 from ..store.layout import MAX_LEVEL
 from ..store.quantization import codes_per_unit
@@ -118,19 +118,23 @@ class Reader:
         retired segments."""
         layout = self.directory.layout()
         cached = self._plans.get(index)
-        if cached is not None and cached[0] == layout.token:  # nothing changed in any space
-            return cached[1], cached[2]
-        segments = layout.by_space.get(index, [])
-        if cached is None or not _same(cached[1], segments):
-            p = None
-            if segments:
-                scales = segments[0].scales
-                columns = [tuple(getattr(s.r, name) for name, _ in RECORD_COLUMNS) for s in segments]
-                p = plan(hnsw.SpaceViews([s.view for s in segments]), columns, metric, scales,
-                         1.0 if scales is None else codes_per_unit(scales), vector_rule(metric, "f32"))
-            cached = (layout.token, segments, p)
-        self._plans[index] = (layout.token, *cached[1:])
+        if cached is None or cached[0] != layout.token:  # a layout changed: in this space?
+            segments = layout.by_space.get(index, [])
+            if cached is None or not _same(cached[1], segments):
+                cached = (layout.token, segments, self._new_plan(segments, metric))
+            else:
+                cached = (layout.token, *cached[1:])
+            self._plans[index] = cached
         return cached[1], cached[2]
+
+    @staticmethod
+    def _new_plan(segments: list[Segment], metric: str) -> RecallPlan | None:
+        if not segments:
+            return None
+        scales = segments[0].scales
+        columns = [tuple(getattr(s.r, name) for name, _ in RECORD_COLUMNS) for s in segments]
+        return plan(hnsw.SpaceViews([s.view for s in segments]), columns, metric, scales,
+                    1.0 if scales is None else codes_per_unit(scales), vector_rule(metric, "f32"))
 
     def drop_retired(self) -> None:
         """Let go of the segments compaction retired since the last recall
@@ -172,7 +176,7 @@ class Reader:
                                       or math.isnan(threshold)):
             raise InvalidArgument(f"threshold must be a number, got {threshold!r}")
         index, params = self.space(space)
-        cue = cue_row(cue, params.dim)
+        cue = vectors_matrix(cue, 1, True, params.dim, "cue")
         generation, scan = self.resolve_generation(consistency)
         segments, p = self._plan(index, params.metric)
         if p is None:

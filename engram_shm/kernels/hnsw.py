@@ -587,8 +587,8 @@ class ScratchCache:
     made by `make(capacity, dim, M, ef, max_level)` (new_scratch, or the
     recall kernel's)."""
 
-    def __init__(self, make=None):
-        self._make = make or new_scratch
+    def __init__(self, make=new_scratch):
+        self._make = make
         self._by_shape: dict[tuple, tuple[int, object]] = {}
 
     def get(self, capacity: int, dim: int, M: int, ef: int, max_level: int):

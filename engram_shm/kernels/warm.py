@@ -48,14 +48,13 @@ def _warm_append(dtype, dim: int) -> None:
         append_rows(cols, batch, 1, levels, 0, n, 0, 0, 0, True, np.inf)
 
 
-def _warm_recall(views: hnsw.SpaceViews, cue: np.ndarray, scales: np.ndarray | None) -> None:
+def _warm_recall(views: hnsw.SpaceViews, cue: np.ndarray, scales: np.ndarray | None,
+                 max_level: int) -> None:
     """A recall of the space (its kernel takes float32 cues only: f16 bits
     are widened before it)."""
-    from ..store.layout import MAX_LEVEL
-
     n = views.capacity
     columns = [tuple(np.zeros(n, dtype) for _, dtype in recall.RECORD_COLUMNS)]
-    rs = recall.RecallScratch(n, views.dim, views.M, 8, MAX_LEVEL)
+    rs = recall.RecallScratch(n, views.dim, views.M, 8, max_level)
     recall.recall(recall.plan(views, columns, "cosine", scales, 1.0, (True, np.inf)), cue, 2, 4, n, True,
                   -np.inf, rs)
 
@@ -103,7 +102,7 @@ def warm(readers: bool = True) -> float:
             header[hnsw.ENTRY:hnsw.ENTRY + 2] = g.state
             ro = ro._replace(state=_readonly(header[hnsw.ENTRY:hnsw.ENTRY + 2]))
             view = hnsw.SegmentView(_readonly(store), _readonly(gens), ro, _readonly(header))
-            _warm_recall(hnsw.SpaceViews([view]), data[:1], scales)
+            _warm_recall(hnsw.SpaceViews([view]), data[:1], scales, max_level)
             distances(store, data[0], "l2", scales)
         _warm_append(dtype, dim)
     _warm_ids()
