@@ -22,6 +22,8 @@ from engram_shm.engine.writer import EngineWriter
 from engram_shm.errors import DataDirInUse, StorageFull
 from engram_shm.store import checkpoint, shm, wal
 from engram_shm.store.catalog import FRONT_RECOVERING, WAL_LSN, Catalog, collect_stale
+from engram_shm.store.layout import ACCEPTED, LAYOUT_VERSION, SegmentLayout
+from engram_shm.store.segment import Segment
 from engram_shm.store.verify import verify
 from engram_shm.synthetic import clustered
 from engram_shm.transport import protocol as p
@@ -145,6 +147,34 @@ def test_an_int8_space_comes_back_with_its_scales_and_codes(tmp_path):
         assert min(h.similarity for h in hits) > 0.99  # a row against its own codes
         e.observe("s", "more", data[0] + 0.5)  # the scale carries on
         assert e.recall("s", data[0] + 0.5, k=1)[0].id == "more"
+
+
+@pytest.mark.parametrize("version, dtype", [(1, "int8"), (2, "f16")])
+def test_a_checkpointed_block_of_an_older_layout_loads_at_the_current_one(tmp_path, version, dtype):
+    """Blocks of layouts 1 and 2 come back at the current version (whose
+    writers put stable prefixes in count words), their columns as written."""
+    names = [f"engram-test-layout-{os.getpid()}-{version}-{i}" for i in range(2)]
+    rng = np.random.default_rng(version)
+    try:
+        old = Segment.create(names[0], SegmentLayout(16, 4, dtype, 4, 256, version=version), 0, 0, 0,
+                             np.full(4, 0.25, np.float32) if dtype == "int8" else None)
+        w = old.w
+        w.vectors[:3] = rng.integers(-100, 100, (3, 4)).astype(w.vectors.dtype)
+        w.links0[:3, :3] = [[2, 1, 2], [2, 0, 2], [2, 0, 1]]
+        w.text_end[:3] = [2, 4, 6]
+        w.id_len[:3] = 1
+        old.header[ACCEPTED] = 3
+        path = str(tmp_path / "seg.bin")
+        size, crc = checkpoint._Image(old).write(path)
+        new = checkpoint._load_segment(path, {"file": "seg.bin", "bytes": size, "crc32c": crc}, names[1])
+        assert new.layout.version == LAYOUT_VERSION and old.layout.version == version
+        for column in ("vectors", "links0", "text_end"):
+            np.testing.assert_array_equal(getattr(new.r, column)[:3], getattr(old.r, column)[:3])
+        np.testing.assert_array_equal(new.scales, old.scales)
+        assert new.accepted == 3
+    finally:
+        for name in names:
+            shm.unlink(name)
 
 
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):

@@ -8,7 +8,7 @@ from engram_shm.kernels import hnsw, recall
 from engram_shm.kernels.rows import draw_levels
 from engram_shm.kernels.vectors import ROW_NON_FINITE, ROW_OK, ROW_ZERO, check_store_rows
 from engram_shm.observations import checked_rows
-from engram_shm.store.layout import MAX_LEVEL
+from engram_shm.store.layout import MAX_LEVEL, STABLE_SHIFT
 from engram_shm.store.quantization import calibrate, codes_per_unit
 from engram_shm.synthetic import clustered
 
@@ -91,6 +91,58 @@ def test_graph_invariants_after_random_insert_sequences(case):
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         hnsw.insert(data, gens, g, lo, hi, ef_c, metric, sc)
         assert naive.graph_violations(g, hi, M) == []
+
+
+def build_twice(store, M, metric, ef_c, scales=None):
+    """The graph of `store` inserted node by node, and the one plain HNSW
+    pruning builds (every link against every other): the same inserts with
+    every list's stable prefix erased before each."""
+    n, dim = store.shape
+    gens = np.arange(1, n + 1, dtype=np.uint64)
+    levels = draw_levels(5, gens, M, MAX_LEVEL)
+    graphs = []
+    for erase in (False, True):
+        g = hnsw.new_graph(levels, M, MAX_LEVEL)
+        sc = hnsw.new_scratch(n, dim, M, ef_c, MAX_LEVEL)
+        for node in range(n):
+            if erase:
+                g.links0[:, 0] &= (1 << STABLE_SHIFT) - 1
+                g.upper[:, :, 0] &= (1 << STABLE_SHIFT) - 1
+            hnsw.insert(store, gens, g, node, node + 1, ef_c, metric, sc, scales)
+        graphs.append(g)
+    return graphs
+
+
+def link_sets(g, n):
+    return [[sorted(naive.links(g.links0[x] if layer == 0 else g.upper[g.upper_row[x], layer - 1]))
+             for layer in range(int(g.level[x]) + 1)] for x in range(n)]
+
+
+@given(insert_sequences())
+def test_stable_prefixes_keep_the_links_of_plain_pruning(case):
+    """Pruning compares a list's stable prefix only with the links added
+    since: the graph is the one plain pruning builds."""
+    data, M, metric, _, ef_c = case
+    fast, plain = build_twice(data, M, metric, ef_c)
+    assert link_sets(fast, len(data)) == link_sets(plain, len(data))
+    assert naive.graph_violations(fast, len(data), M) == []
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "int8"])
+def test_stable_prefixes_are_used_and_keep_the_links_of_plain_pruning(dtype):
+    data = clustered(600, 8, clusters=30, seed=4)
+    scales = None
+    if dtype == "int8":
+        scales = calibrate(data, "cosine")
+        store = np.empty(data.shape, np.int8)
+        check_store_rows(data, True, np.inf, store, codes_per_unit(scales))
+    else:
+        store = checked_rows(data, "cosine", dtype, "rows")
+        store = store if dtype == "f32" else store.astype(np.float16).view(np.uint16)
+    fast, plain = build_twice(store, 4, "cosine", 32, scales)
+    prefixes = [naive.count_word(row)[1] for row in fast.links0]
+    assert sum(p > 0 for p in prefixes) > 100  # many lists were pruned, and kept their prefix
+    assert link_sets(fast, 600) == link_sets(plain, 600)
 
 
 @given(insert_sequences(), st.data())
@@ -202,7 +254,7 @@ def test_repair_finishes_a_half_rewritten_list(case, draw):
     node = draw.draw(st.integers(0, n - 1))
     layer = draw.draw(st.integers(0, int(g.level[node])))
     row = g.links0[node] if layer == 0 else g.upper[g.upper_row[node], layer - 1]
-    cnt = int(row[0])
+    cnt = len(naive.links(row))
     if cnt:
         torn = draw.draw(st.lists(st.sampled_from(naive.links(row)), min_size=cnt, max_size=cnt))
         row[1:1 + cnt] = torn  # some entries lost, some doubled: a rewrite cut short

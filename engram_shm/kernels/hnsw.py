@@ -4,13 +4,22 @@ Graph arrays (layout and writers: see engram_shm/store/layout.py):
 
 | field     | dtype | shape                       | meaning                                   |
 |-----------|-------|-----------------------------|-------------------------------------------|
-| links0    | int32 | [cap, 2M+1]                 | layer-0 list: [0] count, [1..] node ids   |
+| links0    | int32 | [cap, 2M+1]                 | layer-0 list: [0] count word, [1..] ids   |
 | upper     | int32 | [upper_cap, max_level, M+1] | layer l>=1 list of a node, row upper_row  |
 | level     | int32 | [cap]                       | top layer of the node (drawn by the front)|
 | upper_row | int32 | [cap]                       | row in `upper`, -1 for layer-0-only nodes |
 | parent    | int32 | [cap]                       | pinned tree parent on layer 0, -1 = none  |
 | state     | int64 | [2]                         | [0] entry: (top level << 32) | node, -1  |
 |           |       |                             | empty; [1] rewrite journal (see below)    |
+
+A list's count word is its number of links | the length of its stable prefix
+<< STABLE_SHIFT: that many first links are a result of the neighbour
+heuristic (`_select`), so no two of them need comparing again when the full
+list is pruned; links appended after it are compared with all. Pruning then
+skips the distances between links that a plain HNSW insert recomputes every
+time (most of an insert's work once lists fill up), and keeps the same
+links. Lists written otherwise (a node's own first list, a repair) have a
+prefix of 0, as do those of layout versions before 3.
 
 Reachability: besides the usual neighbour heuristic, every node but the first
 keeps one *pinned* edge pair with an earlier node (its parent): parent->child and
@@ -37,7 +46,7 @@ import numpy as np
 from numba import carray
 
 from ..errors import InvalidArgument
-from ..store.layout import ACCEPTED, ENTRY, HEADER_WORDS, INDEXED, MAX_LEVEL, MIN_GEN
+from ..store.layout import ACCEPTED, ENTRY, HEADER_WORDS, INDEXED, MAX_LEVEL, MIN_GEN, STABLE_SHIFT
 from .atomics import fence
 from .distance import check_query, check_store, dist, weight, weighted_cue, weights_of
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
@@ -56,11 +65,13 @@ SegmentView = namedtuple("SegmentView", "store gens graph header")
 # Caller-owned scratch of one thread: visit marks and heaps sized by capacity,
 # small buffers sized by M and ef.
 Scratch = namedtuple(
-    "Scratch", "visited tag cand_k cand_v res_k res_v qbuf layer_k layer_v layer_n keep_k keep_v tmp_k tmp_v")
+    "Scratch", "visited tag cand_k cand_v res_k res_v qbuf layer_k layer_v layer_n keep_k keep_v keep_f "
+               "tmp_k tmp_v tmp_f")
 
 GEN_ANY = np.uint64(np.iinfo(np.uint64).max)
 _EMPTY = np.int64(-1)
 _LOW32 = np.int64(0xFFFFFFFF)
+_COUNT_MASK = np.int32((1 << STABLE_SHIFT) - 1)
 DUPLICATE = np.float32(1e-6)  # distances this small are rounding: the vectors are equal
 
 
@@ -79,7 +90,13 @@ def _row(g, node, layer):
 def _count(row):
     if row.shape[0] == 0:
         return 0
-    return min(max(row[0], 0), row.shape[0] - 1)
+    return min(max(row[0] & _COUNT_MASK, 0), row.shape[0] - 1)
+
+
+@kernel
+def _stable(row, cnt):
+    """How many of a list's first links are known heuristic-stable."""
+    return min((row[0] >> STABLE_SHIFT) & _COUNT_MASK, cnt)
 
 
 @kernel
@@ -160,12 +177,14 @@ def _greedy(store, g, q, ep, ep_d, layer, metric):
 
 
 @kernel
-def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out):
+def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out, cand_f=None, out_f=None):
     """The HNSW neighbour heuristic: walk candidates in ascending distance to the
     base and keep one unless a kept node is closer to it than the base is, or
     is its duplicate (plain HNSW keeps every duplicate, and a crowd of equal
     vectors then takes all the links of the region). `out` may already hold
-    `n_out` nodes (pinned ones) that count as kept."""
+    `n_out` nodes (pinned ones) that count as kept. With flags (`cand_f`,
+    `out_f`: 0 for a link of a stable prefix), two stable links are not
+    compared: they passed each other when that prefix was selected."""
     for i in range(n):
         if n_out >= m:
             break
@@ -176,6 +195,8 @@ def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out):
             if out_v[j] == c:
                 good = False
                 break
+            if cand_f is not None and cand_f[i] == 0 and out_f[j] == 0:
+                continue  # both from the stable prefix: checked when it was selected
             d = dist(store, c, store, out_v[j], metric)
             if d < c_d or d <= DUPLICATE:
                 good = False
@@ -183,6 +204,8 @@ def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out):
         if good:
             out_k[n_out] = c_d
             out_v[n_out] = c
+            if cand_f is not None:
+                out_f[n_out] = cand_f[i]
             n_out += 1
     return n_out
 
@@ -205,17 +228,20 @@ def _pinned_count(g, node):
 
 
 @kernel
-def _sort_by_key(keys, vals, n):
+def _sort_by_key(keys, vals, flags, n):
     for i in range(1, n):
         k = keys[i]
         v = vals[i]
+        f = flags[i]
         j = i - 1
         while j >= 0 and keys[j] > k:
             keys[j + 1] = keys[j]
             vals[j + 1] = vals[j]
+            flags[j + 1] = flags[j]
             j -= 1
         keys[j + 1] = k
         vals[j + 1] = v
+        flags[j + 1] = f
 
 
 @kernel
@@ -233,7 +259,7 @@ def _contains(row, cnt, node):
 
 
 @kernel
-def _rewrite(g, node, layer, row, new_v, n_new):
+def _rewrite(g, node, layer, row, new_v, n_new, stable):
     """Replace a link list by new_v[:n_new] so that a concurrent reader never
     misses a link that is in both the old and the new list: dropped entries
     are overwritten in place by added ones, survivors past the new end are
@@ -258,7 +284,7 @@ def _rewrite(g, node, layer, row, new_v, n_new):
             added += 1
             row[cnt + added] = x
     if added:
-        row[0] = cnt + added
+        row[0] = _count_word(cnt + added, stable)
     else:
         j = n_new + 1
         for h in range(1, min(n_new, cnt) + 1):  # pull survivors past the new end into holes
@@ -268,8 +294,13 @@ def _rewrite(g, node, layer, row, new_v, n_new):
                 if j <= cnt:
                     row[h] = row[j]
                     j += 1
-        row[0] = min(n_new, cnt)
+        row[0] = _count_word(min(n_new, cnt), stable)
     _end_rewrite(g)
+
+
+@kernel
+def _count_word(cnt, stable):
+    return np.int32(cnt | ((cnt if stable else 0) << STABLE_SHIFT))
 
 
 @kernel
@@ -287,7 +318,9 @@ def _end_rewrite(g):
 @kernel
 def _add_link(store, g, src, dst, layer, max_links, metric, sc):
     """Add the edge src->dst; when src's list is full, keep its pinned edges and
-    re-select the rest with the heuristic (reverse-link pruning)."""
+    re-select the rest with the heuristic (reverse-link pruning), comparing
+    its stable prefix only with the links added since; the result is
+    stable."""
     row = _row(g, src, layer)
     if row.shape[0] == 0:
         return
@@ -296,25 +329,30 @@ def _add_link(store, g, src, dst, layer, max_links, metric, sc):
         return
     if cnt < max_links:
         row[cnt + 1] = dst
-        row[0] = cnt + 1
+        row[0] = np.int32(cnt + 1) | (_stable(row, cnt) << STABLE_SHIFT)
         return
+    s = _stable(row, cnt)
     # Candidates: current links plus dst, pinned ones kept outright.
     n_pinned = 0
     n_free = 0
     for t in range(cnt + 1):
         x = row[t + 1] if t < cnt else dst
         d = dist(store, src, store, x, metric)
+        fresh = np.int8(t >= s)
         if layer == 0 and _is_pinned(g, src, x):
             sc.keep_v[n_pinned] = x
             sc.keep_k[n_pinned] = d
+            sc.keep_f[n_pinned] = fresh
             n_pinned += 1
         else:
             sc.tmp_v[n_free] = x
             sc.tmp_k[n_free] = d
+            sc.tmp_f[n_free] = fresh
             n_free += 1
-    _sort_by_key(sc.tmp_k, sc.tmp_v, n_free)
-    n_keep = _select(store, sc.tmp_k, sc.tmp_v, n_free, max_links, metric, sc.keep_k, sc.keep_v, n_pinned)
-    _rewrite(g, src, layer, row, sc.keep_v, n_keep)
+    _sort_by_key(sc.tmp_k, sc.tmp_v, sc.tmp_f, n_free)
+    n_keep = _select(store, sc.tmp_k, sc.tmp_v, n_free, max_links, metric, sc.keep_k, sc.keep_v, n_pinned,
+                     sc.tmp_f, sc.keep_f)
+    _rewrite(g, src, layer, row, sc.keep_v, n_keep, True)
 
 
 @kernel
@@ -374,7 +412,7 @@ def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc, reverse)
         if n < max_links and not _in(sc.tmp_v, n, x):
             sc.tmp_v[n] = x
             n += 1
-    _rewrite(g, node, 0, row, sc.tmp_v, n)
+    _rewrite(g, node, 0, row, sc.tmp_v, n, False)
     if p >= 0 and reverse:
         _add_link(store, g, p, node, 0, max_links, metric, sc)
 
@@ -430,7 +468,7 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
             row = _row(g, node, layer)
             if row.shape[0] == 0:
                 continue
-            _rewrite(g, node, layer, row, chosen, sc.layer_n[layer])
+            _rewrite(g, node, layer, row, chosen, sc.layer_n[layer], True)
             max_links = m
         if not reverse:  # test-only (faults.SKIP_REVERSE_LINKS): a broken graph
             continue
@@ -577,8 +615,8 @@ def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int) -> Scr
         qbuf=np.empty((1, dim), np.float32),
         layer_k=np.empty((max_level + 1, M), np.float32), layer_v=np.empty((max_level + 1, M), np.int32),
         layer_n=np.zeros(max_level + 1, np.int32),
-        keep_k=np.empty(small, np.float32), keep_v=np.empty(small, np.int32),
-        tmp_k=np.empty(small, np.float32), tmp_v=np.empty(small, np.int32),
+        keep_k=np.empty(small, np.float32), keep_v=np.empty(small, np.int32), keep_f=np.empty(small, np.int8),
+        tmp_k=np.empty(small, np.float32), tmp_v=np.empty(small, np.int32), tmp_f=np.empty(small, np.int8),
     )
 
 

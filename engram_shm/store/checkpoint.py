@@ -35,7 +35,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import crc32c
 import numpy as np
@@ -59,6 +59,7 @@ from .layout import (
     ENTRY,
     HEADER_WORDS,
     INDEXED,
+    LAYOUT_VERSION,
     MAX_GEN,
     METRIC,
     MIN_GEN,
@@ -276,8 +277,9 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
         if len(header) != HEADER_WORDS:
             raise ValueError(f"{entry['file']} is cut short")
         layout = SegmentLayout.from_header(header, sys.maxsize)
-        seg = Segment.create(name, layout, int(header[METRIC]), int(header[SPACE]), int(header[SEGMENT_NO]),
-                             _scales(f, layout, header))
+        # At the current layout version: an older block's columns read as they are (see layout.py)
+        seg = Segment.create(name, replace(layout, version=LAYOUT_VERSION), int(header[METRIC]),
+                             int(header[SPACE]), int(header[SEGMENT_NO]), _scales(f, layout, header))
         try:
             crc = crc32c.crc32c(memoryview(header).cast("B"))
             size = header.nbytes

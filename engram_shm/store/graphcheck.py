@@ -10,16 +10,25 @@ from collections import deque
 
 import numpy as np
 
+from .layout import STABLE_SHIFT
+
+
+def count_word(row: np.ndarray) -> tuple[int, int]:
+    """(links, length of the stable prefix) of a list's count word."""
+    word = int(row[0])
+    return word & ((1 << STABLE_SHIFT) - 1), word >> STABLE_SHIFT
+
 
 def links(row: np.ndarray) -> list[int]:
-    return row[1:1 + row[0]].tolist()
+    return row[1:1 + count_word(row)[0]].tolist()
 
 
 def graph_violations(g, n: int, M: int) -> list[str]:
     """Every broken HNSW invariant of a graph holding nodes [0, n): links are
     published nodes, no self-links or duplicates, degrees within 2M (layer 0)
     and M (upper layers), upper links only to nodes on that layer, and every
-    node reachable on layer 0 from the entry point."""
+    node reachable on layer 0 from the entry point; a stable prefix no longer
+    than its list."""
     bad = []
     for node in range(n):
         for layer in range(0, int(g.level[node]) + 1):
@@ -31,8 +40,10 @@ def graph_violations(g, n: int, M: int) -> list[str]:
                     bad.append(f"node {node} of level {g.level[node]} has no upper row")
                     break
                 row, limit = g.upper[r, layer - 1], M
-            if not 0 <= row[0] <= limit:
-                bad.append(f"node {node} layer {layer} degree {row[0]} outside [0, {limit}]")
+            degree, stable = count_word(row)
+            if row[0] < 0 or degree > limit or stable > degree:
+                bad.append(f"node {node} layer {layer} degree {degree} outside [0, {limit}] "
+                           f"or stable prefix {stable} longer")
                 continue
             ls = links(row)
             if len(set(ls)) != len(ls):

@@ -35,13 +35,18 @@ Columns (cap = capacity; `-1` sentinels are written by the creator):
 | upper_row  | int32             | [cap]                       | -1       | front        |
 | parent     | int32             | [cap]                       | -1       | index writer |
 | links0     | int32             | [cap, 2M+1]                 | count 0  | index writer |
+|            |                   | ([0]: count word, hnsw.py)  |          |              |
 | upper      | int32             | [upper_cap, MAX_LEVEL, M+1] | count 0  | index writer |
 | arena      | uint8             | [arena_cap]                 |          | front        |
 | scales     | float32           | [dim], int8 stores only     |          | creator      |
 
 int8 codes of element d are value * 127 / scales[d] (kernels/policy.WeightedMetric).
 Layout version 1 had no `scales` column: its int8 stores code every element
-with SCALE, and are read as scales of SCALE throughout.
+with SCALE, and are read as scales of SCALE throughout. Version 3 added the
+stable-prefix length to link lists' count words (STABLE_SHIFT); the plain
+counts of earlier versions read as a prefix of 0. A checkpoint's blocks are
+loaded at the current version, so that the code that writes prefixes never
+labels them with an older one.
 
 Slot i's record is arena[text_end[i-1]:text_end[i]] (0 for i = 0): its first
 id_len[i] bytes are the id, the rest the text, both UTF-8.
@@ -56,10 +61,13 @@ import numpy as np
 from ..errors import Corrupt
 
 MAGIC_VALUE = 0x454E4752414D5347  # "ENGRAMSG"
-LAYOUT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: before int8 stores had per-dimension scales
+LAYOUT_VERSION = 3
+# 1: before int8 stores had per-dimension scales; 2: before stable prefixes
+READABLE_VERSIONS = (1, 2, 3)
 MAX_LEVEL = 6
 HEADER_WORDS = 64
+# A link list's count word (hnsw.py): links | stable-prefix length << STABLE_SHIFT.
+STABLE_SHIFT = 16
 ALIGN = 64
 
 # Header words, grouped by writer on 64-byte lines.
