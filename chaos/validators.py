@@ -187,7 +187,7 @@ def graph_integrity(stored: Stored) -> Check:
     for seg in stored.segments:
         n = seg.indexed
         nodes += n
-        M = seg.graph_r.upper.shape[2] - 1
+        M = seg.layout.M
         bad = graph_violations(seg.graph_r, n, M)
         if bad:
             problems.append(f"{seg.name}: {len(bad)} violations, e.g. {bad[:3]}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engram_shm.store.graphcheck import count_word, graph_violations, links  # noqa: F401 (the oracle lives there)
+from engram_shm.store.graphcheck import count_word, graph_violations, links, list_of  # noqa: F401 (the oracle lives there)
 
 
 def as_f32(store: np.ndarray) -> np.ndarray:

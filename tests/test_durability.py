@@ -19,10 +19,10 @@ import zmq
 from engram_shm import Client, Engine
 from engram_shm.config import EngineConfig
 from engram_shm.engine.writer import EngineWriter
-from engram_shm.errors import DataDirInUse, StorageFull
+from engram_shm.errors import Corrupt, DataDirInUse, StorageFull
 from engram_shm.store import checkpoint, shm, wal
 from engram_shm.store.catalog import FRONT_RECOVERING, WAL_LSN, Catalog, collect_stale
-from engram_shm.store.layout import ACCEPTED, LAYOUT_VERSION, SegmentLayout
+from engram_shm.store.layout import ACCEPTED, LAYOUT_VERSION, UPPER_USED, SegmentLayout
 from engram_shm.store.segment import Segment
 from engram_shm.store.verify import verify
 from engram_shm.synthetic import clustered
@@ -30,6 +30,7 @@ from engram_shm.transport import protocol as p
 from engram_shm.transport.launch import free_port, running_server
 from engram_shm.transport.sessions import create_table
 
+import naive
 from exports import export_all
 from inproc import front_on
 
@@ -149,29 +150,43 @@ def test_an_int8_space_comes_back_with_its_scales_and_codes(tmp_path):
         assert e.recall("s", data[0] + 0.5, k=1)[0].id == "more"
 
 
-@pytest.mark.parametrize("version, dtype", [(1, "int8"), (2, "f16")])
+@pytest.mark.parametrize("version, dtype", [(1, "int8"), (2, "f16"), (3, "f32")])
 def test_a_checkpointed_block_of_an_older_layout_loads_at_the_current_one(tmp_path, version, dtype):
-    """Blocks of layouts 1 and 2 come back at the current version (whose
-    writers put stable prefixes in count words), their columns as written."""
+    """Blocks of layouts 1 to 3 come back at the current version (whose
+    writers put stable prefixes in count words), their columns as written
+    and each tall node's upper lists (a row of MAX_LEVEL lists per node
+    before version 4) one row per layer; a live block of an older layout is
+    refused."""
     names = [f"engram-test-layout-{os.getpid()}-{version}-{i}" for i in range(2)]
     rng = np.random.default_rng(version)
+    levels = [0, 2, 0, 1, 3]
     try:
         old = Segment.create(names[0], SegmentLayout(16, 4, dtype, 4, 256, version=version), 0, 0, 0,
                              np.full(4, 0.25, np.float32) if dtype == "int8" else None)
         w = old.w
-        w.vectors[:3] = rng.integers(-100, 100, (3, 4)).astype(w.vectors.dtype)
-        w.links0[:3, :3] = [[2, 1, 2], [2, 0, 2], [2, 0, 1]]
-        w.text_end[:3] = [2, 4, 6]
-        w.id_len[:3] = 1
-        old.header[ACCEPTED] = 3
+        w.vectors[:5] = rng.integers(-100, 100, (5, 4)).astype(w.vectors.dtype)
+        w.links0[:5, :3] = [[2, 1, 2], [2, 0, 2], [2, 0, 1], [1, 4, 0], [1, 3, 0]]
+        w.level[:5] = levels
+        w.upper_row[:5] = [-1, 2, -1, 0, 1]  # rows handed out in any order
+        upper = {(1, 1): [1, 4], (1, 2): [1, 4], (3, 1): [1, 1], (4, 1): [2, 1, 3], (4, 2): [1, 1],
+                 (4, 3): [0]}
+        for (node, layer), row in upper.items():
+            w.upper[w.upper_row[node], layer - 1, :len(row)] = row
+        w.text_end[:5] = [2, 4, 6, 8, 10]
+        w.id_len[:5] = 1
+        old.header[ACCEPTED] = 5
         path = str(tmp_path / "seg.bin")
         size, crc = checkpoint._Image(old).write(path)
         new = checkpoint._load_segment(path, {"file": "seg.bin", "bytes": size, "crc32c": crc}, names[1])
         assert new.layout.version == LAYOUT_VERSION and old.layout.version == version
-        for column in ("vectors", "links0", "text_end"):
-            np.testing.assert_array_equal(getattr(new.r, column)[:3], getattr(old.r, column)[:3])
+        for column in ("vectors", "links0", "text_end", "level"):
+            np.testing.assert_array_equal(getattr(new.r, column)[:5], getattr(old.r, column)[:5])
         np.testing.assert_array_equal(new.scales, old.scales)
-        assert new.accepted == 3
+        assert new.accepted == 5 and new.header[UPPER_USED] == sum(levels)
+        for (node, layer), row in upper.items():
+            assert naive.list_of(new.graph_r, node, layer)[:len(row)].tolist() == row
+        with pytest.raises(Corrupt, match="layout version"):
+            Segment.attach(names[0])
     finally:
         for name in names:
             shm.unlink(name)

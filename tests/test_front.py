@@ -338,9 +338,11 @@ def test_the_client_under_the_same_load_loses_nothing(small_server):
 
 
 def test_recall_latency_while_streaming(server, record_property):
-    """10 recalls/s during 4 s of sustained streaming of 384-d observations; the
-    p99 is reported, not asserted (timings belong to benchmarks:
-    python -m bench.ingest measures it too)."""
+    """40 recalls, 10 a second, while 384-d observations stream in: each one
+    answers with k rows while the stream goes on. The p99 is reported, not
+    asserted (timings belong to benchmarks: python -m bench.ingest measures
+    it too), and the test counts recalls, not seconds, so that a slow
+    machine answers fewer per second, not fewer in all."""
     data = clustered(4096, 384, seed=72)
     stop = threading.Event()
     sent = [0]
@@ -355,26 +357,29 @@ def test_recall_latency_while_streaming(server, record_property):
 
     writer = threading.Thread(target=stream)
     writer.start()
-    latencies = []
+    latencies, streamed = [], []
     with Client(server) as reader:
-        deadline = time.monotonic() + 4.0
-        while time.monotonic() < deadline:
+        for _ in range(400):  # the space exists after the stream's first batch
+            if len(latencies) == 40:
+                break
             time.sleep(0.1)
             t = time.perf_counter()
             try:
-                reader.recall("busy", data[np.random.randint(4096)], k=10)
+                found = reader.recall("busy", data[np.random.randint(4096)], k=10)
             except Exception as e:
                 if getattr(e, "code", None) != "unknown_space":
                     raise
                 continue
             latencies.append(time.perf_counter() - t)
+            streamed.append(sent[0])
+            assert len(found) == 10
     stop.set()
     writer.join()
     p99 = float(np.percentile(latencies, 99)) * 1e3
     record_property("recall_p99_ms", p99)
     print(f"recall p99 while streaming {sent[0]} observations: {p99:.2f} ms over {len(latencies)} "
           "recalls")
-    assert len(latencies) >= 30
+    assert len(latencies) == 40 and streamed[-1] > streamed[0], "the stream stalled during the recalls"
 
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(),

@@ -107,14 +107,14 @@ def build_twice(store, M, metric, ef_c, scales=None):
         for node in range(n):
             if erase:
                 g.links0[:, 0] &= (1 << STABLE_SHIFT) - 1
-                g.upper[:, :, 0] &= (1 << STABLE_SHIFT) - 1
+                g.upper[:, 0] &= (1 << STABLE_SHIFT) - 1
             hnsw.insert(store, gens, g, node, node + 1, ef_c, metric, sc, scales)
         graphs.append(g)
     return graphs
 
 
 def link_sets(g, n):
-    return [[sorted(naive.links(g.links0[x] if layer == 0 else g.upper[g.upper_row[x], layer - 1]))
+    return [[sorted(naive.links(naive.list_of(g, x, layer)))
              for layer in range(int(g.level[x]) + 1)] for x in range(n)]
 
 
@@ -253,7 +253,7 @@ def test_repair_finishes_a_half_rewritten_list(case, draw):
     hnsw.insert(data, gens, g, 0, n, ef_c, metric, sc)
     node = draw.draw(st.integers(0, n - 1))
     layer = draw.draw(st.integers(0, int(g.level[node])))
-    row = g.links0[node] if layer == 0 else g.upper[g.upper_row[node], layer - 1]
+    row = naive.list_of(g, node, layer)
     cnt = len(naive.links(row))
     if cnt:
         torn = draw.draw(st.lists(st.sampled_from(naive.links(row)), min_size=cnt, max_size=cnt))

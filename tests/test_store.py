@@ -314,7 +314,7 @@ def test_a_batch_lands_in_the_columns_as_the_naive_write_would():
     try:
         levels = draw_levels(3, np.arange(100, 140, dtype=np.uint64), 4, MAX_LEVEL)
         assert append_rows(seg.w, batch, 100, levels, 10, 40, 5, 7, 2, True, np.inf) == \
-            (ROW_OK, 2 + int((levels[10:] > 0).sum()))
+            (ROW_OK, 2 + int(levels[10:].sum()))
         c = seg.r
         rows = slice(5, 35)
         want = data[10:] / np.linalg.norm(data[10:], axis=1, keepdims=True)
@@ -323,8 +323,8 @@ def test_a_batch_lands_in_the_columns_as_the_naive_write_would():
         np.testing.assert_array_equal(c.when[rows], np.arange(10.0, 40.0))
         np.testing.assert_allclose(c.confidence[rows], np.linspace(0, 1, 40)[10:], rtol=1e-6)
         assert c.level[rows].tolist() == levels[10:].tolist()
-        tall = np.cumsum(levels[10:] > 0) + 1
-        assert c.upper_row[rows].tolist() == np.where(levels[10:] > 0, tall, -1).tolist()
+        first = 2 + np.cumsum(levels[10:]) - levels[10:]  # a row per upper layer
+        assert c.upper_row[rows].tolist() == np.where(levels[10:] > 0, first, -1).tolist()
         for slot, i in zip(range(5, 35), range(10, 40)):
             start = 7 if slot == 5 else int(c.text_end[slot - 1])
             raw = c.arena[start:c.text_end[slot]].tobytes()

@@ -5,9 +5,11 @@ Graph arrays (layout and writers: see engram_shm/store/layout.py):
 | field     | dtype | shape                       | meaning                                   |
 |-----------|-------|-----------------------------|-------------------------------------------|
 | links0    | int32 | [cap, 2M+1]                 | layer-0 list: [0] count word, [1..] ids   |
-| upper     | int32 | [upper_cap, max_level, M+1] | layer l>=1 list of a node, row upper_row  |
+| upper     | int32 | [upper_cap, M+1]            | layer l>=1 list of a node: row            |
+|           |       |                             | upper_row + l - 1                         |
 | level     | int32 | [cap]                       | top layer of the node (drawn by the front)|
-| upper_row | int32 | [cap]                       | row in `upper`, -1 for layer-0-only nodes |
+| upper_row | int32 | [cap]                       | first of the node's `level` rows in       |
+|           |       |                             | `upper`, -1 for layer-0-only nodes        |
 | parent    | int32 | [cap]                       | pinned tree parent on layer 0, -1 = none  |
 | state     | int64 | [2]                         | [0] entry: (top level << 32) | node, -1  |
 |           |       |                             | empty; [1] rewrite journal (see below)    |
@@ -80,10 +82,10 @@ def _row(g, node, layer):
     """The link list of `node` on `layer`, or an empty slice if it has none."""
     if layer == 0:
         return g.links0[node]
-    r = g.upper_row[node]
-    if r < 0 or r >= g.upper.shape[0] or layer > g.level[node] or layer > g.upper.shape[1]:
+    first = g.upper_row[node]
+    if first < 0 or layer > g.level[node] or layer > MAX_LEVEL or first + layer > g.upper.shape[0]:
         return g.links0[node, :1][:0]
-    return g.upper[r, layer - 1]
+    return g.upper[first + layer - 1]
 
 
 @kernel
@@ -557,7 +559,7 @@ def _segment_at(table, s, like):
     gens = carray(pointer_to(row[T_GENS], np.uint64), cap)
     header = carray(pointer_to(row[T_HEADER], np.int64), HEADER_WORDS)
     g = Graph(carray(pointer_to(row[T_LINKS0], np.int32), (cap, width)),
-              carray(pointer_to(row[T_UPPER], np.int32), (row[T_UPPER_CAP], MAX_LEVEL, (width + 1) // 2)),
+              carray(pointer_to(row[T_UPPER], np.int32), (row[T_UPPER_CAP], (width + 1) // 2)),
               carray(pointer_to(row[T_LEVEL], np.int32), cap),
               carray(pointer_to(row[T_UPPER_ROW], np.int32), cap),
               carray(pointer_to(row[T_PARENT], np.int32), cap),
@@ -596,11 +598,10 @@ def new_graph(levels: np.ndarray, M: int, max_level: int) -> Graph:
     max_level), laid out as in a segment; for tests, benchmarks and warm-up."""
     cap = len(levels)
     levels = np.minimum(levels, max_level).astype(np.int32)
-    upper_row = np.full(cap, -1, np.int32)
-    tall = np.nonzero(levels > 0)[0]
-    upper_row[tall] = np.arange(len(tall), dtype=np.int32)
+    ends = np.cumsum(levels, dtype=np.int64)
+    upper_row = np.where(levels > 0, ends - levels, -1).astype(np.int32)
     return Graph(np.zeros((cap, 2 * M + 1), np.int32),
-                 np.zeros((max(len(tall), 1), max_level, M + 1), np.int32),
+                 np.zeros((max(int(ends[-1]) if cap else 0, 1), M + 1), np.int32),
                  levels, upper_row, np.full(cap, -1, np.int32), np.array([-1, 0], np.int64))
 
 
@@ -641,7 +642,7 @@ def _check_graph(store: np.ndarray, gens: np.ndarray, g: Graph, sc: Scratch) -> 
     M = _check_columns(store, gens, g)
     cap = store.shape[0]
     if not (sc.visited.shape[0] >= cap and sc.cand_k.shape[0] >= cap and sc.keep_v.shape[0] >= 2 * M + 2
-            and sc.layer_v.shape[0] > g.upper.shape[1] and sc.layer_v.shape[1] >= M):
+            and sc.layer_v.shape[0] > MAX_LEVEL and sc.layer_v.shape[1] >= M):
         raise InvalidArgument("scratch arrays do not match the store's capacity and M")
     return M
 
@@ -649,8 +650,8 @@ def _check_graph(store: np.ndarray, gens: np.ndarray, g: Graph, sc: Scratch) -> 
 def _check_columns(store: np.ndarray, gens: np.ndarray, g: Graph) -> int:
     check_store(store)
     cap = store.shape[0]
-    M = g.upper.shape[2] - 1
-    ok = (gens.shape == (cap,) and gens.dtype == np.uint64
+    M = g.upper.shape[1] - 1
+    ok = (gens.shape == (cap,) and gens.dtype == np.uint64 and g.upper.ndim == 2
           and g.links0.shape == (cap, 2 * M + 1) and g.links0.dtype == np.int32
           and g.level.shape == (cap,) and g.upper_row.shape == (cap,) and g.parent.shape == (cap,)
           and g.state.shape == (2,) and g.state.dtype == np.int64)
@@ -672,7 +673,6 @@ class SpaceViews:
             _check_columns(v.store, v.gens, v.graph)
             if (v.header.shape != (HEADER_WORDS,) or v.header.dtype != np.int64
                     or not all(a.flags.c_contiguous for a in (v.header, *v.graph[:5]))
-                    or v.graph.upper.shape[1] != MAX_LEVEL
                     or v.graph.state.ctypes.data != v.header.ctypes.data + ENTRY * 8):
                 raise InvalidArgument("segment columns are not laid out as a segment's (the graph's "
                                       "entry is the header's ENTRY words)")
@@ -687,7 +687,7 @@ class SpaceViews:
         self.like = np.empty((0, views[0].store.shape[1]), views[0].store.dtype)
         self.capacity = max(v.store.shape[0] for v in views)
         self.dim = views[0].store.shape[1]
-        self.M = views[0].graph.upper.shape[2] - 1
+        self.M = views[0].graph.upper.shape[1] - 1
         self.n = len(views)
         self._metric = None
 

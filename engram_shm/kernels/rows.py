@@ -54,9 +54,9 @@ def _append_rows(c, first_generation, when, confidence, records, record_ends, id
         c.text_end[s] = arena_at + record_ends[i] - start
         c.id_len[s] = id_lens[i]
         c.level[s] = levels[i]
-        if levels[i] > 0:
+        if levels[i] > 0:  # one row per upper layer
             c.upper_row[s] = upper_at
-            upper_at += 1
+            upper_at += levels[i]
         else:
             c.upper_row[s] = -1
     c.arena[arena_at:arena_at + record_ends[hi - 1] - start] = records[start:record_ends[hi - 1]]

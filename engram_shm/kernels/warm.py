@@ -34,14 +34,13 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 def _warm_append(dtype, dim: int) -> None:
     from ..observations import prepare
-    from ..store.layout import MAX_LEVEL
+    from ..store.layout import MAX_LEVEL, STORAGE, SegmentLayout
     from ..store.segment import Columns
 
     n = 2
-    cols = Columns(np.zeros((n, dim), dtype), np.zeros(n, np.uint64), np.zeros(n), np.zeros(n, np.float32),
-                   np.zeros(n, np.uint64), np.zeros(n, np.int64), np.zeros(n, np.int32),
-                   np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
-                   np.zeros((n, 5), np.int32), np.zeros((1, MAX_LEVEL, 3), np.int32), np.zeros(64, np.uint8))
+    name = next(name for name, stored in STORAGE.items() if stored == dtype)
+    cols = Columns(*(np.zeros(shape, column_dtype) for column, column_dtype, shape
+                     in SegmentLayout(n, dim, name, 2, 64).columns() if column in Columns._fields))
     levels = draw_levels(0, np.arange(1, n + 1, dtype=np.uint64), 2, MAX_LEVEL)
     for payload in (np.ones((n, dim), np.float32), np.ones((n, dim), np.float16).view(np.uint16)):
         batch = prepare(["a", "b"], payload, dim=dim, metric="cosine", dtype="f32")

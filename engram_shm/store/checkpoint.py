@@ -61,6 +61,7 @@ from .layout import (
     INDEXED,
     LAYOUT_VERSION,
     MAX_GEN,
+    MAX_LEVEL,
     METRIC,
     MIN_GEN,
     REPAIR,
@@ -134,7 +135,7 @@ class _Image:
             header = seg.header.copy()
             accepted = int(header[ACCEPTED])
             w = seg.w
-            self.upper_used = int(np.count_nonzero(w.level[:accepted] > 0))
+            self.upper_used = seg.layout.upper_rows_used(w.level[:accepted])
             self.graph = {"parent": w.parent[:accepted].copy(), "links0": w.links0[:accepted].copy(),
                           "upper": w.upper[:self.upper_used].copy()}
         finally:
@@ -277,17 +278,19 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
         if len(header) != HEADER_WORDS:
             raise ValueError(f"{entry['file']} is cut short")
         layout = SegmentLayout.from_header(header, sys.maxsize)
-        # At the current layout version: an older block's columns read as they are (see layout.py)
-        seg = Segment.create(name, replace(layout, version=LAYOUT_VERSION), int(header[METRIC]),
+        accepted, upper_used = int(header[ACCEPTED]), int(header[UPPER_USED])
+        seg = Segment.create(name, _current_layout(f, layout, header), int(header[METRIC]),
                              int(header[SPACE]), int(header[SEGMENT_NO]), _scales(f, layout, header))
         try:
             crc = crc32c.crc32c(memoryview(header).cast("B"))
             size = header.nbytes
             read_scales = seg.scales
-            for column, n in _prefixes(layout, int(header[ACCEPTED]), int(header[UPPER_USED]),
-                                       int(header[ARENA_USED])):
+            node_rows = None
+            for column, n in _prefixes(layout, accepted, upper_used, int(header[ARENA_USED])):
                 if column == "scales":  # which `create` wrote: read again for the checksum
                     part = read_scales = np.empty(n, np.float32)
+                elif column == "upper" and not layout.rows_per_layer:  # regrouped below
+                    part = node_rows = np.empty((n, MAX_LEVEL, layout.M + 1), np.int32)
                 else:
                     part = getattr(seg.w, column)[:n]
                 if part.size == 0:
@@ -300,12 +303,54 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
             if (f.read(1) or size != entry["bytes"] or crc != entry["crc32c"]
                     or not np.array_equal(read_scales, seg.scales)):
                 raise ValueError(f"{entry['file']} does not match its checksum")
-            for word in (ACCEPTED, ARENA_USED, UPPER_USED, SEALED, MIN_GEN, MAX_GEN, INDEXED, ENTRY, REPAIR):
+            if node_rows is not None:
+                upper_used = _rows_per_layer(seg.w, accepted, node_rows)
+            for word in (ACCEPTED, ARENA_USED, SEALED, MIN_GEN, MAX_GEN, INDEXED, ENTRY, REPAIR):
                 seg.header[word] = header[word]
+            seg.header[UPPER_USED] = upper_used
         except BaseException:
             _discard(seg)
             raise
     return seg
+
+
+def _current_layout(f, layout: SegmentLayout, header: np.ndarray) -> SegmentLayout:
+    """The layout a segment file loads at: the current version (see
+    layout.py), with room for the upper rows an older block's nodes take
+    once they have one per layer (counted from its level column, read ahead)."""
+    if layout.rows_per_layer:
+        return replace(layout, version=LAYOUT_VERSION)
+    accepted = int(header[ACCEPTED])
+    at = f.tell()
+    offset = header.nbytes
+    sizes = {name: dtype.itemsize * int(np.prod(shape[1:])) for name, dtype, shape in layout.columns()}
+    for column, n in _prefixes(layout, accepted, int(header[UPPER_USED]), int(header[ARENA_USED])):
+        if column == "level":
+            break
+        offset += n * sizes[column]
+    f.seek(offset)
+    levels = np.frombuffer(f.read(4 * accepted), np.int32)
+    f.seek(at)
+    return SegmentLayout.holding(layout.capacity, int(levels.sum(dtype=np.int64)), layout.dim,
+                                 layout.dtype, layout.M, layout.arena_capacity)
+
+
+def _rows_per_layer(w, accepted: int, node_rows: np.ndarray) -> int:
+    """Lay out an older block's upper lists (a row of MAX_LEVEL lists per
+    tall node, `node_rows`) as one row per layer in `w.upper`, moving each
+    node's upper_row to its first; returns the rows used."""
+    levels = w.level[:accepted]
+    tall = np.flatnonzero(levels > 0)
+    counts = levels[tall].astype(np.int64)
+    old = w.upper_row[tall]
+    if tall.size and (counts.max() > MAX_LEVEL or old.min() < 0 or old.max() >= len(node_rows)):
+        raise ValueError("upper rows do not match the levels they serve")
+    ends = np.cumsum(counts)
+    first = ends - counts
+    used = int(ends[-1]) if tall.size else 0
+    w.upper[:used] = node_rows[np.repeat(old, counts), np.arange(used) - np.repeat(first, counts)]
+    w.upper_row[tall] = first
+    return used
 
 
 def _scales(f, layout: SegmentLayout, header: np.ndarray) -> np.ndarray | None:

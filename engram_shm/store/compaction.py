@@ -89,14 +89,11 @@ def _fitting(chosen: list[Segment], smallest_first: list[Segment], largest: int)
 
 def merged_layout(sources: list[Segment], params: SpaceParams) -> SegmentLayout:
     """The room the sources' rows take (a merged segment takes no appends):
-    their slots and text, and enough upper rows for their tall nodes."""
-    rows = sum(s.accepted for s in sources)
-    arena = sum(int(s.header[ARENA_USED]) for s in sources)
-    tall = sum(int(s.header[UPPER_USED]) for s in sources)
-    # upper_capacity is min(cap, 2 cap / M + 64): more slots than rows only
-    # for a run of unusually many tall nodes.
-    capacity = max(rows, tall, -(-(tall - 64) * params.M // 2))
-    return SegmentLayout(capacity, params.dim, params.dtype, params.M, max(arena, 1))
+    their slots, text and upper rows."""
+    return SegmentLayout.holding(sum(s.accepted for s in sources),
+                                 sum(int(s.header[UPPER_USED]) for s in sources),
+                                 params.dim, params.dtype, params.M,
+                                 sum(int(s.header[ARENA_USED]) for s in sources))
 
 
 @dataclass
@@ -154,12 +151,11 @@ class Merge:
             w.upper_row[at:at + m] = r.upper_row[lo:hi]
             for name in GRAPH_COLUMNS:
                 getattr(w, name)[at:at + m] = getattr(r, name)[lo:hi]
-        else:  # the others get fresh upper rows; the index writers link them
-            tall = r.level[lo:hi] > 0
-            rows = np.full(m, -1, np.int32)
-            rows[tall] = self.upper + np.arange(int(tall.sum()), dtype=np.int32)
-            w.upper_row[at:at + m] = rows
-            self.upper += int(tall.sum())
+        else:  # the others get fresh upper rows, one per layer; the index writers link them
+            levels = r.level[lo:hi]
+            ends = self.upper + np.cumsum(levels, dtype=np.int64)
+            w.upper_row[at:at + m] = np.where(levels > 0, ends - levels, -1)
+            self.upper += int(levels.sum())
         self.slot += m
         self.row = hi
         if hi == src.accepted:

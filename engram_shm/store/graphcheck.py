@@ -23,6 +23,12 @@ def links(row: np.ndarray) -> list[int]:
     return row[1:1 + count_word(row)[0]].tolist()
 
 
+def list_of(g, node: int, layer: int) -> np.ndarray:
+    """The link list (count word first) of `node` on `layer`: upper layers
+    take one row each, from the node's upper_row (layout.py)."""
+    return g.links0[node] if layer == 0 else g.upper[g.upper_row[node] + layer - 1]
+
+
 def graph_violations(g, n: int, M: int) -> list[str]:
     """Every broken HNSW invariant of a graph holding nodes [0, n): links are
     published nodes, no self-links or duplicates, degrees within 2M (layer 0)
@@ -32,14 +38,10 @@ def graph_violations(g, n: int, M: int) -> list[str]:
     bad = []
     for node in range(n):
         for layer in range(0, int(g.level[node]) + 1):
-            if layer == 0:
-                row, limit = g.links0[node], 2 * M
-            else:
-                r = g.upper_row[node]
-                if r < 0:
-                    bad.append(f"node {node} of level {g.level[node]} has no upper row")
-                    break
-                row, limit = g.upper[r, layer - 1], M
+            if layer > 0 and g.upper_row[node] < 0:
+                bad.append(f"node {node} of level {g.level[node]} has no upper row")
+                break
+            row, limit = list_of(g, node, layer), (2 * M if layer == 0 else M)
             degree, stable = count_word(row)
             if row[0] < 0 or degree > limit or stable > degree:
                 bad.append(f"node {node} layer {layer} degree {degree} outside [0, {limit}] "

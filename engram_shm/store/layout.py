@@ -12,7 +12,7 @@ another process's counters.
 |             |               | the largest of an int8 store's scales; 1 otherwise)   |
 | ACCEPTED    | front         | slots [0, ACCEPTED) are complete and visible          |
 | ARENA_USED  | front         | bytes of the text arena in use                        |
-| UPPER_USED  | front         | rows of `upper` handed out                            |
+| UPPER_USED  | front         | rows of `upper` handed out (a node of level L takes L)|
 | SEALED      | front         | 1 once the segment takes no more appends              |
 | MIN/MAX_GEN | front         | generation range held                                 |
 | INDEXED     | index writer  | nodes [0, INDEXED) are in the graph                   |
@@ -33,10 +33,13 @@ Columns (cap = capacity; `-1` sentinels are written by the creator):
 | id_len     | int32             | [cap]                       |          | front        |
 | level      | int32             | [cap]                       |          | front        |
 | upper_row  | int32             | [cap]                       | -1       | front        |
+|            |                   | (first of the node's rows)  |          |              |
 | parent     | int32             | [cap]                       | -1       | index writer |
 | links0     | int32             | [cap, 2M+1]                 | count 0  | index writer |
 |            |                   | ([0]: count word, hnsw.py)  |          |              |
-| upper      | int32             | [upper_cap, MAX_LEVEL, M+1] | count 0  | index writer |
+| upper      | int32             | [upper_cap, M+1]            | count 0  | index writer |
+|            |                   | (row upper_row + l - 1:     |          |              |
+|            |                   | the node's layer l list)    |          |              |
 | arena      | uint8             | [arena_cap]                 |          | front        |
 | scales     | float32           | [dim], int8 stores only     |          | creator      |
 
@@ -46,7 +49,11 @@ with SCALE, and are read as scales of SCALE throughout. Version 3 added the
 stable-prefix length to link lists' count words (STABLE_SHIFT); the plain
 counts of earlier versions read as a prefix of 0. A checkpoint's blocks are
 loaded at the current version, so that the code that writes prefixes never
-labels them with an older one.
+labels them with an older one. Version 4 gives a node of level L exactly L
+rows of `upper`, one per layer; before, every node above layer 0 held a row
+of MAX_LEVEL lists (`upper` was [upper_cap, MAX_LEVEL, M+1]), most of them
+never used: a checkpoint's block of an older version is regrouped as it
+loads (checkpoint.py), and a live block of an older version is refused.
 
 Slot i's record is arena[text_end[i-1]:text_end[i]] (0 for i = 0): its first
 id_len[i] bytes are the id, the rest the text, both UTF-8.
@@ -61,9 +68,10 @@ import numpy as np
 from ..errors import Corrupt
 
 MAGIC_VALUE = 0x454E4752414D5347  # "ENGRAMSG"
-LAYOUT_VERSION = 3
-# 1: before int8 stores had per-dimension scales; 2: before stable prefixes
-READABLE_VERSIONS = (1, 2, 3)
+LAYOUT_VERSION = 4
+# 1: before int8 stores had per-dimension scales; 2: before stable prefixes;
+# 3: before upper rows per layer
+READABLE_VERSIONS = (1, 2, 3, 4)
 MAX_LEVEL = 6
 HEADER_WORDS = 64
 # A link list's count word (hnsw.py): links | stable-prefix length << STABLE_SHIFT.
@@ -92,9 +100,33 @@ class SegmentLayout:
 
     @property
     def upper_capacity(self) -> int:
-        # A node reaches layer 1 with probability 1/M; twice the mean plus slack
-        # makes running out (which seals the segment early) vanishingly rare.
-        return min(self.capacity, 2 * self.capacity // self.M + 64)
+        # A node reaches layer l with probability M^-l, so it takes 1/(M-1)
+        # rows on average; twice the mean plus slack makes running out (which
+        # seals the segment early) vanishingly rare.
+        if not self.rows_per_layer:
+            return min(self.capacity, 2 * self.capacity // self.M + 64)
+        return min(self.capacity * MAX_LEVEL, 2 * self.capacity // (self.M - 1) + 64 * MAX_LEVEL)
+
+    @property
+    def rows_per_layer(self) -> bool:
+        """Upper rows hold one layer's list (version 4), not MAX_LEVEL of them."""
+        return self.version >= 4
+
+    @classmethod
+    def holding(cls, rows: int, upper_rows: int, dim: int, dtype: str, M: int, arena: int) -> "SegmentLayout":
+        """The smallest layout (current version) with room for `rows` slots,
+        `upper_rows` upper rows and `arena` text bytes: more slots than rows
+        only for a run of unusually many tall nodes."""
+        capacity = max(rows, -(-upper_rows // MAX_LEVEL), -(-(upper_rows - 64 * MAX_LEVEL) * (M - 1) // 2))
+        layout = cls(capacity, dim, dtype, M, max(arena, 1))
+        assert layout.upper_capacity >= upper_rows
+        return layout
+
+    def upper_rows_used(self, levels: np.ndarray) -> int:
+        """Upper rows taken by nodes of these levels."""
+        if not self.rows_per_layer:
+            return int(np.count_nonzero(levels > 0))
+        return int(levels.sum(dtype=np.int64))
 
     def columns(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         cap = self.capacity
@@ -110,7 +142,8 @@ class SegmentLayout:
             ("upper_row", np.dtype(np.int32), (cap,)),
             ("parent", np.dtype(np.int32), (cap,)),
             ("links0", np.dtype(np.int32), (cap, 2 * self.M + 1)),
-            ("upper", np.dtype(np.int32), (self.upper_capacity, MAX_LEVEL, self.M + 1)),
+            ("upper", np.dtype(np.int32), (self.upper_capacity,)
+             + ((self.M + 1,) if self.rows_per_layer else (MAX_LEVEL, self.M + 1))),
             ("arena", np.dtype(np.uint8), (self.arena_capacity,)),
         ] + ([("scales", np.dtype(np.float32), (self.dim,))] if self.has_scales else [])
 

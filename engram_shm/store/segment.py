@@ -16,9 +16,10 @@ from collections import namedtuple
 
 import numpy as np
 
+from ..errors import Corrupt
 from ..kernels.hnsw import Graph, SegmentView
 from . import shm
-from .layout import ACCEPTED, ENTRY, INDEXED, SEALED, WRITER, SegmentLayout, uniform_scales
+from .layout import ACCEPTED, ENTRY, INDEXED, LAYOUT_VERSION, SEALED, WRITER, SegmentLayout, uniform_scales
 
 Columns = namedtuple("Columns", "vectors generation when confidence id_hash text_end id_len "
                                 "level upper_row parent links0 upper arena")
@@ -89,6 +90,10 @@ class Segment:
             header = np.ndarray((64,), np.int64, buffer=block.buf)
             layout = SegmentLayout.from_header(header, block.size)
             del header
+            if layout.version != LAYOUT_VERSION:  # kernels read the current layout only
+                raise Corrupt(f"segment {name} has layout version {layout.version}, not "
+                              f"{LAYOUT_VERSION}: a block of an older engram_shm (restart its "
+                              f"engine, which loads it from a checkpoint)")
             return cls(block, layout, writable=writable)
         except BaseException:
             shm.close(block)

@@ -298,7 +298,7 @@ class SpaceWriter:
     def _plan(self, batch: Batch, levels: np.ndarray,
               admit: Callable[[int], None] | None) -> tuple[list[_Placement], set[int]]:
         """Where each chunk goes, and the (ids of) segments found full."""
-        upper_cum = np.concatenate([[0], np.cumsum(levels > 0)])
+        upper_cum = np.concatenate([[0], np.cumsum(levels, dtype=np.int64)])  # a row per upper layer
         ends = batch.record_ends
         cursors: dict[int, _Cursor] = {}
         full: set[int] = set()
