@@ -14,10 +14,12 @@ built, and `+compact` (the graphs merged into one by Engine.compact(), which
 the insert rates include). Insert rates are per wall second and per CPU second of the
 process (engram_shm's caller thread stores while its writers index, so its
 wall rate at one writer may use more than one core: the CPU rate is the
-honest "per core" figure). Every system is built first and kept open; then
-queries go one at a time, one thread, in blocks of 50 that every system
-answers in turn (engram_shm's through Engine.recall with results decoded),
-so that the machine's drift falls on all of them alike. For int8, `codes recall@10` is that of
+honest "per core" figure). Every system is built at once, a chunk of 4096
+rows each in turn (engram_shm's chunk observed, then waited for until
+indexed), and kept open; then queries go one at a time, one thread, in
+blocks of 50 that every system answers in turn (engram_shm's through
+Engine.recall with results decoded): the machine's drift falls on all of
+them alike. For int8, `codes recall@10` is that of
 an exact search over the codes the engine stores (calibrated from the first
 batch as a space is): the most a graph over them can find. Prints one JSON
 object per system per line, then a table per dataset with ratios to hnswlib
@@ -28,8 +30,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from typing import NamedTuple
 
 import numpy as np
 
@@ -63,28 +63,121 @@ def codes_recall(data: np.ndarray, queries: np.ndarray, exact: np.ndarray) -> fl
     return recall_at_10(exact_top10(quantization.decoded(codes, scales), queries).tolist(), exact)
 
 
-class Built(NamedTuple):
-    """A system with its index built and open: its row so far (name, dtype,
-    threads, insert rates), the search of one query (ids of its top 10) and
-    what closes it."""
-    row: dict
-    search: Callable[[np.ndarray], list[int]]
-    close: Callable[[], None]
+class Build:
+    """One system's index, built a chunk of rows at a time: `add(rows, lo)`
+    inserts rows lo.. (ids are row numbers), `finish()` ends the build,
+    `search(q)` gives the ids of a query's top 10. Its row holds its name,
+    dtype and threads; `interleaved_builds` adds the insert rates."""
+
+    def __init__(self, system: str, dtype: str, threads: int):
+        self.row = {"bench": "ann", "system": system, "dtype": dtype, "threads": threads}
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
-def built(system, dtype, threads, data_name, data, insert_s, insert_cpu_s, search,
-          close=lambda: None) -> Built:
-    n, dim = data.shape
-    return Built({"bench": "ann", "system": system, "data": data_name, "n": n, "dim": dim, "dtype": dtype,
-                  "threads": threads, "insert_per_s": round(n / insert_s, 1),
-                  "insert_per_cpu_s": round(n / insert_cpu_s, 1)}, search, close)
+class EngramBuild(Build):
+    """As built (compaction off), or `compact`ed: the writers' graphs merged
+    into one by `Engine.compact()` after the fill, its time counted in the
+    insert rates (system "engram_shm+compact"). Each chunk is observed and
+    then waited for until indexed."""
+
+    def __init__(self, data: np.ndarray, dtype: str, threads: int, compact: bool = False):
+        from engram_shm import Engine
+
+        super().__init__("engram_shm+compact" if compact else "engram_shm", dtype, threads)
+        n, dim = data.shape
+        # Segments of n, as hnswlib and faiss build one index: one graph per
+        # writer (a hot space opens a segment for each).
+        self.engine = Engine(workers=threads, segment_capacity=max(n, 64), first_segment_capacity=max(n, 64),
+                             ring_capacity=max(n, 64), dtype=dtype, compaction_capacity=n if compact else 0,
+                             M=M, ef_construction=EF_CONSTRUCTION, ef_search=EF)
+        self.compact = compact
+        try:
+            self.engine.create_space("bench", dim=dim)
+        except BaseException:
+            self.engine.close()
+            raise
+
+    def add(self, rows: np.ndarray, lo: int) -> None:
+        self.engine.observe("bench", [str(i) for i in range(lo, lo + len(rows))], rows)
+        self.engine.wait_indexed()
+
+    def finish(self) -> None:
+        if self.compact:
+            self.engine.compact()
+
+    def search(self, q: np.ndarray) -> list[int]:
+        return [int(m.id) for m in self.engine.recall("bench", q, k=10)]
+
+    def close(self) -> None:
+        self.engine.close()
 
 
-def timed(build):
-    """Wall and CPU seconds (this process, every thread) of build()."""
+class HnswlibBuild(Build):
+    def __init__(self, data: np.ndarray, threads: int):
+        import hnswlib
+
+        super().__init__("hnswlib", "f32", threads)
+        self.index = hnswlib.Index("ip", data.shape[1])
+        self.index.init_index(len(data), M=M, ef_construction=EF_CONSTRUCTION, random_seed=1)
+        self.index.set_ef(EF)
+        self.threads = threads
+
+    def add(self, rows: np.ndarray, lo: int) -> None:
+        self.index.add_items(rows, np.arange(lo, lo + len(rows)), num_threads=self.threads)
+
+    def search(self, q: np.ndarray) -> list[int]:
+        return self.index.knn_query(q, 10, num_threads=1)[0][0]
+
+
+class FaissBuild(Build):
+    """IndexHNSWFlat, one thread (its HNSW build is one thread)."""
+
+    def __init__(self, data: np.ndarray):
+        import faiss
+
+        super().__init__("faiss", "f32", 1)
+        faiss.omp_set_num_threads(1)
+        self.index = faiss.IndexHNSWFlat(data.shape[1], M, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = EF_CONSTRUCTION
+        self.index.hnsw.efSearch = EF
+
+    def add(self, rows: np.ndarray, lo: int) -> None:
+        self.index.add(rows)
+
+    def search(self, q: np.ndarray) -> list[int]:
+        return self.index.search(q[None, :], 10)[1][0]
+
+
+def timed(step, *args) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, every thread) of step(*args)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    build()
+    step(*args)
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved_builds(builds: list[Build], data: np.ndarray, data_name: str) -> None:
+    """Build every system at once, a chunk of rows each in turn, then
+    finish each, adding its insert rates (per wall and per CPU second) to
+    its row: as with the queries, the machine's drift then falls on every
+    build alike, where builds one after another carried the speed of their
+    own minutes and their ratios moved by up to a fifth between runs. Only
+    one build runs at any time, so the process's CPU time in a step is that
+    build's."""
+    n, dim = data.shape
+    spent = np.zeros((len(builds), 2))
+    for lo in range(0, n, CHUNK):
+        for b, build in enumerate(builds):
+            spent[b] += timed(build.add, data[lo:lo + CHUNK], lo)
+    for b, build in enumerate(builds):
+        spent[b] += timed(build.finish)
+    for build, (wall_s, cpu_s) in zip(builds, spent):
+        build.row.update({"data": data_name, "n": n, "dim": dim, "insert_per_s": round(n / wall_s, 1),
+                          "insert_per_cpu_s": round(n / cpu_s, 1)})
 
 
 def timed_queries(search, queries):
@@ -97,7 +190,7 @@ def timed_queries(search, queries):
     return found, latencies
 
 
-def interleaved_queries(systems: list[Built], queries: np.ndarray,
+def interleaved_queries(systems: list[Build], queries: np.ndarray,
                         block: int = 50) -> list[tuple[list, list[float]]]:
     """(found, latencies) of each system, asked the queries in blocks of
     `block`, each block of every system in turn, after one untimed query
@@ -125,58 +218,6 @@ def fill(engine, space: str, data: np.ndarray) -> None:
     for lo in range(0, len(data), CHUNK):
         engine.observe(space, ids[lo:lo + CHUNK], data[lo:lo + CHUNK])
     engine.wait_indexed()
-
-
-def build_engram(data_name, data, dtype, threads, compact: bool = False) -> Built:
-    """As built (compaction off), or `compact`ed: the writers' graphs merged
-    into one by `Engine.compact()` after the fill, its time counted in the
-    insert rates (system "engram_shm+compact")."""
-    from engram_shm import Engine
-
-    n, dim = data.shape
-    # Segments of n, as hnswlib and faiss build one index: one graph per
-    # writer (a hot space opens a segment for each).
-    engine = Engine(workers=threads, segment_capacity=max(n, 64), first_segment_capacity=max(n, 64),
-                    ring_capacity=max(n, 64), dtype=dtype, compaction_capacity=n if compact else 0,
-                    M=M, ef_construction=EF_CONSTRUCTION, ef_search=EF)
-    try:
-        engine.create_space("bench", dim=dim)
-
-        def build():
-            fill(engine, "bench", data)
-            if compact:
-                engine.compact()
-
-        insert_s, insert_cpu_s = timed(build)
-    except BaseException:
-        engine.close()
-        raise
-    return built("engram_shm+compact" if compact else "engram_shm", dtype, threads, data_name, data, insert_s,
-                 insert_cpu_s, lambda q: [int(m.id) for m in engine.recall("bench", q, k=10)], engine.close)
-
-
-def build_hnswlib(data_name, data, threads) -> Built:
-    import hnswlib
-
-    n, dim = data.shape
-    index = hnswlib.Index("ip", dim)
-    index.init_index(n, M=M, ef_construction=EF_CONSTRUCTION, random_seed=1)
-    insert_s, insert_cpu_s = timed(lambda: index.add_items(data, np.arange(n), num_threads=threads))
-    index.set_ef(EF)
-    return built("hnswlib", "f32", threads, data_name, data, insert_s, insert_cpu_s,
-                 lambda q: index.knn_query(q, 10, num_threads=1)[0][0])
-
-
-def build_faiss(data_name, data) -> Built:
-    import faiss
-
-    faiss.omp_set_num_threads(1)
-    index = faiss.IndexHNSWFlat(data.shape[1], M, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = EF_CONSTRUCTION
-    insert_s, insert_cpu_s = timed(lambda: index.add(data))
-    index.hnsw.efSearch = EF
-    return built("faiss", "f32", 1, data_name, data, insert_s, insert_cpu_s,
-                 lambda q: index.search(q[None, :], 10)[1][0])
 
 
 def dataset(spec: str, n: int, seed: int) -> tuple[str, np.ndarray]:
@@ -223,15 +264,16 @@ def main(argv=None, prog="python -m bench ann") -> list[dict]:
         exact = exact_top10(data, queries)
         print(f"# seed {args.seed}: {name}, {args.n} unit vectors, {args.queries} held-out queries",
               flush=True)
-        systems: list[Built] = []
+        systems: list[Build] = []
         try:
             for threads in (int(t) for t in args.threads.split(",")):
-                systems.append(build_hnswlib(name, data, threads))
+                systems.append(HnswlibBuild(data, threads))
                 if threads == 1:
-                    systems.append(build_faiss(name, data))
+                    systems.append(FaissBuild(data))
                 for compact in (False, True) if threads > 1 else (False,):
-                    systems += [build_engram(name, data, dtype.strip(), threads, compact)
+                    systems += [EngramBuild(data, dtype.strip(), threads, compact)
                                 for dtype in args.dtype.split(",")]
+            interleaved_builds(systems, data, name)
             answers = interleaved_queries(systems, queries)
         finally:
             for system in systems:
