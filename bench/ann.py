@@ -91,10 +91,12 @@ class EngramBuild(Build):
         super().__init__("engram_shm+compact" if compact else "engram_shm", dtype, threads)
         n, dim = data.shape
         # Segments of n, as hnswlib and faiss build one index: one graph per
-        # writer (a hot space opens a segment for each).
+        # writer (a hot space opens a segment for each). A space never counts
+        # as idle: an idle merge would run in the background while the other
+        # builds take their turns, and its time would be charged to them.
         self.engine = Engine(workers=threads, segment_capacity=max(n, 64), first_segment_capacity=max(n, 64),
                              ring_capacity=max(n, 64), dtype=dtype, compaction_capacity=n if compact else 0,
-                             M=M, ef_construction=EF_CONSTRUCTION, ef_search=EF)
+                             compaction_idle_s=1e9, M=M, ef_construction=EF_CONSTRUCTION, ef_search=EF)
         self.compact = compact
         try:
             self.engine.create_space("bench", dim=dim)
