@@ -333,10 +333,11 @@ def ann_name(row: dict) -> str:
 ANN = Section(
     "ann", "HNSW build and query against hnswlib and faiss",
     "The same unit vectors, M=16, ef_construction=100, ef=64, in one process: insert rate per CPU "
-    "second of the process (engram_shm's caller stores while its writers index), recall@10 against "
-    "exact k-NN, and queries one at a time (engram_shm's through `Engine.recall`, rows decoded), "
-    "asked once every system is built, in blocks of 50 that each system answers in turn, so that "
-    "the machine's drift falls on all of them alike. Ratios are to hnswlib at one thread.",
+    "second of the process (engram_shm's caller stores while its writers index), every index built "
+    "at once, a chunk of 4096 rows each in turn; recall@10 against exact k-NN; and queries one at a "
+    "time (engram_shm's through `Engine.recall`, rows decoded), asked once every system is built, in "
+    "blocks of 50 that each system answers in turn. Builds and queries take turns so that the "
+    "machine's drift falls on all of them alike. Ratios are to hnswlib at one thread.",
     (),
     ann.COLUMNS,
     plot=lambda rows, path: bar_grid(
