@@ -48,7 +48,16 @@ import numpy as np
 from numba import carray
 
 from ..errors import InvalidArgument
-from ..store.layout import ACCEPTED, ENTRY, HEADER_WORDS, INDEXED, MAX_LEVEL, MIN_GEN, STABLE_SHIFT
+from ..store.layout import (
+    ACCEPTED,
+    ENTRY,
+    HEADER_WORDS,
+    INDEXED,
+    MAX_LEVEL,
+    MIN_GEN,
+    STABLE_SHIFT,
+    first_upper_rows,
+)
 from .atomics import fence
 from .distance import check_query, check_store, dist, weight, weighted_cue, weights_of
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
@@ -598,11 +607,9 @@ def new_graph(levels: np.ndarray, M: int, max_level: int) -> Graph:
     max_level), laid out as in a segment; for tests, benchmarks and warm-up."""
     cap = len(levels)
     levels = np.minimum(levels, max_level).astype(np.int32)
-    ends = np.cumsum(levels, dtype=np.int64)
-    upper_row = np.where(levels > 0, ends - levels, -1).astype(np.int32)
     return Graph(np.zeros((cap, 2 * M + 1), np.int32),
-                 np.zeros((max(int(ends[-1]) if cap else 0, 1), M + 1), np.int32),
-                 levels, upper_row, np.full(cap, -1, np.int32), np.array([-1, 0], np.int64))
+                 np.zeros((max(int(levels.sum()), 1), M + 1), np.int32),
+                 levels, first_upper_rows(levels), np.full(cap, -1, np.int32), np.array([-1, 0], np.int64))
 
 
 def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int) -> Scratch:

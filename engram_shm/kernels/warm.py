@@ -23,8 +23,6 @@ from .ids import fnv1a_range
 from .rows import append_rows, draw_levels
 from .vectors import check_store_rows
 
-STORAGE_DTYPES = (np.float32, np.uint16, np.int8)
-
 
 def _readonly(a: np.ndarray) -> np.ndarray:
     v = a.view()
@@ -32,15 +30,14 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def _warm_append(dtype, dim: int) -> None:
+def _warm_append(dtype_name: str, dim: int) -> None:
     from ..observations import prepare
-    from ..store.layout import MAX_LEVEL, STORAGE, SegmentLayout
+    from ..store.layout import MAX_LEVEL, SegmentLayout
     from ..store.segment import Columns
 
     n = 2
-    name = next(name for name, stored in STORAGE.items() if stored == dtype)
     cols = Columns(*(np.zeros(shape, column_dtype) for column, column_dtype, shape
-                     in SegmentLayout(n, dim, name, 2, 64).columns() if column in Columns._fields))
+                     in SegmentLayout(n, dim, dtype_name, 2, 64).columns() if column in Columns._fields))
     levels = draw_levels(0, np.arange(1, n + 1, dtype=np.uint64), 2, MAX_LEVEL)
     for payload in (np.ones((n, dim), np.float32), np.ones((n, dim), np.float16).view(np.uint16)):
         batch = prepare(["a", "b"], payload, dim=dim, metric="cosine", dtype="f32")
@@ -79,11 +76,12 @@ def warm(readers: bool = True) -> float:
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     from ..store.layout import MAX_LEVEL as max_level
+    from ..store.layout import STORAGE
 
     n, dim, M = 8, 4, 2
     levels = np.array([0, 1, 0, 2, 0, 0, 1, 0])
     gens = np.arange(1, n + 1, dtype=np.uint64)
-    for dtype in STORAGE_DTYPES:
+    for dtype_name, dtype in STORAGE.items():
         data = rng.normal(size=(n, dim)).astype(np.float32)
         store = np.empty((n, dim), dtype)  # rows as a space of this dtype stores them
         check_store_rows(data, False, np.inf, store, 40.0 if dtype == np.int8 else 1.0)
@@ -103,7 +101,7 @@ def warm(readers: bool = True) -> float:
             view = hnsw.SegmentView(_readonly(store), _readonly(gens), ro, _readonly(header))
             _warm_recall(hnsw.SpaceViews([view]), data[:1], scales, max_level)
             distances(store, data[0], "l2", scales)
-        _warm_append(dtype, dim)
+        _warm_append(dtype_name, dim)
     _warm_ids()
     compare_and_swap(np.zeros(1, np.int64), 0, 0, 0)
     return time.perf_counter() - start

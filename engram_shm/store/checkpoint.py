@@ -71,6 +71,7 @@ from .layout import (
     UPPER_USED,
     WRITER,
     SegmentLayout,
+    first_upper_rows,
     uniform_scales,
 )
 from .segment import Segment
@@ -341,13 +342,12 @@ def _rows_per_layer(w, accepted: int, node_rows: np.ndarray) -> int:
     node's upper_row to its first; returns the rows used."""
     levels = w.level[:accepted]
     tall = np.flatnonzero(levels > 0)
-    counts = levels[tall].astype(np.int64)
+    counts = levels[tall]
     old = w.upper_row[tall]
     if tall.size and (counts.max() > MAX_LEVEL or old.min() < 0 or old.max() >= len(node_rows)):
         raise ValueError("upper rows do not match the levels they serve")
-    ends = np.cumsum(counts)
-    first = ends - counts
-    used = int(ends[-1]) if tall.size else 0
+    first = first_upper_rows(counts)
+    used = int(counts.sum())
     w.upper[:used] = node_rows[np.repeat(old, counts), np.arange(used) - np.repeat(first, counts)]
     w.upper_row[tall] = first
     return used

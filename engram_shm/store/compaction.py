@@ -22,8 +22,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .catalog import SpaceParams
 from .layout import (
     ACCEPTED,
@@ -36,6 +34,7 @@ from .layout import (
     SEALED,
     UPPER_USED,
     SegmentLayout,
+    first_upper_rows,
 )
 from .segment import Segment
 
@@ -152,10 +151,8 @@ class Merge:
             for name in GRAPH_COLUMNS:
                 getattr(w, name)[at:at + m] = getattr(r, name)[lo:hi]
         else:  # the others get fresh upper rows, one per layer; the index writers link them
-            levels = r.level[lo:hi]
-            ends = self.upper + np.cumsum(levels, dtype=np.int64)
-            w.upper_row[at:at + m] = np.where(levels > 0, ends - levels, -1)
-            self.upper += int(levels.sum())
+            w.upper_row[at:at + m] = first_upper_rows(r.level[lo:hi], self.upper)
+            self.upper += int(r.level[lo:hi].sum())
         self.slot += m
         self.row = hi
         if hi == src.accepted:

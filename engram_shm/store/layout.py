@@ -193,6 +193,13 @@ class SegmentLayout:
         return layout
 
 
+def first_upper_rows(levels: np.ndarray, start: int = 0) -> np.ndarray:
+    """upper_row of nodes of these levels given rows from `start` in order: a
+    node of level L takes the next L rows, a node of level 0 none (-1)."""
+    ends = start + np.cumsum(levels, dtype=np.int64)
+    return np.where(levels > 0, ends - levels, -1).astype(np.int32)
+
+
 def uniform_scales(header: np.ndarray) -> np.ndarray:
     """A layout 1 int8 block's scales: its header's one SCALE for every dimension."""
     return np.full(int(header[DIM]), header[SCALE:SCALE + 1].view(np.float64)[0], np.float32)
