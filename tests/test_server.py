@@ -7,9 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import msgpack
+import numpy as np
 import pytest
+import zmq
 
 from chaos.server import children
 from engram_shm import Client
@@ -17,6 +21,7 @@ from engram_shm.errors import UnknownSession
 from engram_shm.store import shm
 from engram_shm.store.catalog import OWNER_PID, Catalog, process_start
 from engram_shm.synthetic import clustered
+from engram_shm.transport.client import ClientTimeout
 from engram_shm.transport.launch import free_port, running_server
 
 DIM = 16
@@ -152,3 +157,45 @@ def test_a_killed_server_takes_its_children_along_and_a_new_one_recovers_everyth
                 ids[::40]
             c._handshake(session)  # the dead server's open session resumes where it was
             assert c.last_acked == 2000 and c.durable_seq == 2000
+
+
+def test_flush_gives_up_after_its_timeout_while_the_server_refuses_every_batch():
+    """A server that answers every batch with `internal` (refused, to be sent
+    again) is not silent: the timeout still bounds the flush, the batch stays
+    queued and the error says what the server answered."""
+    port = free_port()
+    ctx = zmq.Context.instance()
+    server = ctx.socket(zmq.ROUTER)
+    server.bind(f"tcp://127.0.0.1:{port}")
+    stop = threading.Event()
+
+    def refuse_everything():
+        while not stop.is_set():
+            if not server.poll(50):
+                continue
+            identity, *frames = server.recv_multipart()
+            msg = msgpack.unpackb(frames[0], raw=False)
+            if msg["op"] == "init":
+                reply = {"op": "init_ack", "rid": msg["rid"], "session": "s1", "last_sequence": 0,
+                         "capabilities": [], "max_batch": 4096, "max_frame_bytes": 1 << 26, "limit": 1 << 20}
+            else:
+                reply = {"op": "error", "rid": msg.get("rid"), "code": "internal", "message": "disk on fire",
+                         "retryable": True, "retry_after_ms": 10}
+            server.send_multipart([identity, msgpack.packb(reply)])
+
+    thread = threading.Thread(target=refuse_everything, daemon=True)
+    thread.start()
+    try:
+        c = Client(f"tcp://127.0.0.1:{port}", timeout=5)
+        c.observe_batch("s", ["a", "b"], np.ones((2, 8), np.float32))
+        began = time.monotonic()
+        with pytest.raises(ClientTimeout, match="internal: disk on fire"):
+            c.flush(timeout=1.0)
+        assert time.monotonic() - began < 5  # not the reconnect timeout, not for ever
+        assert c.last_acked == 0
+        with pytest.raises(ClientTimeout):  # close flushes first: bounded by its timeout too
+            c.close(timeout=0.5)
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close(linger=0)

@@ -115,6 +115,7 @@ class Client:
         self._by_rid: dict[int, _Batch] = {}
         self._replies: dict[int, _Reply] = {}
         self._errors: list[EngramError] = []
+        self._last_refusal = ""  # of a batch to send again: said when a flush times out
         self._pending: dict[str, list] = {}
         self.session: str | None = None
         self.last_acked = 0
@@ -287,7 +288,8 @@ class Client:
     def _progress_until(self, done, patience: float | None = None) -> None:
         """Send and read until done(). After `timeout` s without a reply,
         reconnect and resume (a reconnect that gets no answer within `timeout`
-        raises ClientTimeout); with `patience`, give up once silent past it."""
+        raises ClientTimeout); with `patience`, give up after it, however the
+        server answers (one that refuses a batch for ever is answering)."""
         deadline = None if patience is None else time.monotonic() + patience
         silent_since = time.monotonic()
         while not done():
@@ -295,10 +297,11 @@ class Client:
             if self._pump(0.05):
                 silent_since = time.monotonic()
             elif time.monotonic() - silent_since > self.timeout:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise ClientTimeout(f"{len(self._queue)} batches still unacked after {patience} s")
                 self.reconnect(deadline)
                 silent_since = time.monotonic()
+            if deadline is not None and time.monotonic() > deadline and not done():
+                refused = f" (last refused: {self._last_refusal})" if self._last_refusal else ""
+                raise ClientTimeout(f"{len(self._queue)} batches still unacked after {patience} s{refused}")
 
     def _flush_pending(self, space: str) -> None:
         rows = self._pending.pop(space, [])
@@ -317,8 +320,9 @@ class Client:
         the first refusal seen since the last call; a refusal of the disk
         (StorageError, StorageFull) is raised at once, its batch still queued
         under its numbers: the next flush sends it again. A silent server is
-        reconnected to; with `timeout`, waiting gives up once the server has
-        been silent past it."""
+        reconnected to; with `timeout`, flush gives up after it with
+        ClientTimeout (the batches stay queued, for a later flush), also while
+        the server keeps refusing a batch to be sent again (say `internal`)."""
         self._send_all(timeout, durable)
         self._raise_errors()
         return self.last_acked
@@ -435,6 +439,7 @@ class Client:
         elif code in ROUTED_CODES and self.router is not None:
             self._resume_needed = True  # reconnect() asks the router where the space is now
         elif code in RESEND_CODES:
+            self._last_refusal = f"{code}: {msg.get('message', '')}"
             self._grant(msg)
             batch.not_before = time.monotonic() + msg.get("retry_after_ms", 20) / 1000
         elif code in HELD_CODES:
@@ -566,9 +571,10 @@ class Client:
 
     def close(self, drain: bool = True, timeout: float | None = None) -> int:
         """Flush, close the session (after indexing, with drain) and the socket;
-        returns the session's last sequence."""
+        returns the session's last sequence. `timeout` bounds the flush and the
+        close request, each (ClientTimeout; the socket is closed all the same)."""
         try:
-            self.flush()
+            self.flush(timeout)
             return self._request({"op": "close", "session": self.session, "drain": drain},
                                  timeout=timeout)[0]["last_sequence"]
         finally:
