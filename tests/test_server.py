@@ -199,3 +199,35 @@ def test_flush_gives_up_after_its_timeout_while_the_server_refuses_every_batch()
         stop.set()
         thread.join(5)
         server.close(linger=0)
+
+
+def test_a_test_server_stops_when_the_process_that_ran_it_is_killed(tmp_path):
+    """running_server gives its server a session of its own; killed before
+    its cleanup runs (a test run killed by a CI timeout), the process that
+    started it still takes it along: the server stops cleanly, its memory
+    removed."""
+    script = ("import sys, time\n"
+              "from engram_shm.transport.launch import running_server\n"
+              f"with running_server(data={str(tmp_path)!r}, workers=1) as (_, name, proc):\n"
+              "    print(proc.pid, name, flush=True)\n"
+              "    time.sleep(600)\n")
+    runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    family = {}
+    try:
+        pid, name = runner.stdout.readline().split()
+        family = {p: process_start(p) for p in [int(pid), *(p for ps in children(name).values() for p in ps)]}
+        assert len(family) == 3 and shm.list_blocks(name)
+        runner.kill()
+        runner.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (any(process_start(p) == t for p, t in family.items())
+                                               or shm.list_blocks(name)):
+            time.sleep(0.1)
+        assert not [p for p, t in family.items() if process_start(p) == t], "the server outlived its runner"
+        assert shm.list_blocks(name) == [], "the server did not stop cleanly"
+    finally:
+        runner.kill()
+        runner.wait()
+        for p, t in family.items():  # only if the test failed: do not leave them running
+            if process_start(p) == t:
+                os.kill(p, signal.SIGKILL)

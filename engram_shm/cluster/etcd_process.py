@@ -9,7 +9,6 @@ behind (its temporary directory may stay, under the `engram-etcd-` prefix).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ import time
 
 import requests
 
-from engram_shm.engine.lifeline import PR_SET_PDEATHSIG
+from engram_shm.engine.lifeline import dying_with_this_thread
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 5.0
@@ -73,7 +72,7 @@ class EtcdProcess:
                  "--initial-cluster", f"engram={peer_url}", "--initial-cluster-state", "new",
                  "--logger", "zap", "--log-outputs", "stderr", "--log-level", "error"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=_die_with(os.getpid()))
+                preexec_fn=dying_with_this_thread())
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and self._proc.poll() is None:
             try:
@@ -140,16 +139,3 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def _die_with(parent: int):
-    """The child's preexec_fn. libc is loaded here, in the parent: loading a
-    library after fork in a threaded process may deadlock."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0),
-              ctypes.c_ulong(0))
-        if os.getppid() != parent:  # the parent died before we asked
-            os._exit(1)
-    return preexec

@@ -78,6 +78,24 @@ def _kill_me_with_parent() -> bool:
     return status == 0
 
 
+def dying_with_this_thread(sig: int = signal.SIGKILL, also=None):
+    """A preexec_fn for subprocess.Popen: the child gets `sig` when the
+    thread that starts it dies (PR_SET_PDEATHSIG), and exits at once if this
+    process died before it asked; `also`, a preexec_fn run after. libc is
+    loaded here, in the parent: loading a library after fork in a threaded
+    process may deadlock."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+        if os.getppid() != parent:
+            os._exit(ORPHAN_EXIT_CODE)
+        if also is not None:
+            also()
+    return preexec
+
+
 def _poll(parent: int) -> None:
     while os.getppid() == parent:  # ends with the process (a daemon thread)
         time.sleep(POLL_S)

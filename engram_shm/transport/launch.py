@@ -17,6 +17,7 @@ import time
 
 import zmq
 
+from ..engine.lifeline import dying_with_this_thread
 from ..errors import Unauthenticated
 from ..store import shm
 from ..store.catalog import collect_stale
@@ -56,7 +57,9 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
     flags; on exit stops it and checks its shared memory is gone. `data` is
     its data directory (kept); without, a fresh one is made and removed, so
     servers never share one. `port` reuses an endpoint (a restart); `env`, its
-    environment (default: this process's). Its
+    environment (default: this process's). The server gets SIGTERM (stops
+    cleanly) if this thread dies first, say a test run killed: it has a
+    session of its own, so nothing else would stop it. Its
     metrics are served on a free loopback port unless `flags` say where."""
     port = port or free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
@@ -73,7 +76,7 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
                    *metrics_flags, *flags]
         proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", *command],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=preexec_fn, env=env)
+                                preexec_fn=dying_with_this_thread(signal.SIGTERM, preexec_fn), env=env)
     proc.output = lambda: pathlib.Path(log_path).read_text()
     try:
         deadline = time.monotonic() + startup_s
