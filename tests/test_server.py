@@ -231,3 +231,18 @@ def test_a_test_server_stops_when_the_process_that_ran_it_is_killed(tmp_path):
         for p, t in family.items():  # only if the test failed: do not leave them running
             if process_start(p) == t:
                 os.kill(p, signal.SIGKILL)
+
+
+def test_the_servers_checkpointer_takes_only_idle_cpu(tmp_path):
+    """A checkpoint copies and checksums the whole space: the server runs it
+    under SCHED_IDLE, like the index workers, and nothing else of its own."""
+    def policies():
+        return {int(tid): os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{proc.pid}/task")}
+
+    with running_server(data=str(tmp_path), workers=1) as (_, name, proc):
+        deadline = time.monotonic() + 30  # the checkpointer starts after the front answers
+        while os.SCHED_IDLE not in policies().values() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = policies()
+        assert list(found.values()).count(os.SCHED_IDLE) == 1, found
+        assert found[proc.pid] != os.SCHED_IDLE

@@ -1,4 +1,5 @@
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -140,7 +141,9 @@ def test_workers_leave_when_their_engine_is_killed():
 
 def test_worker_processes_take_only_idle_cpu():
     """SCHED_IDLE, not a niceness: a core running only index workers counts as
-    idle when a reader or the front wakes (worker.run_when_idle)."""
+    idle when a reader or the front wakes; and each in a session of its own,
+    whose autogroup has nice 19, so that processes of other sessions are not
+    weighed against the engine's whole group (engine/idle.py)."""
     own = os.sched_getscheduler(0)
     with Engine(workers=2, worker_mode="process") as e:
         e.observe("s", "a", np.ones(4))
@@ -149,6 +152,11 @@ def test_worker_processes_take_only_idle_cpu():
         assert len(pids) == 2 and None not in pids
         assert [os.sched_getscheduler(pid) for pid in pids] == [os.SCHED_IDLE] * 2
         assert os.sched_getscheduler(0) == own != os.SCHED_IDLE  # the engine's own process is left as it was
+        assert [os.getsid(pid) for pid in pids] == pids
+        if os.path.exists("/proc/self/autogroup"):
+            groups = [pathlib.Path(f"/proc/{pid}/autogroup").read_text().split() for pid in pids]
+            assert all(g[-2:] == ["nice", "19"] for g in groups), groups
+            assert groups[0][0] != pathlib.Path("/proc/self/autogroup").read_text().split()[0]
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])

@@ -36,6 +36,7 @@ from ..store.catalog import (
 )
 from ..store.datadir import DataDir
 from ..store.segment import Segment
+from .idle import run_when_idle
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,11 @@ RETRY_S = 5.0
 class Checkpointer:
     def __init__(self, catalog: Catalog, datadir: DataDir, config: EngineConfig,
                  segments: Callable[[], list[Segment]], sessions: Callable[[], list[dict]] = list,
-                 checkpoint_lsn: int = 0):
+                 checkpoint_lsn: int = 0, when_idle: bool = False):
         """`segments()`: the engine's LIVE segments (SegmentDirectory.live).
+        `when_idle`: the thread runs under SCHED_IDLE (idle.run_when_idle), as
+        the server's index workers do; not in an embedded engine, whose index
+        threads run at the application's priority and would starve it.
         `checkpoint_lsn`: the log position the newest checkpoint holds (0:
         none). The triggers count from that checkpoint, not from this start:
         records replayed at the start are not in it, and an engine restarted
@@ -59,6 +63,7 @@ class Checkpointer:
         self.config = config
         self.segments = segments
         self.sessions = sessions
+        self.when_idle = when_idle
         self.last: dict | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -120,6 +125,8 @@ class Checkpointer:
         self._thread.start()
 
     def _run(self) -> None:
+        if self.when_idle:
+            run_when_idle()
         sized_at = 0.0
         retry_at = 0.0
         while not self._stop.wait(POLL_S):

@@ -26,33 +26,21 @@ from ..observability.stats_block import STOLEN, UTILIZATION, StatsBlock
 from ..store.catalog import W_BUSY_NS, W_INCARNATION, W_PID, W_START, Catalog, process_start
 from . import lifeline
 from .directory import SegmentDirectory
+from .idle import own_idle_autogroup, run_when_idle
 from .indexer import IndexWriter, token_for
 
 log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
 
 IDLE_MIN_S, IDLE_MAX_S = 0.001, 0.02
 ORPHAN_CHECK_S = 1.0
-WORKER_NICENESS = 19  # where SCHED_IDLE is missing: below the readers (recall_niceness, 10)
 UTILIZATION_S = 1.0  # the window the utilization is measured over
-
-
-def run_when_idle() -> None:
-    """Take only the CPU nobody else wants: SCHED_IDLE, where the kernel has it
-    (elsewhere nice 19). A core that runs nothing but index workers then
-    counts as idle when the scheduler places a process that wakes (a reader
-    handed a recall, the front), and that process preempts them at once; at
-    nice 19 a woken reader could share the front's core instead
-    (docs/architecture.md)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(WORKER_NICENESS)
 
 
 def run(engine: str, worker: int, workers: int, incarnation: int, config: EngineConfig) -> None:
     lifeline.bind_to_parent()  # first; the orphan check below only runs while idle
     stop = lifeline.StopRequest()
     run_when_idle()  # the front and recalls come first; indexing takes what is left
+    own_idle_autogroup()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     ready_child(readers=False)

@@ -129,8 +129,11 @@ class Server:
             for seg in loaded:
                 seg.close()
         log.info("engine %s recovered %s", self.name, self.recovered.summary())
+        # When idle: the checkpointer shares the idle class with the index
+        # workers, below the front, the readers and the machine's applications.
         self.checkpointer = Checkpointer(self.catalog, self.datadir, self.config, self.directory.live,
-                                         self.sessions.snapshot, self.recovered.checkpoint_lsn)
+                                         self.sessions.snapshot, self.recovered.checkpoint_lsn,
+                                         when_idle=True)
 
     def _front_spec(self, config_json: str, backend: str) -> ChildSpec:
         def ready(pid, incarnation):
