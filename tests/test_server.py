@@ -233,6 +233,30 @@ def test_a_test_server_stops_when_the_process_that_ran_it_is_killed(tmp_path):
                 os.kill(p, signal.SIGKILL)
 
 
+
+def test_a_test_server_outlives_the_thread_that_started_it(tmp_path):
+    """The death signal follows the forking thread, not the process: a
+    server started from a thread that ends (a chaos run's killer restarting
+    the engine) must keep running until its context closes."""
+    started = {}
+
+    def start():
+        context = running_server(data=str(tmp_path), workers=1)
+        started["server"] = context.__enter__()
+        started["context"] = context
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    try:
+        endpoint, _, proc = started["server"]
+        time.sleep(1.0)  # a SIGTERM would have stopped it by now
+        assert proc.poll() is None
+        with Client(endpoint, timeout=10) as c:
+            assert c.ping()
+    finally:
+        started["context"].__exit__(None, None, None)
+
 def test_the_servers_checkpointer_takes_only_idle_cpu(tmp_path):
     """A checkpoint copies and checksums the whole space: the server runs it
     under SCHED_IDLE, like the index workers, and nothing else of its own."""

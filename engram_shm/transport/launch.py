@@ -4,6 +4,7 @@ SIGINT, and killed (its shared memory collected) if it does not stop in time."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import pathlib
@@ -44,6 +45,13 @@ def _answers(endpoint: str, auth: bool, wait_s: float = 1.0) -> bool:
         sock.close()
 
 
+# Servers are forked by one thread that lasts as long as this process: the
+# death signal comes when the thread that forked a child ends, and a caller's
+# thread (a chaos run's killer, restarting the engine) may end long before
+# the server it started should.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-spawner")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,7 +66,7 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
     its data directory (kept); without, a fresh one is made and removed, so
     servers never share one. `port` reuses an endpoint (a restart); `env`, its
     environment (default: this process's). The server gets SIGTERM (stops
-    cleanly) if this thread dies first, say a test run killed: it has a
+    cleanly) if this process dies first, say a test run killed: it has a
     session of its own, so nothing else would stop it. Its
     metrics are served on a free loopback port unless `flags` say where."""
     port = port or free_port()
@@ -74,9 +82,10 @@ def running_server(*flags: str, workers: int = 2, startup_s: float = 60.0, data:
     with open(log_path, "a") as log:
         command = ["serve", "--endpoint", endpoint, "--name", name, "--workers", str(workers), *data_flags,
                    *metrics_flags, *flags]
-        proc = subprocess.Popen([sys.executable, "-m", "engram_shm.cli", *command],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=dying_with_this_thread(signal.SIGTERM, preexec_fn), env=env)
+        dies_with_us = dying_with_this_thread(signal.SIGTERM, preexec_fn)
+        proc = _SPAWNER.submit(subprocess.Popen, [sys.executable, "-m", "engram_shm.cli", *command],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=dies_with_us, env=env).result()
     proc.output = lambda: pathlib.Path(log_path).read_text()
     try:
         deadline = time.monotonic() + startup_s
