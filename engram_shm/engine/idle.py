@@ -39,11 +39,15 @@ def own_idle_autogroup() -> bool:
     """Move this process (a worker, single-threaded as it starts, bound to
     its parent by lifeline) into a session of its own whose autogroup has the
     lowest weight; False where autogroups are off or missing."""
+    # Only where the group's nice can be set: a session of its own at nice 0
+    # would weigh this worker as much as the whole server.
+    if not os.access(AUTOGROUP, os.W_OK):
+        return False
     try:
         os.setsid()
         with open(AUTOGROUP, "w") as f:
             f.write(str(IDLE_NICENESS))
         return True
-    except OSError as e:  # no autogroups (or a group leader already): SCHED_IDLE alone
-        log.debug("no autogroup of its own: %s", e)
+    except OSError as e:
+        log.warning("index worker without an idle autogroup of its own: %s", e)
         return False
