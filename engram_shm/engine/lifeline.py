@@ -56,39 +56,44 @@ def bind_to_parent() -> int | None:
     if not value:
         return None
     parent = int(value)
-    if not _kill_me_with_parent():
-        log.warning("PR_SET_PDEATHSIG is unavailable; polling for the death of pid %d", parent)
+    if not _ask_death_signal(_libc_prctl(), signal.SIGKILL):
+        log.warning("PR_SET_PDEATHSIG is unavailable (%s); polling for the death of pid %d",
+                    os.strerror(ctypes.get_errno()), parent)
     if os.getppid() != parent:  # it died before we asked: no signal will come
         _orphaned(parent)
     threading.Thread(target=_poll, args=(parent,), name="engram-lifeline", daemon=True).start()
     return parent
 
 
-def _kill_me_with_parent() -> bool:
+def _libc_prctl():
+    """libc's prctl, or None (not Linux, or no libc to load). Loaded before a
+    fork: loading a library after fork in a threaded process may deadlock."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        status = libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL),
-                            ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
+        return None
+
+
+def _ask_death_signal(prctl, sig: int) -> bool:
+    """PR_SET_PDEATHSIG: `sig` when the thread that forked us ends; True if
+    granted. Logs nothing: it also runs in a child between fork and exec."""
+    if prctl is None:
         return False
-    if status != 0:
-        log.debug("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
-    return status == 0
+    return prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(sig), ctypes.c_ulong(0),
+                 ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
 
 
 def dying_with_this_thread(sig: int = signal.SIGKILL, also=None):
     """A preexec_fn for subprocess.Popen: the child gets `sig` when the
     thread that starts it dies (PR_SET_PDEATHSIG), and exits at once if this
-    process died before it asked; `also`, a preexec_fn run after. libc is
-    loaded here, in the parent: loading a library after fork in a threaded
-    process may deadlock."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    process died before it asked; `also`, a preexec_fn run after."""
+    prctl = _libc_prctl()
     parent = os.getpid()
 
     def preexec() -> None:
-        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(sig), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+        _ask_death_signal(prctl, sig)
         if os.getppid() != parent:
             os._exit(ORPHAN_EXIT_CODE)
         if also is not None:

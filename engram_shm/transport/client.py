@@ -292,6 +292,7 @@ class Client:
         server answers (one that refuses a batch for ever is answering)."""
         deadline = None if patience is None else time.monotonic() + patience
         silent_since = time.monotonic()
+        self._last_refusal = ""  # a timeout names this wait's refusals, not an earlier one's
         while not done():
             self._drive()
             if self._pump(0.05):
