@@ -9,7 +9,7 @@ store's units, weighted per dimension for int8 codes, and multiplied by
 """
 
 import numpy as np
-from numba import carray, types
+from numba import types
 from numba.extending import overload
 
 from ..errors import DimensionMismatch, InvalidArgument
@@ -20,14 +20,16 @@ STORE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int8))
 
 
 def weights_of(metric, dim):
-    """A WeightedMetric's weights as an array; None for a Metric (jitted code only)."""
+    """A WeightedMetric's weights as a pointer to `dim` float32, indexed like
+    an array (not an array: kernels without NRT make none); None for a
+    Metric (jitted code only)."""
     raise NotImplementedError("weights_of is for jitted code")
 
 
 @overload(weights_of, inline="always")
 def _weights_of(metric, dim):
     if isinstance(metric, types.BaseNamedTuple) and "weights" in metric.fields:
-        return lambda metric, dim: carray(pointer_to(metric.weights, np.float32), dim)
+        return lambda metric, dim: pointer_to(metric.weights, np.float32)
     return lambda metric, dim: None
 
 

@@ -7,10 +7,10 @@ arrays and track the size; every function returns the new size.
 
 import numpy as np
 
-from .policy import kernel
+from .policy import uncounted_kernel
 
 
-@kernel
+@uncounted_kernel
 def _sift_down(keys, vals, i, size):
     key = keys[i]
     val = vals[i]
@@ -30,7 +30,7 @@ def _sift_down(keys, vals, i, size):
     vals[i] = val
 
 
-@kernel
+@uncounted_kernel
 def heap_push(keys, vals, size, key, val):
     i = size
     while i > 0:
@@ -45,7 +45,7 @@ def heap_push(keys, vals, size, key, val):
     return size + 1
 
 
-@kernel
+@uncounted_kernel
 def heap_pop(keys, vals, size):
     """Drop the root (read keys[0], vals[0] first)."""
     size -= 1
@@ -56,14 +56,14 @@ def heap_pop(keys, vals, size):
     return size
 
 
-@kernel
+@uncounted_kernel
 def heap_replace_top(keys, vals, size, key, val):
     keys[0] = key
     vals[0] = val
     _sift_down(keys, vals, 0, size)
 
 
-@kernel
+@uncounted_kernel
 def heap_sort_descending(keys, vals, size):
     """Sort a heap in place into descending key order (ascending distance for
     a heap of negated distances)."""
@@ -77,7 +77,7 @@ def heap_sort_descending(keys, vals, size):
         _sift_down(keys, vals, 0, end)
 
 
-@kernel
+@uncounted_kernel
 def topk_push(neg_keys, vals, size, k, dist, val):
     """Offer (dist, val) to a bounded top-k (smallest distances) kept as a heap of
     negated distances; returns the new size."""
@@ -88,7 +88,7 @@ def topk_push(neg_keys, vals, size, k, dist, val):
     return size
 
 
-@kernel
+@uncounted_kernel
 def topk_finish(neg_keys, vals, size):
     """Turn a top-k heap into distances in ascending order, in place."""
     heap_sort_descending(neg_keys, vals, size)

@@ -61,7 +61,7 @@ from ..store.layout import (
 from .atomics import fence
 from .distance import check_query, check_store, dist, weight, weighted_cue, weights_of
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
-from .policy import L2, kernel, metric_of
+from .policy import L2, kernel, metric_of, uncounted_inline_kernel, uncounted_kernel
 from .scalar import as_f32, pointer_to, prefetch_row
 
 Graph = namedtuple("Graph", "links0 upper level upper_row parent state")
@@ -86,7 +86,7 @@ _COUNT_MASK = np.int32((1 << STABLE_SHIFT) - 1)
 DUPLICATE = np.float32(1e-6)  # distances this small are rounding: the vectors are equal
 
 
-@kernel
+@uncounted_inline_kernel
 def _row(g, node, layer):
     """The link list of `node` on `layer`, or an empty slice if it has none."""
     if layer == 0:
@@ -97,20 +97,20 @@ def _row(g, node, layer):
     return g.upper[first + layer - 1]
 
 
-@kernel
+@uncounted_kernel
 def _count(row):
     if row.shape[0] == 0:
         return 0
     return min(max(row[0] & _COUNT_MASK, 0), row.shape[0] - 1)
 
 
-@kernel
+@uncounted_kernel
 def _stable(row, cnt):
     """How many of a list's first links are known heuristic-stable."""
     return min((row[0] >> STABLE_SHIFT) & _COUNT_MASK, cnt)
 
 
-@kernel
+@uncounted_kernel
 def _next_tag(sc):
     tag = sc.tag[0] + 1
     if tag >= 2147483647:
@@ -120,12 +120,12 @@ def _next_tag(sc):
     return tag
 
 
-@kernel
+@uncounted_kernel
 def _admit(node, exclude, n_admit, gens, gen_max):
     return node != exclude and node < n_admit and gens[node] <= gen_max
 
 
-@kernel
+@uncounted_kernel
 def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_max, exclude, sc):
     """Beam search of width `ef` on one layer from `ep`. Leaves the admitted
     results in sc.res_k (negated distances) / sc.res_v as a heap; returns its size."""
@@ -166,7 +166,7 @@ def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_m
     return n_res
 
 
-@kernel
+@uncounted_kernel
 def _greedy(store, g, q, ep, ep_d, layer, metric):
     """Walk to a local minimum of the distance to q on one upper layer."""
     cap = store.shape[0]
@@ -187,7 +187,7 @@ def _greedy(store, g, q, ep, ep_d, layer, metric):
     return ep, ep_d
 
 
-@kernel
+@uncounted_kernel
 def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out, cand_f=None, out_f=None):
     """The HNSW neighbour heuristic: walk candidates in ascending distance to the
     base and keep one unless a kept node is closer to it than the base is, or
@@ -221,13 +221,13 @@ def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out, cand_f=Non
     return n_out
 
 
-@kernel
+@uncounted_kernel
 def _is_pinned(g, a, b):
     """Is the layer-0 edge a->b part of the pinned tree?"""
     return g.parent[b] == a or g.parent[a] == b
 
 
-@kernel
+@uncounted_kernel
 def _pinned_count(g, node):
     row = g.links0[node]
     cnt = _count(row)
@@ -238,7 +238,7 @@ def _pinned_count(g, node):
     return pinned
 
 
-@kernel
+@uncounted_kernel
 def _sort_by_key(keys, vals, flags, n):
     for i in range(1, n):
         k = keys[i]
@@ -255,7 +255,7 @@ def _sort_by_key(keys, vals, flags, n):
         flags[j + 1] = f
 
 
-@kernel
+@uncounted_kernel
 def _in(values, n, x):
     for i in range(n):
         if values[i] == x:
@@ -263,13 +263,13 @@ def _in(values, n, x):
     return False
 
 
-@kernel
+@uncounted_kernel
 def _contains(row, cnt, node):
     """Is node among the cnt links of a list row (count at row[0])?"""
     return _in(row[1:], cnt, node)
 
 
-@kernel
+@uncounted_kernel
 def _rewrite(g, node, layer, row, new_v, n_new, stable):
     """Replace a link list by new_v[:n_new] so that a concurrent reader never
     misses a link that is in both the old and the new list: dropped entries
@@ -309,24 +309,24 @@ def _rewrite(g, node, layer, row, new_v, n_new, stable):
     _end_rewrite(g)
 
 
-@kernel
+@uncounted_kernel
 def _count_word(cnt, stable):
     return np.int32(cnt | ((cnt if stable else 0) << STABLE_SHIFT))
 
 
-@kernel
+@uncounted_kernel
 def _begin_rewrite(g, node, layer):
     g.state[1] = ((np.int64(layer) << 32) | node) + 1
     fence()
 
 
-@kernel
+@uncounted_kernel
 def _end_rewrite(g):
     fence()
     g.state[1] = 0
 
 
-@kernel
+@uncounted_kernel
 def _add_link(store, g, src, dst, layer, max_links, metric, sc):
     """Add the edge src->dst; when src's list is full, keep its pinned edges and
     re-select the rest with the heuristic (reverse-link pruning), comparing
@@ -366,7 +366,7 @@ def _add_link(store, g, src, dst, layer, max_links, metric, sc):
     _rewrite(g, src, layer, row, sc.keep_v, n_keep, True)
 
 
-@kernel
+@uncounted_kernel
 def _find_parent(g, node, n_cand, m, sc):
     """A parent for `node`: the nearest candidate (sc.res_v, ascending) with
     fewer than m pinned edges, so the pinned in-link comes from a node a search
@@ -398,7 +398,7 @@ def _find_parent(g, node, n_cand, m, sc):
     return -1
 
 
-@kernel
+@uncounted_kernel
 def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc, reverse):
     """Write node's layer-0 list: its pinned edges (kept across a re-insert), a
     parent if it has none, then the selected neighbours `chosen[:n_sel]`;
@@ -428,7 +428,7 @@ def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc, reverse)
         _add_link(store, g, p, node, 0, max_links, metric, sc)
 
 
-@kernel
+@uncounted_kernel
 def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
     dim = store.shape[1]
     w = weights_of(metric, dim)
@@ -489,7 +489,7 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
         g.state[0] = (np.int64(node_level) << 32) | node
 
 
-@kernel
+@uncounted_kernel
 def _repair(g, n_nodes, scratch_v):
     """Finish the list rewrite a killed writer left half done (journal in
     state[1]): keep its pinned edges (parent and children), then its other
@@ -526,13 +526,13 @@ def _repair(g, n_nodes, scratch_v):
     _end_rewrite(g)
 
 
-@kernel
+@uncounted_kernel
 def _insert_range(store, gens, g, lo, hi, m, ef_c, metric, sc, reverse):
     for node in range(lo, hi):
         _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse)
 
 
-@kernel
+@uncounted_kernel
 def _search_segment(store, gens, g, q, k, ef, n_indexed, scan_lo, scan_hi, gen_max, metric,
                     sc, out_d, out_i):
     """Top-k of one segment: HNSW over nodes [0, n_indexed), an exact scan of
