@@ -13,7 +13,7 @@ from numba import types
 from numba.extending import overload
 
 from ..errors import DimensionMismatch, InvalidArgument
-from .policy import L2, kernel, metric_of
+from .policy import L2, kernel, metric_of, uncounted_inline_kernel
 from .scalar import as_f32, pointer_to
 
 STORE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int8))
@@ -60,7 +60,7 @@ def _weight(weights, t):
     return lambda weights, t: weights[t]
 
 
-@kernel
+@uncounted_inline_kernel
 def dist(a, i, b, j, metric):
     """Distance between row i of `a` and row j of `b` (stored rows or a float32
     query held as a one-row matrix)."""

@@ -62,7 +62,7 @@ from .atomics import fence
 from .distance import check_query, check_store, dist, weight, weighted_cue, weights_of
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
 from .policy import L2, kernel, metric_of, uncounted_inline_kernel, uncounted_kernel
-from .scalar import as_f32, pointer_to, prefetch_row
+from .scalar import as_f32, pointer_to, prefetch_row, prefetch_whole_row
 
 Graph = namedtuple("Graph", "links0 upper level upper_row parent state")
 # One segment as a recall sees it: read-only columns, its graph and its header,
@@ -149,7 +149,7 @@ def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_m
         for t in range(1, cnt + 1):
             nb = row[t]
             if nb >= 0 and nb < cap and sc.visited[nb] != tag:
-                prefetch_row(store, nb)
+                prefetch_whole_row(store, nb)
         for t in range(1, cnt + 1):
             nb = row[t]
             if nb < 0 or nb >= cap or sc.visited[nb] == tag:

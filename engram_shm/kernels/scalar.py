@@ -38,26 +38,60 @@ def _as_f32(x):
     return None
 
 
+CACHE_LINE = 64  # bytes, on x86-64 and most ARM cores
+
+
 def _item_pointer(context, builder, aryty, ary_value, index):
     ary = context.make_array(aryty)(context, builder, ary_value)
     indices = [index] + [context.get_constant(types.intp, 0)] * (aryty.ndim - 1)
     return cgutils.get_item_pointer(context, builder, aryty, ary, indices)
 
 
+def _row_bytes(context, builder, aryty, ary_value, index):
+    """A byte pointer to row `index` of an array (one declaration of the
+    prefetch then serves rows of every dtype in a module)."""
+    item = _item_pointer(context, builder, aryty, ary_value, index)
+    return builder.bitcast(item, ir.IntType(8).as_pointer())
+
+
+def _prefetch(builder, ptr):
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep in every cache level, data
+
+
 @intrinsic
 def prefetch_row(typingctx, arr, i):
-    """Hint the CPU to fetch row `i` of `arr` into cache (no effect on results)."""
+    """Hint the CPU to fetch the start of row `i` of `arr` into cache (no
+    effect on results)."""
     if not isinstance(arr, types.Array):
         return None
 
     def codegen(context, builder, signature, args):
-        # As a byte pointer: one declaration serves rows of every dtype in a module.
-        ptr = builder.bitcast(_item_pointer(context, builder, signature.args[0], args[0], args[1]),
-                              ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        _prefetch(builder, _row_bytes(context, builder, signature.args[0], args[0], args[1]))
+        return context.get_dummy_value()
+
+    return types.void(arr, types.intp), codegen
+
+
+@intrinsic
+def prefetch_whole_row(typingctx, arr, i):
+    """Hint the CPU to fetch every cache line of row `i` of a 2-D `arr`: a
+    vector the search reads next, whose later lines the hardware prefetcher
+    would fetch only after the first ones missed."""
+    if not isinstance(arr, types.Array) or arr.ndim != 2:
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        start = _row_bytes(context, builder, aryty, args[0], args[1])
+        intp = context.get_value_type(types.intp)
+        cols = cgutils.unpack_tuple(builder, context.make_array(aryty)(context, builder, args[0]).shape, 2)[1]
+        row_bytes = builder.mul(cols, intp(context.get_abi_sizeof(context.get_data_type(aryty.dtype))))
+        lines = builder.udiv(builder.add(row_bytes, intp(CACHE_LINE - 1)), intp(CACHE_LINE))
+        with cgutils.for_range(builder, lines) as loop:
+            _prefetch(builder, builder.gep(start, [builder.mul(loop.index, intp(CACHE_LINE))]))
         return context.get_dummy_value()
 
     return types.void(arr, types.intp), codegen
