@@ -18,10 +18,13 @@ from numba.core.registry import CPUDispatcher
 
 from . import atomics, distance, heap, hnsw, idindex, ids, recall, rows, scalar, vectors
 from .atomics import compare_and_swap
+from .cache import drop_stale, sources, sources_digest
 from .distance import distances
 from .ids import fnv1a_range
 from .rows import append_rows, draw_levels
 from .vectors import check_store_rows
+
+KERNEL_MODULES = (atomics, distance, heap, hnsw, idindex, ids, recall, rows, scalar, vectors)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -74,6 +77,7 @@ def warm(readers: bool = True) -> float:
     """Seconds it took to make every kernel ready in this process (only the
     writers' when `readers` is False: an index worker never searches)."""
     start = time.perf_counter()
+    drop_stale(KERNEL_MODULES, sources_digest(sources()))
     rng = np.random.default_rng(0)
     from ..store.layout import MAX_LEVEL as max_level
     from ..store.layout import STORAGE
@@ -112,7 +116,7 @@ def freeze() -> int:
     (call after `warm`); returns how many kernels it froze. Kernels only
     ever called from other kernels have none of their own and need none."""
     frozen = 0
-    for module in (atomics, distance, heap, hnsw, idindex, ids, recall, rows, scalar, vectors):
+    for module in KERNEL_MODULES:
         for kernel in vars(module).values():
             if isinstance(kernel, CPUDispatcher) and kernel._can_compile and kernel.signatures:
                 kernel.disable_compile()
