@@ -45,8 +45,8 @@ def drop_stale(modules, digest: str) -> int:
     kernels = [k for module in modules for k in vars(module).values() if isinstance(k, CPUDispatcher)]
     by_directory: dict[str, list[CPUDispatcher]] = {}
     for kernel in kernels:
-        cache = kernel._cache  # a NullCache (no cache_path) when caching is off
-        path = getattr(cache, "cache_path", None)
+        # Numba's cache of the kernel: a NullCache (no cache_path) when caching is off.
+        path = getattr(getattr(kernel, "_cache", None), "cache_path", None)
         if path is not None:
             by_directory.setdefault(path, []).append(kernel)
     dropped = 0
@@ -56,7 +56,7 @@ def drop_stale(modules, digest: str) -> int:
             with open(record) as f:
                 if f.read().strip() == digest:
                     continue
-        except FileNotFoundError:
+        except OSError:  # none recorded yet, or unreadable: drop
             pass
         for kernel in cached:
             kernel._cache.flush()
