@@ -57,7 +57,6 @@ def test_attached_reader_follows_new_data_and_stops_with_the_engine():
         seg = reader.directory.segments()[0]
         with pytest.raises(ValueError):
             seg.r.vectors[0, 0] = 1  # read-only views
-        del seg  # its views, or the mapping stays open past close (shm.close) until collected
         reader.close()
         assert e.recall("s", np.ones(8), k=1)[0].id == "first"  # the engine's memory stays
         reader = attach(e.name)
