@@ -5,6 +5,7 @@ message (a duplicate on the network; a resend after a reconnect does the
 same), while the client had given its numbers to the next batch, which the
 server then acked as a re-send without storing it."""
 
+import contextlib
 import os
 import time
 
@@ -126,6 +127,7 @@ def test_the_client_raises_a_disk_refusal_at_once_and_keeps_the_batch():
         assert not c._held() and not c._queue
         c._close_socket()
         with Client(endpoint, batch_size=50) as other:
-            other.observe_batch("never", ids("m", 0, 50), data[50:])
-            with pytest.raises(StorageError):
+            with contextlib.suppress(StorageError):  # raised at once if its refusal is back already
+                other.observe_batch("never", ids("m", 0, 50), data[50:])
+            with pytest.raises(StorageError):  # the refused batch is still queued
                 other.close()
