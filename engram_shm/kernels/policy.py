@@ -13,7 +13,8 @@ from numba.extending import overload
 
 FASTMATH = frozenset({"contract", "reassoc", "arcp", "nsz", "afn"})
 
-kernel = numba.njit(nogil=True, cache=True, fastmath=set(FASTMATH))
+_OPTIONS = dict(nogil=True, cache=True, fastmath=set(FASTMATH))
+kernel = numba.njit(**_OPTIONS)
 # The graph kernels make no arrays: they index and slice those they are given,
 # which their callers keep alive. Compiled without Numba's runtime (NRT), they
 # pass arrays on without reference counts: with it, every call between
@@ -21,9 +22,8 @@ kernel = numba.njit(nogil=True, cache=True, fastmath=set(FASTMATH))
 # operation each, which took a tenth of an insert's time. A kernel that makes
 # an array (numba.carray, a copy), and every caller of one, is a `kernel`; a
 # helper that returns a view is inlined (a kernel without NRT returns no array).
-_UNCOUNTED = dict(nogil=True, cache=True, fastmath=set(FASTMATH), _nrt=False)
-uncounted_kernel = numba.njit(**_UNCOUNTED)
-uncounted_inline_kernel = numba.njit(**_UNCOUNTED, inline="always")
+uncounted_kernel = numba.njit(**_OPTIONS, _nrt=False)
+uncounted_inline_kernel = numba.njit(**_OPTIONS, _nrt=False, inline="always")
 
 # Metric codes, as stored in segment headers.
 COSINE = 0

@@ -73,11 +73,15 @@ def _warm_ids() -> None:
     idindex.lookup_ids(table, batch.records, batch.record_ends, batch.id_lens)
 
 
-def warm(readers: bool = True) -> float:
+def warm(readers: bool = True, check_sources: bool = True) -> float:
     """Seconds it took to make every kernel ready in this process (only the
-    writers' when `readers` is False: an index worker never searches)."""
+    writers' when `readers` is False: an index worker never searches).
+    `check_sources` first drops cached kernels compiled from other sources
+    (cache.py); the engine's children skip it: their parent's warm, which
+    they start after, checked."""
     start = time.perf_counter()
-    drop_stale(KERNEL_MODULES, sources_digest(sources()))
+    if check_sources:
+        drop_stale(KERNEL_MODULES, sources_digest(sources()))
     rng = np.random.default_rng(0)
     from ..store.layout import MAX_LEVEL as max_level
     from ..store.layout import STORAGE
@@ -140,5 +144,5 @@ def ready_child(readers: bool = True) -> int:
     """Make the kernels of one of the engine's child processes ready without
     the BLAS probe: `warm`, then `freeze`; returns how many it froze."""
     skip_blas_probe()
-    warm(readers)
+    warm(readers, check_sources=False)
     return freeze()
