@@ -54,13 +54,14 @@ def recall_at_10(found, exact: np.ndarray) -> float:
 def codes_recall(data: np.ndarray, queries: np.ndarray, exact: np.ndarray) -> float:
     """recall@10 of the exact search over the int8 codes of `data`, stored
     as an int8 cosine space stores them (scales from its first batch)."""
+    from engram_shm.kernels.distance import empty_store
     from engram_shm.kernels.vectors import check_store_rows
     from engram_shm.store import quantization
 
     scales = quantization.calibrate(data[:CHUNK], "cosine")
-    codes = np.empty(data.shape, np.int8)
-    check_store_rows(data, True, np.inf, codes, quantization.codes_per_unit(scales))
-    return recall_at_10(exact_top10(quantization.decoded(codes, scales), queries).tolist(), exact)
+    rows = empty_store(*data.shape, np.int8)
+    check_store_rows(data, True, np.inf, rows, quantization.codes_per_unit(scales))
+    return recall_at_10(exact_top10(quantization.decoded(rows, scales), queries).tolist(), exact)
 
 
 class Build:

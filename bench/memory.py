@@ -34,6 +34,7 @@ import threading
 import numpy as np
 
 from engram_shm import Engine
+from engram_shm.kernels.distance import stored_width
 from engram_shm.store.layout import STORAGE
 
 from .report import emit, engine_shm_bytes, mib, parser, self_bytes, table
@@ -98,7 +99,7 @@ def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, see
         newest = max(os.listdir(checkpoints), key=lambda name: int(name.removeprefix("ckpt-")))
         checkpoint_bytes = tree_bytes(os.path.join(checkpoints, newest))
         data_dir_bytes = tree_bytes(data_dir)
-    floor = n * (dim * STORAGE[dtype].itemsize + (2 * M + 1) * 4)
+    floor = n * (stored_width(dim, STORAGE[dtype]) * STORAGE[dtype].itemsize + (2 * M + 1) * 4)
     return {"bench": "memory", "n": n, "dim": dim, "dtype": dtype, "text_bytes": text_bytes,
             "ef_construction": ef_construction, "segments": segments, "shm_bytes": shm_bytes,
             "shm_peak_bytes": max(peak.peak, shm_bytes),

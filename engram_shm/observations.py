@@ -26,7 +26,15 @@ from .errors import (
     TextTooLong,
     ZeroVector,
 )
-from .kernels.vectors import ROW_NON_FINITE, ROW_OK, ROW_TOO_BIG, ROW_ZERO, check_store_rows
+from .kernels.distance import stored_dim
+from .kernels.vectors import (
+    ROW_BEYOND_SCALES,
+    ROW_NON_FINITE,
+    ROW_OK,
+    ROW_TOO_BIG,
+    ROW_ZERO,
+    check_store_rows,
+)
 
 F16_MAX = float(np.finfo(np.float16).max)
 _FLOAT32 = np.dtype(np.float32)
@@ -64,7 +72,7 @@ class Batch:
 
     @property
     def dim(self) -> int:
-        return self.vectors.shape[1]
+        return stored_dim(self.vectors)  # a replayed int8 batch holds stored rows
 
 
 def prepare(ids, vectors, what=None, when=None, confidence=None, *, dim: int | None,
@@ -158,6 +166,10 @@ def raise_bad_row(reason: int, row: int, what: str) -> None:
     if reason == ROW_TOO_BIG:
         raise OutOfRange(f"{what} row {row} exceeds the f16 range (+-{F16_MAX:g}); "
                          "use dtype f32 or the cosine metric", index=row)
+    if reason == ROW_BEYOND_SCALES:
+        raise OutOfRange(f"{what} row {row} is too large for the int8 space's scales (taken from its "
+                         "first batch): its factor exceeds float32; use dtype f32 or the cosine metric",
+                         index=row)
     raise AssertionError(f"unknown row check result {reason}")
 
 

@@ -15,6 +15,32 @@ def as_f32(store: np.ndarray) -> np.ndarray:
     return store.astype(np.float64)
 
 
+def int8_factor(values: np.ndarray, codes: np.ndarray, quant: np.ndarray, least_squares: bool) -> np.ndarray:
+    """The factors of int8 rows (quantization.py): with v the rows in code
+    units and weights 1 / quant^2, v.v / v.c (the decoded row's dot with the
+    row is the row's own) or v.c / c.c (least squares); 0 for a zero row."""
+    v = values * quant
+    w = 1.0 / quant ** 2
+    a, b, c = (v * v * w).sum(axis=1), (v * codes * w).sum(axis=1), (codes * codes * w).sum(axis=1)
+    with np.errstate(all="ignore"):
+        return np.where(b > 0, (b / c) if least_squares else (a / b), 0.0)
+
+
+def int8_codes(values: np.ndarray, quant: np.ndarray) -> np.ndarray:
+    """Rows as int8 codes: in code units (values * quant), each row's largest
+    element at +-127, rounded half up."""
+    v = values * quant
+    top = np.abs(v).max(axis=1, keepdims=True)
+    with np.errstate(all="ignore"):
+        return np.where(top > 0, np.floor(v * (127 / top) + 0.5), 0.0)
+
+
+def int8_rows(codes: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """int8 rows as a store holds them: codes, then the row's float32 factor."""
+    tail = np.asarray(factors, np.float32).reshape(-1, 1).view(np.int8)
+    return np.ascontiguousarray(np.concatenate([codes.astype(np.int8), tail], axis=1))
+
+
 def distances(store: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
     x = as_f32(store)
     q = q.astype(np.float64)

@@ -6,6 +6,7 @@ from hypothesis.extra.numpy import arrays
 
 from engram_shm.errors import DimensionMismatch, InvalidArgument
 from engram_shm.kernels.distance import distances
+from engram_shm.kernels.policy import ROW_FACTOR_CODES
 
 import naive
 
@@ -63,16 +64,27 @@ def test_bad_shapes_are_refused():
 @pytest.mark.parametrize("metric", METRICS)
 @given(data=store_and_query(), draw=st.data())
 def test_int8_distances_are_in_the_data_units(metric, data, draw):
-    """int8 codes c = x * 127 / scales (per dimension) and a cue in the same
-    units give the distance of the decoded rows (c * scales / 127) to the
-    decoded cue."""
+    """int8 rows (codes c and a factor F per row) stand for F * c * scales /
+    127; with a cue in code units (times 127 / scales) the distance is that
+    of the decoded rows to the decoded cue."""
     store, q = data
     scales = draw.draw(arrays(np.float32, store.shape[1:], elements=st.floats(0.0625, 20, width=32)))
-    codes = np.clip(np.rint(store * (127 / scales)), -127, 127).astype(np.int8)
+    factors = draw.draw(arrays(np.float32, store.shape[:1], elements=st.floats(0, 4, width=32)))
+    codes = np.clip(np.rint(store * (127 / scales)), -127, 127)
+    rows = naive.int8_rows(codes, factors)
     cue = (q * (127 / scales)).astype(np.float32)
-    got = distances(codes, cue, metric, scales)
-    x = codes.astype(np.float64) * (scales / 127)
+    got = distances(rows, cue, metric, scales)
+    x = codes * factors[:, None].astype(np.float64) * (scales / 127)
     qd = cue.astype(np.float64) * (scales / 127)
     want = naive.distances(x, qd, metric)
     bound = np.maximum(1.0, (np.abs(x) * np.abs(qd)).sum(axis=1) + ((x - qd) ** 2).sum(axis=1))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * bound.max())
+
+
+def test_an_int8_store_is_codes_then_a_factor():
+    """Rows narrower than a factor are refused; the dimension is the codes'."""
+    with pytest.raises(InvalidArgument):
+        distances(np.zeros((2, ROW_FACTOR_CODES), np.int8), np.zeros(0, np.float32), "l2",
+                  np.ones(0, np.float32))
+    with pytest.raises(DimensionMismatch):
+        distances(np.zeros((2, 8), np.int8), np.zeros(8, np.float32), "l2", np.ones(8, np.float32))

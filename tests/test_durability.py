@@ -18,11 +18,12 @@ import zmq
 
 from engram_shm import Client, Engine
 from engram_shm.config import EngineConfig
+from engram_shm.engine import recovery
 from engram_shm.engine.writer import EngineWriter
 from engram_shm.errors import Corrupt, DataDirInUse, StorageFull
-from engram_shm.store import checkpoint, shm, wal
+from engram_shm.store import checkpoint, quantization, shm, wal
 from engram_shm.store.catalog import FRONT_RECOVERING, WAL_LSN, Catalog, collect_stale
-from engram_shm.store.layout import ACCEPTED, LAYOUT_VERSION, UPPER_USED, SegmentLayout
+from engram_shm.store.layout import ACCEPTED, LAYOUT_VERSION, UPPER_USED, SegmentLayout, first_upper_rows
 from engram_shm.store.segment import Segment
 from engram_shm.store.verify import verify
 from engram_shm.synthetic import clustered
@@ -150,13 +151,30 @@ def test_an_int8_space_comes_back_with_its_scales_and_codes(tmp_path):
         assert e.recall("s", data[0] + 0.5, k=1)[0].id == "more"
 
 
-@pytest.mark.parametrize("version, dtype", [(1, "int8"), (2, "f16"), (3, "f32")])
+def test_an_int8_log_record_written_before_rows_had_factors_replays_them_with_factor_1():
+    """A BATCH record of layout 4 or before holds int8 rows of `dim` codes
+    and no `width`: replayed, they are rows of today with factor 1, which
+    decode as they were written."""
+    codes = np.array([[1, -2, 3], [127, 0, -127]], np.int8)
+    blobs = [codes, np.zeros(2), np.ones(2, np.float32), np.ones(2, np.int32), np.array([2, 4]),
+             np.frombuffer(b"a1b2", np.uint8)]
+    meta = {"space": "s", "gen": 1, "n": 2, "dim": 3, "dtype": "int8", "session": None, "seq": 0, "bytes": 4,
+            "scales": quantization.logged(np.full(3, 0.5, np.float32))}
+    body = memoryview(b"".join(blob.tobytes() for blob in blobs))
+    batch = recovery._batch(wal.Record(1, wal.BATCH, meta, body, "old.wal", 0))
+    assert batch.dim == 3 and batch.ids == ["a", "b"]
+    np.testing.assert_array_equal(batch.vectors, quantization.with_unit_factors(codes))
+    np.testing.assert_allclose(quantization.decoded(batch.vectors, quantization.from_log(meta)),
+                               codes * (0.5 / 127), rtol=1e-6)
+
+
+@pytest.mark.parametrize("version, dtype", [(1, "int8"), (2, "f16"), (3, "f32"), (4, "int8")])
 def test_a_checkpointed_block_of_an_older_layout_loads_at_the_current_one(tmp_path, version, dtype):
-    """Blocks of layouts 1 to 3 come back at the current version (whose
-    writers put stable prefixes in count words), their columns as written
-    and each tall node's upper lists (a row of MAX_LEVEL lists per node
-    before version 4) one row per layer; a live block of an older layout is
-    refused."""
+    """Blocks of layouts 1 to 4 come back at the current version (whose
+    writers put stable prefixes in count words), their columns as written,
+    each tall node's upper lists (a row of MAX_LEVEL lists per node before
+    version 4) one row per layer and int8 codes with factor 1 (none before
+    version 5); a live block of an older layout is refused."""
     names = [f"engram-test-layout-{os.getpid()}-{version}-{i}" for i in range(2)]
     rng = np.random.default_rng(version)
     levels = [0, 2, 0, 1, 3]
@@ -167,11 +185,17 @@ def test_a_checkpointed_block_of_an_older_layout_loads_at_the_current_one(tmp_pa
         w.vectors[:5] = rng.integers(-100, 100, (5, 4)).astype(w.vectors.dtype)
         w.links0[:5, :3] = [[2, 1, 2], [2, 0, 2], [2, 0, 1], [1, 4, 0], [1, 3, 0]]
         w.level[:5] = levels
-        w.upper_row[:5] = [-1, 2, -1, 0, 1]  # rows handed out in any order
         upper = {(1, 1): [1, 4], (1, 2): [1, 4], (3, 1): [1, 1], (4, 1): [2, 1, 3], (4, 2): [1, 1],
                  (4, 3): [0]}
-        for (node, layer), row in upper.items():
-            w.upper[w.upper_row[node], layer - 1, :len(row)] = row
+        if old.layout.rows_per_layer:
+            w.upper_row[:5] = first_upper_rows(np.array(levels))
+            old.header[UPPER_USED] = sum(levels)
+            for (node, layer), row in upper.items():
+                w.upper[w.upper_row[node] + layer - 1, :len(row)] = row
+        else:
+            w.upper_row[:5] = [-1, 2, -1, 0, 1]  # rows handed out in any order
+            for (node, layer), row in upper.items():
+                w.upper[w.upper_row[node], layer - 1, :len(row)] = row
         w.text_end[:5] = [2, 4, 6, 8, 10]
         w.id_len[:5] = 1
         old.header[ACCEPTED] = 5
@@ -179,8 +203,13 @@ def test_a_checkpointed_block_of_an_older_layout_loads_at_the_current_one(tmp_pa
         size, crc = checkpoint._Image(old).write(path)
         new = checkpoint._load_segment(path, {"file": "seg.bin", "bytes": size, "crc32c": crc}, names[1])
         assert new.layout.version == LAYOUT_VERSION and old.layout.version == version
-        for column in ("vectors", "links0", "text_end", "level"):
+        for column in ("links0", "text_end", "level"):
             np.testing.assert_array_equal(getattr(new.r, column)[:5], getattr(old.r, column)[:5])
+        vectors = old.r.vectors[:5]
+        if dtype == "int8":
+            vectors = quantization.with_unit_factors(vectors)
+            np.testing.assert_array_equal(quantization.factors(new.r.vectors[:5]), np.ones(5, np.float32))
+        np.testing.assert_array_equal(new.r.vectors[:5], vectors)
         np.testing.assert_array_equal(new.scales, old.scales)
         assert new.accepted == 5 and new.header[UPPER_USED] == sum(levels)
         for (node, layer), row in upper.items():

@@ -3,7 +3,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from engram_shm.kernels.vectors import ROW_NON_FINITE, ROW_OK, ROW_TOO_BIG, ROW_ZERO, check_store_rows
+from engram_shm.kernels.policy import ROW_FACTOR_CODES
+from engram_shm.kernels.vectors import (
+    F32_MAX,
+    ROW_BEYOND_SCALES,
+    ROW_NON_FINITE,
+    ROW_OK,
+    ROW_TOO_BIG,
+    ROW_ZERO,
+    check_store_rows,
+)
+from engram_shm.store import quantization
 
 import naive
 
@@ -55,24 +65,38 @@ def test_check_and_store_match_the_reference(m, unit, src_kind, dst_kind):
             np.testing.assert_array_equal(dst[done].view(np.float16), want_rows[done].astype(np.float16))
 
 
-@given(matrices(), st.booleans(), st.data())
-def test_int8_codes_match_the_reference(m, unit, draw):
-    """int8 storage: each stored value times 127 / its dimension's scale,
-    rounded half up and clipped to +-127; the checks are those of float storage."""
+@given(matrices(), st.booleans(), st.booleans(), st.data())
+def test_int8_rows_match_the_reference(m, unit, least_squares, draw):
+    """int8 storage: each row in code units (value times 127 / its
+    dimension's scale) coded with its largest element at +-127, rounded half
+    up, nothing clipped, and ended by the factor the reference computes from
+    those codes; the checks are those of float storage."""
     scale = draw.draw(arrays(np.float64, m.shape[1:], elements=st.floats(0.01, 100)))
-    dst = np.zeros(m.shape, np.int8)
-    bad, reason = check_store_rows(m, unit, np.inf, dst, 127 / scale)
+    quant = 127 / scale
+    dst = np.zeros((m.shape[0], m.shape[1] + ROW_FACTOR_CODES), np.int8)
+    bad, reason = check_store_rows(m, unit, np.inf, dst, quant, least_squares)
     want_bad, want_reason, want_rows = reference(m, unit, np.inf)
+    checked = slice(0, want_bad if want_bad >= 0 else len(m))
+    with np.errstate(all="ignore"):
+        want_codes = naive.int8_codes(want_rows[checked], quant)
+        huge = naive.int8_factor(want_rows[checked], want_codes, quant, least_squares) > F32_MAX
+    if huge.any():  # a row whose factor overflows float32 is refused first
+        want_bad, want_reason = int(np.argmax(huge)), ROW_BEYOND_SCALES
     assert (bad, reason) == (want_bad, want_reason)
     done = slice(0, bad if bad >= 0 else len(m))
-    with np.errstate(all="ignore"):
-        codes = np.floor(np.clip(want_rows[done] * (127 / scale), -127, 127) + 0.5)
-    # float32 rounding of the product may move a value sitting on a half step
-    assert np.abs(dst[done].astype(np.int32) - codes).max(initial=0) <= 1
+    codes = dst[done, :-ROW_FACTOR_CODES].astype(np.float64)
+    want_codes = want_codes[done]
+    # float rounding of the products may move a value sitting on a half step
+    assert np.abs(codes - want_codes).max(initial=0) <= 1
+    nonzero = np.abs(want_rows[done]).max(axis=1, initial=0) > 0
+    assert (np.abs(codes).max(axis=1, initial=0)[nonzero] == 127).all()  # the whole range, no clipping
+    factors = quantization.factors(dst[done])
+    want = naive.int8_factor(want_rows[done], codes, quant, least_squares)
+    np.testing.assert_allclose(factors, want, rtol=1e-5, atol=2.0**-140)  # float32: subnormal factors too
 
 
 def test_int8_rows_from_the_log_are_copied_as_they_are():
-    codes = np.arange(-127, 128, dtype=np.int8)[:250].reshape(10, 25)
+    codes = np.arange(-127, 128, dtype=np.int8)[:250].reshape(10, 25)  # 21 codes and a factor a row
     dst = np.zeros_like(codes)
     assert check_store_rows(codes, False, np.inf, dst, 3.0) == (-1, ROW_OK)
     np.testing.assert_array_equal(dst, codes)

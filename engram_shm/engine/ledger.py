@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from ..config import EngineConfig
 from ..errors import QuotaExceeded, ShmFull, SpaceLimit
+from ..kernels.distance import stored_width
 from ..limits import KeyLimits, limits_for, memory_ceiling_bytes
 from ..observations import Batch
 from ..store import shm
@@ -135,7 +136,7 @@ class Ledger:
         """Disk bytes of n rows (nothing without a data directory)."""
         if not self.config.durable:
             return 0
-        return n * (dim * STORAGE[dtype].itemsize + ROW_DISK_BYTES) + text_bytes
+        return n * (stored_width(dim, STORAGE[dtype]) * STORAGE[dtype].itemsize + ROW_DISK_BYTES) + text_bytes
 
     def batch_bytes(self, params: SpaceParams, batch: Batch) -> int:
         text_bytes = int(batch.record_ends[-1]) if batch.n else 0

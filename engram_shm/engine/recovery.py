@@ -175,5 +175,7 @@ def _batch(record: wal.Record) -> Batch:
     starts = np.concatenate([[0], record_ends[:-1]]).tolist()
     raw = records.tobytes()
     ids = [raw[s:s + n].decode("utf-8") for s, n in zip(starts, id_lens.tolist())]
-    return Batch(ids, vectors.reshape(meta["n"], meta["dim"]), records, record_ends, id_lens, when,
-                 confidence)
+    vectors = vectors.reshape(meta["n"], wal.row_width(meta))
+    if meta["dtype"] == "int8" and vectors.shape[1] == meta["dim"]:  # logged before rows had factors
+        vectors = quantization.with_unit_factors(vectors)
+    return Batch(ids, vectors, records, record_ends, id_lens, when, confidence)

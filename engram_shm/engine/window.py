@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from ..config import EngineConfig
-from ..kernels.distance import distances
+from ..kernels.distance import distances, empty_store
 from ..kernels.policy import INT8_MAX
 from ..kernels.vectors import check_store_rows
 from ..store.layout import STORAGE
@@ -30,7 +30,7 @@ def scan_ns_per_row(dim: int, dtype: str) -> float:
     """Nanoseconds the exact scan takes per row of `dim` in `dtype` here (the
     best of three passes over a block larger than the L2 cache)."""
     rows = np.random.default_rng(0).normal(size=(_PROBE_ROWS, dim)).astype(np.float32)
-    store = np.empty(rows.shape, STORAGE[dtype])  # stored as a space stores them
+    store = empty_store(_PROBE_ROWS, dim, STORAGE[dtype])  # stored as a space stores them
     # int8: with scales, as a space's scan runs (and the only int8 kernel type warmed)
     scales = np.ones(dim, np.float32) if dtype == "int8" else None
     check_store_rows(rows, True, np.inf, store, INT8_MAX if dtype == "int8" else 1.0)

@@ -228,7 +228,8 @@ class EngineWriter:
         if self.wal is not None:
             def log(vectors):
                 meta = {"space": params.name, "gen": first, "n": batch.n, "dim": batch.dim,
-                        "dtype": params.dtype, "scales": quantization.logged(writer.scales),
+                        "width": vectors[0].shape[1], "dtype": params.dtype,
+                        "scales": quantization.logged(writer.scales),
                         "session": session, "seq": seq,
                         "bytes": int(batch.record_ends[-1])}
                 columns = [batch.when, batch.confidence, batch.id_lens, batch.record_ends, batch.records]

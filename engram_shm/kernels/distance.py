@@ -1,11 +1,13 @@
 """Distances between stored vectors and float32 queries, f32 accumulation.
 
-Stored rows are float32, float16 bits (uint16) or int8 codes; queries are
-float32 in the store's units (an int8 space's cue is scaled like its rows).
+Stored rows are float32, float16 bits (uint16) or int8 codes ending in their
+row's factor (policy.ROW_FACTOR_CODES); queries are float32 in the store's
+units (an int8 space's cue is scaled like its rows).
 Cosine and inner product both rank by `1 - dot` (cosine rows and cues are
 unit-norm); L2 is the squared Euclidean distance. Sums are taken in the
-store's units, weighted per dimension for int8 codes, and multiplied by
-`metric.unit` once (see policy.Metric and WeightedMetric).
+store's units, weighted per dimension for int8 codes, whose rows' factors
+multiply them, and multiplied by `metric.unit` once (see policy.Metric and
+WeightedMetric).
 """
 
 import numpy as np
@@ -13,10 +15,25 @@ from numba import types
 from numba.extending import overload
 
 from ..errors import DimensionMismatch, InvalidArgument
-from .policy import L2, kernel, metric_of, uncounted_inline_kernel
-from .scalar import as_f32, pointer_to
+from .policy import L2, ROW_FACTOR_CODES, kernel, metric_of, uncounted_inline_kernel
+from .scalar import as_f32, pointer_to, row_factor, vector_dim
 
 STORE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int8))
+
+
+def stored_width(dim: int, dtype: np.dtype) -> int:
+    """Elements in a stored row of `dim` dimensions: int8 rows end in their factor."""
+    return dim + ROW_FACTOR_CODES if np.dtype(dtype) == np.int8 else dim
+
+
+def stored_dim(store: np.ndarray) -> int:
+    """The dimension of the vectors in a store's rows (see `stored_width`)."""
+    return store.shape[1] - ROW_FACTOR_CODES if store.dtype == np.int8 else store.shape[1]
+
+
+def empty_store(n: int, dim: int, dtype: np.dtype) -> np.ndarray:
+    """Room for n rows of `dim` dimensions as a store of `dtype` holds them."""
+    return np.empty((n, stored_width(dim, dtype)), dtype)
 
 
 def weights_of(metric, dim):
@@ -63,19 +80,22 @@ def _weight(weights, t):
 @uncounted_inline_kernel
 def dist(a, i, b, j, metric):
     """Distance between row i of `a` and row j of `b` (stored rows or a float32
-    query held as a one-row matrix)."""
-    dim = a.shape[1]
+    query held as a one-row matrix). Float rows' factors are constants 1,
+    which the compiler folds away."""
+    dim = vector_dim(a)
     w = weights_of(metric, dim)
+    fa = row_factor(a, i)
+    fb = row_factor(b, j)
     acc = np.float32(0.0)
     if metric.code == L2:
         for t in range(dim):
-            diff = as_f32(a[i, t]) - as_f32(b[j, t])
+            diff = as_f32(a[i, t]) * fa - as_f32(b[j, t]) * fb
             acc += diff * diff * weight(w, t)
         return acc * metric.unit
     dot_w = row_weights(w, b)
     for t in range(dim):
         acc += as_f32(a[i, t]) * as_f32(b[j, t]) * weight(dot_w, t)
-    return np.float32(1.0) - acc * metric.unit
+    return np.float32(1.0) - acc * (fa * fb * metric.unit)
 
 
 @kernel
@@ -95,6 +115,9 @@ def weighted_cue(q: np.ndarray, metric, weights: np.ndarray | None) -> np.ndarra
 def check_store(store: np.ndarray) -> None:
     if store.ndim != 2 or store.dtype not in STORE_DTYPES or not store.flags.c_contiguous:
         raise InvalidArgument("store must be a C-contiguous 2-D float32, uint16 (f16 bits) or int8 array")
+    if stored_dim(store) < 1:
+        raise InvalidArgument("an int8 store's rows are codes then their factor: "
+                              f"at least {ROW_FACTOR_CODES + 1} wide")
 
 
 def check_query(q: np.ndarray, dim: int) -> None:
@@ -108,7 +131,7 @@ def distances(store: np.ndarray, q: np.ndarray, metric: str, scales: np.ndarray 
     """Distance of `q` to every row of `store` (float32 [n]); `scales`: those
     of an int8 store's codes (policy.metric_of), `q` then in code units."""
     check_store(store)
-    check_query(q, store.shape[1])
+    check_query(q, stored_dim(store))
     out = np.empty(store.shape[0], np.float32)
     kernel_metric, weights = metric_of(metric, scales)  # weights: referenced until the kernel returns
     _distances(store, weighted_cue(q, kernel_metric, weights).reshape(1, -1), kernel_metric, out)

@@ -59,10 +59,10 @@ from ..store.layout import (
     first_upper_rows,
 )
 from .atomics import fence
-from .distance import check_query, check_store, dist, weight, weighted_cue, weights_of
+from .distance import check_query, check_store, dist, stored_dim, weight, weighted_cue, weights_of
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
 from .policy import L2, kernel, metric_of, uncounted_inline_kernel, uncounted_kernel
-from .scalar import as_f32, pointer_to, prefetch_row, prefetch_whole_row
+from .scalar import as_f32, pointer_to, prefetch_row, prefetch_whole_row, row_factor, vector_dim
 
 Graph = namedtuple("Graph", "links0 upper level upper_row parent state")
 # One segment as a recall sees it: read-only columns, its graph and its header,
@@ -430,14 +430,15 @@ def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc, reverse)
 
 @uncounted_kernel
 def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
-    dim = store.shape[1]
+    dim = vector_dim(store)
     w = weights_of(metric, dim)
+    f = row_factor(store, node)
     if metric.code == L2:
         for j in range(dim):
-            sc.qbuf[0, j] = as_f32(store[node, j])
+            sc.qbuf[0, j] = as_f32(store[node, j]) * f
     else:  # the node as a cue: weighted as distance.weighted_cue weights one
         for j in range(dim):
-            sc.qbuf[0, j] = as_f32(store[node, j]) * weight(w, j)
+            sc.qbuf[0, j] = as_f32(store[node, j]) * (weight(w, j) * f)
     q = sc.qbuf
     node_level = g.level[node]
     entry = g.state[0]
@@ -693,7 +694,7 @@ class SpaceViews:
                                 v.graph.links0.shape[1]] for v in views], np.int64)
         self.like = np.empty((0, views[0].store.shape[1]), views[0].store.dtype)
         self.capacity = max(v.store.shape[0] for v in views)
-        self.dim = views[0].store.shape[1]
+        self.dim = stored_dim(views[0].store)
         self.M = views[0].graph.upper.shape[1] - 1
         self.n = len(views)
         self._metric = None
@@ -718,7 +719,7 @@ def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric
     M = _check_graph(store, gens, g, sc)
     if not (0 <= lo <= hi <= store.shape[0]):
         raise InvalidArgument(f"insert range [{lo}, {hi}) is outside [0, {store.shape[0]}]")
-    if not (1 <= ef_construction < sc.res_k.shape[0]) or sc.qbuf.shape[1] != store.shape[1]:
+    if not (1 <= ef_construction < sc.res_k.shape[0]) or sc.qbuf.shape[1] != stored_dim(store):
         raise InvalidArgument("scratch is too small for ef_construction or the dimension")
     kernel_metric, weights = metric_of(metric, scales)  # weights: referenced until the kernel returns
     _insert_range(store, gens, g, lo, hi, M, ef_construction, kernel_metric, sc, bool(reverse))
@@ -742,7 +743,7 @@ def search(store, gens, g: Graph, q: np.ndarray, k: int, ef: int, n_indexed: int
     [0, n_indexed) merged with an exact scan of [scan_lo, scan_hi), generation
     <= gen_max. Safe to call while a writer inserts."""
     _check_graph(store, gens, g, sc)
-    check_query(q, store.shape[1])
+    check_query(q, stored_dim(store))
     cap = store.shape[0]
     if k < 1 or not (0 <= n_indexed <= cap and 0 <= scan_lo <= scan_hi <= cap):
         raise InvalidArgument("k must be >= 1 and counts within the segment")

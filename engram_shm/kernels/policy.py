@@ -33,11 +33,16 @@ METRIC_CODES = {"cosine": COSINE, "ip": IP, "l2": L2}
 
 # int8 codes span +-INT8_MAX (symmetric: -128 is never stored).
 INT8_MAX = 127
+# An int8 row ends in its factor, a float32 in ROW_FACTOR_CODES int8 slots
+# (store/quantization.py): a store's row is dim codes then the factor, so
+# every copy of a row (logs, checkpoints, compaction) carries it.
+ROW_FACTOR_CODES = 4
 
 # What kernels take as `metric`: the code and the unit that turns a sum over
 # stored elements into a distance (Metric: float stores, unit 1), and for int8
-# stores per-dimension weights of that sum (WeightedMetric). int8 stores code
-# element d as value * 127 / scales[d]; with S = max(scales), unit = (S / 127)^2
+# stores per-dimension weights of that sum (WeightedMetric). An int8 row's
+# element d stands for factor * code * scales[d] / 127 (value * 127 / scales[d]
+# in code units is factor * code); with S = max(scales), unit = (S / 127)^2
 # and weights[d] = (scales[d] / S)^2, so that sums over codes (and over cues
 # multiplied by 127 / scales) come out in the data's own units and thresholds
 # such as DUPLICATE keep meaning. The weights are passed as the address of a

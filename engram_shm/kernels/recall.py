@@ -111,7 +111,7 @@ def _recall(table, records, like, src, bits, exponent, unit, limit, cue_scale, k
     sc = Scratch(*search_scratch)
     metric = metric_from(fields)
     seg_d, seg_i, out_d, out_ref, rows, values = outputs
-    _, reason = _check_store(src, bits, exponent, unit, limit, cue_scale, sc.qbuf)
+    _, reason = _check_store(src, bits, exponent, unit, limit, cue_scale, False, sc.qbuf)
     if reason != ROW_OK:
         return reason, 0
     n = _search_space(table, like, sc.qbuf, k, ef, np.uint64(gen_max), scan, metric, sc, seg_d, seg_i,

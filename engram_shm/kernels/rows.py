@@ -12,6 +12,7 @@ graph shape.
 import numpy as np
 
 from ..errors import InvalidArgument
+from .distance import stored_dim
 from .ids import fnv1a_range
 from .policy import kernel
 from .vectors import ROW_OK, check_store_rows
@@ -71,19 +72,20 @@ def draw_levels(seed: int, generations: np.ndarray, M: int, max_level: int) -> n
 
 def append_rows(columns, batch, first_generation: int, levels: np.ndarray, lo: int, hi: int,
                 slot: int, arena_at: int, upper_at: int, unit: bool, limit: float,
-                quant: float | np.ndarray = 1.0) -> tuple[int, int]:
+                quant: float | np.ndarray = 1.0, least_squares: bool = False) -> tuple[int, int]:
     """Write batch rows [lo, hi) into `columns` (a segment's writable Columns)
     at `slot`, `arena_at`, `upper_at`, checking each vector as it is stored
-    (`check_store_rows` with unit, limit and quant). Returns (ROW_OK, next free upper
+    (`check_store_rows` with unit, limit, quant and least_squares). Returns (ROW_OK, next free upper
     row), or (reason, first bad batch row) with the other columns unwritten.
     The caller has checked that the rows fit, and publishes nothing on a bad
     row: what was written stays past the published count, unseen."""
     c = columns
     n = hi - lo
     if not (0 <= lo < hi <= batch.n and slot >= 0 and slot + n <= c.vectors.shape[0]
-            and c.vectors.shape[1] == batch.vectors.shape[1] and levels.shape == (batch.n,)):
+            and stored_dim(c.vectors) == batch.dim and levels.shape == (batch.n,)):
         raise InvalidArgument("rows do not fit the segment or the batch")
-    bad, reason = check_store_rows(batch.vectors[lo:hi], unit, limit, c.vectors[slot:slot + n], quant)
+    bad, reason = check_store_rows(batch.vectors[lo:hi], unit, limit, c.vectors[slot:slot + n], quant,
+                                   least_squares)
     if reason != ROW_OK:
         return reason, lo + bad
     return ROW_OK, int(_append_rows(c, first_generation, batch.when, batch.confidence, batch.records,

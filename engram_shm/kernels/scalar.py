@@ -1,5 +1,5 @@
 """Scalar building blocks that Numba lacks on the CPU: float16 loads and stores,
-int8 codes, and prefetch.
+int8 codes and their rows' factors, and prefetch.
 
 Numba 0.6x refuses float16 arithmetic; `as_f32` reads f16 storage held as uint16
 bits by bitcasting to LLVM `half` and extending, which LLVM turns into F16C
@@ -11,6 +11,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
+
+from .policy import ROW_FACTOR_CODES
 
 
 @intrinsic
@@ -132,6 +134,75 @@ def _store_f32(arr, i, j, value):
     def impl(arr, i, j, value):
         arr[i, j] = value
     return impl
+
+
+@intrinsic
+def _factor_pointer(typingctx, arr, i):
+    """A float32 pointer to the factor that ends row `i` of an int8 store."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.dtype == types.int8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        cols = cgutils.unpack_tuple(builder, ary.shape, 2)[1]
+        at = builder.sub(cols, context.get_constant(types.intp, ROW_FACTOR_CODES))
+        item = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], at])
+        return builder.bitcast(item, ir.FloatType().as_pointer())
+
+    return types.CPointer(types.float32)(arr, types.intp), codegen
+
+
+def vector_dim(a):
+    """The dimension of the vectors in `a`'s rows: its width, less the factor
+    an int8 store's rows end in (jitted code only)."""
+    raise NotImplementedError("vector_dim is for jitted code")
+
+
+@overload(vector_dim, inline="always")
+def _vector_dim(a):
+    if isinstance(a, types.Array) and a.dtype == types.int8:
+        return lambda a: a.shape[1] - ROW_FACTOR_CODES
+    return lambda a: a.shape[1]
+
+
+def row_factor(a, i):
+    """What row `i`'s elements are multiplied by: an int8 store's factor, 1
+    for float rows and cues (jitted code only)."""
+    raise NotImplementedError("row_factor is for jitted code")
+
+
+@overload(row_factor, inline="always")
+def _row_factor(a, i):
+    if isinstance(a, types.Array) and a.dtype == types.int8:
+        return lambda a, i: _factor_pointer(a, i)[0]
+    return lambda a, i: np.float32(1.0)
+
+
+def set_row_factor(a, i, value):
+    """Write an int8 store's row factor; nothing for float rows (jitted code only)."""
+    raise NotImplementedError("set_row_factor is for jitted code")
+
+
+@overload(set_row_factor, inline="always")
+def _set_row_factor(a, i, value):
+    if isinstance(a, types.Array) and a.dtype == types.int8:
+        def impl(a, i, value):
+            _factor_pointer(a, i)[0] = np.float32(value)
+        return impl
+    return lambda a, i, value: None
+
+
+def is_codes(a):
+    """True for an int8 store (a constant the compiler folds; jitted code only)."""
+    raise NotImplementedError("is_codes is for jitted code")
+
+
+@overload(is_codes, inline="always")
+def _is_codes(a):
+    if isinstance(a, types.Array) and a.dtype == types.int8:
+        return lambda a: True
+    return lambda a: False
 
 
 @intrinsic

@@ -1,6 +1,7 @@
 """Incoming vectors, checked and stored in one kernel: each row is checked
 (finite, norm in float64 so tiny and huge rows survive) and written scaled
-straight into segment storage (float32, or float16 bits). Replaces the
+straight into segment storage (float32, float16 bits, or int8 codes and
+their row's factor). Replaces the
 half-dozen numpy passes (cast, isfinite, norm, divide, astype) a batch of
 256 x 768 would otherwise take on the ingest hot path, and reads the batch
 from memory once."""
@@ -10,27 +11,30 @@ import functools
 import numpy as np
 
 from ..errors import InvalidArgument
-from .distance import STORE_DTYPES
-from .policy import kernel
-from .scalar import as_f32, store_f32
+from .distance import STORE_DTYPES, stored_width
+from .policy import INT8_MAX, kernel, uncounted_inline_kernel
+from .scalar import as_f32, is_codes, set_row_factor, store_f32
 
 ROW_OK = 0
 ROW_NON_FINITE = 1
 ROW_ZERO = 2
 ROW_TOO_BIG = 3
+ROW_BEYOND_SCALES = 4  # an int8 row whose factor overflows float32
+
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 @kernel
-def _check_store(src, bits, exponent, unit, limit, quant, dst):
+def _check_store(src, bits, exponent, unit, limit, quant, least_squares, dst):
     """dst[i] = src[i] * factor * quant row by row, where factor is 1/norm
-    (unit) or 1 and quant [dim] turns values into int8 codes (1 for float stores),
-    after checking the row: returns (first bad row, reason) or (-1, ROW_OK).
-    Each row is read from memory once (the second pass hits the cache).
-    Finiteness is read from the bits (all-ones exponent): fastmath may fold
-    float tests away. Squares of float32 values cannot overflow float64; the
-    factor stays float64 because that of a subnormal row exceeds float32.
-    Written as one loop nest: split into helper functions it is not
-    vectorised (4x slower)."""
+    (unit) or 1 and quant [dim] turns values into int8 codes' units (1 for
+    float stores), after checking the row: returns (first bad row, reason)
+    or (-1, ROW_OK). An int8 row is coded by `_code_row`. Each row is read
+    from memory once (the later passes hit the cache). Finiteness is read
+    from the bits (all-ones exponent): fastmath may fold float tests away.
+    Squares of float32 values cannot overflow float64; the factor stays
+    float64 because that of a subnormal row exceeds float32. Written as one
+    loop nest: split into helper functions it is not vectorised (4x slower)."""
     for i in range(src.shape[0]):
         acc = 0.0
         peak = 0.0
@@ -50,28 +54,69 @@ def _check_store(src, bits, exponent, unit, limit, quant, dst):
             if peak > limit:
                 return i, ROW_TOO_BIG
             factor = 1.0
-        for j in range(src.shape[1]):
-            store_f32(dst, i, j, np.float32(as_f32(src[i, j]) * factor * quant[j]))
+        if is_codes(dst):
+            if not _code_row(src, i, factor, quant, least_squares, dst):
+                return i, ROW_BEYOND_SCALES
+        else:
+            for j in range(src.shape[1]):
+                store_f32(dst, i, j, np.float32(as_f32(src[i, j]) * factor * quant[j]))
     return -1, ROW_OK
 
 
+@uncounted_inline_kernel
+def _code_row(src, i, factor, quant, least_squares, dst):
+    """Row i as int8 codes and their factor (store/quantization.py). In code
+    units (v = value * quant) the row's largest element becomes +-127, then
+    the factor F that the codes c are multiplied by is chosen in the data's
+    units (weights 1 / quant^2): with A = v.v, B = v.c, C = c.c, F = A / B
+    makes the decoded row's dot with the row equal the row's own (no error
+    along the row: what cosine and ip rankings feel), F = B / C is the least
+    squares fit (l2). A zero row is all zero codes, factor 0. Returns False,
+    writing no factor, when the factor exceeds float32 (a row some 1e38 times
+    its space's scales)."""
+    top = 0.0
+    for j in range(src.shape[1]):
+        top = max(top, abs(np.float64(as_f32(src[i, j])) * factor * quant[j]))
+    per_step = INT8_MAX / top if top > 0.0 else 0.0
+    a = 0.0
+    b = 0.0
+    c = 0.0
+    for j in range(src.shape[1]):
+        v = np.float64(as_f32(src[i, j])) * factor * quant[j]
+        code = min(max(np.floor(v * per_step + 0.5), -INT8_MAX), INT8_MAX)
+        dst[i, j] = np.int8(code)
+        w = 1.0 / (quant[j] * quant[j])
+        a += v * v * w
+        b += v * code * w
+        c += code * code * w
+    f = (b / c if least_squares else a / b) if b > 0.0 else 0.0
+    if f > F32_MAX:
+        return False
+    set_row_factor(dst, i, f)
+    return True
+
+
 def check_store_rows(src: np.ndarray, unit: bool, limit: float, dst: np.ndarray,
-                     quant: float | np.ndarray = 1.0) -> tuple[int, int]:
+                     quant: float | np.ndarray = 1.0, least_squares: bool = False) -> tuple[int, int]:
     """Check each row of `src` (float32 or f16 bits, 2-D) and store it scaled
-    into `dst` (float32, f16 bits or int8 codes, same shape): rows must be
-    finite, and non-zero when `unit` (stored at unit norm), within +-limit
-    otherwise (stored as is); int8 codes are value * quant (one factor, or
-    one per dimension), rounded and clipped to +-127. Returns (first bad
-    row, reason) or (-1, ROW_OK); rows before a bad one are written. int8
-    rows from a log are stored codes: copied as they are."""
-    if dst.shape != src.shape or dst.dtype not in STORE_DTYPES:
-        raise InvalidArgument("check_store_rows needs dst of the source's shape, float32, f16 bits or int8")
-    if src.dtype == np.int8 and dst.dtype == np.int8 and src.ndim == 2:
+    into `dst` (float32, f16 bits, or int8 codes and their factor: rows of
+    distance.stored_width): rows must be finite, and non-zero when `unit`
+    (stored at unit norm), within +-limit otherwise (stored as is); int8
+    rows are coded from value * quant (one factor, or one per dimension) by
+    `_code_row`, whose factor is a least-squares fit with `least_squares`
+    (l2 spaces). Returns (first bad row, reason) or (-1, ROW_OK); rows
+    before a bad one are written. int8 rows from a log are stored rows:
+    copied as they are."""
+    if src.dtype == np.int8 and dst.dtype == np.int8 and src.ndim == 2 and src.shape == dst.shape:
         dst[...] = src
         return -1, ROW_OK
+    if (src.ndim != 2 or dst.dtype not in STORE_DTYPES
+            or dst.shape != (src.shape[0], stored_width(src.shape[1], dst.dtype))):
+        raise InvalidArgument("check_store_rows needs dst with the source's rows as float32, f16 bits "
+                              "or int8 codes and their factor")
     bits, exponent = source_bits(src)
     quant = _per_dimension(quant, src.shape[1])
-    bad, reason = _check_store(src, bits, exponent, unit, np.float64(limit), quant, dst)
+    bad, reason = _check_store(src, bits, exponent, unit, np.float64(limit), quant, bool(least_squares), dst)
     return int(bad), int(reason)
 
 

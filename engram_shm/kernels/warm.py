@@ -19,7 +19,7 @@ from numba.core.registry import CPUDispatcher
 from . import atomics, distance, heap, hnsw, idindex, ids, recall, rows, scalar, vectors
 from .atomics import compare_and_swap
 from .cache import drop_stale, sources, sources_digest
-from .distance import distances
+from .distance import distances, empty_store
 from .ids import fnv1a_range
 from .rows import append_rows, draw_levels
 from .vectors import check_store_rows
@@ -91,7 +91,7 @@ def warm(readers: bool = True, check_sources: bool = True) -> float:
     gens = np.arange(1, n + 1, dtype=np.uint64)
     for dtype_name, dtype in STORAGE.items():
         data = rng.normal(size=(n, dim)).astype(np.float32)
-        store = np.empty((n, dim), dtype)  # rows as a space of this dtype stores them
+        store = empty_store(n, dim, dtype)  # rows as a space of this dtype stores them
         check_store_rows(data, False, np.inf, store, 40.0 if dtype == np.int8 else 1.0)
         scales = np.ones(dim, np.float32) if dtype == np.int8 else None  # int8: a WeightedMetric
         g = hnsw.new_graph(levels, M, max_level)

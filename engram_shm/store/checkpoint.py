@@ -42,7 +42,7 @@ import numpy as np
 
 from ..errors import Corrupt, DataDirCorrupt
 from ..kernels.atomics import compare_and_swap
-from . import shm
+from . import quantization, shm
 from .catalog import (
     CHECKPOINT_REQUEST,
     FRONT_RECOVERING,
@@ -286,12 +286,14 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
             crc = crc32c.crc32c(memoryview(header).cast("B"))
             size = header.nbytes
             read_scales = seg.scales
-            node_rows = None
+            node_rows = codes = None
             for column, n in _prefixes(layout, accepted, upper_used, int(header[ARENA_USED])):
                 if column == "scales":  # which `create` wrote: read again for the checksum
                     part = read_scales = np.empty(n, np.float32)
                 elif column == "upper" and not layout.rows_per_layer:  # regrouped below
                     part = node_rows = np.empty((n, MAX_LEVEL, layout.M + 1), np.int32)
+                elif column == "vectors" and layout.row_width != seg.layout.row_width:  # given factors below
+                    part = codes = np.empty((n, layout.row_width), np.int8)
                 else:
                     part = getattr(seg.w, column)[:n]
                 if part.size == 0:
@@ -306,6 +308,8 @@ def _load_segment(path: str, entry: dict, name: str) -> Segment:
                 raise ValueError(f"{entry['file']} does not match its checksum")
             if node_rows is not None:
                 upper_used = _rows_per_layer(seg.w, accepted, node_rows)
+            if codes is not None:
+                seg.w.vectors[:accepted] = quantization.with_unit_factors(codes)
             for word in (ACCEPTED, ARENA_USED, SEALED, MIN_GEN, MAX_GEN, INDEXED, ENTRY, REPAIR):
                 seg.header[word] = header[word]
             seg.header[UPPER_USED] = upper_used

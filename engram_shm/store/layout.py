@@ -24,7 +24,8 @@ Columns (cap = capacity; `-1` sentinels are written by the creator):
 
 | column     | dtype             | shape                       | sentinel | writer       |
 |------------|-------------------|-----------------------------|----------|--------------|
-| vectors    | f32, u16 = f16, i8| [cap, dim]                  |          | front        |
+| vectors    | f32, u16 = f16, i8| [cap, dim]; int8: [cap,    |          | front        |
+|            |                   | dim + 4], codes then factor |          |              |
 | generation | uint64            | [cap]                       |          | front        |
 | when       | float64 (unix s)  | [cap]                       |          | front        |
 | confidence | float32           | [cap]                       |          | front        |
@@ -43,8 +44,9 @@ Columns (cap = capacity; `-1` sentinels are written by the creator):
 | arena      | uint8             | [arena_cap]                 |          | front        |
 | scales     | float32           | [dim], int8 stores only     |          | creator      |
 
-int8 codes of element d are value * 127 / scales[d] (kernels/policy.WeightedMetric).
-Layout version 1 had no `scales` column: its int8 stores code every element
+An int8 row is dim codes then its factor, a float32 in the row's last 4 bytes:
+element d stands for factor * code * scales[d] / 127 (store/quantization.py,
+kernels/policy.WeightedMetric). Layout version 1 had no `scales` column: its int8 stores code every element
 with SCALE, and are read as scales of SCALE throughout. Version 3 added the
 stable-prefix length to link lists' count words (STABLE_SHIFT); the plain
 counts of earlier versions read as a prefix of 0. A checkpoint's blocks are
@@ -54,6 +56,8 @@ rows of `upper`, one per layer; before, every node above layer 0 held a row
 of MAX_LEVEL lists (`upper` was [upper_cap, MAX_LEVEL, M+1]), most of them
 never used: a checkpoint's block of an older version is regrouped as it
 loads (checkpoint.py), and a live block of an older version is refused.
+Version 5 ends each int8 row in its factor; an older int8 block's rows,
+codes of element d as value * 127 / scales[d], load with factor 1.
 
 Slot i's record is arena[text_end[i-1]:text_end[i]] (0 for i = 0): its first
 id_len[i] bytes are the id, the rest the text, both UTF-8.
@@ -66,12 +70,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import Corrupt
+from ..kernels.distance import stored_width
 
 MAGIC_VALUE = 0x454E4752414D5347  # "ENGRAMSG"
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 # 1: before int8 stores had per-dimension scales; 2: before stable prefixes;
-# 3: before upper rows per layer
-READABLE_VERSIONS = (1, 2, 3, 4)
+# 3: before upper rows per layer; 4: before int8 rows' factors
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MAX_LEVEL = 6
 HEADER_WORDS = 64
 # A link list's count word (hnsw.py): links | stable-prefix length << STABLE_SHIFT.
@@ -131,7 +136,7 @@ class SegmentLayout:
     def columns(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         cap = self.capacity
         return [
-            ("vectors", STORAGE[self.dtype], (cap, self.dim)),
+            ("vectors", STORAGE[self.dtype], (cap, self.row_width)),
             ("generation", np.dtype(np.uint64), (cap,)),
             ("when", np.dtype(np.float64), (cap,)),
             ("confidence", np.dtype(np.float32), (cap,)),
@@ -146,6 +151,11 @@ class SegmentLayout:
              + ((self.M + 1,) if self.rows_per_layer else (MAX_LEVEL, self.M + 1))),
             ("arena", np.dtype(np.uint8), (self.arena_capacity,)),
         ] + ([("scales", np.dtype(np.float32), (self.dim,))] if self.has_scales else [])
+
+    @property
+    def row_width(self) -> int:
+        """Elements of a stored row: an int8 row ends in its factor (version 5)."""
+        return stored_width(self.dim, STORAGE[self.dtype]) if self.version >= 5 else self.dim
 
     @property
     def has_scales(self) -> bool:

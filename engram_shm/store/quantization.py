@@ -1,33 +1,43 @@
-"""int8 storage: per-dimension scales, taken from a space's first batch.
+"""int8 storage: per-dimension scales, taken from a space's first batch, and
+a factor per row.
 
-Element d of a row is stored as round(value * 127 / scales[d]), clipped to
-+-127; kernels weight their sums by dimension (kernels/policy.WeightedMetric), so
-distances stay in the data's own units. One scale per dimension, not one per
-space: embeddings often have a few dimensions much larger than the rest, and
-one scale set by those leaves every other dimension a few coarse steps.
+A row in code units is v[d] = value[d] * 127 / scales[d]; it is stored as
+codes c[d] = round(v[d] * 127 / max|v|) (its largest element at +-127:
+nothing is ever clipped, whatever the row's size) and one float32 factor F
+per row, so that v is F * c (kernels/vectors._code_row). F is not the
+rounding step but a fit: under cosine and ip, the one that makes the decoded
+row's dot with the row equal the row's own (the rounding error has no part
+along the row, which is the part a ranking of near neighbours feels); under
+l2 the least-squares one. Kernels weight their sums by dimension
+(kernels/policy.WeightedMetric) and multiply them by the rows' factors, so
+distances stay in the data's own units.
+
+The scales share the 255 levels of a row between its dimensions: one per
+dimension, not one per space, because embeddings often have a few
+dimensions much larger than the rest, and one scale set by those would
+leave every other dimension a few coarse steps. A dimension's scale is its
+root mean square in the first batch; a row's own largest element sets its
+step, so a first batch that misjudges later rows costs precision, never a
+clipped value.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..kernels.policy import INT8_MAX
+from ..kernels.policy import INT8_MAX, ROW_FACTOR_CODES
 
-# A dimension's scale is the larger of MARGIN times its largest magnitude in
-# the first batch and SPREAD times its root mean square, so that later rows
-# rarely clip (an element that does is stored at +-scale). The root mean
-# square is pooled with the batch's mean over dimensions as if from PRIOR_ROWS
-# more rows: a first batch of a few rows says little about each dimension.
-MARGIN = 1.25
-SPREAD = 5.0
+# A dimension's root mean square is pooled with the batch's mean over
+# dimensions as if from PRIOR_ROWS more rows: a first batch of a few rows says
+# little about each dimension.
 PRIOR_ROWS = 32
 
 
 def calibrate(vectors: np.ndarray, metric: str) -> np.ndarray:
     """The per-dimension scales (float32 [dim]) of a space whose first batch
     is `vectors` (float32 or f16 bits), taken from its rows as they will be
-    stored (at unit norm under cosine, where no scale exceeds 1). Rows the
-    store refuses (not finite) do not count."""
+    stored (at unit norm under cosine). Rows the store refuses (not finite)
+    do not count."""
     rows = vectors.view(np.float16) if vectors.dtype == np.uint16 else vectors
     rows = rows.astype(np.float64)
     rows = rows[np.isfinite(rows).all(axis=1)]
@@ -39,9 +49,7 @@ def calibrate(vectors: np.ndarray, metric: str) -> np.ndarray:
     n = rows.shape[0]
     mean_square = (rows * rows).mean(axis=0)
     pooled = (n * mean_square + PRIOR_ROWS * mean_square.mean()) / (n + PRIOR_ROWS)
-    scales = np.maximum(MARGIN * np.abs(rows).max(axis=0), SPREAD * np.sqrt(pooled))
-    if metric == "cosine":
-        scales = np.minimum(scales, 1.0)
+    scales = np.sqrt(pooled)
     # An all-zero batch says nothing: no dimension gets a scale of 0.
     floor = scales.max() if scales.max() > 0 else 1.0
     return np.where(scales > 0, scales, floor).astype(np.float32)
@@ -68,6 +76,21 @@ def from_log(meta: dict) -> np.ndarray | None:
     return None
 
 
-def decoded(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """int8 codes [n, dim] as float32 values."""
-    return codes.astype(np.float32) * (scales / np.float32(INT8_MAX))
+def factors(rows: np.ndarray) -> np.ndarray:
+    """The factors (float32 [n]) that end int8 rows [n, dim + ROW_FACTOR_CODES]."""
+    return np.ascontiguousarray(rows[:, -ROW_FACTOR_CODES:]).view(np.float32)[:, 0]
+
+
+def decoded(rows: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Stored int8 rows (codes, then their factor) as float32 values [n, dim]."""
+    codes = rows[:, :-ROW_FACTOR_CODES].astype(np.float32)
+    return codes * factors(rows)[:, None] * (scales / np.float32(INT8_MAX))
+
+
+def with_unit_factors(codes: np.ndarray) -> np.ndarray:
+    """int8 rows of a block or log record written before rows had factors
+    (codes of value * 127 / scales, layout < 5) as rows of today, factor 1."""
+    rows = np.empty((codes.shape[0], codes.shape[1] + ROW_FACTOR_CODES), np.int8)
+    rows[:, :-ROW_FACTOR_CODES] = codes
+    rows[:, -ROW_FACTOR_CODES:] = np.ones((codes.shape[0], 1), np.float32).view(np.int8)
+    return rows

@@ -281,7 +281,8 @@ class SpaceWriter:
         quant = quantization.codes_per_unit(self.scales) if self.params.dtype == "int8" else 1.0
         for p in placements:
             reason, value = append_rows(p.segment.w, batch, first_generation, levels, p.lo, p.hi,
-                                        p.at.slot, p.at.arena, p.at.upper, *rule, quant)
+                                        p.at.slot, p.at.arena, p.at.upper, *rule, quant,
+                                        self.params.metric == "l2")
             if reason != ROW_OK:  # nothing is published: the rows written stay unseen
                 raise_bad_row(reason, value, "vector")
         if log is not None:

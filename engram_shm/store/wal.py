@@ -11,7 +11,9 @@ A file `<first lsn, 20 digits>.wal` is a 32-byte header, then records:
 
 Every record has the next log sequence number (lsn), across files. Kinds:
 SPACE (meta: the space's parameters and owner), SESSION (meta: key, state, priority) and
-BATCH (meta: space, first generation, n, dim, dtype, an int8 space's scales as
+BATCH (meta: space, first generation, n, dim, width (elements of a stored
+row: dim, or dim + 4 for an int8 row's codes and factor; records before
+layout 5 have none and rows of dim), dtype, an int8 space's scales as
 float32 bytes (records before layout 2 carry one `scale`), session, last
 sequence, record bytes; blobs: the vectors in their storage dtype, as stored, then when
 f64[n], confidence f32[n], id_lens i32[n], record_ends i64[n], the UTF-8
@@ -76,8 +78,14 @@ def batch_columns(meta: dict) -> list[tuple[np.dtype, int]]:
     """(dtype, count) of each blob of a BATCH record, in order: the one
     description of the layout, for writing and reading alike."""
     n = meta["n"]
-    return [(VECTOR_DTYPES[meta["dtype"]], n * meta["dim"]), (np.dtype("<f8"), n), (np.dtype("<f4"), n),
+    return [(VECTOR_DTYPES[meta["dtype"]], n * row_width(meta)), (np.dtype("<f8"), n), (np.dtype("<f4"), n),
             (np.dtype("<i4"), n), (np.dtype("<i8"), n), (np.dtype(np.uint8), meta["bytes"])]
+
+
+def row_width(meta: dict) -> int:
+    """Elements of a logged vector: `width` (an int8 row's codes and factor),
+    `dim` in records written before rows had factors."""
+    return meta.get("width", meta["dim"])
 
 
 @dataclass(frozen=True)
