@@ -1,3 +1,4 @@
+import gc
 import multiprocessing as mp
 import os
 import signal
@@ -88,6 +89,36 @@ def test_segments_seal_when_their_text_arena_fills():
         for i in range(0, 300, 7):
             m = e.recall("texty", vectors[i], k=1)[0]
             assert (m.id, m.what) == (f"t{i}", texts[i])
+
+
+def test_a_block_closed_under_live_views_leaves_them_the_mapping(caplog):
+    """Closing a block whose numpy views live on closes its descriptor and
+    logs; the views still read and write the memory, and collecting the
+    block raises nothing (SharedMemory's own __del__ raised BufferError
+    then, as an unraisable exception)."""
+    name = f"engram_test-views-{os.getpid()}"
+    unraisable = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        block = shm.create(name, 4096)
+        view = np.frombuffer(block.buf, np.int64)  # holds an export of the block's buffer
+        view[:] = 7
+        fd = block._fd
+        shm.close(block)
+        assert "still has views" in caplog.text
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        view[3] = 9
+        assert view.sum() == 7 * 511 + 9
+        del block
+        gc.collect()
+        assert view[3] == 9 and unraisable == []
+        again = shm.attach(name)  # the memory stays the block's, which is still there
+        assert np.ndarray((512,), np.int64, buffer=again.buf)[3] == 9
+        shm.close(again)
+    finally:
+        sys.unraisablehook = hook
+        shm.unlink(name)
 
 
 def test_shm_full_is_refused_before_anything_is_written(monkeypatch):

@@ -48,10 +48,31 @@ def _untracked():
             tracker.register, tracker.unregister = register, unregister
 
 
+class _Block(shared_memory.SharedMemory):
+    """A SharedMemory whose close cannot fail. With numpy views of the
+    mapping still alive, SharedMemory.close raises BufferError and leaves
+    the block open; when the object is collected, its __del__ closes again
+    and raises again, as an unraisable exception, and its file descriptor
+    stays open until the process exits. This close then leaves the mapping
+    to the views (the memoryview they hold keeps it; it is unmapped with the
+    last of them) and closes the descriptor."""
+
+    def close(self) -> bool:
+        """True if the mapping was unmapped, False if views keep it."""
+        try:
+            super().close()
+            return True
+        except BufferError:
+            self._buf = None  # held by the views, which keep the mmap through it
+            self._mmap = None
+            super().close()  # the descriptor
+            return False
+
+
 def _open(name: str, create: bool, size: int = 0) -> shared_memory.SharedMemory:
     kwargs = {"track": False} if sys.version_info >= (3, 13) else {}
     with _untracked():
-        return shared_memory.SharedMemory(name=name, create=create, size=size, **kwargs)
+        return _Block(name=name, create=create, size=size, **kwargs)
 
 
 def free_bytes() -> int:
@@ -120,14 +141,11 @@ def destroy(block: shared_memory.SharedMemory) -> None:
 
 
 def close(shm: shared_memory.SharedMemory, warn: bool = True) -> None:
-    """Close a mapping; numpy views of it must be released first. A view still
-    held elsewhere keeps the mapping open until that view goes (logged unless
-    `warn` is false: the caller expects it)."""
-    try:
-        shm.close()
-    except BufferError:
-        if warn:
-            log.warning("shared memory %s still has views in use; left mapped", shm.name)
+    """Close a block; numpy views of it should be released first. A view still
+    held elsewhere keeps the mapping until that view goes (logged unless
+    `warn` is false: the caller expects it; see _Block)."""
+    if not shm.close() and warn:
+        log.warning("shared memory %s still has views in use; left mapped until they go", shm.name)
 
 
 def list_blocks(engine: str | None = None) -> list[str]:
