@@ -59,7 +59,8 @@ def test_stored_rows_keep_their_error_bounds(metric, first, draw):
     else:
         np.testing.assert_allclose((got * x).sum(axis=1), norm ** 2, rtol=1e-5, atol=1e-30)
         close = e < norm / 2
-        assert (error[close] <= (2 * e * norm / (norm - e) + slack)[close]).all()
+        e, norm = e[close], norm[close]
+        assert (error[close] <= 2 * e * norm / (norm - e) + slack[close]).all()
 
 
 def stored_recall(base: np.ndarray, queries: np.ndarray, scales: np.ndarray) -> float:

@@ -113,8 +113,8 @@ def test_the_client_raises_a_disk_refusal_at_once_and_keeps_the_batch():
     data = clustered(100, DIM, seed=93)
     with running_server(env=failing_disk(1)) as (endpoint, name, proc):
         c = Client(endpoint, batch_size=50)
-        c.observe_batch("never", ids("n", 0, 50), data[:50])
-        with pytest.raises(StorageError) as refused:
+        with pytest.raises(StorageError) as refused:  # from observe_batch if the refusal is back already
+            c.observe_batch("never", ids("n", 0, 50), data[:50])
             c.flush()
         assert refused.value.code == "storage_error" and refused.value.details["ids"] == ids("n", 0, 50)
         assert c.last_acked == 0 and len(c._queue) == 1
