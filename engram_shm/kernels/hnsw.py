@@ -83,6 +83,11 @@ GEN_ANY = np.uint64(np.iinfo(np.uint64).max)
 _EMPTY = np.int64(-1)
 _LOW32 = np.int64(0xFFFFFFFF)
 _COUNT_MASK = np.int32((1 << STABLE_SHIFT) - 1)
+# A search prefetches the rows of a candidate's neighbours this many ahead of
+# the one whose distance it takes, not all of them before the first: an
+# interleaved A/B of 30K sentence-384 inserts spent 3-4% less CPU so, f16 and
+# int8 alike (8 ahead did no better).
+PREFETCH_AHEAD = 4
 DUPLICATE = np.float32(1e-6)  # distances this small are rounding: the vectors are equal
 
 
@@ -146,11 +151,15 @@ def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_m
             prefetch_row(g.links0, sc.cand_v[0])
         row = _row(g, c, layer)
         cnt = _count(row)
-        for t in range(1, cnt + 1):
+        for t in range(1, min(cnt, PREFETCH_AHEAD) + 1):
             nb = row[t]
             if nb >= 0 and nb < cap and sc.visited[nb] != tag:
                 prefetch_whole_row(store, nb)
         for t in range(1, cnt + 1):
+            if t + PREFETCH_AHEAD <= cnt:
+                ahead = row[t + PREFETCH_AHEAD]
+                if ahead >= 0 and ahead < cap and sc.visited[ahead] != tag:
+                    prefetch_whole_row(store, ahead)
             nb = row[t]
             if nb < 0 or nb >= cap or sc.visited[nb] == tag:
                 continue
