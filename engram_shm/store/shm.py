@@ -63,7 +63,9 @@ class _Block(shared_memory.SharedMemory):
             super().close()
             return True
         except BufferError:
-            self._buf = None  # held by the views, which keep the mmap through it
+            # SharedMemory's own attributes (as 3.11's close uses them): the
+            # views hold the memoryview, which keeps the mmap.
+            self._buf = None
             self._mmap = None
             super().close()  # the descriptor
             return False
