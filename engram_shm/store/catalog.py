@@ -234,6 +234,8 @@ class Catalog:
             block = shm.attach(catalog_name(engine))
         except FileNotFoundError:
             raise EngineNotFound(f"no engine {engine!r} is running on this machine") from None
+        except ValueError:  # empty: being sized, or its creator was killed before it was
+            raise Corrupt(f"catalog of engine {engine!r} is empty", other_version=False) from None
         header = np.ndarray((2,), np.int64, buffer=block.buf)  # MAGIC, VERSION_WORD
         magic, version = int(header[MAGIC]), int(header[VERSION_WORD])
         del header

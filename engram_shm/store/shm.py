@@ -119,16 +119,14 @@ def attach(name: str) -> shared_memory.SharedMemory:
 
 
 def unlink(name: str) -> bool:
-    """Remove a block by name; False if it was already gone."""
+    """Remove a block by name; False if it was already gone. By its path,
+    without mapping it: a process killed while creating a block leaves it
+    empty (SharedMemory sizes a block after creating it), and SharedMemory
+    cannot open an empty block."""
     try:
-        shm = _open(name, create=False)
+        os.unlink(os.path.join(SHM_DIR, name))
     except FileNotFoundError:
         return False
-    try:
-        with _untracked():
-            shm.unlink()
-    finally:
-        close(shm)
     return True
 
 
