@@ -2,6 +2,9 @@
 
 fastmath without `nnan`/`ninf`: +inf is the empty-heap sentinel and must compare
 correctly. `cache=True`: workers load compiled kernels from disk (see `warm`).
+`error_model="numpy"`: a division by zero gives inf or nan (kernels guard
+the divisors that can be zero) instead of a check for Python's
+ZeroDivisionError, whose branch keeps a loop from being vectorised.
 """
 
 from collections import namedtuple
@@ -13,7 +16,7 @@ from numba.extending import overload
 
 FASTMATH = frozenset({"contract", "reassoc", "arcp", "nsz", "afn"})
 
-_OPTIONS = dict(nogil=True, cache=True, fastmath=set(FASTMATH))
+_OPTIONS = dict(nogil=True, cache=True, fastmath=set(FASTMATH), error_model="numpy")
 kernel = numba.njit(**_OPTIONS)
 # The graph kernels make no arrays: they index and slice those they are given,
 # which their callers keep alive. Compiled without Numba's runtime (NRT), they

@@ -26,6 +26,34 @@ def _f16_bits_to_f32(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    if bits != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+def value_of_bits(bits, b):
+    """The float32 whose bits (float32 bits as uint32, or float16 bits as
+    uint16: the dtype of the array `bits`) are the integer `b` (jitted code only)."""
+    raise NotImplementedError("value_of_bits is for jitted code")
+
+
+@overload(value_of_bits, inline="always")
+def _value_of_bits(bits, b):
+    if not isinstance(bits, types.Array):
+        return None
+    if bits.dtype == types.uint16:
+        return lambda bits, b: _f16_bits_to_f32(np.uint16(b))
+    if bits.dtype == types.uint32:
+        return lambda bits, b: _f32_from_bits(np.uint32(b))
+    return None
+
+
 def as_f32(x):
     """A stored vector element as float32 (jitted code only)."""
     raise NotImplementedError("as_f32 is for jitted code")

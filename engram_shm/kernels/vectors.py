@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import InvalidArgument
 from .distance import STORE_DTYPES, stored_width
 from .policy import INT8_MAX, kernel, uncounted_inline_kernel
-from .scalar import as_f32, is_codes, set_row_factor, store_f32
+from .scalar import as_f32, is_codes, set_row_factor, store_f32, value_of_bits
 
 ROW_OK = 0
 ROW_NON_FINITE = 1
@@ -22,6 +22,7 @@ ROW_TOO_BIG = 3
 ROW_BEYOND_SCALES = 4  # an int8 row whose factor overflows float32
 
 F32_MAX = float(np.finfo(np.float32).max)
+CODE_MAX = float(INT8_MAX)
 
 
 @kernel
@@ -34,24 +35,26 @@ def _check_store(src, bits, exponent, unit, limit, quant, least_squares, dst):
     from the bits (all-ones exponent): fastmath may fold float tests away.
     Squares of float32 values cannot overflow float64; the factor stays
     float64 because that of a subnormal row exceeds float32. Written as one
-    loop nest: split into helper functions it is not vectorised (4x slower)."""
+    loop nest: split into helper functions it is not vectorised (4x slower).
+    The largest magnitude is taken on the bits (sign cleared, they order as
+    the values do): an integer maximum is vectorised, a float one without
+    fastmath's nnan is not (it took as long as coding an int8 row)."""
+    magnitude = exponent | (exponent - 1)  # all bits but the sign
     for i in range(src.shape[0]):
         acc = 0.0
-        peak = 0.0
-        special = 0
+        peak_bits = 0
         for j in range(src.shape[1]):
             x = np.float64(as_f32(src[i, j]))
             acc += x * x
-            peak = max(peak, abs(x))
-            special |= (bits[i, j] & exponent) == exponent
-        if special:
+            peak_bits = max(peak_bits, bits[i, j] & magnitude)
+        if peak_bits >= exponent:  # an all-ones exponent: infinity or NaN
             return i, ROW_NON_FINITE
         if unit:
             if acc == 0.0:
                 return i, ROW_ZERO
             factor = 1.0 / np.sqrt(acc)
         else:
-            if peak > limit:
+            if value_of_bits(bits, peak_bits) > limit:
                 return i, ROW_TOO_BIG
             factor = 1.0
         if is_codes(dst):
@@ -76,19 +79,24 @@ def _code_row(src, i, factor, quant, least_squares, dst):
     its space's scales)."""
     top = 0.0
     for j in range(src.shape[1]):
-        top = max(top, abs(np.float64(as_f32(src[i, j])) * factor * quant[j]))
+        top = max(top, abs(np.float64(as_f32(src[i, j])) * quant[j]))
+    top *= factor
     per_step = INT8_MAX / top if top > 0.0 else 0.0
+    # Sums over x = the row's values (before `factor`) and c / quant (the
+    # codes in the data's units, up to F): no weight per element.
     a = 0.0
     b = 0.0
     c = 0.0
     for j in range(src.shape[1]):
-        v = np.float64(as_f32(src[i, j])) * factor * quant[j]
-        code = min(max(np.floor(v * per_step + 0.5), -INT8_MAX), INT8_MAX)
+        x = np.float64(as_f32(src[i, j]))
+        code = min(max(np.floor(x * (quant[j] * factor * per_step) + 0.5), -CODE_MAX), CODE_MAX)
         dst[i, j] = np.int8(code)
-        w = 1.0 / (quant[j] * quant[j])
-        a += v * v * w
-        b += v * code * w
-        c += code * code * w
+        weighted = code / quant[j]
+        a += x * x
+        b += x * weighted
+        c += weighted * weighted
+    a *= factor * factor
+    b *= factor
     f = (b / c if least_squares else a / b) if b > 0.0 else 0.0
     if f > F32_MAX:
         return False
