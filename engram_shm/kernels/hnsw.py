@@ -60,7 +60,7 @@ from ..store.layout import (
 )
 from .atomics import fence
 from .distance import check_query, check_store, dist, stored_dim, weight, weighted_cue, weights_of
-from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_descending, topk_finish, topk_push
+from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_ascending, topk_finish, topk_push
 from .policy import L2, kernel, metric_of, uncounted_inline_kernel, uncounted_kernel
 from .scalar import as_f32, pointer_to, prefetch_row, prefetch_whole_row, row_factor, vector_dim
 
@@ -472,9 +472,10 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
     for layer in range(low, -1, -1):
         n = _search_layer(store, gens, g, q, ep, ep_d, ef_c, layer, metric,
                           store.shape[0], GEN_ANY, node, sc)
-        heap_sort_descending(sc.res_k, sc.res_v, n)
+        heap_sort_ascending(sc.res_k, sc.res_v, n, sc.cand_k, sc.cand_v)  # the queue is spent
         for i in range(n):
-            sc.res_k[i] = -sc.res_k[i]
+            sc.res_k[i] = sc.cand_k[i]
+            sc.res_v[i] = sc.cand_v[i]
         sc.layer_n[layer] = _select(store, sc.res_k, sc.res_v, n, m, metric, sc.layer_k[layer],
                                     sc.layer_v[layer], 0)
         if n > 0:
