@@ -50,9 +50,11 @@ def calibrate(vectors: np.ndarray, metric: str) -> np.ndarray:
     mean_square = (rows * rows).mean(axis=0)
     pooled = (n * mean_square + PRIOR_ROWS * mean_square.mean()) / (n + PRIOR_ROWS)
     scales = np.sqrt(pooled)
-    # An all-zero batch says nothing: no dimension gets a scale of 0.
+    # An all-zero batch says nothing: no dimension gets a scale of 0. Nor does
+    # one of subnormal values, whose scales float32 holds as 0 or barely.
     floor = scales.max() if scales.max() > 0 else 1.0
-    return np.where(scales > 0, scales, floor).astype(np.float32)
+    scales = np.where(scales > 0, scales, floor)
+    return np.maximum(scales, np.finfo(np.float32).tiny).astype(np.float32)
 
 
 def codes_per_unit(scales: np.ndarray) -> np.ndarray:
@@ -82,9 +84,11 @@ def factors(rows: np.ndarray) -> np.ndarray:
 
 
 def decoded(rows: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """Stored int8 rows (codes, then their factor) as float32 values [n, dim]."""
+    """Stored int8 rows (codes, then their factor) as float32 values [n, dim].
+    The factor meets the scales before the codes: a row far beyond its
+    space's scales has a factor near float32's top, times 127 infinite."""
     codes = rows[:, :-ROW_FACTOR_CODES].astype(np.float32)
-    return codes * factors(rows)[:, None] * (scales / np.float32(INT8_MAX))
+    return codes * (factors(rows)[:, None] * (scales / np.float32(INT8_MAX)))
 
 
 def with_unit_factors(codes: np.ndarray) -> np.ndarray:
