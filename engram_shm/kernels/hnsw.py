@@ -74,10 +74,11 @@ SegmentView = namedtuple("SegmentView", "store gens graph header")
 (T_VECTORS, T_GENS, T_LINKS0, T_UPPER, T_LEVEL, T_UPPER_ROW, T_PARENT, T_HEADER,
  T_CAPACITY, T_UPPER_CAP, T_WIDTH) = range(11)
 # Caller-owned scratch of one thread: visit marks and heaps sized by capacity,
-# small buffers sized by M and ef.
+# small buffers sized by M and ef; `kept`: the rows `_select` has kept, and
+# `base`: the node whose links `_add_link` selects again, as cues.
 Scratch = namedtuple(
     "Scratch", "visited tag cand_k cand_v res_k res_v qbuf layer_k layer_v layer_n keep_k keep_v keep_f "
-               "tmp_k tmp_v tmp_f")
+               "tmp_k tmp_v tmp_f kept base")
 
 GEN_ANY = np.uint64(np.iinfo(np.uint64).max)
 _EMPTY = np.int64(-1)
@@ -197,14 +198,35 @@ def _greedy(store, g, q, ep, ep_d, layer, metric):
 
 
 @uncounted_kernel
-def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out, cand_f=None, out_f=None):
+def _load_cue(store, node, metric, out, r):
+    """Row `node` of the store as a float32 cue in out[r], as `dist` takes one:
+    its factor applied and, under a dot metric, its weights (as
+    distance.weighted_cue weights a recall's cue)."""
+    dim = vector_dim(store)
+    w = weights_of(metric, dim)
+    f = row_factor(store, node)
+    if metric.code == L2:
+        for j in range(dim):
+            out[r, j] = as_f32(store[node, j]) * f
+    else:
+        for j in range(dim):
+            out[r, j] = as_f32(store[node, j]) * (weight(w, j) * f)
+
+
+@uncounted_kernel
+def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out, kept, cand_f=None, out_f=None):
     """The HNSW neighbour heuristic: walk candidates in ascending distance to the
     base and keep one unless a kept node is closer to it than the base is, or
     is its duplicate (plain HNSW keeps every duplicate, and a crowd of equal
     vectors then takes all the links of the region). `out` may already hold
     `n_out` nodes (pinned ones) that count as kept. With flags (`cand_f`,
     `out_f`: 0 for a link of a stable prefix), two stable links are not
-    compared: they passed each other when that prefix was selected."""
+    compared: they passed each other when that prefix was selected. Kept
+    nodes are compared as float32 cues (`kept`, rows for m): each is made
+    once and read against many candidates, whose stored rows are then the
+    only ones decoded (int8 and f16 rows cost a conversion per element)."""
+    for j in range(n_out):
+        _load_cue(store, out_v[j], metric, kept, j)
     for i in range(n):
         if n_out >= m:
             break
@@ -217,13 +239,14 @@ def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out, cand_f=Non
                 break
             if cand_f is not None and cand_f[i] == 0 and out_f[j] == 0:
                 continue  # both from the stable prefix: checked when it was selected
-            d = dist(store, c, store, out_v[j], metric)
+            d = dist(store, c, kept, j, metric)
             if d < c_d or d <= DUPLICATE:
                 good = False
                 break
         if good:
             out_k[n_out] = c_d
             out_v[n_out] = c
+            _load_cue(store, c, metric, kept, n_out)
             if cand_f is not None:
                 out_f[n_out] = cand_f[i]
             n_out += 1
@@ -355,9 +378,10 @@ def _add_link(store, g, src, dst, layer, max_links, metric, sc):
     # Candidates: current links plus dst, pinned ones kept outright.
     n_pinned = 0
     n_free = 0
+    _load_cue(store, src, metric, sc.base, 0)
     for t in range(cnt + 1):
         x = row[t + 1] if t < cnt else dst
-        d = dist(store, src, store, x, metric)
+        d = dist(store, x, sc.base, 0, metric)
         fresh = np.int8(t >= s)
         if layer == 0 and _is_pinned(g, src, x):
             sc.keep_v[n_pinned] = x
@@ -371,7 +395,7 @@ def _add_link(store, g, src, dst, layer, max_links, metric, sc):
             n_free += 1
     _sort_by_key(sc.tmp_k, sc.tmp_v, sc.tmp_f, n_free)
     n_keep = _select(store, sc.tmp_k, sc.tmp_v, n_free, max_links, metric, sc.keep_k, sc.keep_v, n_pinned,
-                     sc.tmp_f, sc.keep_f)
+                     sc.kept, sc.tmp_f, sc.keep_f)
     _rewrite(g, src, layer, row, sc.keep_v, n_keep, True)
 
 
@@ -439,15 +463,7 @@ def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc, reverse)
 
 @uncounted_kernel
 def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
-    dim = vector_dim(store)
-    w = weights_of(metric, dim)
-    f = row_factor(store, node)
-    if metric.code == L2:
-        for j in range(dim):
-            sc.qbuf[0, j] = as_f32(store[node, j]) * f
-    else:  # the node as a cue: weighted as distance.weighted_cue weights one
-        for j in range(dim):
-            sc.qbuf[0, j] = as_f32(store[node, j]) * (weight(w, j) * f)
+    _load_cue(store, node, metric, sc.qbuf, 0)
     q = sc.qbuf
     node_level = g.level[node]
     entry = g.state[0]
@@ -477,7 +493,7 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
             sc.res_k[i] = sc.cand_k[i]
             sc.res_v[i] = sc.cand_v[i]
         sc.layer_n[layer] = _select(store, sc.res_k, sc.res_v, n, m, metric, sc.layer_k[layer],
-                                    sc.layer_v[layer], 0)
+                                    sc.layer_v[layer], 0, sc.kept)
         if n > 0:
             ep = sc.res_v[0]
             ep_d = sc.res_k[0]
@@ -636,6 +652,7 @@ def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int) -> Scr
         layer_n=np.zeros(max_level + 1, np.int32),
         keep_k=np.empty(small, np.float32), keep_v=np.empty(small, np.int32), keep_f=np.empty(small, np.int8),
         tmp_k=np.empty(small, np.float32), tmp_v=np.empty(small, np.int32), tmp_f=np.empty(small, np.int8),
+        kept=np.empty((small, dim), np.float32), base=np.empty((1, dim), np.float32),
     )
 
 
