@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -26,6 +29,7 @@ from engram_shm.errors import (
 )
 from engram_shm.kernels.atomics import compare_and_swap
 from engram_shm.store import shm
+from engram_shm.store.catalog import collect_stale
 from engram_shm.store.layout import WRITER
 from engram_shm.synthetic import clustered
 
@@ -312,3 +316,52 @@ def test_close_removes_shared_memory_and_refuses_calls():
     with pytest.raises(EngramError):
         e.recall("s", np.ones(4))
     e.close()  # idempotent
+
+
+CLOSE_UNDER_RECALLS = """
+import sys, threading, time
+import numpy as np
+from engram_shm import Engine
+x = np.random.default_rng(0).normal(size=(20000, 32)).astype(np.float32)
+errors = []
+for round in range(8):
+    e = Engine(workers=1, name=f"{sys.argv[1]}-{round}")
+    e.create_space("s", dim=32)
+    e.observe("s", [f"i{i}" for i in range(len(x))], x)
+    e.wait_indexed()
+    started = threading.Barrier(4)
+    def recalls():
+        started.wait()
+        while True:
+            try:
+                e.recall("s", x[1], k=10, ef=1000)
+            except Exception as ex:
+                errors.append(type(ex).__name__)
+                return
+    threads = [threading.Thread(target=recalls) for _ in range(3)]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(0.1)
+    e.close()
+    for t in threads:
+        t.join()
+print(sorted(set(errors)), len(errors))
+"""
+
+
+def test_close_waits_for_recalls_in_other_threads():
+    """A recall's kernel reads segments through raw addresses: closing the
+    engine under recalls in flight must let them leave first (it unmapped
+    their segments under them, and the process crashed), and recalls after it
+    fail with EngineClosed. In a subprocess: a crash must fail the test, not
+    end pytest."""
+    prefix = f"t-close-{os.getpid()}"
+    try:
+        done = subprocess.run([sys.executable, "-c", CLOSE_UNDER_RECALLS, prefix], capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        for round in range(8):  # what a crashed run left in /dev/shm
+            collect_stale(f"{prefix}-{round}", min_age_s=0)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[0] == "['EngineClosed'] 24"

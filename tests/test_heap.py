@@ -2,7 +2,14 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engram_shm.kernels.heap import RANK_SORT_MAX, heap_pop, heap_push, heap_sort_ascending, topk_finish, topk_push
+from engram_shm.kernels.heap import (
+    RANK_SORT_MAX,
+    heap_pop,
+    heap_push,
+    heap_sort_ascending,
+    topk_finish,
+    topk_push,
+)
 
 keys = st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), max_size=200)
 

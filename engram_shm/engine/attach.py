@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..errors import EngineClosed
 from ..store.catalog import Catalog
 from .directory import SegmentDirectory
-from .reader import Reader, Recalls
+from .reader import InFlight, Reader, Recalls
 
 
 class AttachedEngine(Recalls):
@@ -20,6 +20,7 @@ class AttachedEngine(Recalls):
         self.catalog = Catalog.attach(name)
         self.directory = SegmentDirectory(self.catalog)
         self.reader = Reader(self.directory)
+        self.in_flight = InFlight()
         self.owner = self.catalog.owner_watch()  # asked at every recall
 
     def _check_open(self) -> None:
@@ -35,6 +36,7 @@ class AttachedEngine(Recalls):
         """Unmap everything; the engine's memory stays."""
         if self.catalog is None:
             return
+        self.in_flight.close()  # recalls in other threads leave before anything is unmapped
         self.owner.close()
         self.reader.close()
         self.directory.close()

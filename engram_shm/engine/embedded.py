@@ -46,7 +46,7 @@ from ..store.wal import WalWriter
 from . import recovery
 from .checkpointer import Checkpointer, durability_stats
 from .directory import SegmentDirectory
-from .reader import Memory, Reader, Recalls
+from .reader import InFlight, Memory, Reader, Recalls
 from .supervisor import Supervisor
 from .threads import IndexThreads
 from .writer import Ack, EngineWriter
@@ -82,6 +82,7 @@ class Engine(Recalls):
         self._finalizer = weakref.finalize(self, _release, self.catalog, self._segments, self.datadir)
         self.directory = SegmentDirectory(self.catalog, self._segments.__getitem__)
         self.reader = Reader(self.directory)
+        self.in_flight = InFlight()
         self.writer = EngineWriter(self.catalog, self.config, self._on_new_segment, self._on_retired)
         self._write_lock = threading.Lock()
         self._progress = threading.Condition()
@@ -146,6 +147,7 @@ class Engine(Recalls):
                 except OSError as e:  # the log still holds everything
                     log.error("engine %s: the checkpoint on close failed (%s); the next start "
                               "replays the log", self.name, e)
+        self.in_flight.close()  # recalls in other threads leave before their segments are unmapped
         self.reader.close()
         self.directory.close()
         self.writer.close()

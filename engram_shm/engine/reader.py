@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 from ..config import MAX_EF, MAX_K
-from ..errors import InvalidArgument, UnknownSpace
+from ..errors import EngineClosed, InvalidArgument, UnknownSpace
 from ..kernels import hnsw
 from ..kernels.recall import RECORD_COLUMNS, RecallPlan, RecallScratch, plan
 from ..kernels.recall import recall as recall_kernel
@@ -194,15 +195,50 @@ class Reader:
         self._spaces.clear()
 
 
+class InFlight:
+    """The calls in flight through mappings that a close unmaps: a recall's
+    kernel reads segments through raw addresses, so unmapping them under it
+    would crash the process. `enter` refuses (with `refuse`, which raises)
+    once closing began; `close` waits until the calls in flight have left."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._count = 0
+        self._closing = False
+
+    def enter(self, refuse: Callable[[], None]) -> None:
+        with self._cond:
+            if self._closing:
+                refuse()
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._count -= 1
+            if self._count == 0:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.wait_for(lambda: self._count == 0)
+
+
 class Recalls:
     """Recall for engines that hold a `reader` (the embedded engine and attached
-    readers share it)."""
+    readers share it) and an `in_flight` gate, which their close shuts before
+    it unmaps anything."""
 
     reader: Reader
+    in_flight: InFlight
     ef_search: int = 64
 
     def _check_open(self) -> None:
         raise NotImplementedError
+
+    def _refuse(self) -> None:
+        self._check_open()
+        raise EngineClosed("the engine is closing")
 
     def recall(self, space: str, cue, k: int = 10, consistency="strong",
                threshold: float | None = None, ef: int | None = None) -> list[Memory]:
@@ -213,8 +249,12 @@ class Recalls:
         miss the newest); an int generation reads the snapshot at that
         generation. `threshold` drops results below that similarity; `ef` widens
         the graph search (default: the engine's ef_search)."""
-        self._check_open()
-        memories, _ = self.reader.recall(space, cue, k, consistency, threshold, ef or self.ef_search)
+        self.in_flight.enter(self._refuse)
+        try:
+            self._check_open()
+            memories, _ = self.reader.recall(space, cue, k, consistency, threshold, ef or self.ef_search)
+        finally:
+            self.in_flight.leave()
         return memories
 
     @property
