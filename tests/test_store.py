@@ -24,6 +24,7 @@ from engram_shm.store.catalog import (
     W_START,
     Catalog,
     SpaceParams,
+    catalog_name,
     collect_stale,
     process_start,
     segment_name,
@@ -172,7 +173,7 @@ def test_empty_blocks_of_an_engine_killed_while_creating_them_are_collected():
     mapped. Collection and `unlink` remove it by name all the same, the
     catalog's too once old enough."""
     name = f"t-empty-{os.getpid()}"
-    blocks = [segment_name(name, 0), f"engram_{name}_catalog"]
+    blocks = [segment_name(name, 0), catalog_name(name)]
     try:
         for block in blocks:
             os.close(os.open(os.path.join(shm.SHM_DIR, block), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
