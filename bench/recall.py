@@ -30,10 +30,11 @@ fill left (no merge for 3 s, past the server's compaction_idle_s of 2 s):
   the round, so that making them takes no core from the engine) at `--load`
   (0.7) times the fill's indexed rate for 2 x `--ingest-seconds`, while
   one client recalls ten times a second, "strong" and "indexed" in turn
-  (each sees the same ingestion, the merges it starts included), and at
-  the same time one process recalls as often via attach (20 recalls a
-  second in all, a light load beside the ingestion; one period, so that
-  the space grows by rate x 2 x ingest-seconds, not twice that). The
+  (each sees the same ingestion, the merges it starts included), and in
+  the same period one process recalls as often via attach, half a period
+  after each client recall (20 recalls a second in all, a light load
+  beside the ingestion; one period, so that the space grows by rate x 2 x
+  ingest-seconds, not twice that). The
   unindexed window's peak (sampled 4 times a second) tells whether indexing
   kept up; what the ingestion adds stays in the space.
 
@@ -353,9 +354,13 @@ def at_size(pools: dict[str, Recallers], producer: Client, data: Observations, n
     data.make_ahead(int(rate * len(CONSISTENCIES) * args.ingest_seconds) + BATCH)
     at = time.monotonic() + START_S
     seconds = len(CONSISTENCIES) * args.ingest_seconds
-    for pool in pools.values():
-        pool.start(1, seconds, INGEST_RECALLS_PER_S, at, mixed=True)
-    ingested = ingest(producer, data, rate, at + seconds)
+    # The pools take turns within each period: recalls in step would queue
+    # behind each other for the cores, a collision independent applications
+    # seldom make, and the figure of each would be that of both at once.
+    stagger = 1.0 / INGEST_RECALLS_PER_S / len(pools)
+    for turn, pool in enumerate(pools.values()):
+        pool.start(1, seconds, INGEST_RECALLS_PER_S, at + turn * stagger, mixed=True)
+    ingested = ingest(producer, data, rate, at + seconds + (len(pools) - 1) * stagger)
     after = space_stats(producer)
     for via, pool in pools.items():
         pooled = pool.results(1, seconds)

@@ -223,11 +223,12 @@ RECALL = Section(
     "Recalls (k=10) of a space grown through a server (data directory, two index workers) to each "
     "size, once indexed and merged: idle, back to back, by one process through `Client` (via client) "
     "and one through `attach()` on the server's shared memory (via attach: the embedded engine's path); "
-    "then during sustained ingestion at 0.7x the rate the fill was indexed at, 10 recalls a second "
-    "(strong and indexed in turn) by one client and, at the same time, by one attach() process; "
-    "rows after: the space's size when "
+    "then during sustained ingestion at half the rate the fill was indexed at (a rate indexing keeps "
+    "up with beside the merges), 10 recalls a second (strong and indexed in turn) by one client and, "
+    "in the same period, by one attach() process half a period after each client recall (recalls in "
+    "step would queue behind each other for the cores); rows after: the space's size when "
     "the ingestion ended. `strong` also scans the unindexed window; `indexed` searches the graphs only.",
-    ("--n", "100000,200000,1000000", "--clients", "1", "--ingest-seconds", "12"),
+    ("--n", "100000,200000,1000000", "--clients", "1", "--ingest-seconds", "30", "--load", "0.5"),
     recall.COLUMNS,
     plot=lambda rows, path: bar_grid(
         rows, lambda r: f"{r['n'] // 1000}K {r['via']} {r['phase']} {r['consistency']} c{r['clients']}",
