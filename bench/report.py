@@ -10,6 +10,7 @@ import os
 import platform
 
 import numpy as np
+from llvmlite import binding as llvm
 
 
 def machine() -> str:
@@ -19,8 +20,11 @@ def machine() -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    # The CPU LLVM compiles the kernels for: a VM's model name ("AMD EPYC")
+    # does not tell one generation (znver3: AVX2) from the next (znver4: AVX-512).
+    target = llvm.get_host_cpu_name()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB, Python {platform.python_version()}"
+    return f"{model} ({target}), {os.cpu_count()} cores, {memory:.0f} GiB, Python {platform.python_version()}"
 
 
 def today() -> str:
