@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 
-import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -27,6 +26,7 @@ from engram_shm.transport.launch import free_port, running_server
 from engram_shm.transport.sessions import MAX_SESSIONS, create_table
 
 from inproc import front_on
+from raw import Raw
 
 DIM = 16
 
@@ -267,28 +267,6 @@ def test_key_quota_holds_one_key_while_another_keeps_creating(front_for):
 
 
 # -- a live server -------------------------------------------------------------------------
-class Raw:
-    """A bare DEALER that speaks the protocol by hand."""
-
-    def __init__(self, endpoint):
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def ask(self, header, *payload, timeout=10.0):
-        self.sock.send_multipart(p.pack(header, *payload))
-        return self.recv(timeout)
-
-    def recv(self, timeout=10.0):
-        if not self.sock.poll(int(timeout * 1000)):
-            return None
-        reply = msgpack.unpackb(self.sock.recv_multipart()[0], raw=False)
-        return self.recv(timeout) if reply["op"] in ("status", "durable", "indexed") else reply
-
-    def close(self):
-        self.sock.close(linger=0)
-
-
 QUOTA = 8 << 20
 
 
@@ -387,7 +365,8 @@ def test_frames_past_max_frame_bytes_get_oversize_and_past_the_socket_bound_are_
     assert reply["code"] == "oversize"
     config = EngineConfig(max_frame_bytes=65536, max_batch=64, max_text_bytes=1024)
     past = max_part_bytes(config) // 4 + 16  # past the socket's per-frame bound: libzmq drops the peer
-    assert raw.ask({**header, "shape": [1, past]}, np.ones(past, np.float32).tobytes(), timeout=2) is None
+    raw.send({**header, "shape": [1, past]}, np.ones(past, np.float32).tobytes())
+    assert raw.reply(timeout=2) is None
     assert raw.ask({"op": "ping"})["op"] == "pong"  # the DEALER reconnected; the server is up
     with Client(frame_server) as c:
         with pytest.raises(Oversize):  # the client refuses to send what would be dropped or refused
