@@ -61,6 +61,21 @@ def test_search_distances_are_exact_and_sorted():
         np.testing.assert_allclose(d, naive.distances(store, q, "cosine")[ids], atol=1e-5)
 
 
+def test_visit_marks_wrap_and_searches_stay_exact():
+    """Visit marks are uint16: past 65,535 searches they are cleared and
+    start again, and a search across the wrap finds what a fresh scratch does."""
+    data = clustered(1000, 32, seed=3)
+    store, gens, g, sc = build(data)
+    expected = search_all(store, gens, g, hnsw.new_scratch(1000, 32, 16, 256, MAX_LEVEL), data[:8], 10, 64,
+                          "cosine")
+    sc.tag[0] = 65532  # the wrap falls within these searches
+    found = search_all(store, gens, g, sc, data[:8], 10, 64, "cosine")
+    assert sc.tag[0] < 16  # it wrapped
+    for (d, ids), (d0, ids0) in zip(found, expected):
+        assert list(ids) == list(ids0)
+        np.testing.assert_array_equal(d, d0)
+
+
 @st.composite
 def insert_sequences(draw):
     n = draw(st.integers(1, 120))

@@ -89,6 +89,10 @@ _COUNT_MASK = np.int32((1 << STABLE_SHIFT) - 1)
 # throwaway interleaved A/B of 30K sentence-384 inserts, stop 32: 3-4% less
 # CPU, f16 and int8 alike; 2 or 8 ahead did no better).
 PREFETCH_AHEAD = 4
+# Visit marks are uint16, half the cache lines of int32 ones (their loads
+# drew a twentieth of an int8 insert's search samples under perf); they are
+# cleared every 65,535 searches.
+_MAX_TAG = 65535
 DUPLICATE = np.float32(1e-6)  # distances this small are rounding: the vectors are equal
 
 
@@ -119,7 +123,7 @@ def _stable(row, cnt):
 @uncounted_kernel
 def _next_tag(sc):
     tag = sc.tag[0] + 1
-    if tag >= 2147483647:
+    if tag > _MAX_TAG:
         sc.visited[:] = 0
         tag = 1
     sc.tag[0] = tag
@@ -128,7 +132,10 @@ def _next_tag(sc):
 
 @uncounted_kernel
 def _admit(node, exclude, n_admit, gens, gen_max):
-    return node != exclude and node < n_admit and gens[node] <= gen_max
+    # An insert's search admits every generation: reading gens[node] there
+    # was a cache miss per admitted node for nothing (a tenth of an int8
+    # insert's search samples under perf).
+    return node != exclude and node < n_admit and (gen_max == GEN_ANY or gens[node] <= gen_max)
 
 
 @uncounted_kernel
@@ -644,7 +651,7 @@ def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int) -> Scr
     result heaps for beams up to `ef` and graphs of `max_level` upper layers."""
     small = 2 * M + 2
     return Scratch(
-        visited=np.zeros(capacity, np.int32), tag=np.zeros(1, np.int32),
+        visited=np.zeros(capacity, np.uint16), tag=np.zeros(1, np.int32),
         cand_k=np.empty(capacity, np.float32), cand_v=np.empty(capacity, np.int32),
         res_k=np.empty(ef + 1, np.float32), res_v=np.empty(ef + 1, np.int32),
         qbuf=np.empty((1, dim), np.float32),
