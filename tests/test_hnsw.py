@@ -285,7 +285,8 @@ def _view(store, gens, g, accepted, indexed):
     """A segment's view of a built graph: its entry moves into the header, as
     in a segment, where the kernel reads it."""
     header = np.zeros(64, np.int64)
-    header[hnsw.ACCEPTED], header[hnsw.INDEXED], header[hnsw.MIN_GEN] = accepted, indexed, gens[0]
+    header[hnsw.ACCEPTED], header[hnsw.INDEXED] = accepted, indexed
+    header[hnsw.MIN_GEN], header[hnsw.MAX_GEN] = gens[0], gens[:accepted].max()
     header[hnsw.ENTRY:hnsw.ENTRY + 2] = g.state
     return hnsw.SegmentView(store, gens, g._replace(state=header[hnsw.ENTRY:hnsw.ENTRY + 2]), header)
 
@@ -325,6 +326,23 @@ def test_space_search_merges_its_segments_as_the_naive_merge(shapes, k, metric, 
     exact = naive.distances(rows, q, metric)
     np.testing.assert_allclose(d, np.sort(exact)[:len(d)], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(exact[offsets[refs >> 32] + (refs & 0xFFFFFFFF)], d, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gen_max", [150, 300, 1000])
+def test_space_search_filters_a_segment_by_generation_unless_all_of_it_is_in_the_snapshot(gen_max):
+    """Rows past the snapshot are left out of a segment that holds some; one
+    whose newest row (MAX_GEN) is in the snapshot is searched unfiltered,
+    with the same answer."""
+    data = clustered(300, 16, seed=5)
+    store, gens, g, sc = build(data)
+    space = hnsw.SpaceViews([_view(store, gens, g, 300, 200)])  # [200, 300) scanned
+    for q in data[::30]:
+        d, refs = hnsw.search_space(space, q, 10, 64, gen_max, True, "cosine", sc)
+        slots = refs & 0xFFFFFFFF
+        assert (gens[slots] <= gen_max).all()
+        want_d, want = hnsw.search(store, gens, g, q, 10, 64, 200, 200, 300, gen_max, "cosine", sc)
+        assert slots.tolist() == want.tolist()
+        np.testing.assert_array_equal(d, want_d)
 
 
 def test_space_search_leaves_out_segments_past_the_snapshot():

@@ -53,6 +53,7 @@ from ..store.layout import (
     ENTRY,
     HEADER_WORDS,
     INDEXED,
+    MAX_GEN,
     MAX_LEVEL,
     MIN_GEN,
     STABLE_SHIFT,
@@ -624,11 +625,16 @@ def _search_space(table, like, q, k, ef, gen_max, scan, metric, sc, seg_d, seg_i
         n_indexed = header[INDEXED]  # read before accepted: both only grow
         fence()
         n_accepted = header[ACCEPTED]
+        fence()  # MAX_GEN after ACCEPTED: the front writes it first, so it covers those rows
         if n_accepted == 0 or np.uint64(header[MIN_GEN]) > gen_max:
             continue
+        # A segment whose every row is in the snapshot (most: only rows
+        # accepted during the recall are not) is searched without reading
+        # each admitted node's generation, a cache miss apiece.
+        seg_gen_max = GEN_ANY if np.uint64(header[MAX_GEN]) <= gen_max else gen_max
         lo = n_indexed if scan else 0
         hi = n_accepted if scan else 0
-        n = _search_segment(store, gens, g, q, k, ef, n_indexed, lo, hi, gen_max, metric,
+        n = _search_segment(store, gens, g, q, k, ef, n_indexed, lo, hi, seg_gen_max, metric,
                             sc, seg_d, seg_i)
         for i in range(n):
             n_out = topk_push(out_d, out_ref, n_out, k, seg_d[i], (np.int64(s) << 32) | seg_i[i])
