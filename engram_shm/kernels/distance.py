@@ -84,10 +84,10 @@ def dist(a, i, b, j, metric):
     which the compiler folds away."""
     dim = vector_dim(a)
     w = weights_of(metric, dim)
-    fa = row_factor(a, i)
-    fb = row_factor(b, j)
     acc = np.float32(0.0)
     if metric.code == L2:
+        fa = row_factor(a, i)
+        fb = row_factor(b, j)
         for t in range(dim):
             diff = as_f32(a[i, t]) * fa - as_f32(b[j, t]) * fb
             acc += diff * diff * weight(w, t)
@@ -95,7 +95,7 @@ def dist(a, i, b, j, metric):
     dot_w = row_weights(w, b)
     for t in range(dim):
         acc += as_f32(a[i, t]) * as_f32(b[j, t]) * weight(dot_w, t)
-    return np.float32(1.0) - acc * (fa * fb * metric.unit)
+    return np.float32(1.0) - acc * (row_factor(a, i) * row_factor(b, j) * metric.unit)
 
 
 @kernel
