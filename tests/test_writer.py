@@ -32,4 +32,8 @@ def test_a_restarted_writer_recovers_spaces_ids_and_buries_unacked_rows():
         ack, _ = fresh.write(params, batch)
         assert ack.first_generation == committed + 301
         assert e.recall("s", data[700], k=1)[0].id == "b100"
+        # the re-sent rows share a segment with the buried ones, which stay hidden
+        found = e.recall("s", data[700], k=20)
+        assert all(0 < m.generation <= e.generation for m in found)
+        assert len({m.id for m in found}) == len(found)
         assert len(fresh.spaces["s"].open) >= 1

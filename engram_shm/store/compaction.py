@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .catalog import SpaceParams
 from .layout import (
     ACCEPTED,
@@ -181,7 +183,8 @@ class Merge:
         header = self.target.header
         done = self.sources[:self.source + (self.row > 0)]
         header[MIN_GEN] = min(int(s.header[MIN_GEN]) for s in done)
-        header[MAX_GEN] = max(int(s.header[MAX_GEN]) for s in done)
+        # compared unsigned: a source with buried rows holds BURIED (all ones)
+        header[MAX_GEN] = max((s.header[MAX_GEN] for s in done), key=np.uint64)
         header[ARENA_USED] = self.arena
         header[UPPER_USED] = self.upper
         header[ACCEPTED] = self.slot  # last: the index writers take the rows from here

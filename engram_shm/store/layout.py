@@ -14,7 +14,8 @@ another process's counters.
 | ARENA_USED  | front         | bytes of the text arena in use                        |
 | UPPER_USED  | front         | rows of `upper` handed out (a node of level L takes L)|
 | SEALED      | front         | 1 once the segment takes no more appends              |
-| MIN/MAX_GEN | front         | generation range held                                 |
+| MIN/MAX_GEN | front         | generation range held (MAX_GEN all ones, BURIED, once |
+|             |               | recovery buried rows in the segment)                  |
 | INDEXED     | index writer  | nodes [0, INDEXED) are in the graph                   |
 | ENTRY       | index writer  | (top level << 32) | entry node; -1 while empty        |
 | REPAIR      | index writer  | journal of the link list being rewritten (hnsw.py)    |

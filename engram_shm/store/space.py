@@ -209,6 +209,9 @@ class SpaceWriter:
             orphans = np.nonzero(live & (gens > committed))[0]
             if len(orphans):
                 gens[orphans] = BURIED
+                # BURIED's bits: a recall then filters this segment row by
+                # row (hnsw._search_space trusts MAX_GEN to cover its rows).
+                seg.header[MAX_GEN] = -1
                 self._id_table = None  # buried ids leave the index by a rebuild (rare)
             self.buried += int((gens == BURIED).sum())
         return highest
@@ -445,7 +448,8 @@ class SpaceWriter:
         header = p.segment.header
         if p.at.slot == 0:
             header[MIN_GEN] = generations[p.lo]
-        header[MAX_GEN] = generations[p.hi - 1]
+        if header[MAX_GEN] != -1:  # BURIED (bury_uncommitted) stays: the segment holds those rows
+            header[MAX_GEN] = generations[p.hi - 1]
         header[ARENA_USED] = p.end.arena
         header[UPPER_USED] = p.end.upper
         header[ACCEPTED] = p.end.slot  # last: the rows become visible
