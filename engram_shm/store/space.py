@@ -202,18 +202,19 @@ class SpaceWriter:
         for seg in self.segments:
             gens = seg.w.generation[:seg.accepted]
             live = gens != BURIED
-            if not live.any():
-                self.buried += len(gens)
-                continue
-            highest = max(highest, int(gens[live].max()))
-            orphans = np.nonzero(live & (gens > committed))[0]
-            if len(orphans):
-                gens[orphans] = BURIED
-                # BURIED's bits: a recall then filters this segment row by
-                # row (hnsw._search_space trusts MAX_GEN to cover its rows).
+            if live.any():
+                highest = max(highest, int(gens[live].max()))
+                orphans = np.nonzero(live & (gens > committed))[0]
+                if len(orphans):
+                    gens[orphans] = BURIED
+                    self._id_table = None  # buried ids leave the index by a rebuild (rare)
+            buried = int((gens == BURIED).sum())
+            if buried:
+                # BURIED's bits, also for rows buried before a restart: a recall
+                # then filters this segment row by row (hnsw._search_space
+                # trusts MAX_GEN to cover its rows).
                 seg.header[MAX_GEN] = -1
-                self._id_table = None  # buried ids leave the index by a rebuild (rare)
-            self.buried += int((gens == BURIED).sum())
+            self.buried += buried
         return highest
 
     def index_ids(self) -> int:
