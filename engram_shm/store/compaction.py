@@ -37,6 +37,7 @@ from .layout import (
     UPPER_USED,
     SegmentLayout,
     first_upper_rows,
+    raise_max_gen,
 )
 from .segment import Segment
 
@@ -183,8 +184,8 @@ class Merge:
         header = self.target.header
         done = self.sources[:self.source + (self.row > 0)]
         header[MIN_GEN] = min(int(s.header[MIN_GEN]) for s in done)
-        # compared unsigned: a source with buried rows holds BURIED (all ones)
-        header[MAX_GEN] = max((s.header[MAX_GEN] for s in done), key=np.uint64)
+        for s in done:
+            raise_max_gen(header, np.uint64(s.header[MAX_GEN]))
         header[ARENA_USED] = self.arena
         header[UPPER_USED] = self.upper
         header[ACCEPTED] = self.slot  # last: the index writers take the rows from here

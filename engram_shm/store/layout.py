@@ -204,6 +204,15 @@ class SegmentLayout:
         return layout
 
 
+def raise_max_gen(header: np.ndarray, generation) -> None:
+    """MAX_GEN = max(MAX_GEN, generation), compared unsigned, so that BURIED
+    (all ones: recovery buried rows in the segment) stays once set, whatever
+    is appended after (hnsw._search_space trusts MAX_GEN to cover every row)."""
+    word = header[MAX_GEN:MAX_GEN + 1].view(np.uint64)
+    if np.uint64(generation) > word[0]:
+        word[0] = generation
+
+
 def first_upper_rows(levels: np.ndarray, start: int = 0) -> np.ndarray:
     """upper_row of nodes of these levels given rows from `start` in order: a
     node of level L takes the next L rows, a node of level 0 none (-1)."""

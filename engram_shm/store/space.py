@@ -41,13 +41,13 @@ from .catalog import BUILDING, G_MERGED_INTO, LIVE, RETIRED, Catalog, SpaceParam
 from .layout import (
     ACCEPTED,
     ARENA_USED,
-    MAX_GEN,
     MAX_LEVEL,
     MIN_GEN,
     SEALED,
     SEGMENT_NO,
     UPPER_USED,
     SegmentLayout,
+    raise_max_gen,
 )
 from .prefault import Prefaulter
 from .segment import Segment
@@ -209,11 +209,8 @@ class SpaceWriter:
                     gens[orphans] = BURIED
                     self._id_table = None  # buried ids leave the index by a rebuild (rare)
             buried = int((gens == BURIED).sum())
-            if buried:
-                # BURIED's bits, also for rows buried before a restart: a recall
-                # then filters this segment row by row (hnsw._search_space
-                # trusts MAX_GEN to cover its rows).
-                seg.header[MAX_GEN] = -1
+            if buried:  # also rows buried before a restart: a recall then filters them row by row
+                raise_max_gen(seg.header, BURIED)
             self.buried += buried
         return highest
 
@@ -449,8 +446,7 @@ class SpaceWriter:
         header = p.segment.header
         if p.at.slot == 0:
             header[MIN_GEN] = generations[p.lo]
-        if header[MAX_GEN] != -1:  # BURIED (bury_uncommitted) stays: the segment holds those rows
-            header[MAX_GEN] = generations[p.hi - 1]
+        raise_max_gen(header, generations[p.hi - 1])
         header[ARENA_USED] = p.end.arena
         header[UPPER_USED] = p.end.upper
         header[ACCEPTED] = p.end.slot  # last: the rows become visible
