@@ -6,10 +6,12 @@
 One `engram-shm serve` (its defaults: a data directory with its log and
 checkpoints, fsync=interval, two index workers, one recall reader per core,
 ef_search 64; sessions kept an hour idle, as the producer waits up to
-half an hour for merges) holds one space of f16 vectors, unit-norm around (largest n)/100
-random centres. The space grows by streaming through `engram_shm.Client`
-(batches of 256, the server's backpressure pacing it) to each `--n` in turn,
-and the fill is part of the run: its accepted rate, and the rate it was
+half an hour for merges) holds a space of f16 vectors for each `--n`,
+unit-norm around (largest n)/100 random centres: each size is measured on
+a space of its own, so that the ingestion at one size does not grow the
+next. A space grows by streaming through `engram_shm.Client` (batches of
+256, the server's backpressure pacing it) to its n, and the fill is part of
+the run: its accepted rate, and the rate it was
 indexed at (from the first row sent to the last indexed), which is the rate
 indexing keeps up with. The graphs are built with `--ef-construction` 32, not
 the engine's 100: at 100 two cores index 768-d rows at about 600-700/s (1M
@@ -36,13 +38,13 @@ fill left (no merge for 3 s, past the server's compaction_idle_s of 2 s):
   beside the ingestion; one period, so that the space grows by rate x 2 x
   ingest-seconds, not twice that). The
   unindexed window's peak (sampled 4 times a second) tells whether indexing
-  kept up; what the ingestion adds stays in the space.
+  kept up; rows after is the space's size when the ingestion ended.
 
 Clients are processes of their own (in sessions of their own, as other
 applications would be), so that no GIL serialises them; on a machine with
 few cores they share the cores with the server. They start once the space
 exists (as many as the most `--clients`, for each way in) and serve every
-round at every size, each round after a few untimed recalls. Prints JSON
+round at every size, each round after a few untimed recalls of its space. Prints JSON
 lines (bench, via, n, dim, phase, consistency, clients, queries_per_s,
 recall_p50_ms, recall_p99_ms, ingest_per_s, ef_construction, segments,
 indexed_per_s...), then a table.
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import subprocess
 import sys
@@ -65,7 +68,6 @@ from engram_shm.transport.launch import running_server
 
 from .report import emit, parser, percentiles_ms, table
 
-SPACE = "recall"
 K = 10
 BATCH = 256
 CHUNK = 4096
@@ -78,6 +80,11 @@ WARM = 4  # recalls (untimed) before each round
 SESSION_IDLE_S = 3600.0  # the producer's session outlasts the wait for merges and the rounds after it
 REST_TIMEOUT_S = SESSION_IDLE_S / 2  # the longest wait for a space's merges (minutes at 1M)
 AT_REST_S = 3.0  # no merge for this long: past the server's compaction_idle_s (2 s) and its 0.5 s look
+
+
+def space_of(n: int) -> str:
+    """The space measured at size n."""
+    return f"recall-{n}"
 
 
 class Observations:
@@ -150,8 +157,9 @@ def timed(recall, cues: np.ndarray, consistencies: tuple[str, ...], begin: float
 
 def client(argv: list[str]) -> None:
     """A recalling process: connects (or attaches), warms up and says
-    `ready`; then for each order it reads (JSON: the monotonic time to start
-    at, seconds, recalls a second or 0 for back to back) warms up again,
+    `ready`; then for each order it reads (JSON: the space, the monotonic
+    time to start at, seconds, recalls a second or 0 for back to back) warms
+    up on the space,
     recalls with each consistency in turn for `seconds` and prints their
     latencies as JSON. Ends when its input does."""
     via, target, number = argv[0], argv[1], int(argv[2])
@@ -168,25 +176,24 @@ def client(argv: list[str]) -> None:
                     c.close(drain=False)
             stack.callback(close)
 
-            def recall(cue, consistency):
-                return c.recall(SPACE, cue, k=K, consistency=consistency)
+            def recall(space, cue, consistency):
+                return c.recall(space, cue, k=K, consistency=consistency)
         else:
             reader = stack.enter_context(attach(target))
 
-            def recall(cue, consistency):
-                return reader.recall(SPACE, cue, k=K, consistency=consistency)
-        for cue in cues[-WARM:]:  # the connection, the kernels: loaded before the first round
-            recall(cue, "strong")
+            def recall(space, cue, consistency):
+                return reader.recall(space, cue, k=K, consistency=consistency)
         print("ready", flush=True)
         for line in sys.stdin:
             order = json.loads(line)
-            for cue in cues[-WARM:]:  # the reader's views of new segments
-                recall(cue, "strong")
+            of_space = functools.partial(recall, order["space"])
+            for cue in cues[-WARM:]:  # the connection, the kernels, the reader's views of the space
+                of_space(cue, "strong")
             at, seconds, per_s = order["at"], order["seconds"], order["per_s"]
             if order["mixed"]:
-                out = timed(recall, cues, CONSISTENCIES, at, at + seconds, per_s)
+                out = timed(of_space, cues, CONSISTENCIES, at, at + seconds, per_s)
             else:
-                out = {consistency: timed(recall, cues, (consistency,), at + i * seconds,
+                out = {consistency: timed(of_space, cues, (consistency,), at + i * seconds,
                                           at + (i + 1) * seconds, per_s)[consistency]
                        for i, consistency in enumerate(CONSISTENCIES)}
             print(json.dumps(out), flush=True)
@@ -212,13 +219,13 @@ class Recallers:
             self.close()
             raise
 
-    def start(self, clients: int, seconds: float, per_s: float = 0.0, at: float | None = None,
+    def start(self, space: str, clients: int, seconds: float, per_s: float = 0.0, at: float | None = None,
               mixed: bool = False) -> None:
-        """Start a round of `clients`: each consistency for `seconds` in
+        """Start a round of `clients` on `space`: each consistency for `seconds` in
         turn, or with `mixed` all of them for `seconds`, one recall of each
         in turn; all in step from `at` (monotonic; default START_S from now)."""
         at = time.monotonic() + START_S if at is None else at
-        order = json.dumps({"at": at, "seconds": seconds, "per_s": per_s, "mixed": mixed})
+        order = json.dumps({"space": space, "at": at, "seconds": seconds, "per_s": per_s, "mixed": mixed})
         for proc in self.procs[:clients]:
             proc.stdin.write(order + "\n")
             proc.stdin.flush()
@@ -240,8 +247,8 @@ class Recallers:
                                    **percentiles_ms(latencies, "recall")}
         return pooled
 
-    def round(self, clients: int, seconds: float) -> dict[str, dict]:
-        self.start(clients, seconds)
+    def round(self, space: str, clients: int, seconds: float) -> dict[str, dict]:
+        self.start(space, clients, seconds)
         return self.results(clients, seconds)
 
     def close(self) -> list[int]:
@@ -268,65 +275,59 @@ class Recallers:
 
 # -- the producer: this process --------------------------------------------------------
 
-def space_stats(producer: Client) -> dict:
-    return producer.stats()["spaces"][SPACE]
+def space_stats(producer: Client, space: str) -> dict:
+    return producer.stats()["spaces"][space]
 
 
-def wait_indexed(producer: Client) -> dict:
-    while True:
-        space = space_stats(producer)
-        if space["indexed"] >= space["count"]:
-            return space
+def wait_indexed(producer: Client, space: str) -> None:
+    while (stats := space_stats(producer, space))["indexed"] < stats["count"]:
         time.sleep(0.1)
 
 
-def wait_at_rest(producer: Client, idle_s: float) -> dict:
+def wait_at_rest(producer: Client, space: str, idle_s: float) -> dict:
     """Wait until the space is wholly indexed and no merge has run for
     `idle_s` (longer than the server's compaction_idle_s, after which an
     idle space's last merge starts): the space as a stream leaves it."""
     quiet_since, deadline = None, time.monotonic() + REST_TIMEOUT_S
     while time.monotonic() < deadline:
-        space = space_stats(producer)
-        if space["indexed"] < space["count"] or space["compacting"]:
+        stats = space_stats(producer, space)
+        if stats["indexed"] < stats["count"] or stats["compacting"]:
             quiet_since = None
         elif quiet_since is None:
             quiet_since = time.monotonic()
         elif time.monotonic() - quiet_since >= idle_s:
-            return space
+            return stats
         time.sleep(0.1)
-    raise RuntimeError(f"the space did not come to rest within {REST_TIMEOUT_S:.0f} s: {space}")
+    raise RuntimeError(f"{space} did not come to rest within {REST_TIMEOUT_S:.0f} s: {stats}")
 
 
-def fill(producer: Client, data: Observations, n: int) -> dict | None:
-    """Stream observations until the space holds n, then wait until all are
-    indexed: the rate accepted, and the rate indexed (first row sent to the
-    last indexed). None if the space already holds n (the ingestion phase of
-    the size before grew it past n)."""
+def fill(producer: Client, space: str, data: Observations, n: int) -> dict:
+    """Stream the first n observations into the space, then wait until all
+    are indexed: the rate accepted, and the rate indexed (first row sent to
+    the last indexed)."""
     added = n - data.sent
-    if added <= 0:
-        return None
     began = time.perf_counter()
     while data.sent < n:
-        producer.observe_batch(SPACE, *data.take(min(CHUNK, n - data.sent)))
+        producer.observe_batch(space, *data.take(min(CHUNK, n - data.sent)))
     producer.flush()
     accepted = time.perf_counter() - began
-    wait_indexed(producer)
+    wait_indexed(producer, space)
     indexed = time.perf_counter() - began
     return {"added": added, "fill_s": round(indexed, 1), "fill_per_s": round(added / accepted, 1),
             "indexed_per_s": round(added / indexed, 1)}
 
 
-def ingest(producer: Client, data: Observations, rate: float, until: float) -> dict:
+def ingest(producer: Client, space: str, data: Observations, rate: float, until: float) -> dict:
     """Batches of BATCH at `rate` observations a second until `until`
     (monotonic); the rate achieved and the window's peak."""
     began = time.monotonic()
     sent, window, next_stats = 0, 0, began
     while time.monotonic() < until:
         ids, vectors = data.take(BATCH)
-        producer.observe_batch(SPACE, ids, vectors)
+        producer.observe_batch(space, ids, vectors)
         sent += len(ids)
         if time.monotonic() >= next_stats:
-            window = max(window, space_stats(producer)["window"])
+            window = max(window, space_stats(producer, space)["window"])
             next_stats += STATS_PERIOD_S
         time.sleep(max(0.0, began + sent / rate - time.monotonic()))
     producer.flush()
@@ -335,20 +336,20 @@ def ingest(producer: Client, data: Observations, rate: float, until: float) -> d
 
 # -- the run ---------------------------------------------------------------------------
 
-def at_size(pools: dict[str, Recallers], producer: Client, data: Observations, n: int, filled: dict,
-            args) -> list[dict]:
+def at_size(pools: dict[str, Recallers], producer: Client, space: str, data: Observations, n: int,
+            filled: dict, args) -> list[dict]:
     """Once the space holds n, all of it indexed and its merges done: an
     idle round by each pool and client count, then one client of each pool
     at once under ingestion."""
-    space = wait_at_rest(producer, AT_REST_S)
+    at_rest = wait_at_rest(producer, space, AT_REST_S)
     base = {"bench": "recall", "n": n, "dim": args.dim, "dtype": "f16", "k": K,
-            "ef_construction": args.ef_construction, "count": space["count"], **filled}
+            "ef_construction": args.ef_construction, "count": at_rest["count"], **filled}
     rows = []
     for via, pool in pools.items():
         for clients in args.clients:
-            pooled = pool.round(clients, args.seconds)
+            pooled = pool.round(space, clients, args.seconds)
             rows += [{**base, "via": via, "phase": "idle", "consistency": consistency, "clients": clients,
-                      "seconds": args.seconds, "segments": space["segments"], **pooled[consistency]}
+                      "seconds": args.seconds, "segments": at_rest["segments"], **pooled[consistency]}
                      for consistency in CONSISTENCIES]
     rate = args.load * filled["indexed_per_s"]
     data.make_ahead(int(rate * len(CONSISTENCIES) * args.ingest_seconds) + BATCH)
@@ -359,9 +360,9 @@ def at_size(pools: dict[str, Recallers], producer: Client, data: Observations, n
     # seldom make, and the figure of each would be that of both at once.
     stagger = 1.0 / INGEST_RECALLS_PER_S / len(pools)
     for turn, pool in enumerate(pools.values()):
-        pool.start(1, seconds, INGEST_RECALLS_PER_S, at + turn * stagger, mixed=True)
-    ingested = ingest(producer, data, rate, at + seconds + (len(pools) - 1) * stagger)
-    after = space_stats(producer)
+        pool.start(space, 1, seconds, INGEST_RECALLS_PER_S, at + turn * stagger, mixed=True)
+    ingested = ingest(producer, space, data, rate, at + seconds + (len(pools) - 1) * stagger)
+    after = space_stats(producer, space)
     for via, pool in pools.items():
         pooled = pool.results(1, seconds)
         rows += [{**base, "via": via, "phase": "ingest", "consistency": consistency, "clients": 1,
@@ -387,7 +388,7 @@ def ints(text: str) -> list[int]:
 def main(argv=None, prog="python -m bench recall") -> list[dict]:
     ap = parser(__doc__, prog)
     ap.add_argument("--n", type=ints, default=[100_000, 1_000_000],
-                    help="sizes of the space, comma-separated; it grows from one to the next")
+                    help="sizes, comma-separated: a space of each")
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--clients", type=ints, default=[1, 4], help="concurrent clients of the idle phase, "
                                                                  "comma-separated")
@@ -412,26 +413,21 @@ def main(argv=None, prog="python -m bench recall") -> list[dict]:
     warm()  # the server's processes then load the kernels from the cache
     print(f"# seed {args.seed}: sizes {sizes} x {args.dim} f16, ef_construction {args.ef_construction}, "
           f"k={K}, clients {args.clients}", flush=True)
-    data = Observations(args.dim, max(10, sizes[-1] // 100), args.seed)
+    clusters = max(10, sizes[-1] // 100)
     rows = []
     with running_server("--ef-construction", str(args.ef_construction),
                         "--session-idle-s", str(SESSION_IDLE_S)) as (endpoint, name, _), \
             Client(endpoint, batch_size=BATCH, timeout=300) as producer, contextlib.ExitStack() as stack:
         pools = {}
-        filled = {}
         for n in sizes:
-            grown = fill(producer, data, n)
-            if grown is None:  # rates stay those of the last fill, which the ingestion load follows
-                filled = {**filled, "added": 0}
-                print(f"# {n}: the space already holds {data.sent}", flush=True)
-            else:
-                filled = grown
-                print(f"# {n}: {filled['added']} observations accepted at {filled['fill_per_s']:.0f}/s, "
-                      f"indexed at {filled['indexed_per_s']:.0f}/s ({filled['fill_s']} s)", flush=True)
+            space, data = space_of(n), Observations(args.dim, clusters, args.seed)
+            filled = fill(producer, space, data, n)
+            print(f"# {n}: {filled['added']} observations accepted at {filled['fill_per_s']:.0f}/s, "
+                  f"indexed at {filled['indexed_per_s']:.0f}/s ({filled['fill_s']} s)", flush=True)
             for via, target in (("client", endpoint), ("attach", name)):
-                if via not in pools:  # started once the space exists, kept for every size
+                if via not in pools:  # started once a space exists, kept for every size
                     pools[via] = stack.enter_context(Recallers(max(args.clients), via, target, data))
-            rows += [emit(row) for row in at_size(pools, producer, data, n, filled, args)]
+            rows += [emit(row) for row in at_size(pools, producer, space, data, n, filled, args)]
         producer.close(drain=False)  # not waiting for the index to catch up
     print(table(f"recall (k={K}, ef_search 64) at {args.dim} dims f16, graphs built with ef_construction "
                 f"{args.ef_construction}", rows, COLUMNS))

@@ -220,8 +220,8 @@ def recall_losses(rows):
 
 RECALL = Section(
     "recall", "Recall latency: idle and under ingestion, strong and indexed",
-    "Recalls (k=10) of a space grown through a server (data directory, two index workers) to each "
-    "size, once indexed and merged: idle, back to back, by one process through `Client` (via client) "
+    "Recalls (k=10) of a space of each size (a space of its own), grown through a server (data "
+    "directory, two index workers), once indexed and merged: idle, back to back, by one process through `Client` (via client) "
     "and one through `attach()` on the server's shared memory (via attach: the embedded engine's path); "
     "then during sustained ingestion at half the rate the fill was indexed at (a rate indexing keeps "
     "up with beside the merges), 10 recalls a second (strong and indexed in turn) by one client and, "
