@@ -113,7 +113,8 @@ def run(n: int, dim: int, dtype: str, text_bytes: int, ef_construction: int, see
 
 COLUMNS = [
     ("dtype", "dtype", ""), ("n", "n", ",d"), ("dim", "dim", "d"), ("segments", "segments", "d"),
-    ("shm GB", "shm_gb", ".3f"), ("peak GB", lambda r: r["shm_peak_bytes"] / 1e9, ".3f"),
+    ("shm GB", "shm_gb", ".3f"), ("shm GiB", "shm_gib", ".3f"),
+    ("peak GiB", lambda r: r["shm_peak_bytes"] / 2**30, ".3f"),
     ("bytes/obs", "shm_bytes_per_observation", ",.0f"),
     ("floor", "floor_bytes_per_observation", ",.0f"), ("RSS MiB", mib("process_rss_bytes"), ",.0f"),
     ("anon MiB", mib("process_anonymous_bytes"), ",.0f"), ("WAL MiB", mib("wal_bytes"), ",.0f"),
