@@ -109,6 +109,19 @@ def test_graph_invariants_after_random_insert_sequences(case):
         assert naive.graph_violations(g, hi, M) == []
 
 
+@pytest.mark.parametrize("yield_every", [1, 7])
+def test_yielding_the_cpu_while_inserting_builds_the_same_graph(yield_every):
+    """An index worker's inserts give the core back every few nodes
+    (kernels/cpu.py): the graph is the one built without."""
+    data = np.random.default_rng(3).normal(size=(300, 24)).astype(np.float32)
+    store, gens, plain, sc = build(data, M=8, ef_c=32)
+    g = hnsw.new_graph(draw_levels(7, gens, 8, MAX_LEVEL), 8, MAX_LEVEL)
+    hnsw.insert(store, gens, g, 0, 150, 32, "cosine", sc, yield_every=yield_every)
+    hnsw.insert(store, gens, g, 150, 300, 32, "cosine", sc, yield_every=yield_every)
+    for name in ("links0", "upper", "state"):
+        np.testing.assert_array_equal(getattr(g, name), getattr(plain, name))
+
+
 def build_twice(store, M, metric, ef_c, scales=None):
     """The graph of `store` inserted node by node, and the one plain HNSW
     pruning builds (every link against every other): the same inserts with

@@ -30,6 +30,10 @@ from ..store.layout import INDEXED, MAX_LEVEL, WRITER
 from ..store.segment import Segment
 from .directory import Target
 
+# Yield the core this often within a chunk (kernels/cpu.py): a recall that
+# waits behind an index writer waits about this long, not a scheduler tick.
+YIELD_S = 2.5e-4
+
 
 def token_for(worker: int, incarnation: int) -> int:
     """A claim token unique to one incarnation of one writer (never 0)."""
@@ -75,7 +79,8 @@ class IndexWriter:
             start = time.perf_counter_ns()
             hnsw.insert(seg.w.vectors, seg.w.generation, seg.graph_w, lo, hi,
                         params.ef_construction, params.metric, sc, seg.scales,
-                        reverse=not faults.SKIP_REVERSE_LINKS)
+                        reverse=not faults.SKIP_REVERSE_LINKS,
+                        yield_every=max(1, int(YIELD_S / self._per_node_s)))
             elapsed = time.perf_counter_ns() - start
             seg.header[INDEXED] = hi  # publish after the kernel returned: its stores are done
         finally:
