@@ -47,7 +47,8 @@ exists (as many as the most `--clients`, for each way in) and serve every
 round at every size, each round after a few untimed recalls of its space. Prints JSON
 lines (bench, via, n, dim, phase, consistency, clients, queries_per_s,
 recall_p50_ms, recall_p99_ms, ingest_per_s, ef_construction, segments,
-indexed_per_s...), then a table.
+indexed_per_s, off_cpu_p99_ms: the part of a recall its thread spent off
+the CPU, waiting for a core or, through a client, for the server...), then a table.
 """
 
 from __future__ import annotations
@@ -136,18 +137,20 @@ class Observations:
 # -- the recalling clients: processes of their own -------------------------------------
 
 def timed(recall, cues: np.ndarray, consistencies: tuple[str, ...], begin: float, end: float,
-          per_s: float) -> dict[str, list[float]]:
+          per_s: float) -> dict[str, list[tuple[float, float]]]:
     """Recalls from `begin` to `end` (monotonic clock, the same in every
     process), back to back or `per_s` a second, taking the consistencies in
-    turn; the latencies of each in seconds."""
+    turn; the latency of each in seconds, and the part of it the recalling
+    thread spent off its CPU (waiting: for a core, or a client for the server)."""
     latencies = {consistency: [] for consistency in consistencies}
     time.sleep(max(0.0, begin - time.monotonic()))
     next_at, done = begin, 0
     while time.monotonic() < end:
         consistency = consistencies[done % len(consistencies)]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         recall(cues[done % len(cues)], consistency)
-        latencies[consistency].append(time.perf_counter() - start)
+        took = time.perf_counter() - start
+        latencies[consistency].append((took, max(0.0, took - (time.thread_time() - cpu))))
         done += 1
         if per_s:
             next_at += 1.0 / per_s
@@ -244,7 +247,8 @@ class Recallers:
             latencies = [s for out in outs for s in out[consistency]]
             pooled[consistency] = {"recalls": len(latencies),
                                    "queries_per_s": round(len(latencies) / seconds, 1),
-                                   **percentiles_ms(latencies, "recall")}
+                                   **percentiles_ms([took for took, _ in latencies], "recall"),
+                                   **percentiles_ms([off for _, off in latencies], "off_cpu")}
         return pooled
 
     def round(self, space: str, clients: int, seconds: float) -> dict[str, dict]:
@@ -378,6 +382,7 @@ COLUMNS = [("n", "n", "d"), ("rows", "count", "d"), ("rows after", "count_after"
            ("via", "via", ""), ("phase", "phase", ""), ("consistency", "consistency", ""),
            ("clients", "clients", "d"), ("queries/s", "queries_per_s", ".0f"),
            ("p50 ms", "recall_p50_ms", ".2f"), ("p99 ms", "recall_p99_ms", ".2f"),
+           ("off-CPU p99 ms", "off_cpu_p99_ms", ".2f"),
            ("ingest/s", "ingest_per_s", ".0f"), ("window peak", "window_peak", "d")]
 
 

@@ -221,13 +221,16 @@ def recall_losses(rows):
 RECALL = Section(
     "recall", "Recall latency: idle and under ingestion, strong and indexed",
     "Recalls (k=10) of a space of each size (a space of its own), grown through a server (data "
-    "directory, two index workers), once indexed and merged: idle, back to back, by one process through `Client` (via client) "
-    "and one through `attach()` on the server's shared memory (via attach: the embedded engine's path); "
+    "directory, two index workers), once indexed and merged: idle, back to back, by one process "
+    "through `Client` (via client) and one through `attach()` on the server's shared memory (via "
+    "attach: the embedded engine's path); "
     "then during sustained ingestion at half the rate the fill was indexed at (a rate indexing keeps "
     "up with beside the merges), 10 recalls a second (strong and indexed in turn) by one client and, "
     "in the same period, by one attach() process half a period after each client recall (recalls in "
     "step would queue behind each other for the cores); rows after: the space's size when "
-    "the ingestion ended. `strong` also scans the unindexed window; `indexed` searches the graphs only.",
+    "the ingestion ended. `strong` also scans the unindexed window; `indexed` searches the graphs only. "
+    "Off-CPU: the part of a recall its thread spent off the CPU (waiting for a core; through a "
+    "client, also for the server's answer).",
     ("--n", "100000,200000,1000000", "--clients", "1", "--ingest-seconds", "30", "--load", "0.5"),
     recall.COLUMNS,
     plot=lambda rows, path: bar_grid(
