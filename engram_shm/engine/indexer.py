@@ -32,8 +32,9 @@ from .directory import Target
 
 # Yield the core this often within a chunk (kernels/cpu.py): a recall that
 # waits behind an index writer waits about this long, not a scheduler tick
-# (4 ms). Each yield costs about 8 us on the Zen 3 VM (every 0.25 ms of
-# 384-d int8 inserts: 2-4% more CPU; every 1 ms: none measurable).
+# (4 ms). A yield costs about 8 us on the Zen 3 VM (a throwaway in-process
+# A/B of 384-d int8 inserts, stop 36: every 0.25 ms 2-4% more CPU, every
+# ~1 ms none measurable).
 YIELD_S = 1e-3
 
 

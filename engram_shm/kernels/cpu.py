@@ -3,11 +3,10 @@
 An index worker runs under SCHED_IDLE in an autogroup of its own at nice 19
 (engine/idle.py), yet the scheduler weighs autogroups before their tasks: when
 the worker's group is picked beside a recalling application's, the worker keeps
-the core until the next tick (4 ms at HZ=250), SCHED_IDLE or not. `perf sched
-timehist` of attached recalls under ingestion showed exactly that: recalls
-preempted for 4.00 ms by a worker while the other core sat idle. A worker that
-yields every fraction of a millisecond lets the scheduler pick again long
-before the tick; with nothing else runnable, sched_yield returns at once.
+the core until the next tick (4 ms at HZ=250), SCHED_IDLE or not
+(docs/architecture.md, Processes). A worker that yields every millisecond or
+so (indexer.YIELD_S) lets the scheduler pick again before the tick; with
+nothing else runnable, sched_yield returns at once.
 """
 
 from llvmlite import ir
