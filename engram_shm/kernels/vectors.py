@@ -22,6 +22,7 @@ ROW_TOO_BIG = 3
 ROW_BEYOND_SCALES = 4  # an int8 row whose factor overflows float32
 
 F32_MAX = float(np.finfo(np.float32).max)
+F32_EXPONENT = np.uint32(0x7F800000)  # all ones: infinity or NaN
 CODE_MAX = float(INT8_MAX)
 
 
@@ -151,5 +152,5 @@ def source_bits(src: np.ndarray) -> tuple[np.ndarray, np.uint32 | np.uint16]:
     if src.ndim != 2 or src.dtype not in (np.float32, np.uint16) or not src.flags.c_contiguous:
         raise InvalidArgument("vectors must be a C-contiguous 2-D float32 or f16-bits array")
     if src.dtype == np.float32:
-        return src.view(np.uint32), np.uint32(0x7F800000)
+        return src.view(np.uint32), F32_EXPONENT
     return src, np.uint16(0x7C00)
