@@ -17,9 +17,9 @@ wall rate at one writer may use more than one core: the CPU rate is the
 honest "per core" figure). Every system is built at once, a chunk of 4096
 rows each in turn (engram_shm's chunk observed, then waited for until
 indexed), and kept open; then queries go one at a time, one thread, in
-blocks of 50 that every system answers in turn (engram_shm's through
-Engine.recall with results decoded): the machine's drift falls on all of
-them alike. For int8, `codes recall@10` is that of
+blocks of 50 that every system answers in turn, each block after ten
+untimed queries (engram_shm's through Engine.recall with results decoded):
+the machine's drift falls on all of them alike. For int8, `codes recall@10` is that of
 an exact search over the codes the engine stores (calibrated from the first
 batch as a space is): the most a graph over them can find. Prints one JSON
 object per system per line, then a table per dataset with ratios to hnswlib
@@ -39,6 +39,13 @@ from .report import emit, parser, percentiles_ms, table
 
 M, EF_CONSTRUCTION, EF = 16, 100, 64
 CHUNK = 4096  # observations per observe call
+# Untimed queries before each block of timed ones. One, the block's first
+# query itself, left that query's answer cached (it timed at half the
+# others) and the next few paying for the other systems' turn: in a
+# throwaway per-position breakdown (384-d, 2026-12-05) hnswlib's and
+# engram_shm's queries 1-3 of a block took 1.2-1.3 times the block's last,
+# and all ten slowest of engram_shm's 1000 were among them.
+WARM_QUERIES = 10
 
 
 def exact_top10(data: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -193,19 +200,22 @@ def timed_queries(search, queries):
     return found, latencies
 
 
-def interleaved_queries(systems: list[Build], queries: np.ndarray,
-                        block: int = 50) -> list[tuple[list, list[float]]]:
+def interleaved_queries(systems: list[Build], queries: np.ndarray, block: int = 50,
+                        warm: int = WARM_QUERIES) -> list[tuple[list, list[float]]]:
     """(found, latencies) of each system, asked the queries in blocks of
-    `block`, each block of every system in turn, after one untimed query
-    that warms its caches: this machine's speed drifts by up to a fifth
-    within minutes, and so the drift falls on every system alike instead
-    of on whichever was queried at the time, while each still answers a
-    stream of queries as it would alone."""
+    `block`, each block of every system in turn, after `warm` untimed
+    queries that warm its caches (the ones before the block, cyclically:
+    other than those it times): this machine's speed drifts by up to a
+    fifth within minutes, and so the drift falls on every system alike
+    instead of on whichever was queried at the time, while each still
+    answers a stream of queries as it would alone."""
     found = [[] for _ in systems]
     latencies = [[] for _ in systems]
+    warm = min(warm, len(queries) - min(block, len(queries)))  # never one the block times
     for lo in range(0, len(queries), block):
         for s, system in enumerate(systems):
-            system.search(queries[lo])
+            for w in range(lo - warm, lo):
+                system.search(queries[w % len(queries)])
             for q in queries[lo:lo + block]:
                 start = time.perf_counter()
                 ids = system.search(q)

@@ -343,7 +343,8 @@ ANN = Section(
     "second of the process (engram_shm's caller stores while its writers index), every index built "
     "at once, a chunk of 4096 rows each in turn; recall@10 against exact k-NN; and queries one at a "
     "time (engram_shm's through `Engine.recall`, rows decoded), asked once every system is built, in "
-    "blocks of 50 that each system answers in turn. Builds and queries take turns so that the "
+    "blocks of 50 that each system answers in turn, each block after ten untimed queries (the ones "
+    "before it). Builds and queries take turns so that the "
     "machine's drift falls on all of them alike. Ratios are to hnswlib at one thread.",
     (),
     ann.COLUMNS,
