@@ -41,10 +41,9 @@ M, EF_CONSTRUCTION, EF = 16, 100, 64
 CHUNK = 4096  # observations per observe call
 # Untimed queries before each block of timed ones. One, the block's first
 # query itself, left that query's answer cached (it timed at half the
-# others) and the next few paying for the other systems' turn: in a
-# throwaway per-position breakdown (384-d, 2026-12-05) hnswlib's and
-# engram_shm's queries 1-3 of a block took 1.2-1.3 times the block's last,
-# and all ten slowest of engram_shm's 1000 were among them.
+# others) and the next few paying for the other systems' turn (in a
+# throwaway per-position breakdown at 384 dims, all ten of engram_shm's
+# slowest 1000 were a block's second to fourth; docs/architecture.md).
 WARM_QUERIES = 10
 
 

@@ -152,8 +152,8 @@ def recall(p: RecallPlan, cue: np.ndarray, k: int, ef: int, gen_max: int, scan: 
         cue = cue.view(np.float16).astype(np.float32)
     elif cue.dtype != np.float32 or not cue.flags.c_contiguous:
         raise ValueError("recall needs a C-contiguous float32 or f16-bits cue")
-    # The bits without vectors.source_bits' checks (3 us of a 384-d recall's
-    # 120), which the caller's vectors_matrix has made. Python numbers: Numba
+    # The bits without vectors.source_bits' checks, which the caller's
+    # vectors_matrix has made (microseconds of every recall). Python numbers: Numba
     # types them in C, and never compiles another specialisation for them.
     reason, n = _recall(views.table, p.records, views.like, cue, cue.view(np.uint32), F32_EXPONENT, p.unit,
                         p.limit, p.cue_scale, int(k), int(ef), int(gen_max), bool(scan), p.metric,
