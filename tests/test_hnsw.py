@@ -454,6 +454,10 @@ def test_one_call_recall_reports_a_bad_cue_and_weighs_an_int8_one():
                      (np.zeros((1, 16), np.float32), ROW_ZERO)):
         reason, rows, _ = recall.recall(p, bad, 10, 64, 300, True, -np.inf, rs)
         assert (reason, len(rows)) == (why, 0)
+    # the kernel reads the cue's bits as they lie: only a C-contiguous float32 or f16-bits row
+    for wrong in (data[:1].astype(np.float64), np.asfortranarray(np.tile(data[:1], (2, 1)))[:1]):
+        with pytest.raises(ValueError, match="C-contiguous"):
+            recall.recall(p, wrong, 10, 64, 300, True, -np.inf, rs)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
