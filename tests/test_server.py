@@ -280,3 +280,26 @@ def test_the_servers_checkpointer_takes_only_idle_cpu(tmp_path):
         found = policies()
         assert list(found.values()).count(os.SCHED_IDLE) == 1, found
         assert found[proc.pid] != os.SCHED_IDLE
+
+
+def test_the_fronts_prefaulter_takes_only_idle_cpu():
+    """Populating pages ahead of the writer is milliseconds of kernel time at
+    a stretch: the front's prefault thread runs under SCHED_IDLE, so that it
+    never holds a core a recall reader or the front's loop wants; the loop
+    itself keeps its policy."""
+    with running_server(workers=1) as (endpoint, name, _):
+        front = children(name)["front"][0]
+
+        def idle_threads():
+            return [int(tid) for tid in os.listdir(f"/proc/{front}/task")
+                    if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE]
+
+        assert idle_threads() == []  # the thread starts with the first segment's writes
+        with Client(endpoint, timeout=30) as c:
+            c.observe_batch("s", [f"o{i}" for i in range(256)], clustered(256, 64, 4, seed=1))
+            c.flush()
+        deadline = time.monotonic() + 30
+        while not idle_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(idle_threads()) == 1
+        assert os.sched_getscheduler(front) != os.SCHED_IDLE

@@ -1,6 +1,7 @@
-"""Background work takes only the CPU nobody else wants: index workers and the
-server's checkpointer yield to the front, the readers and the applications
-that recall (attached readers, clients on the same machine).
+"""Background work takes only the CPU nobody else wants: index workers, the
+server's checkpointer and the writer's prefault thread yield to the front,
+the readers and the applications that recall (attached readers, clients on
+the same machine).
 
 Two levers, because the scheduler weighs task groups before tasks:
 - SCHED_IDLE (nice 19 where the kernel lacks it) orders the caller below

@@ -48,6 +48,7 @@ from ..store.prefault import Prefaulter
 from ..store.segment import Segment
 from ..store.space import SegmentSizes, SpaceWriter
 from ..store.wal import WalWriter
+from .idle import run_when_idle
 from .ledger import Ledger
 from .window import window_limit
 
@@ -95,7 +96,7 @@ class EngineWriter:
         self.ledger = Ledger(config)
         self.sizes = SegmentSizes(config.segment_capacity, config.text_bytes_per_observation,
                                   config.max_id_bytes + config.max_text_bytes, config.first_segment_capacity)
-        self.prefault = Prefaulter()
+        self.prefault = Prefaulter(run_when_idle)  # the front and the readers come first
         self.wal: WalWriter | None = None
 
     def params(self, name: str, dim: int, dtype: str | None = None, metric: str | None = None,

@@ -9,6 +9,13 @@ runs without the GIL, in parallel with the writer. Populating changes no byte,
 so it is safe next to the writer. Kernels without it (before Linux 5.14) fall
 back to faulting on write, as before.
 
+The thread runs with the priority its owner gives it (`setup`, run on the
+thread first; the engine's writer: SCHED_IDLE, engine/idle.py): populating
+half a window zeroes up to 2,048 pages, milliseconds of kernel time that at
+the front's priority came out of the recall readers' share of the cores
+(docs/architecture.md, Storage). When no core is free the window falls
+behind and the writer faults its own pages, as without the thread.
+
 How far ahead is proportional to what the segment holds: populated pages are
 memory spent, and a space that received one observation must not own megabytes
 of pages it may never write. The window is the bytes written so far, at least
@@ -23,6 +30,7 @@ import ctypes
 import ctypes.util
 import logging
 import threading
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,8 @@ MIN_WINDOW_BYTES = 64 << 10
 
 
 class Prefaulter:
-    def __init__(self):
+    def __init__(self, setup: Callable[[], None] = lambda: None):
+        self._setup = setup
         try:
             self._madvise = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
             self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -69,6 +78,7 @@ class Prefaulter:
             self._targets.pop(key, None)
 
     def _run(self) -> None:
+        self._setup()
         while True:
             with self._wake:
                 while not self._stop and not any(d < t for _, d, t in self._targets.values()):
