@@ -44,7 +44,9 @@ def own_top_hits(recall, space, vectors, ids):
 
 
 # -- the embedded engine ------------------------------------------------------------
-def test_embedded_engine_comes_back_after_a_clean_close(tmp_path):
+@pytest.mark.parametrize("chunk", [checkpoint.WRITE_CHUNK, 4096])  # one write per column, and many
+def test_embedded_engine_comes_back_after_a_clean_close(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(checkpoint, "WRITE_CHUNK", chunk)
     data = clustered(3000, DIM, seed=101)
     ids = [f"e{i}" for i in range(3000)]
     texts = [f"text {i} é" for i in range(3000)]
