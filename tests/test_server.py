@@ -267,19 +267,27 @@ def test_a_test_server_outlives_the_thread_that_started_it(tmp_path):
         started["context"].__exit__(None, None, None)
 
 
+def idle_threads(pid: int) -> list[int]:
+    """The threads of process `pid` that run under SCHED_IDLE."""
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")
+            if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE]
+
+
+def first_idle_threads(pid: int, timeout: float = 30.0) -> list[int]:
+    """idle_threads(pid) once there is one (or the timeout has passed)."""
+    deadline = time.monotonic() + timeout
+    while not idle_threads(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return idle_threads(pid)
+
+
 def test_the_servers_checkpointer_takes_only_idle_cpu(tmp_path):
     """A checkpoint copies and checksums the whole space: the server runs it
     under SCHED_IDLE, like the index workers, and nothing else of its own."""
-    def policies():
-        return {int(tid): os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{proc.pid}/task")}
-
     with running_server(data=str(tmp_path), workers=1) as (_, name, proc):
-        deadline = time.monotonic() + 30  # the checkpointer starts after the front answers
-        while os.SCHED_IDLE not in policies().values() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        found = policies()
-        assert list(found.values()).count(os.SCHED_IDLE) == 1, found
-        assert found[proc.pid] != os.SCHED_IDLE
+        found = first_idle_threads(proc.pid)  # the checkpointer starts after the front answers
+        assert len(found) == 1, found
+        assert proc.pid not in found
 
 
 def test_the_fronts_prefaulter_takes_only_idle_cpu():
@@ -289,17 +297,10 @@ def test_the_fronts_prefaulter_takes_only_idle_cpu():
     itself keeps its policy."""
     with running_server(workers=1) as (endpoint, name, _):
         front = children(name)["front"][0]
-
-        def idle_threads():
-            return [int(tid) for tid in os.listdir(f"/proc/{front}/task")
-                    if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE]
-
-        assert idle_threads() == []  # the thread starts with the first segment's writes
+        assert idle_threads(front) == []  # the thread starts with the first segment's writes
         with Client(endpoint, timeout=30) as c:
             c.observe_batch("s", [f"o{i}" for i in range(256)], clustered(256, 64, 4, seed=1))
             c.flush()
-        deadline = time.monotonic() + 30
-        while not idle_threads() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(idle_threads()) == 1
-        assert os.sched_getscheduler(front) != os.SCHED_IDLE
+        found = first_idle_threads(front)
+        assert len(found) == 1, found
+        assert front not in found
