@@ -4,14 +4,16 @@ import select
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from engram_shm import Engine, attach
+from engram_shm.engine.beacon import LINGER_NS
 from engram_shm.errors import Corrupt, EngineClosed, EngineNotFound
 from engram_shm.store import shm
-from engram_shm.store.catalog import ProcessWatch, process_start
+from engram_shm.store.catalog import RECALL_UNTIL, ProcessWatch, process_start
 from engram_shm.synthetic import clustered
 
 READER = """
@@ -138,3 +140,18 @@ def _raised(call, *args):
     except Exception as e:
         return e
     return None
+
+
+def test_every_recall_stamps_the_beacon_the_index_writers_defer_to():
+    """A recall, embedded or attached, stamps a deadline into the catalog's
+    beacon as it starts and moves it to LINGER_NS past its search's end
+    (engine/beacon.py)."""
+    data = clustered(500, 16, seed=5)
+    with Engine(workers=1) as e:
+        e.observe("b", [f"b{i}" for i in range(500)], data)
+        with attach(e.name) as reader:
+            for recall, catalog in ((e.recall, e.catalog), (reader.recall, reader.catalog)):
+                before = time.monotonic_ns()
+                recall("b", data[0], k=3)
+                after = time.monotonic_ns()
+                assert before + LINGER_NS <= catalog.header[RECALL_UNTIL] <= after + LINGER_NS

@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -120,6 +122,25 @@ def test_yielding_the_cpu_while_inserting_builds_the_same_graph(yield_every):
     hnsw.insert(store, gens, g, 150, 300, 32, "cosine", sc, yield_every=yield_every)
     for name in ("links0", "upper", "state"):
         np.testing.assert_array_equal(getattr(g, name), getattr(plain, name))
+
+
+def test_inserts_defer_to_a_recall_in_the_beacon_and_build_the_same_graph():
+    """A recall stamps a deadline into the beacon (engine/beacon.py); an insert
+    sleeps while it lies ahead, never longer than it worked, and returns the
+    time slept: the graph is the one built without."""
+    data = np.random.default_rng(4).normal(size=(300, 24)).astype(np.float32)
+    store, gens, plain, sc = build(data, M=8, ef_c=32)
+    g = hnsw.new_graph(draw_levels(7, gens, 8, MAX_LEVEL), 8, MAX_LEVEL)
+    far_ahead = np.array([time.monotonic_ns() + 3_600 * 10**9], np.int64)
+    deferred = hnsw.insert(store, gens, g, 0, 300, 32, "cosine", sc, beacon=far_ahead)
+    assert deferred > 0
+    for name in ("links0", "upper", "state"):
+        np.testing.assert_array_equal(getattr(g, name), getattr(plain, name))
+    passed = np.array([time.monotonic_ns() - 10**9], np.int64)
+    again = hnsw.new_graph(draw_levels(7, gens, 8, MAX_LEVEL), 8, MAX_LEVEL)
+    assert hnsw.insert(store, gens, again, 0, 300, 32, "cosine", sc, beacon=passed) == 0.0
+    assert hnsw.insert(store, gens, hnsw.new_graph(draw_levels(7, gens, 8, MAX_LEVEL), 8, MAX_LEVEL),
+                       0, 300, 32, "cosine", sc) == 0.0
 
 
 def build_twice(store, M, metric, ef_c, scales=None):

@@ -52,12 +52,14 @@ class IndexWriter:
     """One index writer. `stats` is its row of the catalog's worker table."""
 
     def __init__(self, worker: int, workers: int, token: int, stats: np.ndarray,
-                 slice_s: float = 0.02):
+                 beacon: np.ndarray | None = None, slice_s: float = 0.02):
         self.worker = worker
         self.workers = workers
         self.token = token
         self.stats = stats
         self.slice_s = slice_s
+        self.beacon = beacon  # the catalog's recall beacon (beacon.py); None: defer to nothing
+        self.deferred_s = 0.0  # slept while recalls ran (metrics)
         self._per_node_s = 1e-4
         self._scratch = hnsw.ScratchCache()
         self.stolen = 0  # claims of segments the hash assigns to another writer (metrics)
@@ -80,17 +82,18 @@ class IndexWriter:
             hnsw.repair(seg.graph_w, accepted, sc)
             hi = min(accepted, lo + max(1, int(self.slice_s / self._per_node_s)))
             start = time.perf_counter_ns()
-            hnsw.insert(seg.w.vectors, seg.w.generation, seg.graph_w, lo, hi,
-                        params.ef_construction, params.metric, sc, seg.scales,
-                        reverse=not faults.SKIP_REVERSE_LINKS,
-                        yield_every=max(1, int(YIELD_S / self._per_node_s)))
-            elapsed = time.perf_counter_ns() - start
+            deferred = hnsw.insert(seg.w.vectors, seg.w.generation, seg.graph_w, lo, hi,
+                                   params.ef_construction, params.metric, sc, seg.scales,
+                                   reverse=not faults.SKIP_REVERSE_LINKS,
+                                   yield_every=max(1, int(YIELD_S / self._per_node_s)), beacon=self.beacon)
+            elapsed = time.perf_counter_ns() - start - int(deferred * 1e9)  # the time spent inserting
             seg.header[INDEXED] = hi  # publish after the kernel returned: its stores are done
         finally:
             self.stats[W_CLAIMED] = -1
             seg.header[WRITER] = 0
         if hi > lo:
             self._per_node_s = 0.7 * self._per_node_s + 0.3 * max(elapsed * 1e-9 / (hi - lo), 1e-7)
+        self.deferred_s += deferred
         self.stats[W_INSERTED] += hi - lo
         self.stats[W_BUSY_NS] += elapsed
         return hi - lo

@@ -29,6 +29,7 @@ from ..store.catalog import SpaceParams
 from ..store.layout import MAX_LEVEL
 from ..store.quantization import codes_per_unit
 from ..store.segment import Segment
+from .beacon import RecallBeacon
 from .directory import SegmentDirectory
 
 CONSISTENCIES = ("strong", "indexed")
@@ -85,6 +86,7 @@ class Reader:
     def __init__(self, directory: SegmentDirectory):
         self.directory = directory
         self.catalog = directory.catalog
+        self.beacon = RecallBeacon(self.catalog)
         self._spaces: dict[str, tuple[int, SpaceParams]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -184,15 +186,18 @@ class Reader:
             checked_rows(cue, params.metric, "f32", "cue")  # a bad cue fails the same with or without rows
             return Found(generation, segments, [], [])
         k, ef = int(k), max(int(ef), int(k))
+        stamp = self.beacon.begin()
         reason, rows, values = recall_kernel(p, cue, k, ef, generation, scan,
                                              -math.inf if threshold is None else threshold,
                                              self._scratch(p.views, ef))
+        self.beacon.end(stamp)
         if reason != ROW_OK:
             raise_bad_row(reason, 0, "cue")
         return Found(generation, segments, rows.tolist(), values.tolist())
 
     def close(self) -> None:
         self._spaces.clear()
+        self.beacon.close()
 
 
 class InFlight:

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 from ..store.catalog import Catalog
+from .beacon import beacon_of
 from .directory import Target
 from .indexer import IndexWriter, token_for
 
@@ -22,7 +23,7 @@ class IndexThreads:
         self.progress = progress
         self.failure: BaseException | None = None
         self._stop = False
-        self._writers = [IndexWriter(i, workers, token_for(i, 0), catalog.workers[i])
+        self._writers = [IndexWriter(i, workers, token_for(i, 0), catalog.workers[i], beacon_of(catalog))
                          for i in range(workers)]
         self._threads = [threading.Thread(target=self._loop, args=(w,), daemon=True,
                                           name=f"engram-index-{w.worker}") for w in self._writers]

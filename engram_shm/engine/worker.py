@@ -22,9 +22,10 @@ import time
 from ..config import EngineConfig
 from ..kernels.warm import ready_child
 from ..observability import logs
-from ..observability.stats_block import STOLEN, UTILIZATION, StatsBlock
+from ..observability.stats_block import DEFERRED_US, STOLEN, UTILIZATION, StatsBlock
 from ..store.catalog import W_BUSY_NS, W_INCARNATION, W_PID, W_START, Catalog, process_start
 from . import lifeline
+from .beacon import beacon_of
 from .directory import SegmentDirectory
 from .idle import own_idle_autogroup, run_when_idle
 from .indexer import IndexWriter, token_for
@@ -48,7 +49,7 @@ def run(engine: str, worker: int, workers: int, incarnation: int, config: Engine
     directory = SegmentDirectory(catalog, writable=True)
     metrics = StatsBlock.attach(engine, config.metrics_spaces, workers)
     row = catalog.workers[worker]
-    writer = IndexWriter(worker, workers, token_for(worker, incarnation), row)
+    writer = IndexWriter(worker, workers, token_for(worker, incarnation), row, beacon_of(catalog))
     row[W_INCARNATION] = incarnation
     row[W_START] = process_start(os.getpid())  # with the pid: liveness (Catalog.engine_alive)
     row[W_PID] = os.getpid()  # last: the supervisor's ready signal
@@ -56,7 +57,7 @@ def run(engine: str, worker: int, workers: int, incarnation: int, config: Engine
     parent = os.getppid()
     idle = IDLE_MIN_S
     checked = window_at = time.monotonic()
-    busy_at, stolen = int(row[W_BUSY_NS]), 0
+    busy_at, stolen, deferred = int(row[W_BUSY_NS]), 0, 0.0
     try:
         while not stop.requested:
             inserted = writer.step(directory.targets())
@@ -68,7 +69,8 @@ def run(engine: str, worker: int, workers: int, incarnation: int, config: Engine
             if inserted:
                 metrics.batch_sizes[worker].observe(inserted)
                 metrics.workers[worker, STOLEN] += writer.stolen - stolen
-                stolen = writer.stolen
+                metrics.workers[worker, DEFERRED_US] += round((writer.deferred_s - deferred) * 1e6)
+                stolen, deferred = writer.stolen, writer.deferred_s
                 idle = IDLE_MIN_S
                 continue
             if now - checked > ORPHAN_CHECK_S:

@@ -60,7 +60,7 @@ from ..store.layout import (
     first_upper_rows,
 )
 from .atomics import fence
-from .cpu import sched_yield
+from .cpu import defer_to_recalls, monotonic_ns, sched_yield
 from .distance import check_query, check_store, dist, stored_dim, weight, weighted_cue, weights_of
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_ascending, topk_finish, topk_push
 from .policy import L2, kernel, metric_of, uncounted_inline_kernel, uncounted_kernel
@@ -563,11 +563,14 @@ def _repair(g, n_nodes, scratch_v):
 
 
 @uncounted_kernel
-def _insert_range(store, gens, g, lo, hi, m, ef_c, metric, sc, reverse, yield_every):
+def _insert_range(store, gens, g, lo, hi, m, ef_c, metric, sc, reverse, yield_every, beacon):
+    began, paused = monotonic_ns(), 0
     for node in range(lo, hi):
         _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse)
+        paused = defer_to_recalls(beacon, began, paused)
         if yield_every > 0 and (node - lo + 1) % yield_every == 0:
             sched_yield()
+    return paused
 
 
 @uncounted_kernel
@@ -752,22 +755,28 @@ class SpaceViews:
         return cached[2], cached[3]
 
 
+_NO_BEACON = np.zeros(1, np.int64)  # never stamped: nothing to defer to
+
+
 def insert(store, gens, g: Graph, lo: int, hi: int, ef_construction: int, metric: str,
-           sc: Scratch, scales: np.ndarray | None = None, reverse: bool = True, yield_every: int = 0) -> None:
+           sc: Scratch, scales: np.ndarray | None = None, reverse: bool = True, yield_every: int = 0,
+           beacon: np.ndarray | None = None) -> float:
     """Insert nodes [lo, hi) into the graph, in order. Nodes must have complete
     vectors, levels and upper rows; re-inserting a node is safe. `scales`:
     those of an int8 store's codes (policy.metric_of). `reverse=False` adds
     no reverse links: a broken graph, only for the chaos suite's deliberate
     bug (faults.py). `yield_every` > 0: give the CPU back (cpu.sched_yield)
-    after every that many nodes, as an index worker does."""
+    after every that many nodes, as an index worker does. `beacon`: the
+    catalog's recall beacon (engine/beacon.py), deferred to after each node
+    (cpu.defer_to_recalls). Returns the seconds spent deferring."""
     M = _check_graph(store, gens, g, sc)
     if not (0 <= lo <= hi <= store.shape[0]):
         raise InvalidArgument(f"insert range [{lo}, {hi}) is outside [0, {store.shape[0]}]")
     if not (1 <= ef_construction < sc.res_k.shape[0]) or sc.qbuf.shape[1] != stored_dim(store):
         raise InvalidArgument("scratch is too small for ef_construction or the dimension")
     kernel_metric, weights = metric_of(metric, scales)  # weights: referenced until the kernel returns
-    _insert_range(store, gens, g, lo, hi, M, ef_construction, kernel_metric, sc, bool(reverse),
-                  int(yield_every))
+    return 1e-9 * _insert_range(store, gens, g, lo, hi, M, ef_construction, kernel_metric, sc, bool(reverse),
+                                int(yield_every), _NO_BEACON if beacon is None else beacon)
 
 
 def repair(g: Graph, n_nodes: int, sc: Scratch) -> bool:

@@ -31,6 +31,7 @@ from ..store.catalog import CHECKPOINT_ERRNO, CHECKPOINT_NS, Catalog
 from ..transport.sessions import ACTIVE, CLOSED, PAUSED, R_STATE
 from .stats_block import (
     CONSISTENCIES,
+    DEFERRED_US,
     LEVELS,
     PRIORITIES,
     REASONS,
@@ -133,6 +134,8 @@ class EngineCollector(Collector):
                      {(str(i),): rows[i, UTILIZATION] / 1e6 for i in range(len(rows))})
         yield _counter("engram_streaming_work_stolen_total", "claims by index workers of segments "
                        "assigned to another worker", (), {(): int(rows[:, STOLEN].sum())})
+        yield _counter("engram_streaming_index_deferred_seconds_total", "seconds index workers slept "
+                       "while recalls ran (the recall beacon)", (), {(): rows[:, DEFERRED_US].sum() / 1e6})
         merged = Histogram(rows[:, WORKER_HEAD:].sum(axis=0), SIZE_BOUNDS, 1.0)
         yield _histogram("engram_streaming_batch_size", "nodes an index worker inserted per claim of a "
                          "segment", (), {(): merged})

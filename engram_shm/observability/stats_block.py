@@ -30,10 +30,12 @@ ns), B = size histogram words (a count per bucket of SIZE_BOUNDS, +Inf, sum).
 | front       | [8]            | front                | WAL_WRITTEN: log bytes appended             |
 | fsync       | [H]            | front's log, under   | seconds of each fdatasync of the log        |
 |             |                | its I/O lock         |                                             |
-| workers     | [W, 2 + B]     | index worker i       | UTILIZATION (busy share of the last second, |
+| workers     | [W, 3 + B]     | index worker i       | UTILIZATION (busy share of the last second, |
 |             |                | (row i)              | parts per million), STOLEN (claims of       |
-|             |                |                      | another worker's segments), then the        |
-|             |                |                      | histogram of nodes inserted per claim       |
+|             |                |                      | another worker's segments), DEFERRED_US     |
+|             |                |                      | (microseconds slept while recalls ran:      |
+|             |                |                      | engine/beacon.py), then the histogram of    |
+|             |                |                      | nodes inserted per claim                    |
 
 Counters survive the restart of their writer (a restarted front or worker
 adds to what its predecessor wrote) and start at zero with the server. With
@@ -61,8 +63,8 @@ SIZE_BOUNDS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 CONSISTENCIES = ("strong", "snapshot", "indexed")
 REASONS = tuple(CODES)
 WAL_WRITTEN = 0
-UTILIZATION, STOLEN = 0, 1
-WORKER_HEAD = 2
+UTILIZATION, STOLEN, DEFERRED_US = 0, 1, 2
+WORKER_HEAD = 3
 FRONT_WORDS = 8
 
 

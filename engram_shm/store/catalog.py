@@ -16,6 +16,8 @@ lets any local process find an engine's spaces and segments.
 |          |       |                       |         | segment states change)               |
 |          |       |                       | checkp. | CHECKPOINT_DONE (request answered),  |
 |          |       |                       |         | _ERRNO (0 = ok), _GENERATION, _NS    |
+|          |       |                       | readers | RECALL_UNTIL, on a line of its own:  |
+|          |       |                       |         | the recall beacon (engine/beacon.py) |
 | spaces   | int64 | [MAX_SPACES, 8]       | owner   | dim, dtype, metric, M, ef_c, seed,   |
 |          |       |                       |         | name length, creation time           |
 | names    | uint8 | [MAX_SPACES, 128]     | owner   | space name, UTF-8                    |
@@ -91,6 +93,9 @@ WAL_LSN, CHECKPOINT_REQUEST = 20, 21
 RECOVERY_FROM = 22
 LAYOUT_SEQ = 23
 CHECKPOINT_DONE, CHECKPOINT_ERRNO, CHECKPOINT_GENERATION, CHECKPOINT_NS = 24, 25, 26, 27
+# Written at every recall by any process, attached readers included: alone on
+# its cache line, so that those writes do not evict the generation readers load.
+RECALL_UNTIL = 32
 (S_DIM, S_DTYPE, S_METRIC, S_M, S_EFC, S_SEED, S_NAME_LEN, S_CREATED) = range(8)
 (G_SPACE, G_NUMBER, G_STATE, G_MERGED_INTO) = range(4)
 # Segment states. EMPTY: a catalog row never published (a checkpoint is loaded
