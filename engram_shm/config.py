@@ -97,6 +97,11 @@ class EngineConfig:
                                   "0 means one per core", lo=0, hi=256)
     recall_niceness: int = _opt(10, "server: nice increment of the reader processes, so that "
                                     "ingestion wins the CPU; index workers run at 19", lo=0, hi=19)
+    recall_inline_share: float = _opt(0.5, "server: share of the front loop's time that small recalls "
+                                           "(one part, k <= 100) answered on the loop may take, when "
+                                           "nothing else waits for it; the others go to the reader "
+                                           "processes; 0: all do",
+                                      lo=0.0, hi=1.0)
     recall_concurrency: int = _opt(64, "server: recalls in flight at once, in total; past it a recall "
                                        "is refused with busy", lo=1, hi=1 << 20)
     recall_concurrency_per_key: int = _opt(32, "server: recalls in flight at once per principal "

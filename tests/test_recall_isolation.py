@@ -91,6 +91,21 @@ def test_recalls_through_the_readers_are_what_a_local_reader_finds(server, row, 
     assert 0 < len(parts[-1]) <= batch or (len(parts) == 1 and not got)
 
 
+def test_a_small_recall_is_answered_on_the_loop_and_a_large_one_by_a_reader(server):
+    """With nothing else waiting, the front answers a one-part recall of at
+    most INLINE_MAX_K rows itself (recalls.py); a streamed one goes to a
+    reader. Both answers are the local reader's."""
+    endpoint, name, data = server
+    with Client(endpoint) as c, attach(name) as local:
+        before = c.stats()["recall"]
+        small = c.recall("iso", data[5], k=10)
+        large = [m for part in c.recall_stream("iso", data[6], k=300, batch=100) for m in part]
+        after = c.stats()["recall"]
+        assert [m.id for m in small] == [m.id for m in local.recall("iso", data[5], k=10)]
+        assert [m.id for m in large] == [m.id for m in local.recall("iso", data[6], k=300)]
+    assert (after["recalls"] - before["recalls"], after["inline"] - before["inline"]) == (2, 1)
+
+
 def test_recall_at_10_against_brute_force(server):
     endpoint, _, data = server
     cues = data[::97]
@@ -130,7 +145,9 @@ def test_a_strong_recall_right_after_an_ack_sees_what_was_acked(server, sizes, s
 @pytest.mark.parametrize("flags", [("--recall-concurrency", "3"), ("--recall-concurrency-per-key", "3")],
                          ids=["in-total", "per-principal"])
 def test_recalls_past_the_concurrency_limit_are_busy_at_once(flags):
-    with running_server("--recall-workers", "1", *flags) as (endpoint, _, _), Client(endpoint) as c:
+    # The front answers none on its loop: every recall waits for the frozen reader.
+    with running_server("--recall-workers", "1", "--recall-inline-share", "0", *flags) as (endpoint, _, _), \
+            Client(endpoint) as c:
         data = clustered(200, DIM, seed=92)
         c.observe_batch("limits", ids("l", 0, 200), data)
         c.flush()

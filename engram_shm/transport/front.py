@@ -40,6 +40,8 @@ from ..cluster.node import NodeCluster
 from ..config import EngineConfig
 from ..engine import lifeline, recovery
 from ..engine.checkpointer import durability_stats
+from ..engine.directory import SegmentDirectory
+from ..engine.reader import Reader
 from ..engine.writer import EngineWriter
 from ..errors import (
     EngineClosed,
@@ -140,7 +142,11 @@ class Front:
         self.reload_requested = False  # SIGHUP: read the keys and the ACL again
         self.key_credit: collections.Counter[str] = collections.Counter()  # credit held per key
         self.replies = ReplyQueues(config.reply_queue_bytes, self._slow_consumer)
-        self.recalls = RecallDispatch(config, self.replies.deliver, metrics and metrics.recall_latency)
+        # Its own Reader answers small recalls on the loop (recalls.py).
+        self._recall_directory = SegmentDirectory(catalog) if config.recall_inline_share > 0 else None
+        self.recalls = RecallDispatch(config, self.replies.deliver, metrics and metrics.recall_latency,
+                                      self._recall_directory and Reader(self._recall_directory),
+                                      self._requests_waiting)
         self._watched: dict[str, tuple[float, int]] = {}  # spaces with an open window or above normal:
         # (window fill, level index)
         self._touched: set[str] = set()  # spaces written since the last upkeep
@@ -630,7 +636,8 @@ class Front:
         self.gate.check(self.principal, request.space, "recall")
         consistency = CONSISTENCIES.index(request.consistency if isinstance(request.consistency, str)
                                           else "snapshot")
-        self.recalls.submit(identity, request.rid, self.principal, self._frames[1:], consistency)
+        self.recalls.submit(identity, request.rid, self.principal, self._frames[1:], consistency,
+                            request.k, request.batch)
 
     def op_checkpoint(self, identity, header, payload) -> None:
         """Ask the checkpointer for a checkpoint; answered once it is complete."""
@@ -761,6 +768,8 @@ class Front:
             os._exit(70)  # the restarted front replays the log's tail (see _commit_turn)
         self.memory_pressure = shm.fill()
         self.recalls.reap()
+        if self.recalls.reader is not None:
+            self.recalls.reader.drop_retired()
         if self.reload_requested:
             self.reload_requested = False
             self._reload_access()
@@ -867,6 +876,9 @@ class Front:
             self.cluster.close()
         self.writer.close()
         self.wal = self.recalls.latency = None  # both hold views of the stats block, unmapped next
+        if self._recall_directory is not None:
+            self.recalls.reader.close()
+            self._recall_directory.close()
         if self.metrics is not None:
             self.metrics.close()
         self.sessions.close()

@@ -1,6 +1,6 @@
-"""A reader process: answers the recalls the front hands it (recalls.py), off
-the front's loop, with the same Reader as every other process that maps the
-engine's shared memory.
+"""A reader process: answers the recalls the front hands it (recalls.py: the
+ones it does not answer on its loop), with the same Reader as every other
+process that maps the engine's shared memory.
 
     python -m engram_shm.transport.recall_worker ENGINE CONFIG_JSON BACKEND INDEX INCARNATION READY_FILE
 
@@ -28,37 +28,17 @@ from ..engine import lifeline
 from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
 from ..engine.readiness import report_ready
-from ..errors import EngramError, Internal
 from ..kernels.warm import ready_child
 from ..observability import logs
 from ..store.catalog import Catalog
-from . import protocol as p
-from .recalls import HELLO_S, JOB, LAST, PART, WELCOME, hello_frames
+from .recalls import HELLO_S, JOB, LAST, PART, WELCOME, answer, hello_frames
 
 log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
 
 
-def answer(sock, reader: Reader, config: EngineConfig, job: bytes, frames: list) -> None:
-    """Search for one recall and send its answer part by part (or an error)."""
-    rid = None
-    try:
-        header = p.unpack_header(frames[0].buffer)
-        rid = header.get("rid")
-        request = p.recall(header, frames[1:], config.max_frame_bytes, config.max_k, config.ef_search)
-        found = reader.find(request.space, request.cue, request.k, request.consistency, request.threshold,
-                            request.ef)
-        parts = max(1, -(-len(found) // request.batch))
-        for part in range(parts):
-            lo = part * request.batch
-            more = part < parts - 1
-            frame = p.recall_result(rid, found.memories(lo, lo + request.batch), part, more, found.generation)
-            sock.send_multipart([PART if more else LAST, job, frame], copy=False)
-    except EngramError as e:
-        sock.send_multipart([LAST, job, p.pack({"op": "error", "rid": rid, **e.to_dict()})[0]])
-    except Exception as e:  # a bug must cost one recall, never the reader
-        log.exception("internal error on a recall")
-        err = Internal(f"internal error: {type(e).__name__}: {e}")
-        sock.send_multipart([LAST, job, p.pack({"op": "error", "rid": rid, **err.to_dict()})[0]])
+def to_front(sock, job: bytes):
+    """`answer`'s send for one job: each part to the front, tagged with it."""
+    return lambda frame, last: sock.send_multipart([LAST if last else PART, job, frame], copy=False)
 
 
 def run(engine: str, config: EngineConfig, backend: str, index: int, incarnation: int,
@@ -91,7 +71,7 @@ def run(engine: str, config: EngineConfig, backend: str, index: int, incarnation
             frames = sock.recv_multipart(copy=False)
             kind = frames[0].bytes
             if kind == JOB:
-                answer(sock, reader, config, frames[1].bytes, frames[2:])
+                answer(to_front(sock, frames[1].bytes), reader, config, frames[2:])
             elif kind == WELCOME and not ready:
                 report_ready(ready_file, incarnation)
                 ready = True

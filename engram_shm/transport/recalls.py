@@ -1,13 +1,24 @@
-"""Recalls off the ingest loop: the front's side of the reader processes
+"""Who answers a recall: the front's loop itself, or a reader process
 (recall_worker.py).
 
-The front checks a recall on its loop, then hands the client's frames,
-unchanged, to the least-loaded reader; the reader searches the shared memory
-and sends back each `recall_result` already packed, which the front relays
-as it is. A heavy recall therefore costs the loop two relays per part, never
-the search or the decoding of rows. Limits: `recall_concurrency` recalls in
-flight in total and `recall_concurrency_per_key` per principal, past which a
-recall is refused at once with `busy`.
+The front checks a recall on its loop. A small one (one part of at most
+INLINE_MAX_K rows) it answers there and then, with its own Reader of the
+shared memory, if nothing else waits for the loop (no message of a client,
+no recall in flight at the readers) and such answers took no more than
+`recall_inline_share` of the loop's time (a budget refilled at that rate,
+banked up to INLINE_BURST_S). So an answer on the loop delays a batch
+that arrives meanwhile by one search at most, and many recalls at once go
+to the readers, which search in parallel. Under
+ingestion a hand-off costs two more relays and wakes a reader process, each
+a wait for a core the index workers hold, which was most of a served
+recall's time beyond the search itself (docs/architecture.md). Any other
+recall goes, its client's frames unchanged, to the least-loaded reader; the
+reader searches the shared memory and sends back each `recall_result`
+already packed, which the front relays as it is, so that a heavy recall
+costs the loop two relays per part, never the search or the decoding of
+rows. Limits: `recall_concurrency` recalls in flight at the readers in
+total and `recall_concurrency_per_key` per principal, past which a recall
+is refused at once with `busy`.
 
 The readers' socket is a ROUTER the front binds at an ipc:// endpoint in a
 directory private to the server (mode 0700; server.py): only this user can
@@ -46,6 +57,7 @@ import msgpack
 import zmq
 
 from ..config import EngineConfig
+from ..engine.reader import Reader
 from ..errors import Busy, EngineClosed, EngramError, Internal
 from ..store.catalog import process_start
 from . import protocol as p
@@ -56,6 +68,32 @@ HELLO, WELCOME, JOB, PART, LAST = b"H", b"W", b"J", b"P", b"L"
 HELLO_S = 0.5
 READER_WAIT_S = 10.0  # a reader restarts within the supervisor's back-off (at most 5 s) and a warm-up
 SERVICE_WEIGHT = 0.1  # of the latest recall in the moving average that paces retries after busy
+INLINE_MAX_K = 100  # rows an answer on the loop may decode and pack
+INLINE_BURST_S = 0.05  # of loop time the inline budget banks while no recall comes
+
+
+def answer(send: Callable[[bytes, bool], None], reader: Reader, config: EngineConfig, frames: list) -> None:
+    """Search for one recall (its header and cue frames) and send its answer
+    part by part, `send(frame 0 of the client's message, last)`, or an error."""
+    rid = None
+    try:
+        header = p.unpack_header(frames[0].buffer)
+        rid = header.get("rid")
+        request = p.recall(header, frames[1:], config.max_frame_bytes, config.max_k, config.ef_search)
+        found = reader.find(request.space, request.cue, request.k, request.consistency, request.threshold,
+                            request.ef)
+        parts = max(1, -(-len(found) // request.batch))
+        for part in range(parts):
+            lo = part * request.batch
+            more = part < parts - 1
+            send(p.recall_result(rid, found.memories(lo, lo + request.batch), part, more, found.generation),
+                 not more)
+    except EngramError as e:
+        send(p.pack({"op": "error", "rid": rid, **e.to_dict()})[0], True)
+    except Exception as e:  # a bug must cost one recall, never its process
+        log.exception("internal error on a recall")
+        err = Internal(f"internal error: {type(e).__name__}: {e}")
+        send(p.pack({"op": "error", "rid": rid, **err.to_dict()})[0], True)
 
 
 @dataclass(eq=False)
@@ -78,7 +116,13 @@ class _Job:
 
 
 class RecallDispatch:
-    def __init__(self, config: EngineConfig, reply: Callable[[bytes, list], None], latency: list | None):
+    def __init__(self, config: EngineConfig, reply: Callable[[bytes, list], None], latency: list | None,
+                 reader: Reader | None = None, loop_wanted: Callable[[], bool] = lambda: False):
+        self.config = config
+        self.reader = reader  # the front's own, for answers on the loop (None: none there)
+        self.loop_wanted = loop_wanted  # does a message wait for the loop?
+        self._inline_s = INLINE_BURST_S  # the loop time answers on it may take now
+        self._inline_at = time.monotonic()
         self.sock = None  # the readers' ROUTER socket, set by the front's loop
         self.limit = config.recall_concurrency
         self.per_key = config.recall_concurrency_per_key
@@ -90,11 +134,15 @@ class RecallDispatch:
         self._by_principal: collections.Counter = collections.Counter()
         self._job_ids = itertools.count(secrets.randbits(62))
         self.service_s = 0.01  # moving average of a recall's time from submission to its last part
-        self.counters = {"recalls": 0, "busy": 0, "reader_deaths": 0}
+        self.counters = {"recalls": 0, "inline": 0, "busy": 0, "reader_deaths": 0}
 
-    def submit(self, client: bytes, rid, principal: str, frames: list, consistency: int) -> None:
-        """Hand a checked recall (its header and cue frames) to the reader with
-        the fewest in flight, or refuse it with Busy."""
+    def submit(self, client: bytes, rid, principal: str, frames: list, consistency: int, k: int,
+               batch: int) -> None:
+        """Answer a checked recall (its header and cue frames, its k and
+        rows per part) here, or hand it to the reader with the fewest in
+        flight, or refuse it with Busy."""
+        if self._answer_here(client, frames, consistency, k, batch):
+            return
         if len(self._jobs) >= self.limit:
             raise self._busy(f"{len(self._jobs)} recalls are in flight (recall_concurrency {self.limit})")
         if self._by_principal[principal] >= self.per_key:
@@ -105,7 +153,27 @@ class RecallDispatch:
         self._by_principal[principal] += 1
         self.counters["recalls"] += 1
         self._waiting.append(job_id)
+        if self.reader is not None:
+            self.reader.beacon.begin()  # the hand-off's hops are the recall's time too
         self._dispatch()
+
+    def _answer_here(self, client: bytes, frames: list, consistency: int, k: int, batch: int) -> bool:
+        if self.reader is None or self._jobs or k > min(batch, INLINE_MAX_K) or self.loop_wanted():
+            return False
+        now = time.monotonic()
+        self._inline_s = min(INLINE_BURST_S,
+                             self._inline_s + (now - self._inline_at) * self.config.recall_inline_share)
+        self._inline_at = now
+        if self._inline_s <= 0:
+            return False
+        answer(lambda frame, last: self.reply(client, [frame]), self.reader, self.config, frames)
+        seconds = time.monotonic() - now
+        self._inline_s -= seconds
+        self.counters["recalls"] += 1
+        self.counters["inline"] += 1
+        if self.latency is not None:
+            self.latency[consistency].observe(seconds)
+        return True
 
     def _dispatch(self) -> None:
         """Hand the waiting jobs out, each to the reader with the fewest."""
