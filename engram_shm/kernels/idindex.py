@@ -9,8 +9,9 @@ single writer of the space uses it):
 | field   | dtype | shape    | meaning                                              |
 |---------|-------|----------|------------------------------------------------------|
 | entries | int64 | [cap, 2] | [i, 0] the bits of an id's FNV-1a 64 (uint64 viewed  |
-|         |       |          | as int64); [i, 1] its ref, (segment number in the    |
-|         |       |          | space << 32) | slot, or -1: entry i is empty         |
+|         |       |          | as int64); [i, 1] its ref, (a key of the segment,    |
+|         |       |          | the writer's: its catalog index, store/space.py)     |
+|         |       |          | << 32 | slot, or -1: entry i is empty                |
 | used    | int64 | [1]      | entries stored                                       |
 
 cap is a power of two; the wrappers keep used <= cap / 2 (growing by doubling

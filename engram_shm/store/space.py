@@ -15,7 +15,8 @@ committed generation after `append` returns.
 Ids are unique per space. The writer finds stored ids through an id index
 (kernels/idindex.py): a hash table over the segments' id_hash column, held in
 the writer's memory and rebuilt from those columns when a writer adopts
-segments (a restart), without decoding any id. Only an id whose hash is
+segments (a restart), without decoding any id; a merge moves rows without
+a rebuild (`_swap`). Only an id whose hash is
 already present is compared with the stored id, so two ids with one hash are
 both stored.
 """
@@ -133,6 +134,11 @@ class SpaceWriter:
         self.compactions = 0  # merges swapped in
         self.last_append = time.monotonic()
         self._id_table: idindex.IdTable | None = idindex.new_table()  # None: rebuild before use
+        # Refs name segments by catalog index. A merge moves rows without
+        # touching the table: catalog index of a merged-away segment -> (that
+        # of the segment it went into, the slot its rows start at there),
+        # until the next rebuild.
+        self._moved: dict[int, tuple[int, int]] = {}
         self.prefault = prefault
         self.vector_rule = vector_rule(params.metric, params.dtype)
         self.window_limit = window_limit  # the most unindexed rows it holds (engine/window.py)
@@ -220,10 +226,21 @@ class SpaceWriter:
         returns the number of ids stored."""
         if self._id_table is None:
             table = idindex.new_table(sum(s.accepted for s in self.segments))
-            for number, seg in enumerate(self.segments):
-                table = idindex.insert_rows(table, seg.r.id_hash, seg.r.generation, number, 0, seg.accepted)
+            for seg in self.segments:
+                table = idindex.insert_rows(table, seg.r.id_hash, seg.r.generation,
+                                            self._catalog_index[id(seg)], 0, seg.accepted)
             self._id_table = table
+            self._moved.clear()
         return int(self._id_table.used[0])
+
+    def _segment_of(self, ref: int) -> tuple[Segment, int]:
+        """The segment and slot an id index ref names, following the merges
+        since the index was built."""
+        index, slot = ref >> 32, ref & _LOW32
+        while index in self._moved:
+            index, start = self._moved[index]
+            slot += start
+        return next(s for s in self.segments if self._catalog_index[id(s)] == index), slot
 
     def find_id(self, id: str) -> tuple[Segment, int] | None:
         """Where the id is stored in this space: (segment, slot), or None."""
@@ -253,7 +270,7 @@ class SpaceWriter:
         self.index_ids()
         rows, refs = idindex.lookup_ids(self._id_table, records, record_ends, id_lens)
         for row, ref in zip(rows.tolist(), refs.tolist()):
-            seg, slot = self.segments[ref >> 32], ref & _LOW32
+            seg, slot = self._segment_of(ref)
             if seg.ids(np.array([slot]))[0] == ids[row]:
                 yield row, seg, slot
 
@@ -409,15 +426,17 @@ class SpaceWriter:
 
     def _swap(self) -> None:
         """Put the merged graph in its sources' place, for readers (one
-        layout change), for ids (the index is rebuilt over the new segments)
+        layout change), for ids (the index follows the rows: `_moved`)
         and for memory (the sources are unlinked)."""
         m = self.merge
         self.catalog.change_states({m.index: LIVE, **{i: RETIRED for i in m.source_indexes}})
         gone = {id(s) for s in m.sources}
         self.segments = sorted([s for s in self.segments if id(s) not in gone] + [m.target],
                                key=lambda s: self._catalog_index[id(s)])
-        self._id_table = None
-        self.index_ids()
+        start = 0
+        for seg, index in zip(m.sources, m.source_indexes):  # copied in this order (compaction.Merge)
+            self._moved[index] = (m.index, start)
+            start += seg.accepted
         for seg, index in zip(m.sources, m.source_indexes):
             del self._catalog_index[id(seg)]
             shm.unlink(seg.name)
@@ -435,12 +454,12 @@ class SpaceWriter:
 
     # -- publishing --------------------------------------------------------------
     def _index_placements(self, placements: list[_Placement]) -> None:
-        """Enter published rows into the (current) id index, by segment number
-        and slot."""
+        """Enter published rows into the (current) id index, by segment
+        (catalog index) and slot."""
         for p in placements:
             r = p.segment.r
             self._id_table = idindex.insert_rows(self._id_table, r.id_hash, r.generation,
-                                                 self.segments.index(p.segment), p.at.slot, p.end.slot)
+                                                 self._catalog_index[id(p.segment)], p.at.slot, p.end.slot)
 
     def _publish(self, p: _Placement, generations: np.ndarray) -> None:
         header = p.segment.header
