@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -389,3 +390,34 @@ def test_a_batch_lands_in_the_columns_as_the_naive_write_would():
     finally:
         seg.close()
         shm.unlink(seg.name)
+
+
+def test_a_retired_segment_is_unmapped_by_the_release_thread_once_nothing_else_holds_it(monkeypatch):
+    """engine/release.py: the segment stays mapped while another reference
+    (a recall in flight) holds it, then the process's release thread closes
+    it, not the thread that retired it."""
+    from engram_shm.engine import release
+
+    name = f"t_release_{os.getpid()}"
+    seg = Segment.create(name, SegmentLayout(1024, 16, "f32", 4, 1 << 16), 0, 0, 0)
+    closed_by = []
+    unmap = shm.close
+
+    def recording_close(block, warn=True):
+        closed_by.append(threading.current_thread().name)
+        return unmap(block, warn)
+
+    monkeypatch.setattr(shm, "close", recording_close)
+    try:
+        recall_holds = seg
+        release.later(seg)
+        del seg
+        time.sleep(3 * release.CHECK_S)
+        assert closed_by == [] and recall_holds.block is not None, "closed under a recall that holds it"
+        del recall_holds
+        deadline = time.monotonic() + 10
+        while not closed_by and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert closed_by == ["engram-release"]
+    finally:
+        shm.unlink(name)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 from ..errors import Corrupt
 from ..store.catalog import BUILDING, LAYOUT_SEQ, LIVE, Catalog, SpaceParams, segment_name
 from ..store.segment import Segment
+from . import release
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,9 @@ class SegmentDirectory:
 
     def _forget(self, index: int) -> None:
         self._mapped.pop(index, None)
-        self._attached.pop(index, None)
+        seg = self._attached.pop(index, None)
+        if seg is not None:
+            release.later(seg)  # unmapped off this thread, once no recall holds it
 
     def of_space(self, space: int) -> list[Segment]:
         """The space's LIVE segments, in catalog order, from one layout."""

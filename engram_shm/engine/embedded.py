@@ -43,7 +43,7 @@ from ..store.catalog import (
 from ..store.datadir import DataDir
 from ..store.segment import Segment
 from ..store.wal import WalWriter
-from . import recovery
+from . import recovery, release
 from .checkpointer import Checkpointer, durability_stats
 from .directory import SegmentDirectory
 from .reader import InFlight, Memory, Reader, Recalls
@@ -170,7 +170,8 @@ class Engine(Recalls):
         self._segments.append(seg)
 
     def _on_retired(self, index: int, seg: Segment) -> None:
-        self._segments[index] = None  # unmapped once no recall in flight holds it
+        self._segments[index] = None
+        release.later(seg)  # unmapped off the writer's thread, once no recall in flight holds it
 
     # -- compaction ----------------------------------------------------------------
     def _compact_in_background(self) -> None:

@@ -38,7 +38,7 @@ from ..auth.gate import gate_for
 from ..cluster import export
 from ..cluster.node import NodeCluster
 from ..config import EngineConfig
-from ..engine import lifeline, recovery
+from ..engine import lifeline, recovery, release
 from ..engine.checkpointer import durability_stats
 from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
@@ -165,7 +165,7 @@ class Front:
         self._segments[index] = seg
 
     def _on_retired(self, index: int, seg: Segment) -> None:
-        del self._segments[index]  # unmapped once nothing here holds it
+        release.later(self._segments.pop(index))  # unmapped off the loop
 
     # -- the loop ----------------------------------------------------------------
     def serve(self, endpoint: str, readers_endpoint: str, ready=lambda: None) -> None:
