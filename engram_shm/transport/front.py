@@ -39,6 +39,7 @@ from ..cluster import export
 from ..cluster.node import NodeCluster
 from ..config import EngineConfig
 from ..engine import lifeline, recovery, release
+from ..engine.beacon import RecallBeacon
 from ..engine.checkpointer import durability_stats
 from ..engine.directory import SegmentDirectory
 from ..engine.reader import Reader
@@ -146,7 +147,7 @@ class Front:
         self._recall_directory = SegmentDirectory(catalog) if config.recall_inline_share > 0 else None
         self.recalls = RecallDispatch(config, self.replies.deliver, metrics and metrics.recall_latency,
                                       self._recall_directory and Reader(self._recall_directory),
-                                      self._requests_waiting)
+                                      self._requests_waiting, RecallBeacon(catalog))
         self._watched: dict[str, tuple[float, int]] = {}  # spaces with an open window or above normal:
         # (window fill, level index)
         self._touched: set[str] = set()  # spaces written since the last upkeep
@@ -876,6 +877,7 @@ class Front:
             self.cluster.close()
         self.writer.close()
         self.wal = self.recalls.latency = None  # both hold views of the stats block, unmapped next
+        self.recalls.beacon.close()
         if self._recall_directory is not None:
             self.recalls.reader.close()
             self._recall_directory.close()

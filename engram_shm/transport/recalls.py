@@ -57,6 +57,7 @@ import msgpack
 import zmq
 
 from ..config import EngineConfig
+from ..engine.beacon import RecallBeacon
 from ..engine.reader import Reader
 from ..errors import Busy, EngineClosed, EngramError, Internal
 from ..store.catalog import process_start
@@ -117,8 +118,10 @@ class _Job:
 
 class RecallDispatch:
     def __init__(self, config: EngineConfig, reply: Callable[[bytes, list], None], latency: list | None,
-                 reader: Reader | None = None, loop_wanted: Callable[[], bool] = lambda: False):
+                 reader: Reader | None = None, loop_wanted: Callable[[], bool] = lambda: False,
+                 beacon: RecallBeacon | None = None):
         self.config = config
+        self.beacon = beacon  # stamped as a recall is handed off (engine/beacon.py)
         self.reader = reader  # the front's own, for answers on the loop (None: none there)
         self.loop_wanted = loop_wanted  # does a message wait for the loop?
         self._inline_s = INLINE_BURST_S  # the loop time answers on it may take now
@@ -153,8 +156,8 @@ class RecallDispatch:
         self._by_principal[principal] += 1
         self.counters["recalls"] += 1
         self._waiting.append(job_id)
-        if self.reader is not None:
-            self.reader.beacon.begin()  # the hand-off's hops are the recall's time too
+        if self.beacon is not None:
+            self.beacon.begin()  # the hand-off's hops are the recall's time too
         self._dispatch()
 
     def _answer_here(self, client: bytes, frames: list, consistency: int, k: int, batch: int) -> bool:
