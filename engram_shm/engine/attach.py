@@ -2,7 +2,9 @@
 
 `attach(name)` maps the engine's catalog and segments through read-only views
 and recalls with the same kernels and the same Reader as the engine itself,
-with no IPC: at the same generation it returns what the engine returns.
+with no IPC: at the same generation it returns what the engine returns. The
+one word it writes is the recall beacon, which asks the engine's index
+writers to step aside while it recalls (beacon.py).
 """
 
 from __future__ import annotations
