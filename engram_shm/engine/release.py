@@ -50,13 +50,14 @@ class _Releaser:
 
     def _close_free(self) -> bool:
         """Close the held segments nothing else references; whether any remain."""
+        free, kept = [], []
         with self._lock:
-            free = [s for s in self._held if sys.getrefcount(s) <= _OWN]
-            self._held = [s for s in self._held if not any(s is f for f in free)]
-            remain = bool(self._held)
+            for seg in self._held:
+                (free if sys.getrefcount(seg) <= _OWN else kept).append(seg)
+            self._held = kept
         for seg in free:
             seg.close(warn=False)
-        return remain
+        return bool(kept)
 
 
 later = _Releaser().later

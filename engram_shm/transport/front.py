@@ -637,8 +637,7 @@ class Front:
         self.gate.check(self.principal, request.space, "recall")
         consistency = CONSISTENCIES.index(request.consistency if isinstance(request.consistency, str)
                                           else "snapshot")
-        self.recalls.submit(identity, request.rid, self.principal, self._frames[1:], consistency,
-                            request.k, request.batch)
+        self.recalls.submit(identity, self.principal, self._frames[1:], consistency, request)
 
     def op_checkpoint(self, identity, header, payload) -> None:
         """Ask the checkpointer for a checkpoint; answered once it is complete."""

@@ -73,14 +73,17 @@ INLINE_MAX_K = 100  # rows an answer on the loop may decode and pack
 INLINE_BURST_S = 0.05  # of loop time the inline budget banks while no recall comes
 
 
-def answer(send: Callable[[bytes, bool], None], reader: Reader, config: EngineConfig, frames: list) -> None:
-    """Search for one recall (its header and cue frames) and send its answer
+def answer(send: Callable[[bytes, bool], None], reader: Reader, config: EngineConfig, frames: list,
+           request: p.Recall | None = None) -> None:
+    """Search for one recall (its header and cue frames; `request`: those
+    frames as the front's loop checked them already) and send its answer
     part by part, `send(frame 0 of the client's message, last)`, or an error."""
-    rid = None
+    rid = None if request is None else request.rid
     try:
-        header = p.unpack_header(frames[0].buffer)
-        rid = header.get("rid")
-        request = p.recall(header, frames[1:], config.max_frame_bytes, config.max_k, config.ef_search)
+        if request is None:
+            header = p.unpack_header(frames[0].buffer)
+            rid = header.get("rid")
+            request = p.recall(header, frames[1:], config.max_frame_bytes, config.max_k, config.ef_search)
         found = reader.find(request.space, request.cue, request.k, request.consistency, request.threshold,
                             request.ef)
         parts = max(1, -(-len(found) // request.batch))
@@ -139,12 +142,13 @@ class RecallDispatch:
         self.service_s = 0.01  # moving average of a recall's time from submission to its last part
         self.counters = {"recalls": 0, "inline": 0, "busy": 0, "reader_deaths": 0}
 
-    def submit(self, client: bytes, rid, principal: str, frames: list, consistency: int, k: int,
-               batch: int) -> None:
-        """Answer a checked recall (its header and cue frames, its k and
-        rows per part) here, or hand it to the reader with the fewest in
-        flight, or refuse it with Busy."""
-        if self._answer_here(client, frames, consistency, k, batch):
+    def submit(self, client: bytes, principal: str, frames: list, consistency: int,
+               request: p.Recall) -> None:
+        """Answer a checked recall (its header and cue frames, and `request`,
+        what the check made of them) here, or hand it to the reader with the
+        fewest in flight, or refuse it with Busy."""
+        rid = request.rid
+        if self._answer_here(client, frames, consistency, request):
             return
         if len(self._jobs) >= self.limit:
             raise self._busy(f"{len(self._jobs)} recalls are in flight (recall_concurrency {self.limit})")
@@ -160,8 +164,9 @@ class RecallDispatch:
             self.beacon.begin()  # the hand-off's hops are the recall's time too
         self._dispatch()
 
-    def _answer_here(self, client: bytes, frames: list, consistency: int, k: int, batch: int) -> bool:
-        if self.reader is None or self._jobs or k > min(batch, INLINE_MAX_K) or self.loop_wanted():
+    def _answer_here(self, client: bytes, frames: list, consistency: int, request: p.Recall) -> bool:
+        if self.reader is None or self._jobs or request.k > min(request.batch, INLINE_MAX_K) \
+                or self.loop_wanted():
             return False
         now = time.monotonic()
         self._inline_s = min(INLINE_BURST_S,
@@ -169,7 +174,7 @@ class RecallDispatch:
         self._inline_at = now
         if self._inline_s <= 0:
             return False
-        answer(lambda frame, last: self.reply(client, [frame]), self.reader, self.config, frames)
+        answer(lambda frame, last: self.reply(client, [frame]), self.reader, self.config, frames, request)
         seconds = time.monotonic() - now
         self._inline_s -= seconds
         self.counters["recalls"] += 1
