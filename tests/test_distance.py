@@ -1,8 +1,14 @@
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from llvmlite import binding as llvm
 
 from engram_shm.errors import DimensionMismatch, InvalidArgument
 from engram_shm.kernels.distance import distances
@@ -88,3 +94,33 @@ def test_an_int8_store_is_codes_then_a_factor():
                   np.ones(0, np.float32))
     with pytest.raises(DimensionMismatch):
         distances(np.zeros((2, 8), np.int8), np.zeros(8, np.float32), "l2", np.ones(8, np.float32))
+
+
+# Compiles the distance kernel into a fresh cache (code loaded from a cache
+# cannot be inspected) and tells what Numba was set to and whether the
+# kernel uses 512-bit registers.
+VECTOR_WIDTH = """
+import json, numba, numpy as np
+from engram_shm.kernels import distance
+distance.distances(np.ones((4, 64), np.uint16), np.ones(64, np.float32), "cosine")
+asm = distance._distances.inspect_asm(distance._distances.signatures[0])
+print(json.dumps({"features": numba.config.CPU_FEATURES, "zmm": "zmm" in asm}))
+"""
+
+
+def _vector_width(cache_dir, **numba_env) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU_")}
+    env.update(NUMBA_CACHE_DIR=str(cache_dir), **numba_env)
+    out = subprocess.run([sys.executable, "-c", VECTOR_WIDTH], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_kernels_use_512_bit_registers_where_the_host_has_avx512_unless_the_user_sets_the_features(tmp_path):
+    host = llvm.get_host_cpu_features().flatten()
+    avx512 = "+avx512f" in host.split(",")
+    ours = _vector_width(tmp_path / "ours")
+    assert ours["zmm"] is avx512
+    assert ours["features"] == (host + ",-prefer-256-bit" if avx512 else None)
+    theirs = _vector_width(tmp_path / "theirs", NUMBA_CPU_FEATURES=host)
+    assert theirs == {"features": host, "zmm": False}
