@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "segments": "recall over a space grown through many segments, compacted, and one graph of the same rows",
     "ingest": "the front's accepted rate against the raw transport ceiling",
     "restart": "recovery time from checkpoint and log",
+    "idtable": "the id index's growth: entries moved with the batches against all at once",
     "websocket": "the WebSocket bridge against the ZeroMQ client",
     "isolation": "recall latency while a flood of batches arrives",
     "cluster": "aggregate ingest with 1, 2 and 3 nodes, and the time of a move of a space",

@@ -145,3 +145,12 @@ def test_segments_quick_compares_a_grown_and_a_compacted_space_with_one_graph_at
     assert len(per_segment) == grown["segments"] and sum(n for n, _ in per_segment) == 3000
     assert [n for n, _ in rows[5]["segment_search_ms"]] == [3000]
     assert "recall over many segments and over one graph" in out
+
+
+def test_idtable_quick_compares_moving_with_the_batches_against_all_at_once():
+    out, rows = quick("idtable")
+    assert [r["way"] for r in rows] == ["at once", "incremental"]
+    for r in rows:
+        assert r["n"] == 65536 and r["growths"] == rows[0]["growths"] >= 8  # 64 entries to 131,072
+        assert r["slowest_ms"] >= r["batch_p99_ms"] > 0 and r["total_ms"] > 0 and r["lookup_us"] > 0
+    assert "x at once" in out

@@ -29,11 +29,17 @@ def column(values) -> np.ndarray:
     return np.array(values, dtype=np.uint64)
 
 
+def entries_held(t: idindex.IdTable) -> int:
+    """Entries of the table, and those of its old one not moved yet."""
+    return int((t.entries[:, 1] != idindex.EMPTY).sum() + (t.old[int(t.moved[0]):, 1] != idindex.EMPTY).sum())
+
+
 def check_table(t: idindex.IdTable, ref: naive.IdIndex) -> None:
     cap = t.entries.shape[0]
     assert cap & (cap - 1) == 0 and cap >= idindex.MIN_CAPACITY
-    assert int(t.used[0]) == len(ref) == int((t.entries[:, 1] != idindex.EMPTY).sum())
+    assert int(t.used[0]) == len(ref) == entries_held(t)
     assert 2 * int(t.used[0]) <= cap, "load above 1/2"
+    assert t.old.shape[0] == 0 or int(t.moved[0]) < t.old.shape[0] < cap, "an old table kept once moved"
     stored = sorted(ref.refs)
     assert pairs(idindex.lookup(t, column(stored))) == ref.lookup(stored)
 
@@ -78,13 +84,46 @@ def test_the_table_grows_by_doubling_and_keeps_every_entry():
     check_table(t, ref)
 
 
+def test_a_growth_moves_the_old_entries_with_the_batches_that_follow_and_finds_every_id_meanwhile():
+    t, ref = idindex.new_table(), naive.IdIndex()
+    rng = np.random.default_rng(11)
+    hashes = rng.integers(0, 2 ** 64 - 1, 3000, dtype=np.uint64, endpoint=True)
+    gens = np.ones(len(hashes), np.uint64)
+    moving_batches, growths = 0, 0
+    for lo in range(0, len(hashes), 8):
+        before, moved_before = t, int(t.moved[0])
+        t = idindex.insert_rows(t, hashes, gens, 2, lo, lo + 8)
+        ref.insert_rows(hashes, gens, 2, lo, lo + 8)
+        if t.entries is not before.entries:  # grown: the full table is now the old one
+            growths += 1
+            assert t.old is before.entries and t.entries.shape[0] == 2 * before.entries.shape[0]
+        elif t.old.shape[0]:  # a batch moves its share, no more
+            assert int(t.moved[0]) - moved_before == idindex.MOVE_PER_ROW * 8
+        moving_batches += t.old.shape[0] > 0
+        check_table(t, ref)  # every id found, in whichever table it is
+    assert growths >= 5 and moving_batches >= 60
+
+
+def test_a_batch_larger_than_the_move_left_finishes_it_first():
+    t = idindex.new_table()
+    hashes = np.arange(1, 20_001, dtype=np.uint64)
+    gens = np.ones(len(hashes), np.uint64)
+    t = idindex.insert_rows(t, hashes, gens, 0, 0, 2000)
+    t = idindex.insert_rows(t, hashes, gens, 0, 2000, 2100)  # grows: 2,100 > 4,096 / 2
+    assert t.old.shape[0] == 4096 and int(t.moved[0]) == 400
+    t = idindex.insert_rows(t, hashes, gens, 0, 2100, 20_000)  # past the new table's room too
+    # The rest of the first move done, a second growth, and its move done within the batch
+    assert t.old.shape[0] == 0 and t.entries.shape[0] == idindex.capacity_for(20_000)
+    assert pairs(idindex.lookup(t, hashes)) == [(i, i) for i in range(20_000)]
+
+
 def test_insert_kernel_reports_a_full_table_instead_of_looping():
     t = idindex.new_table()
     n = t.entries.shape[0] + 1
-    status = idindex._insert_rows(t.entries, t.used, np.arange(n, dtype=np.uint64),
+    status = idindex._insert_rows(t.entries, t.used, t.old, t.moved, np.arange(n, dtype=np.uint64),
                                   np.ones(n, np.uint64), 0, 0, n)
     assert status == idindex.FULL and int(t.used[0]) == t.entries.shape[0]
-    assert idindex._lookup(t.entries, column([n + 5]), np.empty(1, np.int64),
+    assert idindex._lookup(t.entries, t.old, t.moved, column([n + 5]), np.empty(1, np.int64),
                            np.empty(1, np.int64)) == 0  # a full table ends probes too
 
 
@@ -116,7 +155,9 @@ def test_wrappers_check_their_inputs():
     with pytest.raises(InvalidArgument):
         idindex.insert_rows(t, ones, ones, 0, 2, 5)
     with pytest.raises(InvalidArgument):
-        idindex.lookup(idindex.IdTable(t.entries[:48], t.used), ones)
+        idindex.lookup(t._replace(entries=t.entries[:48]), ones)
+    with pytest.raises(InvalidArgument):
+        idindex.lookup(t._replace(old=t.entries), ones)  # an old table as large as the new
     with pytest.raises(InvalidArgument):
         idindex.lookup(t, np.ones(8, np.uint64)[::2])
     with pytest.raises(InvalidArgument):
