@@ -1,3 +1,5 @@
+import mmap
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -254,3 +256,24 @@ def test_rows_appended_to_a_stale_index_are_entered_once():
         assert w.index_ids() == 150
         _, refs = idindex.lookup(w._id_table, column([naive.fnv1a(b"b3"), naive.fnv1a(b"a3")]))
         assert len(refs) == 2
+
+
+def memory_of(a: np.ndarray):
+    """What an array's memory belongs to, past the views over it."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a.obj if isinstance(a, memoryview) else a
+
+
+def test_a_large_table_grows_in_its_own_zeroed_mapping_and_keeps_every_entry():
+    t = idindex.new_table(200_000)  # 8 MiB: mapped, as NumPy would give it huge pages
+    assert t.entries.nbytes >= idindex.HUGE_PAGE_BYTES and isinstance(memory_of(t.entries), mmap.mmap)
+    hashes = np.random.default_rng(3).integers(0, 2 ** 64 - 1, 262_400, dtype=np.uint64, endpoint=True)
+    gens = np.ones(len(hashes), np.uint64)
+    for lo in range(0, len(hashes), 25_600):
+        t = idindex.insert_rows(t, hashes, gens, 1, lo, min(lo + 25_600, len(hashes)))
+    assert t.old.shape[0] == 524_288 and 0 < int(t.moved[0]) < 524_288, "grown, and moving"
+    assert isinstance(memory_of(t.entries), mmap.mmap)
+    assert isinstance(memory_of(idindex.new_table(1000).entries), np.ndarray), "a small one from the heap"
+    rows, refs = idindex.lookup(t, hashes)
+    assert sorted(refs.tolist()) == [1 << 32 | s for s in range(len(hashes))]

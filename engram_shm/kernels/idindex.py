@@ -69,6 +69,7 @@ MIN_CAPACITY = 64
 MOVE_PER_ROW = 4  # entries of `old` moved per row entered: gone after cap_old / 4 rows
 FULL = -1  # _insert_rows: the table has no empty entry left (the wrapper prevents it)
 BAD_RECORD = -2  # _lookup_ids: an id runs outside its record, or a record outside `records`
+HUGE_PAGE_BYTES = 4 << 20  # NumPy asks for huge pages from this size on (`_entries`)
 AHEAD = 16  # _insert_rows and _move prefetch the home of the entry this far ahead
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
 _C2 = np.uint64(0xC4CEB9FE1A85EC53)
@@ -202,11 +203,13 @@ def new_table(n: int = 0) -> IdTable:
 
 def _entries(n: int) -> np.ndarray:
     """Room for n entries in zeroed pages that the kernel hands out as they are
-    first written. Mapped here, not by np.zeros: NumPy asks for huge pages,
-    and the first batch after a growth lands on all of them: it waited for
-    32 MiB to be zeroed at once, 4 ms (1.2 ms with small pages; throwaway
-    timing)."""
+    first written. A large table is mapped here, not made by np.zeros:
+    NumPy asks for huge pages, and the first batch after a growth lands on
+    all of them: it waited for 32 MiB to be zeroed at once, 4 ms (1.2 ms
+    with small pages; throwaway timing)."""
     cap = capacity_for(n)
+    if cap * 16 < HUGE_PAGE_BYTES:  # small: from the heap, not a mapping of its own per space
+        return np.zeros((cap, 2), np.int64)
     return np.frombuffer(mmap.mmap(-1, cap * 16), np.int64).reshape(cap, 2)
 
 
