@@ -25,9 +25,9 @@ on the low bits of the bytes, so ids differing in a digit would cluster).
 Growth is incremental, so that no single batch pays for moving every id: a
 table about to pass load 1/2 becomes `old`, a table twice as large
 (`_entries`) takes the new entries, and every insert moves MOVE_PER_ROW
-entries of `old` per row it enters, in slot order. A lookup probes both, skipping `old`'s entries below
-`moved` (they are in `entries` already: `old` itself is never changed, so its
-probe chains stay whole). The old table is gone after a quarter of its
+entries of `old` per row it enters, in slot order. A lookup probes both,
+skipping `old`'s entries below `moved` (they are in `entries` already: `old`
+itself is never changed, so its probe chains stay whole). The old table is gone after a quarter of its
 capacity in rows, before the new one reaches load 1/2. With 1M ids in
 batches of 256, the slowest batch took 0.61 ms, against 33 ms when the batch
 that grows the table moves every entry (`python -m bench idtable`).
