@@ -37,9 +37,8 @@ def fill(hashes: np.ndarray, batch: int, at_once: bool) -> tuple[idindex.IdTable
     for lo in range(0, len(hashes), batch):
         start = time.perf_counter()
         grown = idindex.insert_rows(t, hashes, ones, 0, lo, min(lo + batch, len(hashes)))
-        if at_once and grown.old.shape[0]:
+        if at_once and grown.old.shape[0]:  # all moved now (the next insert lets the old table go)
             idindex._move(grown.old, grown.moved, grown.entries, grown.old.shape[0])
-            grown = grown._replace(old=idindex.new_table().old)
         seconds.append(time.perf_counter() - start)
         growths += grown.entries is not t.entries
         t = grown

@@ -147,7 +147,6 @@ class RecallDispatch:
         """Answer a checked recall (its header and cue frames, and `request`,
         what the check made of them) here, or hand it to the reader with the
         fewest in flight, or refuse it with Busy."""
-        rid = request.rid
         if self._answer_here(client, frames, consistency, request):
             return
         if len(self._jobs) >= self.limit:
@@ -156,7 +155,7 @@ class RecallDispatch:
             raise self._busy(f"{principal!r} has {self._by_principal[principal]} recalls in flight "
                              f"(recall_concurrency_per_key {self.per_key})")
         job_id = next(self._job_ids).to_bytes(8, "little")
-        self._jobs[job_id] = _Job(client, rid, principal, time.monotonic(), frames, consistency)
+        self._jobs[job_id] = _Job(client, request.rid, principal, time.monotonic(), frames, consistency)
         self._by_principal[principal] += 1
         self.counters["recalls"] += 1
         self._waiting.append(job_id)
