@@ -392,12 +392,29 @@ def test_space_search_leaves_out_segments_past_the_snapshot():
         hnsw.SpaceViews([hnsw.SegmentView(store, gens, g, np.zeros(64, np.int64))])
 
 
-def _records(rng, n):
-    """Record columns of n rows: text ends, id lengths within each record,
-    confidences and times."""
-    lengths = rng.integers(1, 20, n)
-    return (np.cumsum(lengths).astype(np.int64), rng.integers(0, lengths + 1).astype(np.int32),
-            rng.random(n).astype(np.float32), rng.random(n) * 1e9)
+_LETTERS = ("abcxyz0", "abcxyz0\u00e9\u6587\U0001f600")  # ASCII only; with 2-, 3- and 4-byte UTF-8
+
+
+def _records(rng, n, ascii=True):
+    """Record columns of n rows (text ends, id lengths, confidences, times,
+    the arena of their UTF-8 ids and texts) and each row's (id, text)."""
+    letters = _LETTERS[0 if ascii else 1]
+    pairs = [tuple("".join(rng.choice(list(letters), rng.integers(0, 12))) for _ in "it") for _ in range(n)]
+    encoded = [(i.encode(), t.encode()) for i, t in pairs]
+    arena = np.frombuffer(b"".join(i + t for i, t in encoded) or b"-", np.uint8)
+    columns = (np.cumsum([len(i) + len(t) for i, t in encoded]).astype(np.int64),
+               np.array([len(i) for i, _ in encoded], np.int32), rng.random(n).astype(np.float32),
+               rng.random(n) * 1e9, arena)
+    return columns, pairs
+
+
+def _decoded(texts, columns, ref, start, split, end):
+    """The (id, text) a recall's row points at: in its gathered texts, or
+    in its segment's arena."""
+    source = columns[ref >> 32][recall.R_ARENA].tobytes() if texts is None else texts
+    if type(source) is str:
+        return source[start:split], source[split:end]
+    return str(source[start:split], "utf-8"), str(source[split:end], "utf-8")
 
 
 def _similarity(d, metric):
@@ -409,31 +426,39 @@ def _similarity(d, metric):
 
 @given(st.lists(st.integers(1, 80), min_size=1, max_size=3), st.integers(1, 12),
        st.sampled_from(["cosine", "ip", "l2"]), st.sampled_from(["f32", "f16"]),
-       st.one_of(st.none(), st.floats(-1.5, 1.5)), st.booleans(), st.integers(0, 2**31))
+       st.one_of(st.none(), st.floats(-1.5, 1.5)), st.booleans(), st.booleans(),
+       st.sampled_from([0, 40, None]), st.integers(0, 2**31))
 def test_one_call_recall_gathers_the_rows_of_the_space_search(sizes, k, metric, dtype, threshold, f16_cue,
-                                                               seed):
+                                                               ascii, text_bytes, seed):
     """The recall kernel checks and scales the cue as checked_rows does,
     searches as search_space does, and of each row kept (those reaching the
-    threshold: a prefix) gathers its similarity, where its id and text lie,
-    its confidence, time and generation."""
+    threshold: a prefix) gathers its similarity, confidence, time and
+    generation, and its id and text: side by side in one buffer when all
+    fit (decoded once: a str when ASCII, else bytes), else pointed at in
+    its segment's arena."""
     rng = np.random.default_rng(seed)
-    views, columns, first = [], [], 1
+    views, columns, pairs, first = [], [], [], 1
     for n in sizes:
         data = rng.normal(size=(n, 8)).astype(np.float32)
         if metric == "cosine":
             data /= np.linalg.norm(data, axis=1, keepdims=True)
         store, _, g, _ = build(data, M=4, ef_c=16, metric=metric, dtype=dtype)
         views.append(_view(store, np.arange(first, first + n, dtype=np.uint64), g, n, n))
-        columns.append(_records(rng, n))
+        cols, segment_pairs = _records(rng, n, ascii)
+        columns.append(cols)
+        pairs.append(segment_pairs)
         first += n
     space = hnsw.SpaceViews(views)
     sc = hnsw.new_scratch(space.capacity, 8, 4, 64, MAX_LEVEL)
     rs = recall.RecallScratch(space.capacity, 8, 4, 64, MAX_LEVEL)
+    if text_bytes is not None:  # a text buffer the answer may not fit
+        rs.text = np.empty(text_bytes, np.uint8)
+        rs.outputs = (*rs.outputs[:-1], rs.text)
     cue = rng.normal(size=(1, 8)).astype(np.float32)
     cue = cue.astype(np.float16).view(np.uint16) if f16_cue else cue
     p = recall.plan(space, columns, metric, None, 1.0, (metric == "cosine", np.inf))
-    reason, rows, values = recall.recall(p, cue, k, 16, first, True,
-                                         -np.inf if threshold is None else threshold, rs)
+    reason, rows, values, texts = recall.recall(p, cue, k, 16, first, True,
+                                                -np.inf if threshold is None else threshold, rs)
     d, refs = hnsw.search_space(space, checked_rows(cue, metric, "f32", "cue")[0], k, 16, first, True,
                                 metric, sc)
     sims = _similarity(d, metric)
@@ -441,11 +466,13 @@ def test_one_call_recall_gathers_the_rows_of_the_space_search(sizes, k, metric, 
     assert reason == ROW_OK and sims[:kept].tolist() == sorted(sims[:kept], reverse=True)
     assert rows[:, recall.ROW_REF].tolist() == refs[:kept].tolist()
     np.testing.assert_allclose(values[:, recall.VALUE_SIMILARITY], sims[:kept], rtol=1e-12)
+    answer = "".join(i + t for i, t in (pairs[r >> 32][r & 0xFFFFFFFF] for r in refs[:kept].tolist()))
+    fits = len(answer.encode()) <= rs.text.shape[0]
+    assert type(texts) is ((str if answer.isascii() else bytes) if fits else type(None))
     for (ref, start, split, end, gen), (_, conf, when) in zip(rows.tolist(), values.tolist()):
         s, slot = ref >> 32, ref & 0xFFFFFFFF
-        text_end, id_len, confidence, times = columns[s]
-        assert (start, split, end) == ((text_end[slot - 1] if slot else 0),
-                                       (text_end[slot - 1] if slot else 0) + id_len[slot], text_end[slot])
+        _, _, confidence, times, _ = columns[s]
+        assert _decoded(texts, columns, ref, start, split, end) == pairs[s][slot]
         assert (gen, conf, when) == (views[s].gens[slot], confidence[slot], times[slot])
 
 
@@ -462,18 +489,18 @@ def test_one_call_recall_reports_a_bad_cue_and_weighs_an_int8_one():
     hnsw.insert(codes, gens, g, 0, 300, 64, "cosine", sc, scales)
     space = hnsw.SpaceViews([_view(codes, gens, g, 300, 300)])
     per_unit = codes_per_unit(scales)
-    p = recall.plan(space, [_records(np.random.default_rng(1), 300)], "cosine", scales, per_unit,
+    p = recall.plan(space, [_records(np.random.default_rng(1), 300)[0]], "cosine", scales, per_unit,
                     (True, np.inf))
     rs = recall.RecallScratch(300, 16, 8, 256, MAX_LEVEL)
     for q in data[:20].reshape(20, 1, 16):
-        reason, rows, values = recall.recall(p, q, 10, 64, 300, True, -np.inf, rs)
+        reason, rows, values, _ = recall.recall(p, q, 10, 64, 300, True, -np.inf, rs)
         cue = checked_rows(q, "cosine", "f32", "cue", per_unit)[0]
         d, refs = hnsw.search_space(space, cue, 10, 64, 300, True, "cosine", sc, scales)
         assert reason == ROW_OK and rows[:, recall.ROW_REF].tolist() == refs.tolist()
         np.testing.assert_allclose(values[:, recall.VALUE_SIMILARITY], _similarity(d, "cosine"), atol=1e-5)
     for bad, why in ((np.full((1, 16), np.nan, np.float32), ROW_NON_FINITE),
                      (np.zeros((1, 16), np.float32), ROW_ZERO)):
-        reason, rows, _ = recall.recall(p, bad, 10, 64, 300, True, -np.inf, rs)
+        reason, rows, _, _ = recall.recall(p, bad, 10, 64, 300, True, -np.inf, rs)
         assert (reason, len(rows)) == (why, 0)
     # the kernel reads the cue's bits as they lie: only a C-contiguous float32 or f16-bits row
     for wrong in (data[:1].astype(np.float64), np.asfortranarray(np.tile(data[:1], (2, 1)))[:1]):

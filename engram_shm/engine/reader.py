@@ -52,27 +52,34 @@ class Memory(NamedTuple):
 class Found:
     """A recall's answer, best first, before its ids and texts are decoded:
     per result the fields the kernel gathered (kernels/recall.py) as Python
-    lists, and the space's segments, held so that the arenas the ids and
-    texts are read from stay mapped (a server streams a large answer part by
-    part)."""
-    __slots__ = ("generation", "rows", "segments", "values")
+    lists; the ids and texts it gathered (`texts`: a str of ASCII, sliced
+    by the rows' byte offsets, or bytes), or else the space's segments, held
+    so that the arenas the rows point into stay mapped (a server streams a
+    large answer part by part)."""
+    __slots__ = ("generation", "rows", "segments", "texts", "values")
 
     def __init__(self, generation: int, segments: list[Segment], rows: list[list[int]],
-                 values: list[list[float]]):
+                 values: list[list[float]], texts: str | bytes | None = None):
         self.generation, self.segments, self.rows, self.values = generation, segments, rows, values
+        self.texts = texts
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def memories(self, lo: int, hi: int) -> list[Memory]:
         """Results lo..hi-1."""
-        segments = self.segments
+        texts = self.texts
         # tuple.__new__: a named tuple's own __new__ is a Python call, over twice the cost
-        return [_new_tuple(Memory, (str(arena[start:split], "utf-8"), sim, conf,
-                                    str(arena[split:end], "utf-8"), when, gen))
+        if type(texts) is str:
+            return [_new_tuple(Memory, (texts[start:split], sim, conf, texts[split:end], when, gen))
+                    for (_, start, split, end, gen), (sim, conf, when)
+                    in zip(self.rows[lo:hi], self.values[lo:hi])]
+        segments = self.segments
+        return [_new_tuple(Memory, (str(source[start:split], "utf-8"), sim, conf,
+                                    str(source[split:end], "utf-8"), when, gen))
                 for (ref, start, split, end, gen), (sim, conf, when)
                 in zip(self.rows[lo:hi], self.values[lo:hi])
-                for arena in (segments[ref >> 32].arena,)]
+                for source in (segments[ref >> 32].arena if texts is None else texts,)]
 
 
 def _same(a: list[Segment], b: list[Segment]) -> bool:
@@ -187,13 +194,13 @@ class Reader:
             return Found(generation, segments, [], [])
         k, ef = int(k), max(int(ef), int(k))
         stamp = self.beacon.begin()
-        reason, rows, values = recall_kernel(p, cue, k, ef, generation, scan,
-                                             -math.inf if threshold is None else threshold,
-                                             self._scratch(p.views, ef))
+        reason, rows, values, texts = recall_kernel(p, cue, k, ef, generation, scan,
+                                                    -math.inf if threshold is None else threshold,
+                                                    self._scratch(p.views, ef))
         self.beacon.end(stamp)
         if reason != ROW_OK:
             raise_bad_row(reason, 0, "cue")
-        return Found(generation, segments, rows.tolist(), values.tolist())
+        return Found(generation, segments, rows.tolist(), values.tolist(), texts)
 
     def close(self) -> None:
         self._spaces.clear()
@@ -204,29 +211,32 @@ class InFlight:
     """The calls in flight through mappings that a close unmaps: a recall's
     kernel reads segments through raw addresses, so unmapping them under it
     would crash the process. `enter` refuses (with `refuse`, which raises)
-    once closing began; `close` waits until the calls in flight have left."""
+    once closing began; `close` waits until the calls in flight have left.
+    Calls count under a plain lock (a condition's own `with` is a Python
+    call, a microsecond of every recall); only `close` waits on it."""
 
     def __init__(self):
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._left = threading.Condition(self._lock)
         self._count = 0
         self._closing = False
 
     def enter(self, refuse: Callable[[], None]) -> None:
-        with self._cond:
+        with self._lock:
             if self._closing:
                 refuse()
             self._count += 1
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self._count -= 1
             if self._count == 0 and self._closing:  # only `close` waits: no notify_all per recall
-                self._cond.notify_all()
+                self._left.notify_all()
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closing = True
-            self._cond.wait_for(lambda: self._count == 0)
+            self._left.wait_for(lambda: self._count == 0)
 
 
 class Recalls:

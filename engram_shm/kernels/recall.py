@@ -1,12 +1,14 @@
 """A whole recall in one kernel call: the cue checked and scaled as the space
 stores rows, every segment of the space searched and merged (hnsw), and the
 fields of the k rows kept gathered (similarity, confidence, time,
-generation, where the id and text lie in the arena).
+generation, and their ids and texts, copied side by side into one buffer).
 
 One call instead of a kernel per step and a numpy or Python pass per field:
 at 384 dimensions the search itself takes about as long as hnswlib's, so
 what a recall pays around it decides whether it keeps up. Only the id and
-text are left to Python to decode, and only for the rows a caller reads.
+text are left to Python to decode: one decode of the buffer, whose ASCII
+text (most ids and texts) is then sliced by byte offsets, where decoding
+each id and text from its arena took a tenth of a 384-d recall.
 """
 
 from typing import NamedTuple
@@ -22,15 +24,24 @@ from .vectors import F32_EXPONENT, ROW_OK, _check_store
 # A space's record columns as the kernel reads them (segment column names,
 # with their dtypes): a row of addresses per segment, in the order of its
 # SpaceViews table.
+# The last is the segment's arena of ids and texts (bytes, not rows): its
+# size follows its address in the plan's table.
 RECORD_COLUMNS = (("text_end", np.int64), ("id_len", np.int32), ("confidence", np.float32),
-                  ("when", np.float64))
-(R_TEXT_END, R_ID_LEN, R_CONFIDENCE, R_WHEN) = range(len(RECORD_COLUMNS))
+                  ("when", np.float64), ("arena", np.uint8))
+(R_TEXT_END, R_ID_LEN, R_CONFIDENCE, R_WHEN, R_ARENA, R_ARENA_BYTES) = range(len(RECORD_COLUMNS) + 1)
 # What the kernel writes per row kept: rows (int64) and values (float64).
+# start/split/end: where the id (start..split) and text (split..end) lie, in
+# the scratch's text buffer when the kernel gathered them (every row's fit),
+# else in the row's segment's arena.
 ROW_FIELDS = ("ref", "start", "split", "end", "generation")
 VALUE_FIELDS = ("similarity", "confidence", "when")
 (ROW_REF, ROW_START, ROW_SPLIT, ROW_END, ROW_GENERATION) = range(len(ROW_FIELDS))
 (VALUE_SIMILARITY, VALUE_CONFIDENCE, VALUE_WHEN) = range(len(VALUE_FIELDS))
 _LOW32 = np.int64(0xFFFFFFFF)
+# The ids and texts of one recall's rows gathered in one buffer up to this
+# size (a recall of 10 rows of 200 bytes takes 2 KB); larger answers are
+# read from the arenas row by row.
+TEXT_BYTES = 1 << 18
 
 
 class RecallPlan(NamedTuple):
@@ -53,10 +64,10 @@ class RecallPlan(NamedTuple):
 class RecallScratch:
     """One thread's scratch for recalls of spaces of up to `capacity` nodes
     with beams up to `ef`: the search's (hnsw.Scratch) and the buffers the
-    kernel writes to (each segment's top-k, the merged top-k, and the rows
-    and values it gathers), as the plain tuples the kernel takes (Numba
-    types a named tuple argument in Python at every call: 3 us here)."""
-    __slots__ = ("capacity", "dim", "ef", "outputs", "rows", "search", "values")
+    kernel writes to (each segment's top-k, the merged top-k, and the rows,
+    values and texts it gathers), as the plain tuples the kernel takes
+    (Numba types a named tuple argument in Python at every call: 3 us here)."""
+    __slots__ = ("capacity", "dim", "ef", "outputs", "rows", "search", "text", "values")
 
     def __init__(self, capacity: int, dim: int, M: int, ef: int, max_level: int):
         self.capacity, self.dim, self.ef = capacity, dim, ef
@@ -64,8 +75,9 @@ class RecallScratch:
         n = ef + 1
         self.rows = np.empty((n, len(ROW_FIELDS)), np.int64)
         self.values = np.empty((n, len(VALUE_FIELDS)), np.float64)
+        self.text = np.empty(TEXT_BYTES, np.uint8)
         self.outputs = (np.empty(n, np.float32), np.empty(n, np.int32), np.empty(n, np.float32),
-                        np.empty(n, np.int64), self.rows, self.values)
+                        np.empty(n, np.int64), self.rows, self.values, self.text)
 
 
 def plan(views: SpaceViews, record_columns: list[tuple[np.ndarray, ...]], metric: str,
@@ -75,11 +87,13 @@ def plan(views: SpaceViews, record_columns: list[tuple[np.ndarray, ...]], metric
     record columns (RECORD_COLUMNS); `cue_rule`: (unit, limit) of a cue."""
     want = [dtype for _, dtype in RECORD_COLUMNS]
     if len(record_columns) != views.n or any(
-            len(cols) != len(want) or any(c.dtype != d or c.ndim != 1 or c.shape[0] < v.store.shape[0]
-                                          or not c.flags.c_contiguous for c, d in zip(cols, want))
+            len(cols) != len(want) or any(c.dtype != d or c.ndim != 1 or not c.flags.c_contiguous
+                                          or (c.shape[0] < v.store.shape[0] and i != R_ARENA)
+                                          for i, (c, d) in enumerate(zip(cols, want)))
             for cols, v in zip(record_columns, views.views)):
         raise ValueError(f"record columns must match the segments: {[n for n, _ in RECORD_COLUMNS]}")
-    records = np.array([[c.ctypes.data for c in cols] for cols in record_columns], np.int64)
+    records = np.array([[c.ctypes.data for c in cols] + [cols[R_ARENA].shape[0]] for cols in record_columns],
+                       np.int64)
     kernel_metric, weights = metric_of(metric, scales)
     cue_scale = np.broadcast_to(np.asarray(codes_per_unit, np.float64), (views.dim,)).copy()
     if weights is not None and kernel_metric.code != L2:  # dot products weigh the cue, not the rows
@@ -102,24 +116,53 @@ def _similarity(d, code):
 
 
 @kernel
+def _gather_texts(records, rows, n, text):
+    """Copy the ids and texts of rows[:n] side by side into `text`, pointing
+    their start/split/end there; returns the bytes copied, or -1 (rows
+    untouched) when they do not fit or a row's end lies past its arena."""
+    size = 0
+    for i in range(n):
+        s = rows[i, ROW_REF] >> 32
+        if not (0 <= rows[i, ROW_START] <= rows[i, ROW_SPLIT] <= rows[i, ROW_END]
+                <= records[s, R_ARENA_BYTES]):
+            return -1
+        size += rows[i, ROW_END] - rows[i, ROW_START]
+    if size > text.shape[0]:
+        return -1
+    at = 0
+    for i in range(n):
+        start = rows[i, ROW_START]
+        end = rows[i, ROW_END]
+        arena = carray(pointer_to(records[rows[i, ROW_REF] >> 32, R_ARENA], np.uint8), end)
+        text[at:at + end - start] = arena[start:end]
+        rows[i, ROW_SPLIT] += at - start
+        rows[i, ROW_START] = at
+        at += end - start
+        rows[i, ROW_END] = at
+    return at
+
+
+@kernel
 def _recall(table, records, like, src, bits, exponent, unit, limit, cue_scale, k, ef, gen_max, scan,
             fields, threshold, search_scratch, outputs):
     """Check and scale the cue into the scratch's qbuf, search the space, and
     gather the rows whose similarity reaches `threshold` (best first: a
-    prefix) into `outputs`' rows and values. Returns (cue check reason, rows
-    kept)."""
+    prefix) into `outputs`' rows and values, and their ids and texts into
+    its text buffer if they fit. Returns (cue check reason, rows kept, text
+    bytes gathered or -1)."""
     sc = Scratch(*search_scratch)
     metric = metric_from(fields)
-    seg_d, seg_i, out_d, out_ref, rows, values = outputs
+    seg_d, seg_i, out_d, out_ref, rows, values, text = outputs
     _, reason = _check_store(src, bits, exponent, unit, limit, cue_scale, False, sc.qbuf)
     if reason != ROW_OK:
-        return reason, 0
+        return reason, 0, 0
     n = _search_space(table, like, sc.qbuf, k, ef, np.uint64(gen_max), scan, metric, sc, seg_d, seg_i,
                       out_d, out_ref)
     for i in range(n):
         sim = _similarity(out_d[i], metric.code)
         if sim < threshold:
-            return reason, i
+            n = i
+            break
         ref = out_ref[i]
         s = ref >> 32
         slot = ref & _LOW32
@@ -134,15 +177,18 @@ def _recall(table, records, like, src, bits, exponent, unit, limit, cue_scale, k
         values[i, VALUE_SIMILARITY] = sim
         values[i, VALUE_CONFIDENCE] = carray(pointer_to(records[s, R_CONFIDENCE], np.float32), cap)[slot]
         values[i, VALUE_WHEN] = carray(pointer_to(records[s, R_WHEN], np.float64), cap)[slot]
-    return reason, n
+    return reason, n, _gather_texts(records, rows, n, text)
 
 
 def recall(p: RecallPlan, cue: np.ndarray, k: int, ef: int, gen_max: int, scan: bool, threshold: float,
-           rs: RecallScratch) -> tuple[int, np.ndarray, np.ndarray]:
-    """(cue check reason, rows, values) of the best k rows of generation <=
-    gen_max with similarity >= threshold, best first. `cue`: one row, float32
-    or f16 bits [1, dim]; `rs` sized for the views and ef >= k. The rows and
-    values are views of rs's buffers: read them before its next recall."""
+           rs: RecallScratch) -> tuple[int, np.ndarray, np.ndarray, str | bytes | None]:
+    """(cue check reason, rows, values, texts) of the best k rows of
+    generation <= gen_max with similarity >= threshold, best first. `cue`:
+    one row, float32 or f16 bits [1, dim]; `rs` sized for the views and ef
+    >= k. The rows and values are views of rs's buffers: read them before
+    its next recall. `texts`: the rows' ids and texts as a str whose
+    characters are its bytes (all ASCII), else as bytes; None if they were
+    not gathered (the rows then point into their segments' arenas)."""
     views = p.views
     if (cue.shape != (1, views.dim) or not 1 <= k <= ef <= rs.ef or rs.capacity < views.capacity
             or rs.dim != views.dim):
@@ -155,7 +201,12 @@ def recall(p: RecallPlan, cue: np.ndarray, k: int, ef: int, gen_max: int, scan: 
     # The bits without vectors.source_bits' checks, which the caller's
     # vectors_matrix has made (microseconds of every recall). Python numbers: Numba
     # types them in C, and never compiles another specialisation for them.
-    reason, n = _recall(views.table, p.records, views.like, cue, cue.view(np.uint32), F32_EXPONENT, p.unit,
-                        p.limit, p.cue_scale, int(k), int(ef), int(gen_max), bool(scan), p.metric,
-                        float(threshold), rs.search, rs.outputs)
-    return int(reason), rs.rows[:n], rs.values[:n]
+    reason, n, gathered = _recall(views.table, p.records, views.like, cue, cue.view(np.uint32), F32_EXPONENT,
+                                  p.unit, p.limit, p.cue_scale, int(k), int(ef), int(gen_max), bool(scan),
+                                  p.metric, float(threshold), rs.search, rs.outputs)
+    texts = None
+    if gathered >= 0:
+        texts = str(rs.text[:gathered], "utf-8")
+        if len(texts) != gathered:  # not ASCII: character and byte offsets differ
+            texts = rs.text[:gathered].tobytes()
+    return int(reason), rs.rows[:n], rs.values[:n], texts
