@@ -9,17 +9,24 @@ import numpy as np
 
 from .policy import uncounted_kernel
 
+# Heap positions are unsigned: Numba wraps a signed index that may be
+# negative around the array's end, a shift, a mask and an add per access
+# of the sift loops (which never index below 0).
+_ONE = np.uint64(1)
+
 
 @uncounted_kernel
-def _sift_down(keys, vals, i, size):
+def _sift_down(keys, vals, start, size):
+    i = np.uint64(start)
+    n = np.uint64(size)
     key = keys[i]
     val = vals[i]
     while True:
-        child = 2 * i + 1
-        if child >= size:
+        child = i + i + _ONE
+        if child >= n:
             break
-        right = child + 1
-        if right < size and keys[right] < keys[child]:
+        right = child + _ONE
+        if right < n and keys[right] < keys[child]:
             child = right
         if keys[child] >= key:
             break
@@ -32,9 +39,9 @@ def _sift_down(keys, vals, i, size):
 
 @uncounted_kernel
 def heap_push(keys, vals, size, key, val):
-    i = size
-    while i > 0:
-        parent = (i - 1) >> 1
+    i = np.uint64(size)
+    while i != np.uint64(0):
+        parent = (i - _ONE) >> _ONE
         if keys[parent] <= key:
             break
         keys[i] = keys[parent]
