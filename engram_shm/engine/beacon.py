@@ -12,7 +12,8 @@ all than it has worked: recalls slow indexing to half its speed at most.
 A recall stamps now + BUDGET_NS as it starts (a deadline, not a count: a
 process killed mid-recall leaves nothing to undo), and as its search ends
 moves the deadline to now + LINGER_NS, which covers the decoding and the
-reply, unless another recall has stamped since. The stamps are plain
+reply, unless another recall has stamped since (the recall kernel stamps
+both within its one call: kernels/recall.py). The stamps are plain
 stores and one compare-and-swap: a race can only shorten or lengthen one
 pause. Every process that recalls stamps, attached readers included: the
 beacon is the one word of the engine's memory they write.
@@ -20,11 +21,9 @@ beacon is the one word of the engine's memory they write.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from ..kernels.atomics import compare_and_swap
+from ..kernels.cpu import announce_recall_now, recall_searched_now
 from ..store.catalog import RECALL_UNTIL, Catalog
 
 BUDGET_NS = 5_000_000  # the latency a recall under ingestion should stay within
@@ -41,16 +40,14 @@ class RecallBeacon:
         self.word = beacon_of(catalog)
 
     def begin(self) -> int:
-        """Stamp a recall's start; returns the stamp for `end`."""
-        stamp = time.monotonic_ns() + BUDGET_NS
-        if stamp > self.word[0]:
-            self.word[0] = stamp
-        return stamp
+        """Stamp a recall's start; returns the stamp for `end`. (The recall
+        kernel stamps and ends its own search: kernels/recall.py.)"""
+        return int(announce_recall_now(self.word, BUDGET_NS))
 
     def end(self, stamp: int) -> None:
         """The recall's search is done: leave the writers LINGER_NS more,
         unless a later recall stamped in the meantime."""
-        compare_and_swap(self.word, 0, stamp, time.monotonic_ns() + LINGER_NS)
+        recall_searched_now(self.word, stamp, LINGER_NS)
 
     def close(self) -> None:
         self.word = None  # a view of the catalog, released before it is unmapped

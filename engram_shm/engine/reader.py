@@ -29,7 +29,7 @@ from ..store.catalog import SpaceParams
 from ..store.layout import MAX_LEVEL
 from ..store.quantization import codes_per_unit
 from ..store.segment import Segment
-from .beacon import RecallBeacon
+from .beacon import BUDGET_NS, LINGER_NS, RecallBeacon
 from .directory import SegmentDirectory
 
 CONSISTENCIES = ("strong", "indexed")
@@ -193,11 +193,10 @@ class Reader:
             checked_rows(cue, params.metric, "f32", "cue")  # a bad cue fails the same with or without rows
             return Found(generation, segments, [], [])
         k, ef = int(k), max(int(ef), int(k))
-        stamp = self.beacon.begin()
         reason, rows, values, texts = recall_kernel(p, cue, k, ef, generation, scan,
                                                     -math.inf if threshold is None else threshold,
-                                                    self._scratch(p.views, ef))
-        self.beacon.end(stamp)
+                                                    self._scratch(p.views, ef), self.beacon.word, BUDGET_NS,
+                                                    LINGER_NS)
         if reason != ROW_OK:
             raise_bad_row(reason, 0, "cue")
         return Found(generation, segments, rows.tolist(), values.tolist(), texts)

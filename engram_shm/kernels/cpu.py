@@ -21,7 +21,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .policy import uncounted_inline_kernel
+from .atomics import cas_i64
+from .policy import kernel, uncounted_inline_kernel
 
 CLOCK_MONOTONIC = 1  # the clock of Python's time.monotonic_ns on Linux
 PAUSE_STEP_US = 50  # a deferring writer looks at the beacon again this often
@@ -81,3 +82,32 @@ def defer_to_recalls(beacon, began, paused):
         paused += later - now
         now = later
     return paused
+
+
+@uncounted_inline_kernel
+def announce_recall(beacon, budget_ns):
+    """A recall starts: stamp the deadline now + budget_ns into beacon[0]
+    unless a later one stands; returns the stamp (for `recall_searched`)."""
+    stamp = monotonic_ns() + budget_ns
+    if stamp > beacon[0]:
+        beacon[0] = stamp
+    return stamp
+
+
+@uncounted_inline_kernel
+def recall_searched(beacon, stamp, linger_ns):
+    """A recall's search is done: move the deadline to now + linger_ns,
+    unless another recall stamped since its `announce_recall`."""
+    cas_i64(beacon, 0, stamp, monotonic_ns() + linger_ns)
+
+
+@kernel
+def announce_recall_now(beacon, budget_ns):
+    """`announce_recall` for Python callers."""
+    return announce_recall(beacon, budget_ns)
+
+
+@kernel
+def recall_searched_now(beacon, stamp, linger_ns):
+    """`recall_searched` for Python callers."""
+    recall_searched(beacon, stamp, linger_ns)

@@ -7,8 +7,8 @@ One call instead of a kernel per step and a numpy or Python pass per field:
 at 384 dimensions the search itself takes about as long as hnswlib's, so
 what a recall pays around it decides whether it keeps up. Only the id and
 text are left to Python to decode: one decode of the buffer, whose ASCII
-text (most ids and texts) is then sliced by byte offsets, where decoding
-each id and text from its arena took a tenth of a 384-d recall.
+text (most ids and texts) is then sliced by byte offsets: decoding each
+id and text from its arena was the largest step Python took in a recall.
 """
 
 from typing import NamedTuple
@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import carray
 
+from .cpu import announce_recall, recall_searched
 from .hnsw import T_CAPACITY, T_GENS, Scratch, SpaceViews, _search_space, new_scratch
 from .policy import COSINE, L2, kernel, metric_fields, metric_from, metric_of
 from .scalar import pointer_to
@@ -42,18 +43,20 @@ _LOW32 = np.int64(0xFFFFFFFF)
 # size (a recall of 10 rows of 200 bytes takes 2 KB); larger answers are
 # read from the arenas row by row.
 TEXT_BYTES = 1 << 18
+_NO_BEACON = np.zeros(1, np.int64)  # stamped by recalls that announce themselves to no writer
 
 
 class RecallPlan(NamedTuple):
     """What every recall of a space's current segments needs, worked out once
-    when they change: the search table, the record columns, the kernels'
-    metric (policy.metric_fields), the factor per dimension a cue is
-    multiplied by (int8: codes per unit, times the metric's weights under a
-    dot product) and the cue's check (vectors.check_store_rows: scaled to
-    unit norm, or within +-limit). `weights` is held so that the address in
-    `metric` stays valid."""
+    when they change: the search table, the record columns' table, the
+    kernels' metric (policy.metric_fields), the factor per dimension a cue
+    is multiplied by (int8: codes per unit, times the metric's weights under
+    a dot product) and the cue's check (vectors.check_store_rows: scaled to
+    unit norm, or within +-limit). `columns` and `weights` are held so that
+    the addresses in `records` and `metric` stay valid."""
     views: SpaceViews
     records: np.ndarray
+    columns: list
     metric: tuple
     weights: np.ndarray | None
     cue_scale: np.ndarray
@@ -99,8 +102,8 @@ def plan(views: SpaceViews, record_columns: list[tuple[np.ndarray, ...]], metric
     if weights is not None and kernel_metric.code != L2:  # dot products weigh the cue, not the rows
         cue_scale *= weights
     unit, limit = cue_rule
-    return RecallPlan(views, records, metric_fields(kernel_metric), weights, cue_scale, bool(unit),
-                      float(limit))
+    return RecallPlan(views, records, list(record_columns), metric_fields(kernel_metric), weights, cue_scale,
+                      bool(unit), float(limit))
 
 
 @kernel
@@ -144,20 +147,23 @@ def _gather_texts(records, rows, n, text):
 
 @kernel
 def _recall(table, records, like, src, bits, exponent, unit, limit, cue_scale, k, ef, gen_max, scan,
-            fields, threshold, search_scratch, outputs):
-    """Check and scale the cue into the scratch's qbuf, search the space, and
-    gather the rows whose similarity reaches `threshold` (best first: a
-    prefix) into `outputs`' rows and values, and their ids and texts into
-    its text buffer if they fit. Returns (cue check reason, rows kept, text
-    bytes gathered or -1)."""
+            fields, threshold, search_scratch, outputs, beacon, budget_ns, linger_ns):
+    """Check and scale the cue into the scratch's qbuf, search the space
+    (announced in the beacon: cpu.announce_recall), and gather the rows
+    whose similarity reaches `threshold` (best first: a prefix) into
+    `outputs`' rows and values, and their ids and texts into its text
+    buffer if they fit. Returns (cue check reason, rows kept, text bytes
+    gathered or -1)."""
     sc = Scratch(*search_scratch)
     metric = metric_from(fields)
     seg_d, seg_i, out_d, out_ref, rows, values, text = outputs
     _, reason = _check_store(src, bits, exponent, unit, limit, cue_scale, False, sc.qbuf)
     if reason != ROW_OK:
         return reason, 0, 0
+    stamp = announce_recall(beacon, budget_ns)
     n = _search_space(table, like, sc.qbuf, k, ef, np.uint64(gen_max), scan, metric, sc, seg_d, seg_i,
                       out_d, out_ref)
+    recall_searched(beacon, stamp, linger_ns)
     for i in range(n):
         sim = _similarity(out_d[i], metric.code)
         if sim < threshold:
@@ -181,19 +187,24 @@ def _recall(table, records, like, src, bits, exponent, unit, limit, cue_scale, k
 
 
 def recall(p: RecallPlan, cue: np.ndarray, k: int, ef: int, gen_max: int, scan: bool, threshold: float,
-           rs: RecallScratch) -> tuple[int, np.ndarray, np.ndarray, str | bytes | None]:
+           rs: RecallScratch, beacon: np.ndarray = _NO_BEACON, budget_ns: int = 0,
+           linger_ns: int = 0) -> tuple[int, np.ndarray, np.ndarray, str | bytes | None]:
     """(cue check reason, rows, values, texts) of the best k rows of
     generation <= gen_max with similarity >= threshold, best first. `cue`:
     one row, float32 or f16 bits [1, dim]; `rs` sized for the views and ef
     >= k. The rows and values are views of rs's buffers: read them before
     its next recall. `texts`: the rows' ids and texts as a str whose
     characters are its bytes (all ASCII), else as bytes; None if they were
-    not gathered (the rows then point into their segments' arenas)."""
+    not gathered (the rows then point into their segments' arenas). The
+    search is announced in `beacon` (a writable one-element int64 array:
+    engine/beacon.py) for budget_ns, then for linger_ns after it ends."""
     views = p.views
     if (cue.shape != (1, views.dim) or not 1 <= k <= ef <= rs.ef or rs.capacity < views.capacity
             or rs.dim != views.dim):
         raise ValueError(f"recall needs a [1, {views.dim}] cue, 1 <= k <= ef and scratch for ef "
                          f"and {views.capacity} nodes")
+    if beacon.shape != (1,) or beacon.dtype != np.int64:
+        raise ValueError("the beacon is a one-element int64 array")
     if cue.dtype == np.uint16:  # f16 bits from the wire: widened here, so the kernel has one cue type
         cue = cue.view(np.float16).astype(np.float32)
     elif cue.dtype != np.float32 or not cue.flags.c_contiguous:
@@ -203,7 +214,8 @@ def recall(p: RecallPlan, cue: np.ndarray, k: int, ef: int, gen_max: int, scan: 
     # types them in C, and never compiles another specialisation for them.
     reason, n, gathered = _recall(views.table, p.records, views.like, cue, cue.view(np.uint32), F32_EXPONENT,
                                   p.unit, p.limit, p.cue_scale, int(k), int(ef), int(gen_max), bool(scan),
-                                  p.metric, float(threshold), rs.search, rs.outputs)
+                                  p.metric, float(threshold), rs.search, rs.outputs, beacon, int(budget_ns),
+                                  int(linger_ns))
     texts = None
     if gathered >= 0:
         texts = str(rs.text[:gathered], "utf-8")

@@ -16,7 +16,7 @@ import time
 import numpy as np
 from numba.core.registry import CPUDispatcher
 
-from . import atomics, distance, heap, hnsw, idindex, ids, recall, rows, scalar, vectors
+from . import atomics, cpu, distance, heap, hnsw, idindex, ids, recall, rows, scalar, vectors
 from .atomics import compare_and_swap
 from .cache import drop_stale, sources, sources_digest
 from .distance import distances, empty_store
@@ -24,7 +24,7 @@ from .ids import fnv1a_range
 from .rows import append_rows, draw_levels
 from .vectors import check_store_rows
 
-KERNEL_MODULES = (atomics, distance, heap, hnsw, idindex, ids, recall, rows, scalar, vectors)
+KERNEL_MODULES = (atomics, cpu, distance, heap, hnsw, idindex, ids, recall, rows, scalar, vectors)
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -111,7 +111,9 @@ def warm(readers: bool = True, check_sources: bool = True) -> float:
             distances(store, data[0], "l2", scales)
         _warm_append(dtype_name, dim)
     _warm_ids()
-    compare_and_swap(np.zeros(1, np.int64), 0, 0, 0)
+    word = np.zeros(1, np.int64)
+    compare_and_swap(word, 0, 0, 0)
+    cpu.recall_searched_now(word, cpu.announce_recall_now(word, 0), 0)  # the beacon of a hand-off
     return time.perf_counter() - start
 
 
