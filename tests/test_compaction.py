@@ -112,6 +112,30 @@ def test_a_grown_space_becomes_one_graph_that_finds_every_row_once():
         assert e.stats()["spaces"]["s"]["count"] == n + 1
 
 
+def test_an_idle_space_is_merged_in_the_background_and_an_idle_engine_then_stays_quiet(monkeypatch):
+    """A space that goes idle is merged without a call to compact (the
+    compaction thread starts the merge and wakes the index writers that
+    build it); with no merge in progress that thread looks again only when
+    the writer next asks the compaction policy (POLICY_PERIOD_S, 0.5 s),
+    not every MAINTAIN_S (20 ms)."""
+    n = 3000
+    data = clustered(n, 16, seed=7)
+    with Engine(workers=2, compaction_idle_s=0.3, **SMALL) as e:
+        e.observe("s", [f"b{i}" for i in range(n)], data)
+        space = e.writer.spaces["s"]
+        assert len(space.segments) > 1
+        deadline = time.monotonic() + 60
+        while len(space.segments) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(space.segments) == 1 and space.compactions >= 1
+        assert [m.id for m in e.recall("s", data[1234], k=1)] == ["b1234"]
+        calls = []
+        maintain = e.writer.maintain
+        monkeypatch.setattr(e.writer, "maintain", lambda *a, **k: calls.append(1) or maintain(*a, **k))
+        time.sleep(1.6)
+    assert len(calls) <= 5, len(calls)
+
+
 def test_recalls_during_swaps_see_every_row_exactly_once():
     """Recalls wide enough to return the whole space, in a thread, while the
     writer merges and swaps (twice): never a row twice (a merged segment with

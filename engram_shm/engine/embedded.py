@@ -49,7 +49,7 @@ from .directory import SegmentDirectory
 from .reader import InFlight, Memory, Reader, Recalls
 from .supervisor import Supervisor
 from .threads import IndexThreads
-from .writer import Ack, EngineWriter
+from .writer import POLICY_PERIOD_S, Ack, EngineWriter
 
 log = logging.getLogger(__name__)
 
@@ -175,15 +175,23 @@ class Engine(Recalls):
 
     # -- compaction ----------------------------------------------------------------
     def _compact_in_background(self) -> None:
+        """Advance merges every MAINTAIN_S while one is in progress, waking
+        the index writers that build it; otherwise look again when the
+        writer next asks the compaction policy (POLICY_PERIOD_S): an idle
+        engine's thread wakes twice a second, not fifty times."""
+        busy = False
         while True:
             with self._progress:
                 if self._stop:
                     return
-                self._progress.wait(MAINTAIN_S)
+                self._progress.wait(MAINTAIN_S if busy else POLICY_PERIOD_S)
             with self._write_lock:
                 if self._stop:
                     return
-                self.writer.maintain()
+                busy = self.writer.maintain()
+            if busy:
+                with self._progress:
+                    self._progress.notify_all()
 
     def compact(self, timeout: float | None = None) -> bool:
         """Merge now what compaction merges once a space is idle, and wait

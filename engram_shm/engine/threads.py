@@ -15,6 +15,10 @@ from .indexer import IndexWriter, token_for
 
 log = logging.getLogger(__name__)
 
+# An idle writer looks for work this often: the engine wakes it as rows
+# arrive and as a merge starts, so this only bounds a missed wake-up.
+IDLE_WAIT_S = 0.25
+
 
 class IndexThreads:
     def __init__(self, catalog: Catalog, workers: int, targets: Callable[[], list[Target]],
@@ -41,7 +45,7 @@ class IndexThreads:
                     continue
                 with self.progress:
                     if not self._stop:
-                        self.progress.wait(0.05)
+                        self.progress.wait(IDLE_WAIT_S)
         except BaseException as e:  # the engine raises it from observe / wait_indexed
             log.exception("index writer %d failed", writer.worker)
             self.failure = e
