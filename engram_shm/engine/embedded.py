@@ -54,7 +54,7 @@ from .writer import POLICY_PERIOD_S, Ack, EngineWriter
 log = logging.getLogger(__name__)
 
 POLL_S = 0.01  # how often waits re-check counters that worker processes advance
-MAINTAIN_S = 0.02  # period of the background compaction step (as the server's upkeep)
+MAINTAIN_S = 0.02  # period of the background compaction step while a merge is in progress
 
 
 class Engine(Recalls):

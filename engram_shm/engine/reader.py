@@ -69,7 +69,9 @@ class Found:
     def memories(self, lo: int, hi: int) -> list[Memory]:
         """Results lo..hi-1."""
         texts = self.texts
-        # tuple.__new__: a named tuple's own __new__ is a Python call, over twice the cost
+        # tuple.__new__: a named tuple's own __new__ is a Python call, over twice the cost.
+        # An ASCII answer's ids and texts are slices of one string, with no
+        # decode per row: a loop of its own, not a call per field.
         if type(texts) is str:
             return [_new_tuple(Memory, (texts[start:split], sim, conf, texts[split:end], when, gen))
                     for (_, start, split, end, gen), (sim, conf, when)

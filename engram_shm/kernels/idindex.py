@@ -27,10 +27,11 @@ table about to pass load 1/2 becomes `old`, a table twice as large
 (`_entries`) takes the new entries, and every insert moves MOVE_PER_ROW
 entries of `old` per row it enters, in slot order. A lookup probes both,
 skipping `old`'s entries below `moved` (they are in `entries` already: `old`
-itself is never changed, so its probe chains stay whole). The old table is gone after a quarter of its
-capacity in rows, before the new one reaches load 1/2. With 1M ids in
-batches of 256, the slowest batch took 0.61 ms, against 33 ms when the batch
-that grows the table moves every entry (`python -m bench idtable`).
+itself is never changed, so its probe chains stay whole). The old table is
+gone after a quarter of its capacity in rows, before the new one reaches
+load 1/2. With 1M ids in batches of 256, the slowest batch took 0.61 ms,
+against 33 ms when the batch that grows the table moves every entry
+(`python -m bench idtable`).
 
 Memory latency is the cost: a table of 1M ids is 32 MiB and every probe or
 insert lands on a random line. Hash and ref share a row so that each touches

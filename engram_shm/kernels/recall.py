@@ -218,7 +218,7 @@ def recall(p: RecallPlan, cue: np.ndarray, k: int, ef: int, gen_max: int, scan: 
                                   int(linger_ns))
     texts = None
     if gathered >= 0:
-        texts = str(rs.text[:gathered], "utf-8")
-        if len(texts) != gathered:  # not ASCII: character and byte offsets differ
-            texts = rs.text[:gathered].tobytes()
+        texts = rs.text[:gathered].tobytes()
+        if texts.isascii():  # character offsets are byte offsets: one decode, then slices
+            texts = texts.decode("ascii")
     return int(reason), rs.rows[:n], rs.values[:n], texts
