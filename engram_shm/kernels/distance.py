@@ -95,13 +95,47 @@ def dist(a, i, b, j, metric):
     dot_w = row_weights(w, b)
     for t in range(dim):
         acc += as_f32(a[i, t]) * as_f32(b[j, t]) * weight(dot_w, t)
+    return _dot_distance(acc, a, i, b, j, metric)
+
+
+@uncounted_inline_kernel
+def dist_pair(a, i, i2, b, j, metric):
+    """(dist(a, i, b, j, metric), dist(a, i2, b, j, metric)) in one pass over
+    b's row: two sums in flight, which a search's batch of neighbours
+    overlaps (see hnsw._search_layer)."""
+    if metric.code == L2:
+        return dist(a, i, b, j, metric), dist(a, i2, b, j, metric)
+    dot_w = row_weights(weights_of(metric, vector_dim(a)), b)
+    acc = np.float32(0.0)
+    acc2 = np.float32(0.0)
+    for t in range(vector_dim(a)):
+        y = as_f32(b[j, t]) * weight(dot_w, t)
+        acc += as_f32(a[i, t]) * y
+        acc2 += as_f32(a[i2, t]) * y
+    return _dot_distance(acc, a, i, b, j, metric), _dot_distance(acc2, a, i2, b, j, metric)
+
+
+@uncounted_inline_kernel
+def _dot_distance(acc, a, i, b, j, metric):
+    """A dot metric's distance from the sum of row i of `a` times row j of `b`."""
     return np.float32(1.0) - acc * (row_factor(a, i) * row_factor(b, j) * metric.unit)
+
+
+@uncounted_inline_kernel
+def row_distances(store, lo, hi, q, metric, out):
+    """out[:hi - lo] = the distances of rows lo..hi-1 to q (a one-row
+    matrix), two rows at a time (see `dist_pair`)."""
+    i = lo
+    while i + 1 < hi:
+        out[i - lo], out[i + 1 - lo] = dist_pair(store, i, i + 1, q, 0, metric)
+        i += 2
+    if i < hi:
+        out[i - lo] = dist(store, i, q, 0, metric)
 
 
 @kernel
 def _distances(store, q, metric, out):
-    for i in range(store.shape[0]):
-        out[i] = dist(store, i, q, 0, metric)
+    row_distances(store, 0, store.shape[0], q, metric, out)
 
 
 def weighted_cue(q: np.ndarray, metric, weights: np.ndarray | None) -> np.ndarray:

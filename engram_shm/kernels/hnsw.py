@@ -61,7 +61,17 @@ from ..store.layout import (
 )
 from .atomics import fence
 from .cpu import defer_to_recalls, monotonic_ns, sched_yield
-from .distance import check_query, check_store, dist, stored_dim, weight, weighted_cue, weights_of
+from .distance import (
+    check_query,
+    check_store,
+    dist,
+    dist_pair,
+    row_distances,
+    stored_dim,
+    weight,
+    weighted_cue,
+    weights_of,
+)
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_ascending, topk_finish, topk_push
 from .policy import L2, kernel, metric_of, uncounted_inline_kernel, uncounted_kernel
 from .scalar import as_f32, pointer_to, prefetch_row, prefetch_whole_row, row_factor, vector_dim
@@ -76,8 +86,9 @@ SegmentView = namedtuple("SegmentView", "store gens graph header")
 (T_VECTORS, T_GENS, T_LINKS0, T_UPPER, T_LEVEL, T_UPPER_ROW, T_PARENT, T_HEADER,
  T_CAPACITY, T_UPPER_CAP, T_WIDTH) = range(11)
 # Caller-owned scratch of one thread: visit marks and heaps sized by capacity,
-# small buffers sized by M and ef; `kept`: the rows `_select` has kept, and
-# `base`: the node whose links `_add_link` selects again, as cues.
+# small buffers sized by M and ef (tmp_*: also a search's batch of new
+# neighbours); `kept`: the rows `_select` has kept, and `base`: the node
+# whose links `_add_link` selects again, as cues.
 Scratch = namedtuple(
     "Scratch", "visited tag cand_k cand_v res_k res_v qbuf layer_k layer_v layer_n keep_k keep_v keep_f "
                "tmp_k tmp_v tmp_f kept base")
@@ -86,11 +97,6 @@ GEN_ANY = np.uint64(np.iinfo(np.uint64).max)
 _EMPTY = np.int64(-1)
 _LOW32 = np.int64(0xFFFFFFFF)
 _COUNT_MASK = np.int32((1 << STABLE_SHIFT) - 1)
-# A search prefetches the rows of a candidate's neighbours this many ahead of
-# the one whose distance it takes, not all of them before the first (a
-# throwaway interleaved A/B of 30K sentence-384 inserts, stop 32: 3-4% less
-# CPU, f16 and int8 alike; 2 or 8 ahead did no better).
-PREFETCH_AHEAD = 4
 # Visit marks are uint16, half the cache lines of int32 ones (their loads
 # drew a twentieth of an int8 insert's search samples under perf); they are
 # cleared every 65,535 searches.
@@ -140,11 +146,41 @@ def _admit(node, exclude, n_admit, gens, gen_max):
     return node != exclude and node < n_admit and (gen_max == GEN_ANY or gens[node] <= gen_max)
 
 
+@uncounted_inline_kernel
+def _unvisited(store, row, tag, sc):
+    """The valid links of a list not visited yet by the search `tag`, into
+    sc.tmp_v: marked visited, their rows prefetched. Returns how many."""
+    cap = store.shape[0]
+    n = 0
+    for t in range(1, _count(row) + 1):
+        nb = row[t]
+        if nb >= 0 and nb < cap and sc.visited[nb] != tag:
+            sc.visited[nb] = tag
+            prefetch_whole_row(store, nb)
+            sc.tmp_v[n] = nb
+            n += 1
+    return n
+
+
+@uncounted_inline_kernel
+def _batch_distances(store, q, metric, nodes, out, n):
+    """out[:n] = the distances of rows nodes[:n] to q, two rows at a time."""
+    t = 0
+    while t + 1 < n:
+        out[t], out[t + 1] = dist_pair(store, nodes[t], nodes[t + 1], q, 0, metric)
+        t += 2
+    if t < n:
+        out[t] = dist(store, nodes[t], q, 0, metric)
+
+
 @uncounted_kernel
 def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_max, exclude, sc):
     """Beam search of width `ef` on one layer from `ep`. Leaves the admitted
-    results in sc.res_k (negated distances) / sc.res_v as a heap; returns its size."""
-    cap = store.shape[0]
+    results in sc.res_k (negated distances) / sc.res_v as a heap; returns its size.
+    An expanded candidate's new neighbours are gathered first (rows
+    prefetched), their distances taken next, two rows at a time, and the heaps
+    updated last: the rows' loads and sums overlap instead of each waiting
+    behind the last one's heap update and its branches."""
     tag = _next_tag(sc)
     sc.visited[ep] = tag
     n_cand = heap_push(sc.cand_k, sc.cand_v, 0, ep_d, np.int32(ep))
@@ -159,22 +195,11 @@ def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_m
         n_cand = heap_pop(sc.cand_k, sc.cand_v, n_cand)
         if n_cand > 0 and layer == 0:  # the list likely read next: in cache by then
             prefetch_row(g.links0, sc.cand_v[0])
-        row = _row(g, c, layer)
-        cnt = _count(row)
-        for t in range(1, min(cnt, PREFETCH_AHEAD) + 1):
-            nb = row[t]
-            if nb >= 0 and nb < cap and sc.visited[nb] != tag:
-                prefetch_whole_row(store, nb)
-        for t in range(1, cnt + 1):
-            if t + PREFETCH_AHEAD <= cnt:
-                ahead = row[t + PREFETCH_AHEAD]
-                if ahead >= 0 and ahead < cap and sc.visited[ahead] != tag:
-                    prefetch_whole_row(store, ahead)
-            nb = row[t]
-            if nb < 0 or nb >= cap or sc.visited[nb] == tag:
-                continue
-            sc.visited[nb] = tag
-            d = dist(store, nb, q, 0, metric)
+        n_new = _unvisited(store, _row(g, c, layer), tag, sc)
+        _batch_distances(store, q, metric, sc.tmp_v, sc.tmp_k, n_new)
+        for t in range(n_new):
+            d = sc.tmp_k[t]
+            nb = sc.tmp_v[t]
             if n_res < ef or d < -sc.res_k[0]:
                 n_cand = heap_push(sc.cand_k, sc.cand_v, n_cand, d, nb)
                 if _admit(nb, exclude, n_admit, gens, gen_max):
@@ -591,9 +616,13 @@ def _search_segment(store, gens, g, q, k, ef, n_indexed, scan_lo, scan_hi, gen_m
                           n_indexed, gen_max, -1, sc)
         for i in range(n):
             n_out = topk_push(out_d, out_i, n_out, k, -sc.res_k[i], sc.res_v[i])
-    for node in range(scan_lo, scan_hi):
-        if gens[node] <= gen_max:
-            n_out = topk_push(out_d, out_i, n_out, k, dist(store, node, q, 0, metric), node)
+    chunk = sc.tmp_k.shape[0]
+    for lo in range(scan_lo, scan_hi, chunk):
+        hi = min(lo + chunk, scan_hi)
+        row_distances(store, lo, hi, q, metric, sc.tmp_k)
+        for node in range(lo, hi):
+            if gens[node] <= gen_max:
+                n_out = topk_push(out_d, out_i, n_out, k, sc.tmp_k[node - lo], node)
     topk_finish(out_d, out_i, n_out)
     return n_out
 
