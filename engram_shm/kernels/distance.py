@@ -99,20 +99,26 @@ def dist(a, i, b, j, metric):
 
 
 @uncounted_inline_kernel
-def dist_pair(a, i, i2, b, j, metric):
-    """(dist(a, i, b, j, metric), dist(a, i2, b, j, metric)) in one pass over
-    b's row: two sums in flight, which a search's batch of neighbours
-    overlaps (see hnsw._search_layer)."""
+def dist4(a, i0, i1, i2, i3, b, j, metric):
+    """The distances of rows i0, i1, i2 and i3 of `a` to row j of `b`, as
+    `dist` gives each, in one pass over b's row: four sums in flight, which
+    a search's batch of neighbours and a window's scan overlap."""
     if metric.code == L2:
-        return dist(a, i, b, j, metric), dist(a, i2, b, j, metric)
+        return (dist(a, i0, b, j, metric), dist(a, i1, b, j, metric), dist(a, i2, b, j, metric),
+                dist(a, i3, b, j, metric))
     dot_w = row_weights(weights_of(metric, vector_dim(a)), b)
-    acc = np.float32(0.0)
+    acc0 = np.float32(0.0)
+    acc1 = np.float32(0.0)
     acc2 = np.float32(0.0)
+    acc3 = np.float32(0.0)
     for t in range(vector_dim(a)):
         y = as_f32(b[j, t]) * weight(dot_w, t)
-        acc += as_f32(a[i, t]) * y
+        acc0 += as_f32(a[i0, t]) * y
+        acc1 += as_f32(a[i1, t]) * y
         acc2 += as_f32(a[i2, t]) * y
-    return _dot_distance(acc, a, i, b, j, metric), _dot_distance(acc2, a, i2, b, j, metric)
+        acc3 += as_f32(a[i3, t]) * y
+    return (_dot_distance(acc0, a, i0, b, j, metric), _dot_distance(acc1, a, i1, b, j, metric),
+            _dot_distance(acc2, a, i2, b, j, metric), _dot_distance(acc3, a, i3, b, j, metric))
 
 
 @uncounted_inline_kernel
@@ -124,13 +130,15 @@ def _dot_distance(acc, a, i, b, j, metric):
 @uncounted_inline_kernel
 def row_distances(store, lo, hi, q, metric, out):
     """out[:hi - lo] = the distances of rows lo..hi-1 to q (a one-row
-    matrix), two rows at a time (see `dist_pair`)."""
+    matrix), four rows at a time (see `dist4`)."""
     i = lo
-    while i + 1 < hi:
-        out[i - lo], out[i + 1 - lo] = dist_pair(store, i, i + 1, q, 0, metric)
-        i += 2
-    if i < hi:
+    while i + 3 < hi:
+        out[i - lo], out[i + 1 - lo], out[i + 2 - lo], out[i + 3 - lo] = dist4(store, i, i + 1, i + 2, i + 3,
+                                                                               q, 0, metric)
+        i += 4
+    while i < hi:
         out[i - lo] = dist(store, i, q, 0, metric)
+        i += 1
 
 
 @kernel

@@ -65,7 +65,7 @@ from .distance import (
     check_query,
     check_store,
     dist,
-    dist_pair,
+    dist4,
     row_distances,
     stored_dim,
     weight,
@@ -164,13 +164,15 @@ def _unvisited(store, row, tag, sc):
 
 @uncounted_inline_kernel
 def _batch_distances(store, q, metric, nodes, out, n):
-    """out[:n] = the distances of rows nodes[:n] to q, two rows at a time."""
+    """out[:n] = the distances of rows nodes[:n] to q, four rows at a time."""
     t = 0
-    while t + 1 < n:
-        out[t], out[t + 1] = dist_pair(store, nodes[t], nodes[t + 1], q, 0, metric)
-        t += 2
-    if t < n:
+    while t + 3 < n:
+        out[t], out[t + 1], out[t + 2], out[t + 3] = dist4(store, nodes[t], nodes[t + 1], nodes[t + 2],
+                                                           nodes[t + 3], q, 0, metric)
+        t += 4
+    while t < n:
         out[t] = dist(store, nodes[t], q, 0, metric)
+        t += 1
 
 
 @uncounted_kernel
@@ -178,7 +180,7 @@ def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_m
     """Beam search of width `ef` on one layer from `ep`. Leaves the admitted
     results in sc.res_k (negated distances) / sc.res_v as a heap; returns its size.
     An expanded candidate's new neighbours are gathered first (rows
-    prefetched), their distances taken next, two rows at a time, and the heaps
+    prefetched), their distances taken next, four rows at a time, and the heaps
     updated last: the rows' loads and sums overlap instead of each waiting
     behind the last one's heap update and its branches."""
     tag = _next_tag(sc)
