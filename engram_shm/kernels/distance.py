@@ -15,7 +15,7 @@ from numba import types
 from numba.extending import overload
 
 from ..errors import DimensionMismatch, InvalidArgument
-from .policy import L2, ROW_FACTOR_CODES, kernel, metric_of, uncounted_inline_kernel
+from .policy import L2, ROW_FACTOR_CODES, kernel, metric_of, uncounted_inline_kernel, uncounted_kernel
 from .scalar import as_f32, pointer_to, row_factor, vector_dim
 
 STORE_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int8))
@@ -100,12 +100,9 @@ def dist(a, i, b, j, metric):
 
 @uncounted_inline_kernel
 def dist4(a, i0, i1, i2, i3, b, j, metric):
-    """The distances of rows i0, i1, i2 and i3 of `a` to row j of `b`, as
-    `dist` gives each, in one pass over b's row: four sums in flight, which
-    a search's batch of neighbours and a window's scan overlap."""
-    if metric.code == L2:
-        return (dist(a, i0, b, j, metric), dist(a, i1, b, j, metric), dist(a, i2, b, j, metric),
-                dist(a, i3, b, j, metric))
+    """The distances of rows i0, i1, i2 and i3 of `a` to row j of `b` under a
+    dot metric, as `dist` gives each, in one pass over b's row: four sums in
+    flight, which a search's batch of neighbours and a window's scan overlap."""
     dot_w = row_weights(weights_of(metric, vector_dim(a)), b)
     acc0 = np.float32(0.0)
     acc1 = np.float32(0.0)
@@ -127,23 +124,27 @@ def _dot_distance(acc, a, i, b, j, metric):
     return np.float32(1.0) - acc * (row_factor(a, i) * row_factor(b, j) * metric.unit)
 
 
-@uncounted_inline_kernel
-def row_distances(store, lo, hi, q, metric, out):
-    """out[:hi - lo] = the distances of rows lo..hi-1 to q (a one-row
-    matrix), four rows at a time (see `dist4`)."""
-    i = lo
-    while i + 3 < hi:
-        out[i - lo], out[i + 1 - lo], out[i + 2 - lo], out[i + 3 - lo] = dist4(store, i, i + 1, i + 2, i + 3,
-                                                                               q, 0, metric)
-        i += 4
-    while i < hi:
-        out[i - lo] = dist(store, i, q, 0, metric)
-        i += 1
+@uncounted_kernel
+def distances_of(store, rows, n, q, metric, out):
+    """out[:n] = the distances of rows rows[:n] of `store` to q (a one-row
+    matrix), four rows at a time under a dot metric (see `dist4`). Called,
+    not inlined: Numba's inlining types a callee again in every caller,
+    and warm() took 1.6 times as long (docs/architecture.md, Kernels)."""
+    t = 0
+    if metric.code != L2:
+        while t + 3 < n:
+            out[t], out[t + 1], out[t + 2], out[t + 3] = dist4(store, rows[t], rows[t + 1], rows[t + 2],
+                                                               rows[t + 3], q, 0, metric)
+            t += 4
+    while t < n:
+        out[t] = dist(store, rows[t], q, 0, metric)
+        t += 1
 
 
 @kernel
 def _distances(store, q, metric, out):
-    row_distances(store, 0, store.shape[0], q, metric, out)
+    n = store.shape[0]
+    distances_of(store, np.arange(n, dtype=np.int32), n, q, metric, out)
 
 
 def weighted_cue(q: np.ndarray, metric, weights: np.ndarray | None) -> np.ndarray:

@@ -65,8 +65,7 @@ from .distance import (
     check_query,
     check_store,
     dist,
-    dist4,
-    row_distances,
+    distances_of,
     stored_dim,
     weight,
     weighted_cue,
@@ -146,7 +145,7 @@ def _admit(node, exclude, n_admit, gens, gen_max):
     return node != exclude and node < n_admit and (gen_max == GEN_ANY or gens[node] <= gen_max)
 
 
-@uncounted_inline_kernel
+@uncounted_kernel
 def _unvisited(store, row, tag, sc):
     """The valid links of a list not visited yet by the search `tag`, into
     sc.tmp_v: marked visited, their rows prefetched. Returns how many."""
@@ -160,19 +159,6 @@ def _unvisited(store, row, tag, sc):
             sc.tmp_v[n] = nb
             n += 1
     return n
-
-
-@uncounted_inline_kernel
-def _batch_distances(store, q, metric, nodes, out, n):
-    """out[:n] = the distances of rows nodes[:n] to q, four rows at a time."""
-    t = 0
-    while t + 3 < n:
-        out[t], out[t + 1], out[t + 2], out[t + 3] = dist4(store, nodes[t], nodes[t + 1], nodes[t + 2],
-                                                           nodes[t + 3], q, 0, metric)
-        t += 4
-    while t < n:
-        out[t] = dist(store, nodes[t], q, 0, metric)
-        t += 1
 
 
 @uncounted_kernel
@@ -198,7 +184,7 @@ def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_m
         if n_cand > 0 and layer == 0:  # the list likely read next: in cache by then
             prefetch_row(g.links0, sc.cand_v[0])
         n_new = _unvisited(store, _row(g, c, layer), tag, sc)
-        _batch_distances(store, q, metric, sc.tmp_v, sc.tmp_k, n_new)
+        distances_of(store, sc.tmp_v, n_new, q, metric, sc.tmp_k)
         for t in range(n_new):
             d = sc.tmp_k[t]
             nb = sc.tmp_v[t]
@@ -619,12 +605,17 @@ def _search_segment(store, gens, g, q, k, ef, n_indexed, scan_lo, scan_hi, gen_m
         for i in range(n):
             n_out = topk_push(out_d, out_i, n_out, k, -sc.res_k[i], sc.res_v[i])
     chunk = sc.tmp_k.shape[0]
-    for lo in range(scan_lo, scan_hi, chunk):
-        hi = min(lo + chunk, scan_hi)
-        row_distances(store, lo, hi, q, metric, sc.tmp_k)
-        for node in range(lo, hi):
+    node = scan_lo
+    while node < scan_hi:  # the window's admitted rows, a chunk at a time
+        n = 0
+        while node < scan_hi and n < chunk:
             if gens[node] <= gen_max:
-                n_out = topk_push(out_d, out_i, n_out, k, sc.tmp_k[node - lo], node)
+                sc.tmp_v[n] = node
+                n += 1
+            node += 1
+        distances_of(store, sc.tmp_v, n, q, metric, sc.tmp_k)
+        for t in range(n):
+            n_out = topk_push(out_d, out_i, n_out, k, sc.tmp_k[t], sc.tmp_v[t])
     topk_finish(out_d, out_i, n_out)
     return n_out
 
