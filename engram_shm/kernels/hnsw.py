@@ -153,11 +153,15 @@ def _unvisited(store, row, tag, sc):
     n = 0
     for t in range(1, _count(row) + 1):
         nb = row[t]
-        if nb >= 0 and nb < cap and sc.visited[nb] != tag:
+        if nb >= 0 and nb < cap:
+            # Without a branch on the mark, which would miss often: every
+            # link is written and marked, and only an unvisited one counted.
+            fresh = sc.visited[nb] != tag
             sc.visited[nb] = tag
-            prefetch_whole_row(store, nb)
             sc.tmp_v[n] = nb
-            n += 1
+            n += fresh
+    for t in range(n):
+        prefetch_whole_row(store, sc.tmp_v[t])
     return n
 
 
