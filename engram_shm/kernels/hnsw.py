@@ -73,7 +73,7 @@ from .distance import (
 )
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_ascending, topk_finish, topk_push
 from .policy import L2, kernel, metric_of, uncounted_inline_kernel, uncounted_kernel
-from .scalar import as_f32, pointer_to, prefetch_row, prefetch_whole_row, row_factor, vector_dim
+from .scalar import as_f32, pointer_to, prefetch_whole_row, row_factor, vector_dim
 
 Graph = namedtuple("Graph", "links0 upper level upper_row parent state")
 # One segment as a recall sees it: read-only columns, its graph and its header,
@@ -184,9 +184,11 @@ def _search_layer(store, gens, g, q, ep, ep_d, ef, layer, metric, n_admit, gen_m
         c = sc.cand_v[0]
         if n_res >= ef and c_d > -sc.res_k[0]:
             break
+        if layer == 0:  # its list, on its way while the pop sifts (the guess below often misses)
+            prefetch_whole_row(g.links0, c)
         n_cand = heap_pop(sc.cand_k, sc.cand_v, n_cand)
-        if n_cand > 0 and layer == 0:  # the list likely read next: in cache by then
-            prefetch_row(g.links0, sc.cand_v[0])
+        if n_cand > 0 and layer == 0:  # the list likely read next, unless a new neighbour comes first
+            prefetch_whole_row(g.links0, sc.cand_v[0])
         n_new = _unvisited(store, _row(g, c, layer), tag, sc)
         distances_of(store, sc.tmp_v, n_new, q, metric, sc.tmp_k)
         for t in range(n_new):
