@@ -45,7 +45,8 @@ crash keeps its pinned edges and never duplicates a link.
 from collections import namedtuple
 
 import numpy as np
-from numba import carray
+from numba import carray, types
+from numba.extending import overload
 
 from ..errors import InvalidArgument
 from ..store.layout import (
@@ -66,14 +67,17 @@ from .distance import (
     check_store,
     dist,
     distances_of,
+    int16_cue_max,
+    int16_cue_width,
+    integer_sums,
     stored_dim,
     weight,
     weighted_cue,
     weights_of,
 )
 from .heap import heap_pop, heap_push, heap_replace_top, heap_sort_ascending, topk_finish, topk_push
-from .policy import L2, kernel, metric_of, uncounted_inline_kernel, uncounted_kernel
-from .scalar import as_f32, pointer_to, prefetch_whole_row, row_factor, vector_dim
+from .policy import INT8_MAX, L2, kernel, metric_of, uncounted_inline_kernel, uncounted_kernel
+from .scalar import as_f32, pointer_to, prefetch_whole_row, row_factor, set_row_factor, vector_dim
 
 Graph = namedtuple("Graph", "links0 upper level upper_row parent state")
 # One segment as a recall sees it: read-only columns, its graph and its header,
@@ -87,10 +91,11 @@ SegmentView = namedtuple("SegmentView", "store gens graph header")
 # Caller-owned scratch of one thread: visit marks and heaps sized by capacity,
 # small buffers sized by M and ef (tmp_*: also a search's batch of new
 # neighbours); `kept`: the rows `_select` has kept, and `base`: the node
-# whose links `_add_link` selects again, as cues.
+# whose links `_add_link` selects again, as cues; `*16`: an insert's cues
+# into an int8 store, as int16 (see `_insert_cues`).
 Scratch = namedtuple(
     "Scratch", "visited tag cand_k cand_v res_k res_v qbuf layer_k layer_v layer_n keep_k keep_v keep_f "
-               "tmp_k tmp_v tmp_f kept base")
+               "tmp_k tmp_v tmp_f kept base qbuf16 kept16 base16")
 
 GEN_ANY = np.uint64(np.iinfo(np.uint64).max)
 _EMPTY = np.int64(-1)
@@ -225,15 +230,44 @@ def _greedy(store, g, q, ep, ep_d, layer, metric):
     return ep, ep_d
 
 
+def _insert_cues(store, f32, i16):
+    """The cue rows an insert compares a store's rows with: float32 (`f32`),
+    or int16 for an int8 store (`i16`), whose dot products with codes are
+    summed in int32 (distance.integer_sums; jitted code only)."""
+    raise NotImplementedError("_insert_cues is for jitted code")
+
+
+@overload(_insert_cues, inline="always")
+def _insert_cues_impl(store, f32, i16):
+    if store.dtype == types.int8:
+        return lambda store, f32, i16: i16
+    return lambda store, f32, i16: f32
+
+
 @uncounted_kernel
 def _load_cue(store, node, metric, out, r):
-    """Row `node` of the store as a float32 cue in out[r], as `dist` takes one:
-    its factor applied and, under a dot metric, its weights (as
-    distance.weighted_cue weights a recall's cue)."""
+    """Row `node` of the store as a cue in out[r], as `dist` takes one: its
+    factor applied and, under a dot metric, its weights (as
+    distance.weighted_cue weights a recall's cue). An int16 cue of int8
+    codes holds them as they are under L2; under a dot metric, the weighted
+    codes scaled to span +-int16_cue_max, the factor divided by that scale
+    (rounding moves an element by at most half a unit of a cue that spans
+    22,017 units or more up to 768 dimensions)."""
     dim = vector_dim(store)
     w = weights_of(metric, dim)
     f = row_factor(store, node)
-    if metric.code == L2:
+    if integer_sums(store, out):
+        if metric.code == L2:
+            for j in range(dim):
+                out[r, j] = np.int16(store[node, j])
+            set_row_factor(out, r, f)
+        else:
+            scale = np.float32(int16_cue_max(dim)) / np.float32(INT8_MAX)
+            for j in range(dim):
+                value = as_f32(store[node, j]) * (weight(w, j) * scale)
+                out[r, j] = np.int16(np.floor(value + np.float32(0.5)))
+            set_row_factor(out, r, f / scale)
+    elif metric.code == L2:
         for j in range(dim):
             out[r, j] = as_f32(store[node, j]) * f
     else:
@@ -250,9 +284,9 @@ def _select(store, cand_k, cand_v, n, m, metric, out_k, out_v, n_out, kept, cand
     `n_out` nodes (pinned ones) that count as kept. With flags (`cand_f`,
     `out_f`: 0 for a link of a stable prefix), two stable links are not
     compared: they passed each other when that prefix was selected. Kept
-    nodes are compared as float32 cues (`kept`, rows for m): each is made
-    once and read against many candidates, whose stored rows are then the
-    only ones decoded (int8 and f16 rows cost a conversion per element)."""
+    nodes are compared as cues (`kept`, rows for m; int16 beside int8 codes,
+    float32 otherwise): each is made once and read against many candidates,
+    whose stored rows are then the only ones read as they are stored."""
     for j in range(n_out):
         _load_cue(store, out_v[j], metric, kept, j)
     for i in range(n):
@@ -406,10 +440,11 @@ def _add_link(store, g, src, dst, layer, max_links, metric, sc):
     # Candidates: current links plus dst, pinned ones kept outright.
     n_pinned = 0
     n_free = 0
-    _load_cue(store, src, metric, sc.base, 0)
+    base = _insert_cues(store, sc.base, sc.base16)
+    _load_cue(store, src, metric, base, 0)
     for t in range(cnt + 1):
         x = row[t + 1] if t < cnt else dst
-        d = dist(store, x, sc.base, 0, metric)
+        d = dist(store, x, base, 0, metric)
         fresh = np.int8(t >= s)
         if layer == 0 and _is_pinned(g, src, x):
             sc.keep_v[n_pinned] = x
@@ -423,7 +458,7 @@ def _add_link(store, g, src, dst, layer, max_links, metric, sc):
             n_free += 1
     _sort_by_key(sc.tmp_k, sc.tmp_v, sc.tmp_f, n_free)
     n_keep = _select(store, sc.tmp_k, sc.tmp_v, n_free, max_links, metric, sc.keep_k, sc.keep_v, n_pinned,
-                     sc.kept, sc.tmp_f, sc.keep_f)
+                     _insert_cues(store, sc.kept, sc.kept16), sc.tmp_f, sc.keep_f)
     _rewrite(g, src, layer, row, sc.keep_v, n_keep, True)
 
 
@@ -491,8 +526,8 @@ def _write_layer0(store, g, node, chosen, n_sel, n_cand, m, metric, sc, reverse)
 
 @uncounted_kernel
 def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
-    _load_cue(store, node, metric, sc.qbuf, 0)
-    q = sc.qbuf
+    q = _insert_cues(store, sc.qbuf, sc.qbuf16)
+    _load_cue(store, node, metric, q, 0)
     node_level = g.level[node]
     entry = g.state[0]
     if entry < 0:
@@ -521,7 +556,7 @@ def _insert_one(store, gens, g, node, m, ef_c, metric, sc, reverse):
             sc.res_k[i] = sc.cand_k[i]
             sc.res_v[i] = sc.cand_v[i]
         sc.layer_n[layer] = _select(store, sc.res_k, sc.res_v, n, m, metric, sc.layer_k[layer],
-                                    sc.layer_v[layer], 0, sc.kept)
+                                    sc.layer_v[layer], 0, _insert_cues(store, sc.kept, sc.kept16))
         if n > 0:
             ep = sc.res_v[0]
             ep_d = sc.res_k[0]
@@ -690,6 +725,7 @@ def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int) -> Scr
     """Scratch for one thread working on segments of `capacity` nodes, with
     result heaps for beams up to `ef` and graphs of `max_level` upper layers."""
     small = 2 * M + 2
+    cue16 = int16_cue_width(dim)
     return Scratch(
         visited=np.zeros(capacity, np.uint16), tag=np.zeros(1, np.int32),
         cand_k=np.empty(capacity, np.float32), cand_v=np.empty(capacity, np.int32),
@@ -700,6 +736,8 @@ def new_scratch(capacity: int, dim: int, M: int, ef: int, max_level: int) -> Scr
         keep_k=np.empty(small, np.float32), keep_v=np.empty(small, np.int32), keep_f=np.empty(small, np.int8),
         tmp_k=np.empty(small, np.float32), tmp_v=np.empty(small, np.int32), tmp_f=np.empty(small, np.int8),
         kept=np.empty((small, dim), np.float32), base=np.empty((1, dim), np.float32),
+        qbuf16=np.zeros((1, cue16), np.int16), kept16=np.zeros((small, cue16), np.int16),
+        base16=np.zeros((1, cue16), np.int16),
     )
 
 

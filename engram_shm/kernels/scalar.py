@@ -164,17 +164,28 @@ def _store_f32(arr, i, j, value):
     return impl
 
 
+def _factor_slots(dtype):
+    """How many elements of a row of `dtype` hold its float32 factor: int8
+    store rows (policy.ROW_FACTOR_CODES) and int16 cues (distance.int16_cue)
+    end in one; 0 for float rows, which have none."""
+    if dtype == types.int8:
+        return ROW_FACTOR_CODES
+    if dtype == types.int16:
+        return ROW_FACTOR_CODES // 2
+    return 0
+
+
 @intrinsic
 def _factor_pointer(typingctx, arr, i):
-    """A float32 pointer to the factor that ends row `i` of an int8 store."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.dtype == types.int8):
+    """A float32 pointer to the factor that ends row `i` of an int8 store or int16 cue."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 2 and _factor_slots(arr.dtype)):
         return None
 
     def codegen(context, builder, signature, args):
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
         cols = cgutils.unpack_tuple(builder, ary.shape, 2)[1]
-        at = builder.sub(cols, context.get_constant(types.intp, ROW_FACTOR_CODES))
+        at = builder.sub(cols, context.get_constant(types.intp, _factor_slots(aryty.dtype)))
         item = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], at])
         return builder.bitcast(item, ir.FloatType().as_pointer())
 
@@ -183,38 +194,38 @@ def _factor_pointer(typingctx, arr, i):
 
 def vector_dim(a):
     """The dimension of the vectors in `a`'s rows: its width, less the factor
-    an int8 store's rows end in (jitted code only)."""
+    an int8 store's rows and int16 cues end in (jitted code only)."""
     raise NotImplementedError("vector_dim is for jitted code")
 
 
 @overload(vector_dim, inline="always")
 def _vector_dim(a):
-    if isinstance(a, types.Array) and a.dtype == types.int8:
-        return lambda a: a.shape[1] - ROW_FACTOR_CODES
-    return lambda a: a.shape[1]
+    slots = _factor_slots(a.dtype) if isinstance(a, types.Array) else 0
+    return lambda a: a.shape[1] - slots
 
 
 def row_factor(a, i):
-    """What row `i`'s elements are multiplied by: an int8 store's factor, 1
-    for float rows and cues (jitted code only)."""
+    """What row `i`'s elements are multiplied by: the factor of an int8
+    store's row or an int16 cue, 1 for float rows and cues (jitted code only)."""
     raise NotImplementedError("row_factor is for jitted code")
 
 
 @overload(row_factor, inline="always")
 def _row_factor(a, i):
-    if isinstance(a, types.Array) and a.dtype == types.int8:
+    if isinstance(a, types.Array) and _factor_slots(a.dtype):
         return lambda a, i: _factor_pointer(a, i)[0]
     return lambda a, i: np.float32(1.0)
 
 
 def set_row_factor(a, i, value):
-    """Write an int8 store's row factor; nothing for float rows (jitted code only)."""
+    """Write the factor of an int8 store's row or an int16 cue; nothing for
+    float rows (jitted code only)."""
     raise NotImplementedError("set_row_factor is for jitted code")
 
 
 @overload(set_row_factor, inline="always")
 def _set_row_factor(a, i, value):
-    if isinstance(a, types.Array) and a.dtype == types.int8:
+    if isinstance(a, types.Array) and _factor_slots(a.dtype):
         def impl(a, i, value):
             _factor_pointer(a, i)[0] = np.float32(value)
         return impl
