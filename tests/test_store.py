@@ -1,6 +1,7 @@
 import gc
 import multiprocessing as mp
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from engram_shm.store.catalog import (
     segment_name,
 )
 from engram_shm.store.layout import ENTRY, MAX_LEVEL, SegmentLayout
-from engram_shm.store.prefault import MIN_WINDOW_BYTES, WINDOW_BYTES, Prefaulter
+from engram_shm.store.prefault import MADV_POPULATE_READ, MIN_WINDOW_BYTES, WINDOW_BYTES, Prefaulter
 from engram_shm.store.segment import Segment
 from engram_shm.store.space import SegmentSizes, SpaceWriter
 from engram_shm.synthetic import clustered
@@ -333,6 +334,65 @@ def test_the_prefaulter_populates_ahead_in_proportion_to_what_was_written():
     finally:
         prefault.close()
         column = None  # the view goes before the block
+        shm.destroy(block)
+
+
+def _minor_faults_reading(column: np.ndarray) -> int:
+    """Minor page faults this thread takes reading a byte of every page."""
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    int(column[::4096].sum())
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+def test_a_readers_prefaulter_maps_what_was_written_and_a_window_past_it_into_its_own_mapping():
+    MiB = 1 << 20
+    block = shm.create("engram_t-prefault_000001", 64 * MiB)
+    written = np.ndarray((64 * MiB,), np.uint8, buffer=block.buf)
+    written[:8 * MiB] = 1  # a writer's rows: pages in /dev/shm, mapped in its mapping only
+    readers_block = shm.attach(block.name)  # a mapping of its own, as a reader process has
+    column = np.ndarray((64 * MiB,), np.uint8, buffer=readers_block.buf)
+    prefault = Prefaulter(advice=MADV_POPULATE_READ)
+    try:
+        cold = _minor_faults_reading(column[:4 * MiB])  # the first half: faulted as it is read
+        prefault.ahead(1, column.ctypes.data, 8 * MiB, column.nbytes, wrote=False)
+        deadline = time.monotonic() + 30
+        while prefault.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if settled_shm_bytes("t-prefault") == 8 * MiB:
+            pytest.skip("this kernel has no MADV_POPULATE_READ")
+        # From the start, not from what was written: a reader wrote nothing.
+        assert _minor_faults_reading(column[4 * MiB:8 * MiB]) * 8 <= cold
+        # The window past the rows is populated (tmpfs allocates pages a shared
+        # mapping reads), as much as a writer's own prefaulter would.
+        assert settled_shm_bytes("t-prefault") == 16 * MiB
+        assert int(column[:16 * MiB].sum()) == 8 * MiB  # and no byte changed
+    finally:
+        prefault.close()
+        written = column = None  # the views go before the blocks
+        shm.close(readers_block)
+        shm.destroy(block)
+
+
+def test_a_prefaulter_forgets_a_region_unmapped_under_it_and_keeps_going():
+    MiB = 1 << 20
+    prefault = Prefaulter(advice=MADV_POPULATE_READ)
+    block = shm.create("engram_t-prefault_000003", 4 * MiB)
+    column = np.ndarray((4 * MiB,), np.uint8, buffer=block.buf)
+    gone = shm.create("engram_t-prefault_000002", 4 * MiB)
+    address = np.ndarray((4 * MiB,), np.uint8, buffer=gone.buf).ctypes.data
+    shm.destroy(gone)  # unmapped: madvise fails on it with ENOMEM
+    try:
+        prefault.ahead("gone", address, MiB, 4 * MiB, wrote=False)
+        prefault.ahead("here", column.ctypes.data, MiB, column.nbytes, wrote=False)
+        deadline = time.monotonic() + 30
+        while prefault.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not prefault.pending()
+        assert settled_shm_bytes("t-prefault") in (0, 2 * MiB)  # what was written and as much again
+        # (0: the kernel lacks the advice)
+    finally:
+        prefault.close()
+        column = None
         shm.destroy(block)
 
 

@@ -27,6 +27,7 @@ from ..kernels.vectors import ROW_OK
 from ..observations import checked_rows, raise_bad_row, vector_rule, vectors_matrix
 from ..store.catalog import SpaceParams
 from ..store.layout import MAX_LEVEL
+from ..store.prefault import MADV_POPULATE_READ, Prefaulter
 from ..store.quantization import codes_per_unit
 from ..store.segment import Segment
 from .beacon import BUDGET_NS, LINGER_NS, RecallBeacon
@@ -84,6 +85,21 @@ class Found:
                 for source in (segments[ref >> 32].arena if texts is None else texts,)]
 
 
+class _Column(NamedTuple):
+    """A column of a segment, as `Reader._map_ahead` maps it."""
+    segment: Segment
+    base: int  # address
+    row_bytes: int
+    nbytes: int
+
+
+def _columns_read_per_row(segments: list[Segment]) -> list[_Column]:
+    """The columns a recall reads for every row it visits: the vectors and
+    the layer-0 links (the others are bytes a row, or read for results only)."""
+    return [_Column(s, a.ctypes.data, a.strides[0], a.nbytes)
+            for s in segments for a in (s.r.vectors, s.view.graph.links0)]
+
+
 def _same(a: list[Segment], b: list[Segment]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
@@ -101,8 +117,11 @@ class Reader:
         self._local = threading.local()
         # per space: the token of the directory layout it was last checked
         # against (not the layout: it would hold other spaces' retired
-        # segments), its segments then, and their plan
-        self._plans: dict[int, tuple[object, list[Segment], RecallPlan | None]] = {}
+        # segments), its segments then, their plan and the space's metric
+        self._plans: dict[int, tuple[object, list[Segment], RecallPlan | None, str]] = {}
+        self._prefault = Prefaulter(advice=MADV_POPULATE_READ)
+        self._columns: dict[int, list[_Column]] = {}  # per space: those of its plan's segments
+        self._growing: dict[int, list[_Column]] = {}  # per space: the columns _map_ahead still follows
 
     def space(self, name: str) -> tuple[int, SpaceParams]:
         found = self._spaces.get(name)
@@ -133,11 +152,23 @@ class Reader:
         if cached is None or cached[0] != layout.token:  # a layout changed: in this space?
             segments = layout.by_space.get(index, [])
             if cached is None or not _same(cached[1], segments):
-                cached = (layout.token, segments, self._new_plan(segments, metric))
+                cached = (layout.token, segments, self._new_plan(segments, metric), metric)
             else:
                 cached = (layout.token, *cached[1:])
             self._plans[index] = cached
+            building = [t.segment for t in layout.targets
+                        if t.building and self.catalog.segment_space(t.index) == index]
+            self._follow(index, segments + building)
         return cached[1], cached[2]
+
+    def prepare(self) -> None:
+        """Take the spaces' current segments now, as a recall would: a process
+        that waits for recalls calls this while it waits, so that the first
+        recall after a new segment or a compaction's swap finds its plan
+        built and its pages mapped (a compaction's merged segment is mapped
+        while it is built)."""
+        for index, cached in list(self._plans.items()):
+            self._plan(index, cached[3])
 
     @staticmethod
     def _new_plan(segments: list[Segment], metric: str) -> RecallPlan | None:
@@ -152,7 +183,10 @@ class Reader:
         """Let go of the segments compaction retired since the last recall
         (a process that may sit idle calls this now and then: otherwise it
         holds their memory until it next recalls from their space)."""
-        self._plans = {i: p for i, p in self._plans.items() if _same(p[1], self.directory.of_space(i))}
+        kept = {i: p for i, p in self._plans.items() if _same(p[1], self.directory.of_space(i))}
+        for index in self._plans.keys() - kept.keys():
+            self._follow(index, [])
+        self._plans = kept
 
     def resolve_generation(self, consistency) -> tuple[int, bool]:
         """(generation bound, whether to scan unindexed windows)."""
@@ -201,9 +235,40 @@ class Reader:
                                                     LINGER_NS)
         if reason != ROW_OK:
             raise_bad_row(reason, 0, "cue")
+        growing = self._growing.get(index)
+        if growing:
+            self._map_ahead(index, growing)
         return Found(generation, segments, rows.tolist(), values.tolist(), texts)
 
+    def _follow(self, index: int, segments: list[Segment]) -> None:
+        """Map ahead the columns of a space's segments (its layout changed:
+        the LIVE ones and those a compaction builds), and forget those of the
+        segments it no longer has, which may be unmapped."""
+        now = {id(s) for s in segments}
+        for c in self._columns.pop(index, []):
+            if id(c.segment) not in now:
+                self._prefault.forget(c.base)
+        self._columns[index] = _columns_read_per_row(segments)
+        self._map_ahead(index, self._columns[index])
+
+    def _map_ahead(self, index: int, columns: list["_Column"]) -> None:
+        """Have the pages of the columns a recall reads per row mapped into
+        this process before a recall reads them (store/prefault.py): what
+        the segments hold, and ahead of the rows the open ones receive next.
+        Called when the space's plan changes and after each recall (whose
+        own faults it cannot save); a column leaves the list once its
+        segment is sealed and wholly mapped."""
+        growing = []
+        for c in columns:
+            sealed = c.segment.sealed  # before the count: a sealed segment's count is final
+            used = c.segment.accepted * c.row_bytes
+            self._prefault.ahead(c.base, c.base, used, used if sealed else c.nbytes, wrote=False)
+            if not sealed:
+                growing.append(c)
+        self._growing[index] = growing
+
     def close(self) -> None:
+        self._prefault.close()
         self._spaces.clear()
         self.beacon.close()
 

@@ -399,6 +399,7 @@ class SpaceWriter:
         if self.merge is None and not self._start_merge(largest, idle_s, admit):
             return False
         self.merge.step(budget_s, pending)
+        self._fault_ahead(self.merge.target, self.merge.slot)  # the copy's next rows
         if self.merge.done:
             self._swap()
         return True
@@ -441,6 +442,8 @@ class SpaceWriter:
             del self._catalog_index[id(seg)]
             shm.unlink(seg.name)
             self.on_retired(index, seg)
+        if self.prefault is not None:
+            self.prefault.forget(id(m.target))
         self.merge = None
         self.compactions += 1
         log.info("space %s: segment %d (%d observations) swapped in for %d segments after %.1f s",
@@ -469,7 +472,11 @@ class SpaceWriter:
         header[ARENA_USED] = p.end.arena
         header[UPPER_USED] = p.end.upper
         header[ACCEPTED] = p.end.slot  # last: the rows become visible
+        self._fault_ahead(p.segment, p.end.slot)
+
+    def _fault_ahead(self, seg: Segment, slots: int) -> None:
+        """`slots` rows of `seg` are written: have the pages of the next ones'
+        vectors faulted in off this thread (store/prefault.py)."""
         if self.prefault is not None:
-            vectors = p.segment.w.vectors
-            self.prefault.ahead(id(p.segment), p.segment.vectors_address, p.end.slot * vectors.strides[0],
-                                vectors.nbytes)
+            vectors = seg.w.vectors
+            self.prefault.ahead(id(seg), seg.vectors_address, slots * vectors.strides[0], vectors.nbytes)

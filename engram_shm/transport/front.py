@@ -770,6 +770,7 @@ class Front:
         self.recalls.reap()
         if self.recalls.reader is not None:
             self.recalls.reader.drop_retired()
+            self.recalls.reader.prepare()
         if self.reload_requested:
             self.reload_requested = False
             self._reload_access()

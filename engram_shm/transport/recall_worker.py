@@ -34,6 +34,10 @@ from ..store.catalog import Catalog
 from .recalls import HELLO_S, JOB, LAST, PART, WELCOME, answer, hello_frames
 
 log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
+# How long a reader waits for a recall before it takes new segments and maps
+# their pages (Reader.prepare): a recall that found a new layout answered in
+# 4 to 12 ms, faulting in 700 to 1,900 pages of the segments it had not seen.
+PREPARE_MS = 20
 
 
 def to_front(sock, job: bytes):
@@ -66,7 +70,8 @@ def run(engine: str, config: EngineConfig, backend: str, index: int, incarnation
                 sock.send_multipart(hello)
                 next_hello = now + HELLO_S
                 reader.drop_retired()
-            if not sock.poll(int(HELLO_S * 1000)):
+            if not sock.poll(PREPARE_MS):
+                reader.prepare()
                 continue
             frames = sock.recv_multipart(copy=False)
             kind = frames[0].bytes
