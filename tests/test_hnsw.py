@@ -7,10 +7,12 @@ from hypothesis import strategies as st
 
 from engram_shm.errors import InvalidArgument
 from engram_shm.kernels import hnsw, recall
-from engram_shm.kernels.distance import empty_store, stored_dim
+from engram_shm.kernels.distance import distances, empty_store, int16_cue_max, stored_dim
+from engram_shm.kernels.policy import ROW_FACTOR_CODES, metric_of
 from engram_shm.kernels.rows import draw_levels
 from engram_shm.kernels.vectors import ROW_NON_FINITE, ROW_OK, ROW_ZERO, check_store_rows
 from engram_shm.observations import checked_rows
+from engram_shm.store import quantization
 from engram_shm.store.layout import MAX_LEVEL, STABLE_SHIFT
 from engram_shm.store.quantization import calibrate, codes_per_unit
 from engram_shm.synthetic import clustered
@@ -506,6 +508,39 @@ def test_one_call_recall_reports_a_bad_cue_and_weighs_an_int8_one():
     for wrong in (data[:1].astype(np.float64), np.asfortranarray(np.tile(data[:1], (2, 1)))[:1]):
         with pytest.raises(ValueError, match="C-contiguous"):
             recall.recall(p, wrong, 10, 64, 300, True, -np.inf, rs)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+@pytest.mark.parametrize("reach", [1.0, 40.0])
+def test_an_int8_search_takes_its_cue_as_int16_within_half_a_unit(metric, reach):
+    """A search of int8 codes takes the float cue as an int16 one scaled to
+    its largest element (hnsw._int16_query): its exact scan gives every
+    row's distance as the float32 cue does (distance.distances) within what
+    moving each cue element by half a unit can change, whether the cue lies
+    within the calibrated range or `reach` times beyond it."""
+    data = clustered(500, 40, clusters=10, seed=3)
+    scales = calibrate(data[:200], metric)
+    per_unit = codes_per_unit(scales)
+    codes = empty_store(*data.shape, np.int8)
+    check_store_rows(data, metric == "cosine", np.inf, codes, per_unit, metric == "l2")
+    gens = np.arange(1, 501, dtype=np.uint64)
+    g = hnsw.new_graph(draw_levels(3, gens, 8, MAX_LEVEL), 8, MAX_LEVEL)
+    sc = hnsw.new_scratch(500, 40, 8, 600, MAX_LEVEL)
+    kernel_metric, weights = metric_of(metric, scales)
+    rows = codes[:, :-ROW_FACTOR_CODES] * quantization.factors(codes)[:, None].astype(np.float64)
+    for q in np.random.default_rng(4).normal(size=(10, 40)).astype(np.float32) * reach:
+        cue = checked_rows(q.reshape(1, -1), metric, "f32", "cue", per_unit)[0]  # in code units
+        want = distances(codes, cue, metric, scales)
+        got, ids = hnsw.search(codes, gens, g, cue, 500, 500, 0, 0, 500, ANY, metric, sc, scales)
+        weighted = cue.astype(np.float64) * (weights if metric != "l2" else 1.0)
+        half = 0.5 * np.abs(weighted).max() / int16_cue_max(40)  # half a unit, in the cue's units
+        if metric == "l2":
+            bound = (weights * (2 * np.abs(rows - cue) * half + half ** 2)).sum(axis=1)
+        else:
+            bound = np.abs(rows).sum(axis=1) * half
+        bound = bound * kernel_metric.unit + 1e-5 * (1 + np.abs(want))  # and float32 sums
+        assert sorted(ids.tolist()) == list(range(500))
+        assert (np.abs(got - want[ids]) <= bound[ids]).all()
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
