@@ -224,15 +224,33 @@ def test_reinsert_after_partial_insert_keeps_invariants(case, draw):
     assert naive.graph_violations(g, more, M) == []
 
 
-def test_every_node_finds_itself_among_duplicates_and_noise():
+@pytest.mark.parametrize("dtype", ["f32", "int8"])
+def test_every_node_finds_itself_among_duplicates_and_noise(dtype):
+    """Also through int8 codes, whose inserts compare int16 cues: rounding
+    them must not let a crowd of equal rows take the region's links."""
     rng = np.random.default_rng(0)
     data = clustered(1500, 16, seed=4)
     data[rng.integers(0, 1500, 300)] = data[0]  # heavy duplication
-    store, gens, g, sc = build(data)
+    scales = None
+    if dtype == "int8":
+        scales = calibrate(data, "cosine")
+        store = empty_store(*data.shape, np.int8)
+        check_store_rows(data, True, np.inf, store, codes_per_unit(scales))
+        gens = np.arange(1, 1501, dtype=np.uint64)
+        g = hnsw.new_graph(draw_levels(7, gens, 16, MAX_LEVEL), 16, MAX_LEVEL)
+        sc = hnsw.new_scratch(1500, 16, 16, 256, MAX_LEVEL)
+        hnsw.insert(store, gens, g, 0, 1500, 100, "cosine", sc, scales)
+    else:
+        store, gens, g, sc = build(data)
     assert naive.graph_violations(g, 1500, 16) == []
     for i in rng.integers(0, 1500, 200):
-        d, ids = hnsw.search(store, gens, g, data[i], 1, 64, 1500, 0, 0, ANY, "cosine", sc)
-        assert d[0] <= naive.distances(store, data[i], "cosine").min() + 1e-6
+        cue = data[i] if scales is None else checked_rows(data[i:i + 1], "cosine", "f32", "cue",
+                                                           codes_per_unit(scales))[0]
+        d, ids = hnsw.search(store, gens, g, cue, 1, 64, 1500, 0, 0, ANY, "cosine", sc, scales)
+        if scales is None:
+            assert d[0] <= naive.distances(store, data[i], "cosine").min() + 1e-6
+        else:  # within the int16 cue's rounding of the float cue's distances
+            assert d[0] <= distances(store, cue, "cosine", scales).min() + 1e-4
 
 
 def test_generation_filter_is_a_snapshot():

@@ -6,7 +6,8 @@ Written as LLVM IR because its vectoriser does not find this: a loop of
 int8 x int16 products runs on 256-bit registers, and four rows' sums
 sharing a cue become 32-bit multiplies (`vpmulld`), half the lanes again.
 With 512-bit pairs, four rows of 384 codes took 6 ns a row in cache, the
-float32 sums 16 ns (docs/architecture.md, Kernels). The sums are exact
+float32 sums 16 ns (a throwaway micro-benchmark; docs/architecture.md,
+Kernels, has the inserts' A/B). The sums are exact
 while |code * cue| * dim < 2**31 (distance.int16_cue_max keeps cues so).
 """
 

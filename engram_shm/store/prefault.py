@@ -20,10 +20,10 @@ behind and the writer faults its own pages, as without the thread.
 Readers (each a process with page tables of its own) fault too: at 768 f16
 dims and 6,000 observations/s, each new row costs a reader a third of a page
 it has not mapped, and a strong recall reads every row of the window. The
-server's readers took 400 to 1,100 minor faults in a recall that answered
-in 2 to 4.5 ms, 4.7 us each (Emerald Rapids VM), the slowest of 300 recalls
-under ingestion. A reader's Prefaulter maps the pages written since
-(MADV_POPULATE_READ: no byte changes) between its recalls.
+server's readers took 263 to 1,145 minor faults in a recall that answered
+in 1.6 to 4.5 ms, 4.7 us each (Emerald Rapids VM), the slowest of 300
+recalls under ingestion. A reader's Prefaulter maps the pages written
+since (MADV_POPULATE_READ: no byte changes) between its recalls.
 
 How far ahead is proportional to what the segment holds: populated pages are
 memory spent, and a space that received one observation must not own megabytes
@@ -53,7 +53,7 @@ WINDOW_BYTES = 16 << 20  # populated ahead of the cursor at most
 MIN_WINDOW_BYTES = 64 << 10
 # At most this much a call: a call holds the process's mmap lock, which its
 # other threads' mmap and munmap (a large NumPy array's) wait for; a reader
-# mapping a 300 MB column in one call stalled a recall for 16 ms.
+# mapping a 300 MB column in one call stalled a recall for 17.9 ms.
 CALL_BYTES = 2 << 20
 
 
