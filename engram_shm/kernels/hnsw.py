@@ -91,8 +91,8 @@ SegmentView = namedtuple("SegmentView", "store gens graph header")
 # Caller-owned scratch of one thread: visit marks and heaps sized by capacity,
 # small buffers sized by M and ef (tmp_*: also a search's batch of new
 # neighbours); `kept`: the rows `_select` has kept, and `base`: the node
-# whose links `_add_link` selects again, as cues; `*16`: an insert's cues
-# into an int8 store, as int16 (see `_insert_cues`).
+# whose links `_add_link` selects again, as cues; `*16`: the same cues of an
+# int8 store, as int16 (`_insert_cues`; qbuf16 also a search's, `_search_cue`).
 Scratch = namedtuple(
     "Scratch", "visited tag cand_k cand_v res_k res_v qbuf layer_k layer_v layer_n keep_k keep_v keep_f "
                "tmp_k tmp_v tmp_f kept base qbuf16 kept16 base16")
@@ -251,9 +251,9 @@ def _load_cue(store, node, metric, out, r):
     distance.weighted_cue weights a recall's cue). An int16 cue of int8
     codes holds them as they are under L2; under a dot metric, the weighted
     codes scaled to span +-int16_cue_max (they span +-127 at most), the
-    factor divided by that scale. One pass: a search makes hundreds of these
-    cues per insert (a pass for the largest element first cost 14% of int8
-    inserts)."""
+    factor divided by that scale. One pass: an insert makes hundreds of
+    these cues (a pass for the largest element first cost 14% of int8
+    inserts in a throwaway A/B)."""
     dim = vector_dim(store)
     w = weights_of(metric, dim)
     f = row_factor(store, node)
