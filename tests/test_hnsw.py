@@ -37,6 +37,22 @@ def build(data, M=16, ef_c=100, metric="cosine", dtype="f32", chunks=1, seed=7, 
     return store, gens, g, sc
 
 
+def build_int8(data, M=16, ef_c=100, metric="cosine", calibrate_on=None, seed=7, ef=256, insert=True):
+    """`data` as int8 codes (scales calibrated on `calibrate_on`, all of
+    `data` by default) and a graph of them, inserted unless `insert` is
+    False; returns what search needs and the scales."""
+    n, dim = data.shape
+    scales = calibrate(data if calibrate_on is None else calibrate_on, metric)
+    codes = empty_store(n, dim, np.int8)
+    check_store_rows(data, metric == "cosine", np.inf, codes, codes_per_unit(scales), metric == "l2")
+    gens = np.arange(1, n + 1, dtype=np.uint64)
+    g = hnsw.new_graph(draw_levels(seed, gens, M, MAX_LEVEL), M, MAX_LEVEL)
+    sc = hnsw.new_scratch(n, dim, M, ef, MAX_LEVEL)
+    if insert:
+        hnsw.insert(codes, gens, g, 0, n, ef_c, metric, sc, scales)
+    return codes, gens, g, sc, scales
+
+
 def search_all(store, gens, g, sc, queries, k, ef, metric, n_indexed=None, scan=(0, 0), gen_max=ANY):
     n = store.shape[0] if n_indexed is None else n_indexed
     return [hnsw.search(store, gens, g, q, k, ef, n, scan[0], scan[1], gen_max, metric, sc)
@@ -231,17 +247,11 @@ def test_every_node_finds_itself_among_duplicates_and_noise(dtype):
     rng = np.random.default_rng(0)
     data = clustered(1500, 16, seed=4)
     data[rng.integers(0, 1500, 300)] = data[0]  # heavy duplication
-    scales = None
     if dtype == "int8":
-        scales = calibrate(data, "cosine")
-        store = empty_store(*data.shape, np.int8)
-        check_store_rows(data, True, np.inf, store, codes_per_unit(scales))
-        gens = np.arange(1, 1501, dtype=np.uint64)
-        g = hnsw.new_graph(draw_levels(7, gens, 16, MAX_LEVEL), 16, MAX_LEVEL)
-        sc = hnsw.new_scratch(1500, 16, 16, 256, MAX_LEVEL)
-        hnsw.insert(store, gens, g, 0, 1500, 100, "cosine", sc, scales)
+        store, gens, g, sc, scales = build_int8(data)
     else:
         store, gens, g, sc = build(data)
+        scales = None
     assert naive.graph_violations(g, 1500, 16) == []
     for i in rng.integers(0, 1500, 200):
         cue = data[i] if scales is None else checked_rows(data[i:i + 1], "cosine", "f32", "cue",
@@ -500,13 +510,7 @@ def test_one_call_recall_reports_a_bad_cue_and_weighs_an_int8_one():
     """A cue the space would refuse comes back as the row check's reason; an
     int8 space's cue is put in code units and weighted as search_space's."""
     data = clustered(300, 16, seed=5)
-    scales = calibrate(data, "cosine")
-    codes = empty_store(*data.shape, np.int8)
-    check_store_rows(data, True, np.inf, codes, codes_per_unit(scales))
-    gens = np.arange(1, 301, dtype=np.uint64)
-    g = hnsw.new_graph(draw_levels(3, gens, 8, MAX_LEVEL), 8, MAX_LEVEL)
-    sc = hnsw.new_scratch(300, 16, 8, 256, MAX_LEVEL)
-    hnsw.insert(codes, gens, g, 0, 300, 64, "cosine", sc, scales)
+    codes, gens, g, sc, scales = build_int8(data, M=8, ef_c=64, seed=3)
     space = hnsw.SpaceViews([_view(codes, gens, g, 300, 300)])
     per_unit = codes_per_unit(scales)
     p = recall.plan(space, [_records(np.random.default_rng(1), 300)[0]], "cosine", scales, per_unit,
@@ -537,13 +541,9 @@ def test_an_int8_search_takes_its_cue_as_int16_within_half_a_unit(metric, reach)
     moving each cue element by half a unit can change, whether the cue lies
     within the calibrated range or `reach` times beyond it."""
     data = clustered(500, 40, clusters=10, seed=3)
-    scales = calibrate(data[:200], metric)
+    codes, gens, g, sc, scales = build_int8(data, M=8, metric=metric, calibrate_on=data[:200], ef=600,
+                                            insert=False)  # the exact scan alone
     per_unit = codes_per_unit(scales)
-    codes = empty_store(*data.shape, np.int8)
-    check_store_rows(data, metric == "cosine", np.inf, codes, per_unit, metric == "l2")
-    gens = np.arange(1, 501, dtype=np.uint64)
-    g = hnsw.new_graph(draw_levels(3, gens, 8, MAX_LEVEL), 8, MAX_LEVEL)
-    sc = hnsw.new_scratch(500, 40, 8, 600, MAX_LEVEL)
     kernel_metric, weights = metric_of(metric, scales)
     rows = codes[:, :-ROW_FACTOR_CODES] * quantization.factors(codes)[:, None].astype(np.float64)
     for q in np.random.default_rng(4).normal(size=(10, 40)).astype(np.float32) * reach:
@@ -571,13 +571,7 @@ def test_int8_graph_recall_against_brute_force_of_the_float_data(metric):
     by at most e_dot and a squared distance by e_l2 (2 |q - x| + e_l2)."""
     data = clustered(4200, 48, clusters=40, seed=11)
     base, queries = data[:4000], data[4000:]
-    scales = calibrate(base[:256], metric)
-    codes = empty_store(*base.shape, np.int8)
-    check_store_rows(base, metric == "cosine", np.inf, codes, codes_per_unit(scales), metric == "l2")
-    gens = np.arange(1, 4001, dtype=np.uint64)
-    g = hnsw.new_graph(draw_levels(7, gens, 16, MAX_LEVEL), 16, MAX_LEVEL)
-    sc = hnsw.new_scratch(4000, 48, 16, 256, MAX_LEVEL)
-    hnsw.insert(codes, gens, g, 0, 4000, 100, metric, sc, scales)
+    codes, gens, g, sc, scales = build_int8(base, metric=metric, calibrate_on=base[:256])
     half_steps = scales.astype(np.float64) * np.abs(base / scales).max(axis=1, keepdims=True) / 254
     e = np.linalg.norm(half_steps, axis=1)
     found, exact = [], []
