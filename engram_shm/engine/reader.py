@@ -94,8 +94,9 @@ class _Column(NamedTuple):
 
 
 def _columns_read_per_row(segments: list[Segment]) -> list[_Column]:
-    """The columns a recall reads for every row it visits: the vectors and
-    the layer-0 links (the others are bytes a row, or read for results only)."""
+    """The columns a recall reads for every row it visits, in segment order:
+    the vectors and the layer-0 links (the others are bytes a row, or read
+    for results only)."""
     return [_Column(s, a.ctypes.data, a.strides[0], a.nbytes)
             for s in segments for a in (s.r.vectors, s.view.graph.links0)]
 
@@ -120,7 +121,8 @@ class Reader:
         # segments), its segments then, their plan and the space's metric
         self._plans: dict[int, tuple[object, list[Segment], RecallPlan | None, str]] = {}
         self._prefault = Prefaulter(advice=MADV_POPULATE_READ)
-        self._columns: dict[int, list[_Column]] = {}  # per space: those of its plan's segments
+        # per space: the segments _follow maps ahead, and their columns
+        self._followed: dict[int, tuple[list[Segment], list[_Column]]] = {}
         self._growing: dict[int, list[_Column]] = {}  # per space: the columns _map_ahead still follows
 
     def space(self, name: str) -> tuple[int, SpaceParams]:
@@ -244,12 +246,16 @@ class Reader:
         """Map ahead the columns of a space's segments (its layout changed:
         the LIVE ones and those a compaction builds), and forget those of the
         segments it no longer has, which may be unmapped."""
+        held, columns = self._followed.get(index, ([], []))
+        if _same(held, segments):
+            return  # another space's layout changed: these are followed already
         now = {id(s) for s in segments}
-        for c in self._columns.pop(index, []):
+        for c in columns:
             if id(c.segment) not in now:
                 self._prefault.forget(c.base)
-        self._columns[index] = _columns_read_per_row(segments)
-        self._map_ahead(index, self._columns[index])
+        columns = _columns_read_per_row(segments)
+        self._followed[index] = (segments, columns)
+        self._map_ahead(index, columns)
 
     def _map_ahead(self, index: int, columns: list["_Column"]) -> None:
         """Have the pages of the columns a recall reads per row mapped into

@@ -9,7 +9,7 @@ from numba.extending import intrinsic
 
 from ..errors import InvalidArgument
 from .policy import kernel
-from .scalar import _item_pointer
+from .scalar import item_pointer
 
 
 @intrinsic
@@ -19,7 +19,7 @@ def cas_i64(typingctx, arr, i, expected, new):
         return None
 
     def codegen(context, builder, signature, args):
-        ptr = _item_pointer(context, builder, signature.args[0], args[0], args[1])
+        ptr = item_pointer(context, builder, signature.args[0], args[0], args[1])
         pair = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
         return builder.extract_value(pair, 0)
 

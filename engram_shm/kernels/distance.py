@@ -97,9 +97,14 @@ def integer_sums(a, b):
     raise NotImplementedError("integer_sums is for jitted code")
 
 
+def _codes_and_cue(a, b) -> bool:
+    """At typing: are `a` int8 codes and `b` an int16 cue?"""
+    return a.dtype == types.int8 and b.dtype == types.int16
+
+
 @overload(integer_sums, inline="always")
 def _integer_sums(a, b):
-    both = a.dtype == types.int8 and b.dtype == types.int16
+    both = _codes_and_cue(a, b)
     return lambda a, b: both
 
 
@@ -112,7 +117,7 @@ def _dot_sum(a, i, b, j, metric):
 
 @overload(_dot_sum, inline="always")
 def _dot_sum_impl(a, i, b, j, metric):
-    if a.dtype == types.int8 and b.dtype == types.int16:
+    if _codes_and_cue(a, b):
         return lambda a, i, b, j, metric: _code_sum(a, i, b, j)
     return lambda a, i, b, j, metric: _float_sum(a, i, b, j, metric)
 
@@ -124,7 +129,7 @@ def _dot_sums4(a, i0, i1, i2, i3, b, j, metric):
 
 @overload(_dot_sums4, inline="always")
 def _dot_sums4_impl(a, i0, i1, i2, i3, b, j, metric):
-    if a.dtype == types.int8 and b.dtype == types.int16:
+    if _codes_and_cue(a, b):
         return lambda a, i0, i1, i2, i3, b, j, metric: _code_sums4(a, i0, i1, i2, i3, b, j)
     return lambda a, i0, i1, i2, i3, b, j, metric: _float_sums4(a, i0, i1, i2, i3, b, j, metric)
 

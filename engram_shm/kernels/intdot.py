@@ -16,6 +16,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .scalar import item_pointer
+
 # The multiply-add of each instruction set, widest first: (feature, i16
 # lanes, intrinsic). Without one (not x86) the IR multiplies widened lanes
 # and LLVM picks the target's instructions.
@@ -38,12 +40,6 @@ def _multiply_add(context):
     return _GENERIC_LANES, None
 
 
-def _row_pointer(context, builder, aryty, ary_value, row):
-    ary = context.make_array(aryty)(context, builder, ary_value)
-    zero = context.get_constant(types.intp, 0)
-    return cgutils.get_item_pointer(context, builder, aryty, ary, [row, zero])
-
-
 @intrinsic
 def multiply_add_prefix(typingctx, codes, rows, cue, j, n):
     """The int32 sums of codes[r, t] * cue[j, t] over t < done for each row
@@ -63,12 +59,13 @@ def multiply_add_prefix(typingctx, codes, rows, cue, j, n):
         i8, i16, i32, intp = ir.IntType(8), ir.IntType(16), ir.IntType(32), context.get_value_type(types.intp)
         v8, v16 = ir.VectorType(i8, lanes), ir.VectorType(i16, lanes)
         acc_ty = ir.VectorType(i32, lanes // 2 if name else lanes)
+
         def as_intp(value, ty):
             return context.cast(builder, value, ty, types.intp)
 
-        row_pointers = [_row_pointer(context, builder, codes_ty, codes_v, as_intp(r, rows_ty.dtype))
+        row_pointers = [item_pointer(context, builder, codes_ty, codes_v, as_intp(r, rows_ty.dtype))
                         for r in cgutils.unpack_tuple(builder, rows_v, k)]
-        cue_pointer = _row_pointer(context, builder, cue_ty, cue_v, as_intp(j_v, j_ty))
+        cue_pointer = item_pointer(context, builder, cue_ty, cue_v, as_intp(j_v, j_ty))
         done = builder.and_(as_intp(n_v, n_ty), intp(-lanes))
         if name:
             madd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(acc_ty, [v16, v16]), name)

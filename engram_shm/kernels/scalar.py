@@ -71,7 +71,8 @@ def _as_f32(x):
 CACHE_LINE = 64  # bytes, on x86-64 and most ARM cores
 
 
-def _item_pointer(context, builder, aryty, ary_value, index):
+def item_pointer(context, builder, aryty, ary_value, index):
+    """A pointer to the first element of row `index` of an array (codegen)."""
     ary = context.make_array(aryty)(context, builder, ary_value)
     indices = [index] + [context.get_constant(types.intp, 0)] * (aryty.ndim - 1)
     return cgutils.get_item_pointer(context, builder, aryty, ary, indices)
@@ -80,7 +81,7 @@ def _item_pointer(context, builder, aryty, ary_value, index):
 def _row_bytes(context, builder, aryty, ary_value, index):
     """A byte pointer to row `index` of an array (one declaration of the
     prefetch then serves rows of every dtype in a module)."""
-    item = _item_pointer(context, builder, aryty, ary_value, index)
+    item = item_pointer(context, builder, aryty, ary_value, index)
     return builder.bitcast(item, ir.IntType(8).as_pointer())
 
 
@@ -166,8 +167,8 @@ def _store_f32(arr, i, j, value):
 
 def _factor_slots(dtype):
     """How many elements of a row of `dtype` hold its float32 factor: int8
-    store rows (policy.ROW_FACTOR_CODES) and int16 cues (distance.int16_cue)
-    end in one; 0 for float rows, which have none."""
+    store rows (policy.ROW_FACTOR_CODES) and int16 cues
+    (distance.int16_cue_width) end in one; 0 for float rows, which have none."""
     if dtype == types.int8:
         return ROW_FACTOR_CODES
     if dtype == types.int16:

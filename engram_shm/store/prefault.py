@@ -21,9 +21,10 @@ Readers (each a process with page tables of its own) fault too: at 768 f16
 dims and 6,000 observations/s, each new row costs a reader a third of a page
 it has not mapped, and a strong recall reads every row of the window. The
 server's readers took 263 to 1,145 minor faults in a recall that answered
-in 1.6 to 4.5 ms, 4.7 us each (Emerald Rapids VM), the slowest of 300
-recalls under ingestion. A reader's Prefaulter maps the pages written
-since (MADV_POPULATE_READ: no byte changes) between its recalls.
+in 1.6 to 4.5 ms (one with 945 took 4.41 ms of CPU: up to 4.7 us a fault
+on an Emerald Rapids VM), the slowest of 300 recalls under ingestion. A
+reader's Prefaulter maps the pages written since (MADV_POPULATE_READ: no
+byte changes) between its recalls.
 
 How far ahead is proportional to what the segment holds: populated pages are
 memory spent, and a space that received one observation must not own megabytes
