@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_front import Raw, ids
 
+from chaos.server import children
 from engram_shm import Client, attach
 from engram_shm.errors import CODES
 from engram_shm.synthetic import clustered
@@ -104,6 +105,35 @@ def test_a_small_recall_is_answered_on_the_loop_and_a_large_one_by_a_reader(serv
         assert [m.id for m in small] == [m.id for m in local.recall("iso", data[5], k=10)]
         assert [m.id for m in large] == [m.id for m in local.recall("iso", data[6], k=300)]
     assert (after["recalls"] - before["recalls"], after["inline"] - before["inline"]) == (2, 1)
+
+
+@pytest.mark.parametrize("behind", ["observe_batch", "recall"])
+def test_a_small_recall_stays_on_the_loop_when_a_batch_waits_behind_it(server, behind):
+    """The front reads the message behind a small recall (recalls.py,
+    front._recall_waits): a batch waits for the answer on the loop, another
+    recall sends this one to a reader. The front is frozen while both are
+    sent, so that the second waits when the first is handled."""
+    endpoint, name, data = server
+    raw = Raw(endpoint)
+    session = raw.init()["session"]
+    with Client(endpoint) as c:
+        before = c.stats()["recall"]
+        with stopped(children(name)["front"]):
+            raw.send(*recall_header("iso", data[7], rid=1))
+            if behind == "recall":
+                raw.send(*recall_header("iso", data[8], rid=2))
+            else:
+                raw.batch(session, 1, f"behind-{next(FRESH_SPACES)}", ["b0"], data[:1], rid=2)
+            time.sleep(0.2)  # both in the front's receive buffer before it runs again
+        replies = {m["rid"]: m for m in (raw.recv(), raw.recv())}
+        after = c.stats()["recall"]
+    raw.close()
+    assert replies[1]["op"] == "recall_result" and replies[1]["results"][0]["id"] == "i7"
+    assert replies[2]["op"] == ("ack" if behind == "observe_batch" else "recall_result")
+    inline = after["inline"] - before["inline"]
+    handed_off = after["recalls"] - before["recalls"] - inline
+    # Behind a recall, both go to the readers: the second finds the first in flight there.
+    assert (inline, handed_off) == ((1, 0) if behind == "observe_batch" else (0, 2))
 
 
 def test_recall_at_10_against_brute_force(server):

@@ -147,12 +147,15 @@ class Front:
         self._recall_directory = SegmentDirectory(catalog) if config.recall_inline_share > 0 else None
         self.recalls = RecallDispatch(config, self.replies.deliver, metrics and metrics.recall_latency,
                                       self._recall_directory and Reader(self._recall_directory),
-                                      self._requests_waiting, RecallBeacon(catalog))
+                                      self._recall_waits, RecallBeacon(catalog))
         self._watched: dict[str, tuple[float, int]] = {}  # spaces with an open window or above normal:
         # (window fill, level index)
         self._touched: set[str] = set()  # spaces written since the last upkeep
         self._wal_counted = 0  # log bytes of this front already added to the stats block
         self._frames: list = []  # the message being handled
+        # A client message received early, to see what waits behind a recall
+        # (_recall_waits), with its header if it has a valid one: handled next.
+        self._ahead: tuple[list, dict | None] | None = None
         self._held: list | None = None  # replies of the turn being read (fsync=always)
         self._waiting: collections.deque = collections.deque()  # (log position, replies) to sync
         self._checkpoints: list[tuple[int, bytes, object]] = []  # (request, identity, rid)
@@ -202,18 +205,17 @@ class Front:
             poller.register(wake_r, zmq.POLLIN)
         try:
             while not self.stopping:
-                events = dict(poller.poll(int(UPKEEP_S * 1000)))
+                events = dict(poller.poll(0 if self._ahead else int(UPKEEP_S * 1000)))
                 if readers in events:  # answers first: a recall's answer never waits behind batches
                     self._relay_answers(readers)
-                if sock in events:
+                if sock in events or self._ahead:
                     if group_commit:
                         self._held = []
                     for _ in range(MAX_RECV_PER_TURN):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
+                        message = self._next_message(sock)
+                        if message is None:
                             break
-                        self.handle(frames)
+                        self.handle(*message)
                         if _readable(readers):
                             self._relay_answers(readers)
                     if group_commit:
@@ -227,6 +229,8 @@ class Front:
                     last_upkeep = now
                     self.upkeep()
                 self.replies.flush()
+            if self._ahead:  # refused like any message that comes after the stop
+                self.handle(*self._ahead)
             if self._waiting:
                 self.wal.request_sync()
                 deadline = time.monotonic() + 10
@@ -257,17 +261,48 @@ class Front:
 
     def _requests_waiting(self) -> bool:
         """Does a client's request or a reader's answer wait for the loop?"""
-        return _readable(self.replies.sock) or _readable(self.recalls.sock)
+        return bool(self._ahead) or _readable(self.replies.sock) or _readable(self.recalls.sock)
 
-    def handle(self, frames) -> None:
+    def _next_message(self, sock) -> tuple[list, dict | None] | None:
+        """The next client message and its header if read already; None if
+        none waits."""
+        if self._ahead:
+            message, self._ahead = self._ahead, None
+            return message
+        try:
+            return sock.recv_multipart(zmq.NOBLOCK, copy=False), None
+        except zmq.Again:
+            return None
+
+    def _recall_waits(self) -> bool:
+        """Should a small recall leave the loop to a reader: does another
+        recall, or a reader's answer, wait for the loop? The next client
+        message is received to tell (and handled next): a batch behind the
+        recall waits for one search, which costs it less than the hand-off
+        costs the recall (two relays and a reader process to wake, at a lower
+        priority than the batch's work)."""
+        if _readable(self.recalls.sock):
+            return True
+        if not self._ahead:
+            try:
+                frames = self.replies.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            self._ahead = frames, _header_or_none(frames)
+        header = self._ahead[1]
+        return header is not None and header["op"] == "recall"
+
+    def handle(self, frames, header: dict | None = None) -> None:
+        """Answer one client message (`header`: its header frame, read already)."""
         self.counters["received"] += 1
         identity = frames[0].bytes
-        rid = session_key = header = None
+        rid = session_key = None
         try:
             if len(frames) < 2:
                 raise p.Malformed("a message needs a header frame")
             self.principal = self.gate.principal_of(frames[1])
-            header = p.unpack_header(frames[1].buffer)
+            if header is None:
+                header = p.unpack_header(frames[1].buffer)
             rid = header.get("rid")
             session_key = header.get("session")
             if self.stopping and header["op"] not in ("recall", "ping", "stats"):
@@ -913,6 +948,14 @@ def _drain(fd: int) -> bool:
         return bool(os.read(fd, 4096))
     except BlockingIOError:
         return False
+
+
+def _header_or_none(frames) -> dict | None:
+    """A message's header, None if it has no valid one (handle() says why)."""
+    try:
+        return p.unpack_header(frames[1].buffer) if len(frames) >= 2 else None
+    except EngramError:
+        return None
 
 
 def _tail(values, skip: int):

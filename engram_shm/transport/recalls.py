@@ -3,12 +3,17 @@
 
 The front checks a recall on its loop. A small one (one part of at most
 INLINE_MAX_K rows) it answers there and then, with its own Reader of the
-shared memory, if nothing else waits for the loop (no message of a client,
-no recall in flight at the readers) and such answers took no more than
-`recall_inline_share` of the loop's time (a budget refilled at that rate,
-banked up to INLINE_BURST_S). So an answer on the loop delays a batch
-that arrives meanwhile by one search at most, and many recalls at once go
-to the readers, which search in parallel. Under
+shared memory, unless other recalls want the loop too (one in flight at the
+readers, an answer of theirs to relay, or another recall next in
+line: the front reads the message behind the recall to tell, and handles
+it next) or such answers took more than `recall_inline_share` of the
+loop's time (a budget refilled at that rate, banked up to INLINE_BURST_S).
+So an answer on the loop delays a batch behind it by one search at most,
+and many recalls at once go to the readers, which search in parallel. A
+batch waiting behind a recall does not send it to a reader: the hand-off
+costs the recall more than the search costs the batch (the front is busy
+with the batch meanwhile, and the reader, at a lower priority, waits for
+a core; docs/architecture.md). Under
 ingestion a hand-off costs two more relays and wakes a reader process, each
 a wait for a core the index workers hold, which was most of a served
 recall's time beyond the search itself (docs/architecture.md). Any other
@@ -121,12 +126,12 @@ class _Job:
 
 class RecallDispatch:
     def __init__(self, config: EngineConfig, reply: Callable[[bytes, list], None], latency: list | None,
-                 reader: Reader | None = None, loop_wanted: Callable[[], bool] = lambda: False,
+                 reader: Reader | None = None, recall_waits: Callable[[], bool] = lambda: False,
                  beacon: RecallBeacon | None = None):
         self.config = config
         self.beacon = beacon  # stamped as a recall is handed off (engine/beacon.py)
         self.reader = reader  # the front's own, for answers on the loop (None: none there)
-        self.loop_wanted = loop_wanted  # does a message wait for the loop?
+        self.recall_waits = recall_waits  # does another recall want the loop?
         self._inline_s = INLINE_BURST_S  # the loop time answers on it may take now
         self._inline_at = time.monotonic()
         self.sock = None  # the readers' ROUTER socket, set by the front's loop
@@ -165,7 +170,7 @@ class RecallDispatch:
 
     def _answer_here(self, client: bytes, frames: list, consistency: int, request: p.Recall) -> bool:
         if self.reader is None or self._jobs or request.k > min(request.batch, INLINE_MAX_K) \
-                or self.loop_wanted():
+                or self.recall_waits():
             return False
         now = time.monotonic()
         self._inline_s = min(INLINE_BURST_S,
