@@ -32,6 +32,7 @@ from ..store.quantization import codes_per_unit
 from ..store.segment import Segment
 from .beacon import BUDGET_NS, LINGER_NS, RecallBeacon
 from .directory import SegmentDirectory
+from .idle import run_when_idle
 
 CONSISTENCIES = ("strong", "indexed")
 _new_tuple = tuple.__new__
@@ -120,7 +121,7 @@ class Reader:
         # against (not the layout: it would hold other spaces' retired
         # segments), its segments then, their plan and the space's metric
         self._plans: dict[int, tuple[object, list[Segment], RecallPlan | None, str]] = {}
-        self._prefault = Prefaulter(advice=MADV_POPULATE_READ)
+        self._prefault = Prefaulter(run_when_idle, advice=MADV_POPULATE_READ)  # the recalls come first
         # per space: the segments _follow maps ahead, and their columns
         self._followed: dict[int, tuple[list[Segment], list[_Column]]] = {}
         self._growing: dict[int, list[_Column]] = {}  # per space: the columns _map_ahead still follows

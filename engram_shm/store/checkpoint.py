@@ -40,6 +40,7 @@ from dataclasses import asdict, replace
 import crc32c
 import numpy as np
 
+from ..engine.idle import give_way
 from ..errors import Corrupt, DataDirCorrupt
 from ..kernels.atomics import compare_and_swap
 from . import quantization, shm
@@ -85,7 +86,7 @@ MANIFEST = "MANIFEST.json"
 CLAIM_TOKEN = 1 << 62  # the checkpointer's writer claim; index writers' tokens are small
 GRAPH_COLUMNS = ("parent", "links0", "upper")
 CLAIM_WAIT_S = 0.0005
-WRITE_CHUNK = 1 << 20  # bytes of a segment file written between two yields of the core
+WRITE_CHUNK = 256 << 10  # bytes of a segment file written between two yields of the core
 
 
 def complete(directory: str) -> list[tuple[int, str]]:
@@ -163,7 +164,7 @@ class _Image:
                     chunk = view[start:start + WRITE_CHUNK]
                     f.write(chunk)
                     crc = crc32c.crc32c(chunk, value=crc)
-                    os.sched_yield()
+                    give_way()
                 size += view.nbytes
             f.flush()
             os.fsync(f.fileno())
