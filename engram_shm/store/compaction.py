@@ -52,7 +52,7 @@ IDLE_SHARE = 1 / 64
 # the largest) once there are this many: small ones cost a recall little each,
 # but not nothing.
 MAX_SMALL = 4
-COPY_BYTES = 1 << 20  # of rows and links copied per step: about a millisecond, at any dimension
+COPY_BYTES = 1 << 18  # of rows and links copied per step: about a quarter of a millisecond, at any dimension
 GRAPH_COLUMNS = ("parent", "links0")
 ROW_COLUMNS = ("vectors", "generation", "when", "confidence", "id_hash", "id_len", "level")
 
