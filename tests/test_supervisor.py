@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from engram_shm import Engine
+from engram_shm.engine import idle
 from engram_shm.store import shm
 from engram_shm.store.catalog import collect_stale
 from engram_shm.synthetic import clustered
@@ -139,12 +140,25 @@ def test_workers_leave_when_their_engine_is_killed():
     assert shm.list_blocks("t-orphans") == []
 
 
+def idle_cgroup_allowed() -> bool:
+    """Can this process make and join an idle cgroup (as a worker does)? Asked
+    of a throwaway child, which leaves the group empty again."""
+    probe = "from engram_shm.engine import idle; import sys; sys.exit(0 if idle.join_idle_cgroup() else 1)"
+    allowed = subprocess.run([sys.executable, "-c", probe]).returncode == 0
+    idle.remove_idle_cgroup()
+    return allowed
+
+
 def test_worker_processes_take_only_idle_cpu():
     """SCHED_IDLE, not a niceness: a core running only index workers counts as
-    idle when a reader or the front wakes; and each in a session of its own,
+    idle when a reader or the front wakes; each in a session of its own,
     whose autogroup has nice 19, so that processes of other sessions are not
-    weighed against the engine's whole group (engine/idle.py)."""
+    weighed against the engine's whole group; and in an idle cgroup where
+    this user may make one, which any waking task preempts (engine/idle.py).
+    The cgroup goes with the engine."""
     own = os.sched_getscheduler(0)
+    own_group = idle.cpu_cgroup() if os.path.exists("/proc/self/cgroup") else None
+    in_cgroup = own_group is not None and idle_cgroup_allowed()
     with Engine(workers=2, worker_mode="process") as e:
         e.observe("s", "a", np.ones(4))
         assert wait_for(lambda: None not in e.supervisor.ready_seconds())
@@ -159,6 +173,14 @@ def test_worker_processes_take_only_idle_cpu():
             # Empty for a process in the root group (a container's first session).
             engines = pathlib.Path("/proc/self/autogroup").read_text().split()[:1]
             assert [groups[0][0]] != engines
+        if in_cgroup:
+            group = os.path.join(own_group, idle.IDLE_CGROUP)
+            assert pathlib.Path(group, "cpu.idle").read_text().strip() == "1"
+            members = pathlib.Path(group, "cgroup.procs").read_text().split()
+            assert set(map(str, pids)) <= set(members) and str(os.getpid()) not in members
+    if in_cgroup:  # removed, unless another engine's workers are in it
+        group = os.path.join(own_group, idle.IDLE_CGROUP)
+        assert not os.path.exists(group) or pathlib.Path(group, "cgroup.procs").read_text().split()
 
 
 @pytest.mark.parametrize("mode", ["thread", "process"])

@@ -31,6 +31,7 @@ from ..errors import IndexFailed
 from ..kernels.warm import warm
 from ..store.catalog import W_INCARNATION, W_PID, W_RESTARTS, Catalog
 from ..store.segment import Segment
+from .idle import remove_idle_cgroup
 from .indexer import release_claims, token_for
 from .lifeline import PARENT_ENV
 
@@ -231,6 +232,7 @@ class Supervisor:
         self._terminate([proc for _, proc, _ in stopped], grace_s)
         for child, _, incarnation in stopped:
             child.spec.release(incarnation)
+        remove_idle_cgroup()  # the index workers' (idle.py), unless another engine's are in it
         if self._watcher is not None:
             self._watcher.join()
 

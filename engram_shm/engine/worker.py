@@ -27,7 +27,7 @@ from ..store.catalog import W_BUSY_NS, W_INCARNATION, W_PID, W_START, Catalog, p
 from . import lifeline
 from .beacon import beacon_of
 from .directory import SegmentDirectory
-from .idle import own_idle_autogroup, run_when_idle
+from .idle import join_idle_cgroup, own_idle_autogroup, run_when_idle
 from .indexer import IndexWriter, token_for
 
 log = logging.getLogger(__spec__.name)  # its module's name, also when run with -m
@@ -41,7 +41,8 @@ def run(engine: str, worker: int, workers: int, incarnation: int, config: Engine
     lifeline.bind_to_parent()  # first; the orphan check below only runs while idle
     stop = lifeline.StopRequest()
     run_when_idle()  # the front and recalls come first; indexing takes what is left
-    own_idle_autogroup()
+    own_idle_autogroup()  # a session of its own, whose group weighs least ...
+    join_idle_cgroup()  # ... and, where it may, an idle cgroup, which yields at once
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     ready_child(readers=False)
