@@ -52,7 +52,9 @@ IDLE_SHARE = 1 / 64
 # the largest) once there are this many: small ones cost a recall little each,
 # but not nothing.
 MAX_SMALL = 4
-COPY_BYTES = 1 << 18  # of rows and links copied per step: about a quarter of a millisecond, at any dimension
+# Rows and links copied per step, at any dimension: a recall waits for one step
+# (1 MiB steps took up to 1.6 ms under ingestion; docs/architecture.md).
+COPY_BYTES = 1 << 18
 GRAPH_COLUMNS = ("parent", "links0")
 ROW_COLUMNS = ("vectors", "generation", "when", "confidence", "id_hash", "id_len", "level")
 

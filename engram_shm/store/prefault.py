@@ -11,7 +11,7 @@ so it is safe next to the writer. Kernels without it (before Linux 5.14) fall
 back to faulting on write, as before.
 
 The thread runs with the priority its owner gives it (`setup`, run on the
-thread first; the engine's writer: SCHED_IDLE, engine/idle.py): populating
+thread first; the engine's writer and readers: SCHED_IDLE, engine/idle.py): populating
 half a window zeroes up to 2,048 pages, milliseconds of kernel time that at
 the front's priority came out of the recall readers' share of the cores
 (docs/architecture.md, Storage). When no core is free the window falls

@@ -230,7 +230,7 @@ class Front:
                     self.upkeep()
                 self.replies.flush()
             if self._ahead:  # refused like any message that comes after the stop
-                self.handle(*self._ahead)
+                self.handle(*self._next_message(sock))
             if self._waiting:
                 self.wal.request_sync()
                 deadline = time.monotonic() + 10
