@@ -52,9 +52,10 @@ def give_way() -> None:
     """Between two steps of a background thread's work: leave the core for a
     moment. sched_yield(2) does not: it lets other tasks of the caller's own
     autogroup run, but across groups the scheduler weighs the groups, and
-    a SCHED_IDLE thread of the server's group, runnable on, kept a client's
-    thread (another session) waiting for a core 2.2 ms after its answer had
-    come (perf sched, docs/architecture.md). A thread that sleeps leaves its
+    SCHED_IDLE threads of the server's group (its prefault threads, by their
+    bursts), runnable on, kept a client's thread (another session) waiting
+    for a core 2.2 ms after its answer had come (perf sched,
+    docs/architecture.md). A thread that sleeps leaves its
     group's place on the core to whoever waits."""
     time.sleep(GIVE_WAY_S)
 

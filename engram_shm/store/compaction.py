@@ -53,7 +53,7 @@ IDLE_SHARE = 1 / 64
 # but not nothing.
 MAX_SMALL = 4
 # Rows and links copied per step, at any dimension: a recall waits for one step
-# (1 MiB steps took up to 1.6 ms under ingestion; docs/architecture.md).
+# (a traced recall waited 0.8 ms for the 1 MiB step in hand; docs/architecture.md).
 COPY_BYTES = 1 << 18
 GRAPH_COLUMNS = ("parent", "links0")
 ROW_COLUMNS = ("vectors", "generation", "when", "confidence", "id_hash", "id_len", "level")
